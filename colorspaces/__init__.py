@@ -1,0 +1,18 @@
+"""Image reading and the three deterministic views (RGB, HSV, FFT); pure NumPy and OpenCV."""
+
+from colorspaces.image import ImageError, MissingImageError, read_image, resize_image, validate_image
+from colorspaces.views import VIEWS, ViewSpec, apply_view, to_fft, to_hsv, to_rgb
+
+__all__ = [
+    "ImageError",
+    "MissingImageError",
+    "VIEWS",
+    "ViewSpec",
+    "apply_view",
+    "read_image",
+    "resize_image",
+    "to_fft",
+    "to_hsv",
+    "to_rgb",
+    "validate_image",
+]

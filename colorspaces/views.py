@@ -1,0 +1,119 @@
+"""The three views of an image, as deterministic, vectorised functions shared by training and inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+_EPS = 1e-6
+
+
+def _as_batch(images: np.ndarray) -> tuple[np.ndarray, bool]:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
+        raise ValueError(
+            f"views take RGB uint8 arrays of shape (H, W, 3) or (N, H, W, 3), "
+            f"got dtype {images.dtype} and shape {images.shape}"
+        )
+    single = images.ndim == 3
+    return (images[None] if single else images), single
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """RGB view: the image scaled to [0, 1] as float32.
+
+    Args:
+        images: RGB uint8, (H, W, 3) or (N, H, W, 3).
+
+    Returns:
+        float32 array of the same shape.
+    """
+    batch, single = _as_batch(images)
+    out = batch.astype(np.float32) / 255.0
+    return out[0] if single else out
+
+
+def to_hsv(images: np.ndarray) -> np.ndarray:
+    """HSV view: OpenCV's RGB→HSV conversion, every channel scaled to [0, 1].
+
+    OpenCV stores 8-bit hue as degrees/2 in 0–179, so hue is divided by 180 (not 255):
+    pure red is 0 and hue 179 (358°) maps to 0.994. S and V are divided by 255.
+
+    Args:
+        images: RGB uint8, (H, W, 3) or (N, H, W, 3).
+
+    Returns:
+        float32 array of the same shape, channels (H, S, V).
+    """
+    batch, single = _as_batch(images)
+    n, h, w, _ = batch.shape
+    # cvtColor works on 2-D images only; stacking the batch vertically keeps it one call.
+    hsv = cv2.cvtColor(np.ascontiguousarray(batch.reshape(n * h, w, 3)), cv2.COLOR_RGB2HSV)
+    out = hsv.reshape(n, h, w, 3).astype(np.float32)
+    out *= np.array([1.0 / 180.0, 1.0 / 255.0, 1.0 / 255.0], dtype=np.float32)
+    return out[0] if single else out
+
+
+def to_fft(images: np.ndarray) -> np.ndarray:
+    """FFT view: per-channel centred log-magnitude spectrum, standardised per image.
+
+    Recipe, for each image and each RGB channel ``c`` (values scaled to [0, 1]):
+    ``F = fftshift(fft2(c))``; ``L = log(1 + |F|)``; output ``(L - mean(L)) / (std(L) + 1e-6)``,
+    where mean and std are taken over that channel's H×W spectrum. The zero frequency sits
+    at pixel (H // 2, W // 2). No window is applied.
+
+    Args:
+        images: RGB uint8, (H, W, 3) or (N, H, W, 3).
+
+    Returns:
+        float32 array of the same shape.
+    """
+    batch, single = _as_batch(images)
+    x = batch.astype(np.float32) / 255.0
+    spectrum = np.fft.fftshift(np.fft.fft2(x, axes=(1, 2)), axes=(1, 2))
+    log_mag = np.log1p(np.abs(spectrum)).astype(np.float32)
+    mean = log_mag.mean(axis=(1, 2), keepdims=True)
+    std = log_mag.std(axis=(1, 2), keepdims=True)
+    out = (log_mag - mean) / (std + _EPS)
+    return out[0] if single else out
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What a branch needs to know about its view: name, channel count and transform."""
+
+    name: str
+    channels: int
+    transform: Callable[[np.ndarray], np.ndarray]
+    description: str
+
+
+# The only per-view code in the project: everything else looks views up here.
+VIEWS: dict[str, ViewSpec] = {
+    "rgb": ViewSpec("rgb", 3, to_rgb, "RGB scaled to [0, 1]"),
+    "hsv": ViewSpec("hsv", 3, to_hsv, "OpenCV HSV, hue/180, saturation/255, value/255"),
+    "fft": ViewSpec("fft", 3, to_fft, "per-channel centred log-magnitude spectrum, z-scored per image"),
+}
+
+
+def apply_view(view: str, images: np.ndarray) -> np.ndarray:
+    """Apply the named view to one image or a batch.
+
+    Args:
+        view: a key of ``VIEWS``.
+        images: RGB uint8, (H, W, 3) or (N, H, W, 3).
+
+    Returns:
+        float32 view array of the same shape.
+
+    Raises:
+        KeyError: if ``view`` is not one of ``VIEWS``.
+    """
+    try:
+        spec = VIEWS[view]
+    except KeyError:
+        raise KeyError(f"unknown view {view!r}; choose one of {sorted(VIEWS)}") from None
+    return spec.transform(images)

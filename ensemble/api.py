@@ -1,0 +1,78 @@
+"""The public prediction API: ``predict(image)`` and ``predict_proba(images)`` over a cached bundle."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ensemble.bundle import Ensemble, load_ensemble
+
+_CACHE: dict[str, Ensemble] = {}
+_LOCK = threading.Lock()
+RUN_ENV = "SKINFUSION_RUN"
+
+
+def load(run: str | os.PathLike | None = None) -> Ensemble:
+    """Load (once) and return the ensemble of a run; later calls reuse the cached bundle.
+
+    Args:
+        run: run directory or ensemble directory; defaults to ``$SKINFUSION_RUN``.
+
+    Raises:
+        ValueError: if no run is given and ``$SKINFUSION_RUN`` is unset.
+        FileNotFoundError: if the bundle is missing (see ``load_ensemble`` for more).
+    """
+    if run is None:
+        run = os.environ.get(RUN_ENV)
+        if not run:
+            raise ValueError(f"no run given: pass run=RUN_DIR or set ${RUN_ENV}")
+    key = str(Path(run).resolve())
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_ensemble(key)
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget every loaded bundle (for example after retraining a run in place)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def predict_proba(images: Sequence[Any], run: str | os.PathLike | None = None, batch_size: int = 64) -> np.ndarray:
+    """Fused melanoma probabilities for a sequence of images, in input order.
+
+    Args:
+        images: paths, RGB uint8 H×W×3 arrays, or PIL images (mixed is fine).
+        run: run directory; defaults to ``$SKINFUSION_RUN``.
+        batch_size: images per forward pass.
+
+    Returns:
+        float64 array of shape (len(images),) with values in [0, 1].
+
+    Raises:
+        colorspaces.ImageError: naming the image that cannot be read.
+    """
+    if isinstance(images, (str, os.PathLike, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+        raise TypeError("predict_proba takes a sequence of images; use predict(image) for one image")
+    return load(run).predict_proba(list(images), batch_size=batch_size)
+
+
+def predict(image: Any, run: str | os.PathLike | None = None) -> float:
+    """Melanoma probability for one image.
+
+    Args:
+        image: a path, an RGB uint8 H×W×3 array, or a PIL image.
+        run: run directory; defaults to ``$SKINFUSION_RUN``.
+
+    Returns:
+        The fused melanoma probability, a float in [0, 1].
+
+    Raises:
+        colorspaces.ImageError: if the image cannot be read (``MissingImageError`` for a missing path).
+    """
+    return float(load(run).predict_proba([image])[0])

@@ -1,0 +1,133 @@
+"""Fusion estimators over the member-probability matrix ``P`` (n_images × n_branches)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.utils.validation import check_is_fitted
+
+_CLIP = 1e-6
+
+
+def check_member_proba(P, n_members: int | None = None) -> np.ndarray:
+    """Validate a member-probability matrix.
+
+    Args:
+        P: array-like (n_images, n_members) of probabilities.
+        n_members: expected number of columns, if known.
+
+    Returns:
+        ``P`` as a float64 array.
+
+    Raises:
+        ValueError: if ``P`` is not 2-D, has the wrong width, or holds values outside [0, 1] or NaN.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    if P.ndim != 2 or P.shape[0] == 0:
+        raise ValueError(f"P must be a non-empty 2-D array (n_images, n_members), got shape {P.shape}")
+    if n_members is not None and P.shape[1] != n_members:
+        raise ValueError(f"P has {P.shape[1]} member columns, expected {n_members}")
+    if not np.all(np.isfinite(P)) or P.min() < 0.0 or P.max() > 1.0:
+        raise ValueError("P must hold finite probabilities in [0, 1]")
+    return P
+
+
+def _logit(P: np.ndarray) -> np.ndarray:
+    P = np.clip(P, _CLIP, 1.0 - _CLIP)
+    return np.log(P) - np.log1p(-P)
+
+
+class AverageFusion(ClassifierMixin, BaseEstimator):
+    """Fused probability = (weighted) mean of the member probabilities.
+
+    Args:
+        weights: optional non-negative weight per member; equal weights when None.
+    """
+
+    def __init__(self, weights=None):
+        self.weights = weights
+
+    def fit(self, P, y=None):
+        """Record the member count and normalised weights; ``y`` is ignored. Returns self."""
+        P = check_member_proba(P)
+        self.n_features_in_ = P.shape[1]
+        self.classes_ = np.array([0, 1])
+        w = np.ones(P.shape[1]) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        if w.shape != (P.shape[1],) or np.any(w < 0) or w.sum() == 0:
+            raise ValueError(f"weights must be {P.shape[1]} non-negative numbers with a positive sum, got {self.weights!r}")
+        self.weights_ = w / w.sum()
+        return self
+
+    def predict_proba(self, P) -> np.ndarray:
+        """Return (n, 2) class probabilities [nevus, melanoma]."""
+        check_is_fitted(self, "weights_")
+        p = check_member_proba(P, self.n_features_in_) @ self.weights_
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, P, threshold: float = 0.5) -> np.ndarray:
+        """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
+        return (self.predict_proba(P)[:, 1] >= threshold).astype(int)
+
+
+class StackingFusion(ClassifierMixin, BaseEstimator):
+    """Logistic regression on the members' log-odds, fitted on held-out member probabilities.
+
+    Fit it only on probabilities the branches did not train on (their validation split):
+    members are overconfident on their own training images, and a stacker fitted there
+    learns to trust them too much.
+
+    Args:
+        C: inverse regularisation strength of the logistic regression.
+        cv: folds for the out-of-fold fused probabilities (``oof_proba_``) used to pick a
+            decision threshold without reusing the stacker's own fit.
+        random_state: seed for the fold assignment.
+    """
+
+    def __init__(self, C: float = 1.0, cv: int = 5, random_state: int = 0):
+        self.C = C
+        self.cv = cv
+        self.random_state = random_state
+
+    def fit(self, P, y):
+        """Fit the stacker on held-out member probabilities ``P`` and labels ``y``. Returns self."""
+        P = check_member_proba(P)
+        y = np.asarray(y).astype(int)
+        if y.shape != (P.shape[0],):
+            raise ValueError(f"y has shape {y.shape}, expected ({P.shape[0]},)")
+        counts = np.bincount(y, minlength=2)
+        if len(counts) > 2 or counts.min() < 2:
+            raise ValueError(f"stacking needs binary labels with at least 2 of each class, got counts {counts.tolist()}")
+        self.n_features_in_ = P.shape[1]
+        self.classes_ = np.array([0, 1])
+        Z = _logit(P)
+        make = lambda: LogisticRegression(C=self.C, max_iter=1000)  # noqa: E731
+        self.final_estimator_ = make().fit(Z, y)
+        folds = StratifiedKFold(n_splits=min(self.cv, int(counts.min())), shuffle=True, random_state=self.random_state)
+        self.oof_proba_ = cross_val_predict(make(), Z, y, cv=folds, method="predict_proba")[:, 1]
+        return self
+
+    def predict_proba(self, P) -> np.ndarray:
+        """Return (n, 2) class probabilities [nevus, melanoma]."""
+        check_is_fitted(self, "final_estimator_")
+        return self.final_estimator_.predict_proba(_logit(check_member_proba(P, self.n_features_in_)))
+
+    def predict(self, P, threshold: float = 0.5) -> np.ndarray:
+        """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
+        return (self.predict_proba(P)[:, 1] >= threshold).astype(int)
+
+
+FUSION_METHODS = {"mean": AverageFusion, "stack": StackingFusion}
+
+
+def make_fusion(method: str):
+    """Create an unfitted fusion estimator by name.
+
+    Raises:
+        KeyError: if ``method`` is not one of ``FUSION_METHODS``.
+    """
+    try:
+        return FUSION_METHODS[method]()
+    except KeyError:
+        raise KeyError(f"unknown fusion method {method!r}; choose one of {sorted(FUSION_METHODS)}") from None

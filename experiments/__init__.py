@@ -1,0 +1,1 @@
+"""Everything that touches a dataset on disk or the command line: indexing, splits, pipeline and CLI."""

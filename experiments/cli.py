@@ -1,0 +1,267 @@
+"""The ``skinfusion`` command line: thin ``main(argv) -> int`` functions over the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# TensorFlow's C++ start-up chatter (including a harmless cuInit error on CPU-only machines)
+# drowns the progress lines; Python exceptions still surface. Users can override it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+VIEW_NAMES = ("rgb", "hsv", "fft")
+EXIT_OK, EXIT_ERROR, EXIT_SKIPPED = 0, 2, 1
+
+logger = logging.getLogger("skinfusion")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings, errors and results")
+
+
+def _run_guarded(fn, args) -> int:
+    try:
+        return fn(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"skinfusion: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# ---------------------------------------------------------------- train
+def train_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion train``."""
+    p = argparse.ArgumentParser(prog="skinfusion train", description="Train one branch (or all three) on a run's split.")
+    p.add_argument("--view", required=True, choices=[*VIEW_NAMES, "all"], help="which view's branch to train; 'all' trains rgb, hsv, fft in turn")
+    p.add_argument("--data", required=True, help="dataset folder: labels.csv + images/ (+ optional metadata.csv with group_id)")
+    p.add_argument("--run", required=True, help="run directory; its split (splits.csv) is made on first use and reused")
+    p.add_argument("--config", help="JSON file of branch config defaults; explicit flags override it")
+    p.add_argument("--image-size", type=int, help="square input side in pixels (default 128)")
+    p.add_argument("--base-filters", type=int, help="filters of the first conv layer, doubled per layer (default 16)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
+    p.add_argument("--patience", type=int, help="early-stopping patience on validation AUC (default 4)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 32)")
+    p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.3)")
+    p.add_argument("--class-weight", choices=["balanced", "none"], help="class-imbalance handling (default balanced)")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable random flips and 90° rotations")
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the run's split, used only when the split is created (default 0)")
+    p.add_argument("--limit", type=int, help="use a stratified, grouped subset of about N images (quick runs; fixed at split creation)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    _common(p)
+    return p
+
+
+def _train(args) -> int:
+    from experiments.pipeline import read_config_file, train_branch_run
+    from models import BranchConfig
+
+    base = read_config_file(args.config) if args.config else {}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BranchConfig)
+                 if f.name != "view" and getattr(args, f.name, None) is not None}
+    views = VIEW_NAMES if args.view == "all" else (args.view,)
+    if args.limit is not None and args.limit < 40:
+        raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
+    skipped = 0
+    for view in views:
+        config = BranchConfig.from_dict({**base, **overrides, "view": view})
+        summary = train_branch_run(args.data, args.run, config, split_seed=args.split_seed, limit=args.limit, workers=args.workers)
+        v = summary["validation"]
+        print(f"{view}: validation AUC {v['auc']:.4f} [{v['auc_ci95'][0]:.3f}, {v['auc_ci95'][1]:.3f}], "
+              f"trained in {summary['train_seconds']:.0f}s -> {summary['branch_dir']}")
+        skipped += summary["skipped"]
+    if skipped:
+        print(f"warning: {skipped} unreadable images were skipped (see skipped.csv in each branch)", file=sys.stderr)
+    return EXIT_OK
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion train``: train a branch and save it under ``RUN/branches/<view>/``."""
+    args = train_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run_guarded(_train, args)
+
+
+# ---------------------------------------------------------------- fuse
+def fuse_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion fuse``."""
+    p = argparse.ArgumentParser(prog="skinfusion fuse", description="Fit the fusion on the branches' validation probabilities.")
+    p.add_argument("--run", required=True, help="run directory with trained branches")
+    p.add_argument("--method", default="mean", choices=["mean", "stack"],
+                   help="mean: average the branch probabilities; stack: logistic regression on their log-odds (default mean)")
+    p.add_argument("--views", default=",".join(VIEW_NAMES), help="comma-separated branches to fuse, in order (default rgb,hsv,fft)")
+    _common(p)
+    return p
+
+
+def _fuse(args) -> int:
+    from experiments.pipeline import format_table, fuse_run
+
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
+    bad = [v for v in views if v not in VIEW_NAMES]
+    if bad or not views:
+        raise ValueError(f"--views takes names from {list(VIEW_NAMES)}, got {args.views!r}")
+    result = fuse_run(args.run, args.method, views)
+    print(f"fusion '{args.method}' written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} (chosen on validation)")
+    print("validation metrics (not a test result):")
+    print(format_table(result["validation"]))
+    return EXIT_OK
+
+
+def fuse_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion fuse``: write ``RUN/ensemble/`` (manifest.json + fusion.joblib)."""
+    args = fuse_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run_guarded(_fuse, args)
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion evaluate``."""
+    p = argparse.ArgumentParser(prog="skinfusion evaluate", description="Score the run's test split, or every image of another labelled folder.")
+    p.add_argument("--run", required=True, help="run directory with a fused ensemble")
+    p.add_argument("--data", help="score every image of this labelled folder instead of the test split")
+    p.add_argument("--out", help="where to write metrics.json and predictions.csv (default RUN, or RUN/eval-<folder> with --data)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC 95%% CI (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    _common(p)
+    return p
+
+
+def _evaluate(args) -> int:
+    from experiments.pipeline import evaluate_run, format_source_table, format_table
+
+    m = evaluate_run(args.run, args.data, args.out, n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size)
+    print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion")
+    print(format_table({**m["members"], "fused": m["fused"]}))
+    print("\nAUC per source:")
+    print(format_source_table(m["per_source"], list(m["members"])))
+    print(f"\nwrote {m['out_dir']}/metrics.json and predictions.csv")
+    if m["n_skipped"]:
+        print(f"warning: {m['n_skipped']} unreadable images skipped; see {m['out_dir']}/skipped.csv", file=sys.stderr)
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion evaluate``: write metrics.json and predictions.csv and print the results table."""
+    args = evaluate_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run_guarded(_evaluate, args)
+
+
+# ---------------------------------------------------------------- predict
+def predict_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion predict``."""
+    p = argparse.ArgumentParser(prog="skinfusion predict", description="Print path,melanoma_proba for each image.")
+    p.add_argument("--run", required=True, help="run directory with a fused ensemble")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    _common(p)
+    return p
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from colorspaces import ImageError, read_image
+    from ensemble import load
+
+    ens = load(args.run)
+    good, arrays, failed = [], [], 0
+    for path in args.images:
+        try:
+            arrays.append(read_image(path))
+            good.append(path)
+        except ImageError as exc:
+            print(f"skinfusion: skipped {exc}", file=sys.stderr)
+            failed += 1
+    proba = ens.predict_proba(arrays, batch_size=args.batch_size) if arrays else np.zeros(0)
+    print("path,melanoma_proba")
+    for path, p in zip(good, proba):
+        print(f"{path},{p:.6f}")
+    return EXIT_SKIPPED if failed else EXIT_OK
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion predict``: fused melanoma probability per image; exit 1 if any image was unreadable."""
+    args = predict_parser().parse_args(argv)
+    _setup_logging(True)  # predict output is data; keep the log to warnings
+    return _run_guarded(_predict, args)
+
+
+# ---------------------------------------------------------------- synth
+def synth_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion synth``."""
+    p = argparse.ArgumentParser(prog="skinfusion synth", description="Write a small SYNTHETIC dermoscopy-like dataset (for offline demos and tests).")
+    p.add_argument("--out", required=True, help="folder to write labels.csv, metadata.csv, images/ and README.txt")
+    p.add_argument("--n-images", type=int, default=600, help="about how many images (default 600)")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    p.add_argument("--melanoma-fraction", type=float, default=0.2, help="share of melanoma lesions (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    _common(p)
+    return p
+
+
+def _synth(args) -> int:
+    from experiments.synthetic import make_synthetic_dataset
+
+    if Path(args.out, "labels.csv").is_file():
+        print(f"{args.out} already holds a dataset; leaving it as it is")
+        return EXIT_OK
+    out = make_synthetic_dataset(args.out, args.n_images, args.melanoma_fraction, args.size, args.seed)
+    print(f"wrote SYNTHETIC dataset to {out} (not real dermoscopy; see its README.txt)")
+    return EXIT_OK
+
+
+def synth_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion synth``: write the synthetic demo dataset."""
+    args = synth_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run_guarded(_synth, args)
+
+
+COMMANDS = {"train": train_main, "fuse": fuse_main, "evaluate": evaluate_main, "predict": predict_main, "synth": synth_main}
+USAGE = """usage: skinfusion COMMAND [options]   (skinfusion COMMAND --help for each)
+
+commands:
+  train      train the rgb, hsv or fft branch (or --view all) on a run's grouped split
+  fuse       fit mean or stacking fusion on the branches' validation probabilities
+  evaluate   score the test split (or another labelled folder): AUC with 95% CI, sens/spec
+  predict    print path,melanoma_proba for image files
+  synth      write a small SYNTHETIC dataset for offline demos
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``skinfusion`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return EXIT_OK if argv else EXIT_ERROR
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"skinfusion: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return EXIT_ERROR
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Run-directory workflows behind the CLI: train a branch, fuse the branches, evaluate the ensemble."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from colorspaces import VIEWS, apply_view
+from ensemble import load_ensemble, make_fusion, save_ensemble
+from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
+from experiments.data import DatasetIndex, index_dataset, load_images, write_skip_report
+from experiments.splits import check_split, load_split, make_split, save_split, subset
+from models import BranchConfig, fit_branch, predict_branch_proba, save_branch
+from models.store import read_branch_info, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+METRICS_SCHEMA_VERSION = 1
+
+
+def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int | None = None) -> tuple[DatasetIndex, dict[str, str], dict]:
+    """Index the data and return the run's split, creating ``RUN/splits.csv`` on first use.
+
+    A run's split is made once and reused by every branch, so all branches see the same
+    images; reusing a run on changed data is refused.
+
+    Raises:
+        ValueError: if the run was split on a different dataset.
+    """
+    index = index_dataset(data_dir)
+    logger.info("%s", index.summary())
+    fingerprint = index.fingerprint()
+    run = Path(run_dir)
+    if (run / "splits.csv").is_file():
+        assign, info = load_split(run)
+        if info.get("dataset_fingerprint") != fingerprint:
+            raise ValueError(
+                f"{run}: its split was made on dataset {info.get('data_dir')} (fingerprint "
+                f"{info.get('dataset_fingerprint')}), but {data_dir} has fingerprint {fingerprint}; use a new --run"
+            )
+        if limit is not None and info.get("limit") != limit:
+            logger.warning("reusing the run's saved split (limit=%s); --limit %s is ignored", info.get("limit"), limit)
+        records = [r for r in index.records if r.image_id in assign]
+        logger.info("reusing split %s", run / "splits.csv")
+    else:
+        records = subset(index.records, limit, split_seed) if limit else index.records
+        assign = make_split(records, seed=split_seed)
+        info = {
+            "data_dir": str(Path(data_dir).resolve()),
+            "dataset_fingerprint": fingerprint,
+            "split_seed": split_seed,
+            "limit": limit,
+            "grouped": index.grouped,
+            "counts": {s: _counts(records, assign, s) for s in ("train", "val", "test")},
+        }
+        save_split(run, records, assign, info)
+        logger.info("new split saved to %s: %s", run / "splits.csv", info["counts"])
+    check_split(records, assign)
+    index.records = records
+    return index, assign, info
+
+
+def _counts(records, assign, split) -> dict[str, int]:
+    labels = [r.label for r in records if assign[r.image_id] == split]
+    return {"images": len(labels), "melanoma": int(sum(labels))}
+
+
+def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
+                     limit: int | None = None, workers: int = 2) -> dict[str, Any]:
+    """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
+
+    Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
+    ``skipped.csv`` (unreadable images).
+
+    Returns:
+        A summary dict: validation metrics, train seconds, skipped count, branch directory.
+    """
+    index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit)
+    recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
+    branch_dir = Path(run_dir) / "branches" / config.view
+    branch_dir.mkdir(parents=True, exist_ok=True)
+    loaded, failures = {}, []
+    for s, rs in recs.items():
+        imgs, ok, fails = load_images([r.path for r in rs], config.image_size, workers=workers, desc=f"{s} images")
+        loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
+        failures += fails
+    write_skip_report(branch_dir / "skipped.csv", failures)
+    if failures:
+        logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
+
+    model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0], loaded["val"][1])
+    val_imgs, y_val, val_recs = loaded["val"]
+    proba = predict_branch_proba(model, apply_view(config.view, val_imgs))
+    threshold = choose_threshold(y_val, proba)
+    val_metrics = binary_report(y_val, proba, threshold)
+    with open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_id", "label", "melanoma_proba"])
+        w.writerows((r.image_id, r.label, f"{p:.6f}") for r, p in zip(val_recs, proba))
+    save_branch(branch_dir, model, config, {
+        "split_seed": info.get("split_seed"),
+        "dataset_fingerprint": info.get("dataset_fingerprint"),
+        "data_dir": info.get("data_dir"),
+        "validation_metrics": val_metrics,
+        "training": {k: v for k, v in history.items() if k != "per_epoch"},
+        "history": history["per_epoch"],
+        "skipped_images": len(failures),
+    })
+    logger.info("[%s] saved to %s; validation AUC %.4f", config.view, branch_dir, val_metrics["auc"])
+    return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
+            "train_seconds": history["train_seconds"], "skipped": len(failures)}
+
+
+def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
+    path = branch_dir / "val_predictions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; train this branch with `skinfusion train` first")
+    with open(path, newline="") as fh:
+        return {r["image_id"]: (int(r["label"]), float(r["melanoma_proba"])) for r in csv.DictReader(fh)}
+
+
+def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VIEWS)) -> dict[str, Any]:
+    """Fit the fusion on the branches' validation probabilities and write ``RUN/ensemble/``.
+
+    The decision threshold is chosen on validation data: on the fused probabilities for
+    ``mean``, and on the stacker's out-of-fold probabilities for ``stack`` (so the threshold
+    is not chosen on the very predictions the stacker was fitted to).
+
+    Raises:
+        FileNotFoundError: if a branch is missing.
+        ValueError: if branches were trained on different splits or settings.
+    """
+    run = Path(run_dir)
+    branch_dirs = [run / "branches" / v for v in views]
+    infos = [read_branch_info(b) for b in branch_dirs]
+    for key in ("dataset_fingerprint", "split_seed"):
+        values = {m.get(key) for _, m in infos}
+        if len(values) != 1:
+            raise ValueError(f"{run}: branches disagree on {key} ({values}); retrain them in one run")
+    sizes = {c.image_size for c, _ in infos}
+    if len(sizes) != 1:
+        raise ValueError(f"{run}: branches were trained at different image sizes {sorted(sizes)}")
+    preds = [_read_val_predictions(b) for b in branch_dirs]
+    ids = sorted(set.intersection(*(set(p) for p in preds)))
+    if len(ids) != len(preds[0]):
+        logger.warning("branches share %d of %d validation images; fusing on the shared ones", len(ids), len(preds[0]))
+    y = np.array([preds[0][i][0] for i in ids])
+    P = np.array([[p[i][1] for p in preds] for i in ids])
+    fusion = make_fusion(method).fit(P, y)
+    fused = fusion.oof_proba_ if method == "stack" else fusion.predict_proba(P)[:, 1]
+    threshold = choose_threshold(y, fused)
+    val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
+    val["fused"] = binary_report(y, fused, threshold)
+    save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, extra={
+        "validation_metrics": val,
+        "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
+        "split_seed": infos[0][1].get("split_seed"),
+        "n_validation": int(len(y)),
+    })
+    if method == "stack":
+        coef = fusion.final_estimator_.coef_.ravel().round(3).tolist()
+        logger.info("stacker log-odds weights %s", dict(zip(views, coef)))
+    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble")}
+
+
+def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
+                 n_boot: int = 1000, workers: int = 2, batch_size: int = 64) -> dict[str, Any]:
+    """Score the run's test split (or every image of ``data_dir``) and write metrics and predictions.
+
+    Branch metrics use each branch's validation threshold and the fused metrics the
+    manifest's threshold; nothing is tuned on the scored images.
+
+    Returns:
+        The metrics dict also written to ``metrics.json``.
+    """
+    run = Path(run_dir)
+    ens = load_ensemble(run)
+    if data_dir is None:
+        assign, info = load_split(run)
+        index = index_dataset(info["data_dir"])
+        if index.fingerprint() != info.get("dataset_fingerprint"):
+            raise ValueError(f"{info['data_dir']} changed since {run} was split; its test split cannot be re-scored")
+        records = [r for r in index.records if assign.get(r.image_id) == "test"]
+        scope = "test split"
+        out = Path(out_dir) if out_dir else run
+    else:
+        index = index_dataset(data_dir)
+        logger.info("%s", index.summary())
+        records = index.records
+        scope = f"all images of {Path(data_dir).resolve()}"
+        out = Path(out_dir) if out_dir else run / f"eval-{Path(data_dir).resolve().name}"
+    out.mkdir(parents=True, exist_ok=True)
+    imgs, ok, failures = load_images([r.path for r in records], ens.image_size, workers=workers, desc="images to score")
+    write_skip_report(out / "skipped.csv", failures)
+    records = [records[i] for i in ok]
+    y = np.array([r.label for r in records])
+    t0 = time.perf_counter()
+    P = ens.member_proba(imgs, batch_size=batch_size)
+    fused = ens.fuse(P)
+    seconds = time.perf_counter() - t0
+    branch_thr = {v: ens.manifest["validation_metrics"][v]["threshold"] for v in ens.views}
+    members = {v: binary_report(y, P[:, j], branch_thr[v], n_boot=n_boot) for j, v in enumerate(ens.views)}
+    fused_report = binary_report(y, fused, ens.threshold, n_boot=n_boot)
+    per_source = {}
+    for source in sorted({r.source for r in records}):
+        m = np.array([r.source == source for r in records])
+        per_source[source] = {
+            "n": int(m.sum()), "n_melanoma": int(y[m].sum()),
+            **{v: _auc_block(y[m], P[m, j], n_boot) for j, v in enumerate(ens.views)},
+            "fused": _auc_block(y[m], fused[m], n_boot),
+        }
+    metrics = {
+        "schema_version": METRICS_SCHEMA_VERSION,
+        "run": str(run.resolve()),
+        "scope": scope,
+        "method": ens.manifest["method"],
+        "n_images": int(len(y)),
+        "n_skipped": len(failures),
+        "members": members,
+        "fused": fused_report,
+        "per_source": per_source,
+        "inference_seconds": round(seconds, 3),
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_id", "label", "source", *ens.views, "fused"])
+        for r, prow, f in zip(records, P, fused):
+            w.writerow([r.image_id, r.label, r.source, *(f"{p:.6f}" for p in prow), f"{f:.6f}"])
+    metrics["out_dir"] = str(out)
+    return metrics
+
+
+def _auc_block(y, proba, n_boot) -> dict[str, Any]:
+    auc, lo, hi = roc_auc_ci(y, proba, n_boot=n_boot)
+    return {"auc": auc, "auc_ci95": [lo, hi]}
+
+
+def format_table(reports: dict[str, dict]) -> str:
+    """A plain-text table of AUC (95% CI), balanced accuracy, sensitivity and specificity per row."""
+    lines = [f"{'':8} {'AUC':>6} {'95% CI':>15} {'bal.acc':>8} {'sens':>6} {'spec':>6} {'thr':>6} {'n':>6}"]
+    for name, r in reports.items():
+        lo, hi = r["auc_ci95"]
+        lines.append(
+            f"{name:8} {r['auc']:6.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {r['balanced_accuracy']:8.3f} "
+            f"{r['sensitivity']:6.3f} {r['specificity']:6.3f} {r['threshold']:6.3f} {r['n']:6d}"
+        )
+    return "\n".join(lines)
+
+
+def format_source_table(per_source: dict[str, dict], views: Sequence[str]) -> str:
+    """A plain-text table of AUC per source, per branch and fused."""
+    cols = [*views, "fused"]
+    lines = [f"{'source':16} {'n':>5} {'mel':>4} " + " ".join(f"{c:>6}" for c in cols)]
+    for source, row in per_source.items():
+        aucs = " ".join(f"{row[c]['auc']:6.3f}" for c in cols)
+        lines.append(f"{source:16} {row['n']:5d} {row['n_melanoma']:4d} {aucs}")
+    return "\n".join(lines)
+
+
+def write_resolved_config(path: Path, payload: dict) -> None:
+    """Write the fully resolved command configuration next to the outputs."""
+    write_json_atomic(path, payload)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a JSON ``--config`` file of branch config defaults.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if it is not a JSON object.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: config file not found")
+    try:
+        values = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"{p}: expected a JSON object of branch config fields")
+    return values

@@ -1,0 +1,135 @@
+"""One 5-weight-layer CNN builder for every view, its frozen config, and batch-independent inference."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from colorspaces import VIEWS
+
+CLASS_WEIGHT_CHOICES = ("balanced", "none")
+
+
+@dataclass(frozen=True)
+class BranchConfig:
+    """Every hyper-parameter of one branch; defaults live here and nowhere else.
+
+    Attributes:
+        view: which view the branch sees (a key of ``colorspaces.VIEWS``).
+        image_size: square input side in pixels.
+        base_filters: filters of the first conv layer; each later conv layer doubles it.
+        dropout: dropout rate before the output layer.
+        learning_rate: Adam learning rate.
+        batch_size: training batch size.
+        epochs: maximum training epochs.
+        patience: early-stopping patience, in epochs without a better validation AUC.
+        class_weight: "balanced" weights each class by n / (2 · n_class); "none" disables it.
+        augment: random flips and 90° rotations of training batches.
+        seed: seed for weights, shuffling and augmentation.
+    """
+
+    view: str = "rgb"
+    image_size: int = 128
+    base_filters: int = 16
+    dropout: float = 0.3
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 20
+    patience: int = 4
+    class_weight: str = "balanced"
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.view not in VIEWS:
+            raise KeyError(f"unknown view {self.view!r}; choose one of {sorted(VIEWS)}")
+        if self.class_weight not in CLASS_WEIGHT_CHOICES:
+            raise ValueError(
+                f"class_weight must be one of {CLASS_WEIGHT_CHOICES}, got {self.class_weight!r}"
+            )
+        for name in ("image_size", "base_filters", "batch_size", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 (four 2x poolings), got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def channels(self) -> int:
+        """Input channels, taken from the view spec."""
+        return VIEWS[self.view].channels
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (equal to the constructor arguments)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BranchConfig":
+        """Build a config from a dict, refusing unknown keys.
+
+        Raises:
+            KeyError: if ``values`` has a key that is not a config field.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"unknown branch config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+def build_branch(config: BranchConfig) -> keras.Model:
+    """Build the branch CNN: four conv blocks and one dense output, five weight layers.
+
+    Each conv block is Conv(3×3) → BatchNorm → ReLU → MaxPool(2); then global average
+    pooling, dropout and a sigmoid unit that outputs the melanoma probability.
+
+    Args:
+        config: the branch config; input channels come from its view.
+
+    Returns:
+        An uncompiled functional ``keras.Model`` named ``branch_<view>``.
+    """
+    inputs = keras.Input((config.image_size, config.image_size, config.channels), name=config.view)
+    x = inputs
+    for block in range(4):
+        x = keras.layers.Conv2D(
+            config.base_filters * 2**block, 3, padding="same", use_bias=False, name=f"conv{block + 1}"
+        )(x)
+        # momentum 0.9 (not Keras' 0.99): with a few hundred steps per run, slower moving
+        # statistics lag the weights and make inference-mode predictions poor.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{block + 1}")(x)
+        x = keras.layers.ReLU(name=f"relu{block + 1}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{block + 1}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="melanoma_proba")(x)
+    return keras.Model(inputs, outputs, name=f"branch_{config.view}")
+
+
+def predict_branch_proba(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Melanoma probabilities for a batch of view arrays, with BatchNorm in inference mode.
+
+    Calling the model with ``training=False`` makes BatchNorm use its moving statistics,
+    so an image's probability does not depend on the other images in the batch.
+
+    Args:
+        model: a branch model.
+        x: float32 view arrays, (N, H, W, C).
+        batch_size: how many images per forward pass.
+
+    Returns:
+        float64 array of shape (N,).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.float64)
+    out = [
+        np.asarray(model(x[i : i + batch_size], training=False)).reshape(-1)
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float64)

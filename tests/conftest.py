@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny generated images, a tiny synthetic dataset and a tiny trained run."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+from experiments.cli import fuse_main, train_main
+from experiments.synthetic import make_synthetic_dataset
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A 240-image SYNTHETIC dataset at 48 px, with lesion groups."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_images=240, size=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data, tmp_path_factory):
+    """A run with all three branches trained briefly at 32 px and a mean fusion."""
+    run = tmp_path_factory.mktemp("run")
+    for view in ("rgb", "hsv", "fft"):
+        rc = train_main(["--view", view, "--data", str(synthetic_data), "--run", str(run),
+                         "--image-size", "32", "--epochs", "6", "--patience", "6", "-q"])
+        assert rc == 0
+    assert fuse_main(["--run", str(run), "--method", "mean", "-q"]) == 0
+    return run
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

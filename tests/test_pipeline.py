@@ -1,0 +1,151 @@
+"""End to end on a tiny SYNTHETIC dataset: train, fuse, evaluate, predict, and the bundle's guarantees."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import ensemble
+from colorspaces import ImageError, MissingImageError, read_image
+from experiments.cli import evaluate_main, fuse_main, main, predict_main, train_main
+
+pytestmark = pytest.mark.slow
+
+
+def _test_paths(run, data, n=None):
+    with open(run / "splits.csv", newline="") as fh:
+        ids = [r["image_id"] for r in csv.DictReader(fh) if r["split"] == "test"]
+    return [str(data / "images" / f"{i}.jpg") for i in ids[:n]]
+
+
+def test_run_layout_and_metadata(trained_run):
+    for view in ("rgb", "hsv", "fft"):
+        b = trained_run / "branches" / view
+        for name in ("model.keras", "config.json", "metadata.json", "val_predictions.csv", "skipped.csv"):
+            assert (b / name).is_file(), name
+        meta = json.loads((b / "metadata.json").read_text())
+        assert meta["view"] == view and meta["input_size"] == [32, 32, 3]
+        assert meta["split_seed"] == 0 and len(meta["dataset_fingerprint"]) == 16
+        assert 0.0 <= meta["validation_metrics"]["auc"] <= 1.0
+        assert json.loads((b / "config.json").read_text())["image_size"] == 32
+    manifest = json.loads((trained_run / "ensemble" / "manifest.json").read_text())
+    assert manifest["branch_order"] == ["rgb", "hsv", "fft"] and manifest["method"] == "mean"
+    assert 0.0 < manifest["threshold"] < 1.0
+    with open(trained_run / "splits.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    side = {}
+    for r in rows:
+        assert side.setdefault(r["group_id"], r["split"]) == r["split"]
+
+
+def test_branches_learned_and_evaluate_writes_metrics(trained_run, capsys):
+    assert evaluate_main(["--run", str(trained_run), "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "fused" in out and "AUC per source" in out
+    m = json.loads((trained_run / "metrics.json").read_text())
+    assert m["scope"] == "test split" and m["n_images"] > 20
+    assert set(m["members"]) == {"rgb", "hsv", "fft"}
+    for report in [*m["members"].values(), m["fused"]]:
+        lo, hi = report["auc_ci95"]
+        assert lo <= report["auc"] <= hi
+    # The synthetic classes differ in size, colour and border: a working pipeline separates them.
+    assert m["fused"]["auc"] > 0.85
+    assert m["per_source"]["synthetic"]["fused"]["auc"] == pytest.approx(m["fused"]["auc"])
+    with open(trained_run / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["image_id", "label", "source", "rgb", "hsv", "fft", "fused"]
+    assert len(rows) == m["n_images"]
+    fused = np.array([float(r["fused"]) for r in rows])
+    members = np.array([[float(r[v]) for v in ("rgb", "hsv", "fft")] for r in rows])
+    np.testing.assert_allclose(fused, members.mean(axis=1), atol=1e-5)
+
+
+def test_predict_path_array_and_pil_agree(trained_run, synthetic_data):
+    from PIL import Image
+
+    ensemble.clear_cache()
+    path = _test_paths(trained_run, synthetic_data, 1)[0]
+    p_path = ensemble.predict(path, run=trained_run)
+    arr = read_image(path)
+    assert isinstance(p_path, float) and 0.0 <= p_path <= 1.0
+    assert ensemble.predict(arr, run=trained_run) == pytest.approx(p_path, abs=1e-7)
+    assert ensemble.predict(Image.fromarray(arr), run=trained_run) == pytest.approx(p_path, abs=1e-7)
+
+
+def test_fused_prediction_is_batch_independent(trained_run, synthetic_data):
+    paths = _test_paths(trained_run, synthetic_data, 33)
+    alone = ensemble.predict(paths[0], run=trained_run)
+    batch = ensemble.predict_proba(paths, run=trained_run)
+    assert batch.shape == (33,)
+    assert abs(batch[0] - alone) <= 1e-5
+    # order is preserved: reversing the input reverses the output
+    np.testing.assert_allclose(ensemble.predict_proba(paths[::-1], run=trained_run), batch[::-1], atol=1e-5)
+
+
+def test_bundle_is_loaded_once(trained_run):
+    ensemble.clear_cache()
+    assert ensemble.load(trained_run) is ensemble.load(str(trained_run))
+
+
+def test_predict_errors_name_the_image(trained_run, tmp_path):
+    with pytest.raises(MissingImageError, match="missing.jpg"):
+        ensemble.predict(tmp_path / "missing.jpg", run=trained_run)
+    with pytest.raises(ImageError, match="dtype"):
+        ensemble.predict(np.zeros((8, 8, 3), np.float64), run=trained_run)
+    with pytest.raises(TypeError, match="sequence of images"):
+        ensemble.predict_proba("one.jpg", run=trained_run)
+
+
+def test_predict_without_run_says_how_to_give_one(monkeypatch):
+    monkeypatch.delenv("SKINFUSION_RUN", raising=False)
+    with pytest.raises(ValueError, match="SKINFUSION_RUN"):
+        ensemble.predict(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_stack_fusion_and_tampered_bundle_is_refused(trained_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    assert fuse_main(["--run", str(run), "--method", "stack", "-q"]) == 0
+    manifest = json.loads((run / "ensemble" / "manifest.json").read_text())
+    assert manifest["method"] == "stack"
+    p = ensemble.predict(np.full((20, 20, 3), 120, np.uint8), run=run)
+    assert 0.0 <= p <= 1.0
+    with open(run / "ensemble" / "fusion.joblib", "ab") as fh:
+        fh.write(b"tampered")
+    ensemble.clear_cache()
+    with pytest.raises(ValueError, match="fusion.joblib: SHA-256 differs"):
+        ensemble.load(run)
+
+
+def test_cli_predict_prints_csv_and_flags_bad_files(trained_run, synthetic_data, tmp_path, capsys):
+    paths = _test_paths(trained_run, synthetic_data, 2)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    rc = predict_main(["--run", str(trained_run), *paths, str(bad)])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert rc == 1 and lines[0] == "path,melanoma_proba" and len(lines) == 3
+    assert lines[1].split(",")[0] == paths[0] and 0 <= float(lines[1].split(",")[1]) <= 1
+    assert "bad.jpg" in captured.err
+
+
+def test_run_refuses_other_data_and_cli_reports_errors(trained_run, tmp_path, capsys):
+    from experiments.synthetic import make_synthetic_dataset
+
+    other = make_synthetic_dataset(tmp_path / "other", n_images=60, size=32, seed=9)
+    rc = train_main(["--view", "rgb", "--data", str(other), "--run", str(trained_run), "--epochs", "1", "-q"])
+    assert rc == 2 and "fingerprint" in capsys.readouterr().err
+    assert main(["fuse", "--run", str(tmp_path / "empty"), "-q"]) == 2
+    assert "lacks model.keras" in capsys.readouterr().err
+    assert main(["nosuch"]) == 2
+
+
+def test_evaluate_on_another_folder(trained_run, tmp_path):
+    from experiments.synthetic import make_synthetic_dataset
+
+    other = make_synthetic_dataset(tmp_path / "clinic", n_images=80, size=64, seed=11)
+    assert evaluate_main(["--run", str(trained_run), "--data", str(other), "--bootstrap", "100", "-q"]) == 0
+    m = json.loads((trained_run / "eval-clinic" / "metrics.json").read_text())
+    assert m["n_images"] == 80 and m["scope"].startswith("all images of")
