@@ -64,8 +64,11 @@ def read_image(source: Any) -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         return _read_path(Path(source))
     if type(source).__module__.startswith("PIL.") and hasattr(source, "convert"):
-        # PIL is optional: accept its images without importing it.
-        return validate_image(np.asarray(source.convert("RGB")), name="PIL image")
+        # PIL is optional: accept its images without importing it at module level.
+        from PIL import ImageOps
+
+        # Match the file path, where OpenCV applies EXIF orientation.
+        return validate_image(np.asarray(ImageOps.exif_transpose(source).convert("RGB")), name="PIL image")
     raise ImageError(
         f"unsupported image type {type(source).__name__}; "
         "expected a path, a PIL image or an RGB uint8 numpy array"

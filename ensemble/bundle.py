@@ -192,5 +192,10 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         models.append(model)
         configs.append(config)
     fusion = joblib.load(ens_dir / manifest["fusion"]["file"])
+    expected = FUSION_METHODS[manifest["method"]]
+    if type(fusion) is not expected or getattr(fusion, "n_features_in_", None) != len(models):
+        raise ValueError(f"{ens_dir / FUSION_FILE}: holds {type(fusion).__name__} for "
+                         f"{getattr(fusion, 'n_features_in_', '?')} members, but the manifest says "
+                         f"{manifest['method']} over {len(models)} branches")
     logger.info("loaded ensemble %s (%s fusion of %s)", ens_dir, manifest["method"], "+".join(manifest["branch_order"]))
     return Ensemble(manifest, models, configs, fusion)

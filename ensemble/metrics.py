@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
 
 def roc_auc_ci(y, proba, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -32,6 +32,8 @@ def roc_auc_ci(y, proba, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
         if y[idx].min() == y[idx].max():
             continue
         stats.append(roc_auc_score(y[idx], proba[idx]))
+    if not stats:
+        return (auc, math.nan, math.nan)
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [tail, 1.0 - tail])
     return (auc, float(lo), float(hi))
@@ -57,13 +59,15 @@ def binary_report(y, proba, threshold: float, n_boot: int = 1000, seed: int = 0)
     """Headline metrics for one probability column.
 
     Returns:
-        dict with ``n``, ``n_melanoma``, ``auc``, ``auc_ci95`` ([low, high]), ``balanced_accuracy``,
+        dict with ``n``, ``n_melanoma``, ``auc``, ``auc_ci95`` ([low, high]), ``average_precision``,
+        ``brier`` (mean squared error of the probabilities), ``balanced_accuracy``,
         ``sensitivity`` and ``specificity`` at ``threshold``, and the ``threshold`` itself.
     """
     y, proba = np.asarray(y).astype(int), np.asarray(proba, dtype=np.float64)
     auc, lo, hi = roc_auc_ci(y, proba, n_boot=n_boot, seed=seed)
     pred = proba >= threshold
     pos, neg = y == 1, y == 0
+    both = pos.any() and neg.any()
     sens = float(pred[pos].mean()) if pos.any() else math.nan
     spec = float((~pred[neg]).mean()) if neg.any() else math.nan
     return {
@@ -71,6 +75,8 @@ def binary_report(y, proba, threshold: float, n_boot: int = 1000, seed: int = 0)
         "n_melanoma": int(pos.sum()),
         "auc": auc,
         "auc_ci95": [lo, hi],
+        "average_precision": float(average_precision_score(y, proba)) if both else math.nan,
+        "brier": float(brier_score_loss(y, proba, pos_label=1)) if len(y) else math.nan,
         "balanced_accuracy": (sens + spec) / 2.0,
         "sensitivity": sens,
         "specificity": spec,

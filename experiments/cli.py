@@ -148,6 +148,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def _evaluate(args) -> int:
     from experiments.pipeline import evaluate_run, format_source_table, format_table
 
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     m = evaluate_run(args.run, args.data, args.out, n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size)
     print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion")
     print(format_table({**m["members"], "fused": m["fused"]}))

@@ -192,6 +192,10 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
     else:
         index = index_dataset(data_dir)
         logger.info("%s", index.summary())
+        trained_on = load_split(run)[1].get("dataset_fingerprint") if (run / "splits.csv").is_file() else None
+        if index.fingerprint() == trained_on:
+            logger.warning("%s is the dataset this run trained on: its scores include training and "
+                           "validation images and are optimistic; omit --data to score the test split", data_dir)
         records = index.records
         scope = f"all images of {Path(data_dir).resolve()}"
         out = Path(out_dir) if out_dir else run / f"eval-{Path(data_dir).resolve().name}"
@@ -262,11 +266,6 @@ def format_source_table(per_source: dict[str, dict], views: Sequence[str]) -> st
         aucs = " ".join(f"{row[c]['auc']:6.3f}" for c in cols)
         lines.append(f"{source:16} {row['n']:5d} {row['n_melanoma']:4d} {aucs}")
     return "\n".join(lines)
-
-
-def write_resolved_config(path: Path, payload: dict) -> None:
-    """Write the fully resolved command configuration next to the outputs."""
-    write_json_atomic(path, payload)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

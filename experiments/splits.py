@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -42,9 +43,16 @@ def subset(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
     """A stratified, grouped subset of about ``limit`` images (whole lesion groups only)."""
     if limit >= len(records):
         return list(records)
-    n_folds = max(2, round(len(records) / limit))
+    # Small folds, taken until about `limit` images: a single fold of round(n / limit)
+    # would give half the data for any limit above n / 1.5.
+    n_folds = min(max(2, math.ceil(20 * len(records) / limit)), len({r.group_id for r in records}))
     fold = _folds(records, n_folds, seed)
-    return [r for r, f in zip(records, fold) if f == 0]
+    keep = np.zeros(len(records), bool)
+    for k in range(n_folds):
+        if keep.sum() >= limit:
+            break
+        keep |= fold == k
+    return [r for r, k in zip(records, keep) if k]
 
 
 def make_split(records: Sequence[Record], seed: int = 0, val_folds: int = 3, test_folds: int = 3) -> dict[str, str]:

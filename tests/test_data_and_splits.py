@@ -105,6 +105,8 @@ def test_load_images_skips_and_reports_corrupt_files(tmp_path):
 
 
 REAL = os.environ.get("SKINFUSION_DATA")
+if REAL and not os.path.isdir(REAL):
+    REAL = None
 
 
 @pytest.mark.realdata

@@ -84,6 +84,31 @@ def test_fused_prediction_is_batch_independent(trained_run, synthetic_data):
     np.testing.assert_allclose(ensemble.predict_proba(paths[::-1], run=trained_run), batch[::-1], atol=1e-5)
 
 
+def test_fusion_is_fitted_on_validation_ids_and_bundle_reproduces_it(trained_run):
+    with open(trained_run / "splits.csv", newline="") as fh:
+        val_ids = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == "val"}
+    preds = {}
+    for view in ("rgb", "hsv", "fft"):
+        with open(trained_run / "branches" / view / "val_predictions.csv", newline="") as fh:
+            preds[view] = {r["image_id"]: float(r["melanoma_proba"]) for r in csv.DictReader(fh)}
+        assert set(preds[view]) == val_ids
+    manifest = json.loads((trained_run / "ensemble" / "manifest.json").read_text())
+    assert manifest["n_validation"] == len(val_ids)
+    ensemble.clear_cache()
+    ens = ensemble.load(trained_run)
+    ids = sorted(val_ids)
+    P = np.array([[preds[v][i] for v in ens.views] for i in ids])
+    with open(trained_run / "splits.csv", newline="") as fh:
+        y = np.array([int(r["label"]) for r in sorted(csv.DictReader(fh), key=lambda r: r["image_id"]) if r["split"] == "val"])
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, ens.fuse(P)) == pytest.approx(manifest["validation_metrics"]["fused"]["auc"], abs=1e-9)
+    # the saved val probabilities are what the loaded branches produce on those images
+    data = json.loads((trained_run / "split.json").read_text())["data_dir"]
+    first = [f"{data}/images/{i}.jpg" for i in ids[:5]]
+    np.testing.assert_allclose(ens.member_proba(first), P[:5], atol=1e-5)
+
+
 def test_bundle_is_loaded_once(trained_run):
     ensemble.clear_cache()
     assert ensemble.load(trained_run) is ensemble.load(str(trained_run))

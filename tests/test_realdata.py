@@ -8,6 +8,8 @@ import pytest
 from experiments.cli import evaluate_main, fuse_main, train_main
 
 DATA = os.environ.get("SKINFUSION_DATA")
+if DATA and not os.path.isdir(DATA):
+    DATA = None
 
 pytestmark = [
     pytest.mark.slow,
