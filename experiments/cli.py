@@ -218,6 +218,8 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     p.add_argument("--melanoma-fraction", type=float, default=0.2, help="share of melanoma lesions (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--atypical-rate", type=float, default=0.12,
+                   help="share of lesions drawn with the other class's look, so the task is not trivial (default 0.12)")
     _common(p)
     return p
 
@@ -228,7 +230,7 @@ def _synth(args) -> int:
     if Path(args.out, "labels.csv").is_file():
         print(f"{args.out} already holds a dataset; leaving it as it is")
         return EXIT_OK
-    out = make_synthetic_dataset(args.out, args.n_images, args.melanoma_fraction, args.size, args.seed)
+    out = make_synthetic_dataset(args.out, args.n_images, args.melanoma_fraction, args.size, args.seed, args.atypical_rate)
     print(f"wrote SYNTHETIC dataset to {out} (not real dermoscopy; see its README.txt)")
     return EXIT_OK
 

@@ -100,7 +100,7 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     threshold = choose_threshold(y_val, proba)
     val_metrics = binary_report(y_val, proba, threshold)
     with open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "melanoma_proba"])
         w.writerows((r.image_id, r.label, f"{p:.6f}") for r, p in zip(val_recs, proba))
     save_branch(branch_dir, model, config, {
@@ -233,7 +233,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
     }
     write_json_atomic(out / "metrics.json", metrics)
     with open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "source", *ens.views, "fused"])
         for r, prow, f in zip(records, P, fused):
             w.writerow([r.image_id, r.label, r.source, *(f"{p:.6f}" for p in prow), f"{f:.6f}"])

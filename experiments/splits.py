@@ -101,7 +101,7 @@ def save_split(run_dir: str | os.PathLike, records: Sequence[Record], assign: di
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".splits.csv.tmp"
     with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "group_id", "source", "split"])
         for r in sorted(records, key=lambda r: r.image_id):
             w.writerow([r.image_id, r.label, r.group_id, r.source, assign[r.image_id]])

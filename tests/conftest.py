@@ -13,8 +13,8 @@ from experiments.synthetic import make_synthetic_dataset
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
-    """A 240-image SYNTHETIC dataset at 48 px, with lesion groups."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_images=240, size=48, seed=3)
+    """A 240-image SYNTHETIC dataset at 48 px, with lesion groups and no look-alike lesions."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_images=240, size=48, seed=3, atypical_rate=0.0)
 
 
 @pytest.fixture(scope="session")

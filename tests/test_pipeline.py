@@ -50,7 +50,8 @@ def test_branches_learned_and_evaluate_writes_metrics(trained_run, capsys):
     for report in [*m["members"].values(), m["fused"]]:
         lo, hi = report["auc_ci95"]
         assert lo <= report["auc"] <= hi
-    # The synthetic classes differ in size, colour and border: a working pipeline separates them.
+    # The synthetic classes (no look-alikes here) differ in size, colour and border: a working
+    # pipeline separates them, a broken one (wrong labels, views or thresholds) gives ~0.5.
     assert m["fused"]["auc"] > 0.85
     assert m["per_source"]["synthetic"]["fused"]["auc"] == pytest.approx(m["fused"]["auc"])
     with open(trained_run / "predictions.csv", newline="") as fh:
