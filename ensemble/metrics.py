@@ -39,6 +39,46 @@ def roc_auc_ci(y, proba, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
     return (auc, float(lo), float(hi))
 
 
+OPERATING_POINTS = (0.80, 0.90, 0.95)
+
+
+def sensitivity_at_specificity(y, proba, specificity: float) -> float:
+    """Highest sensitivity whose ROC point has at least the given specificity (NaN for one class)."""
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        return math.nan
+    fpr, tpr, _ = roc_curve(y, np.asarray(proba, dtype=np.float64))
+    ok = (1.0 - fpr) >= specificity - 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def specificity_at_sensitivity(y, proba, sensitivity: float) -> float:
+    """Highest specificity whose ROC point has at least the given sensitivity (NaN for one class)."""
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        return math.nan
+    fpr, tpr, _ = roc_curve(y, np.asarray(proba, dtype=np.float64))
+    ok = tpr >= sensitivity - 1e-12
+    return float((1.0 - fpr[ok]).max()) if ok.any() else 0.0
+
+
+def expected_calibration_error(y, proba, n_bins: int = 10) -> float:
+    """Expected calibration error over equal-width probability bins.
+
+    The weighted mean, over bins, of |mean predicted probability − observed melanoma rate|.
+    """
+    y, proba = np.asarray(y, dtype=np.float64), np.asarray(proba, dtype=np.float64)
+    if len(y) == 0:
+        return math.nan
+    bins = np.minimum((proba * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(proba[m].mean() - y[m].mean())
+    return float(ece)
+
+
 def choose_threshold(y, proba) -> float:
     """Decision threshold that maximises Youden's J (sensitivity + specificity − 1).
 
@@ -60,8 +100,11 @@ def binary_report(y, proba, threshold: float, n_boot: int = 1000, seed: int = 0)
 
     Returns:
         dict with ``n``, ``n_melanoma``, ``auc``, ``auc_ci95`` ([low, high]), ``average_precision``,
-        ``brier`` (mean squared error of the probabilities), ``balanced_accuracy``,
-        ``sensitivity`` and ``specificity`` at ``threshold``, and the ``threshold`` itself.
+        ``brier`` (mean squared error of the probabilities), ``ece`` (expected calibration error,
+        10 bins), ``balanced_accuracy``, ``sensitivity`` and ``specificity`` at ``threshold``,
+        ``confusion_matrix`` ({tn, fp, fn, tp}) at ``threshold``, ``sensitivity_at_specificity`` and
+        ``specificity_at_sensitivity`` (keys "0.80", "0.90", "0.95"), and the ``threshold`` itself.
+        Undefined values (one class only) are NaN.
     """
     y, proba = np.asarray(y).astype(int), np.asarray(proba, dtype=np.float64)
     auc, lo, hi = roc_auc_ci(y, proba, n_boot=n_boot, seed=seed)
@@ -77,8 +120,15 @@ def binary_report(y, proba, threshold: float, n_boot: int = 1000, seed: int = 0)
         "auc_ci95": [lo, hi],
         "average_precision": float(average_precision_score(y, proba)) if both else math.nan,
         "brier": float(brier_score_loss(y, proba, pos_label=1)) if len(y) else math.nan,
+        "ece": expected_calibration_error(y, proba),
         "balanced_accuracy": (sens + spec) / 2.0,
         "sensitivity": sens,
         "specificity": spec,
         "threshold": float(threshold),
+        "confusion_matrix": {
+            "tn": int((~pred & neg).sum()), "fp": int((pred & neg).sum()),
+            "fn": int((~pred & pos).sum()), "tp": int((pred & pos).sum()),
+        },
+        "sensitivity_at_specificity": {f"{t:.2f}": sensitivity_at_specificity(y, proba, t) for t in OPERATING_POINTS},
+        "specificity_at_sensitivity": {f"{t:.2f}": specificity_at_sensitivity(y, proba, t) for t in OPERATING_POINTS},
     }

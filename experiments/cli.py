@@ -138,6 +138,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory with a fused ensemble")
     p.add_argument("--data", help="score every image of this labelled folder instead of the test split")
     p.add_argument("--out", help="where to write metrics.json and predictions.csv (default RUN, or RUN/eval-<folder> with --data)")
+    p.add_argument("--isic-csv", metavar="FILE", help="also write the fused predictions in ISIC challenge format (image,MEL,NV)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the ROC/PR/reliability PNGs and report.html")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC 95%% CI (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
@@ -150,12 +152,15 @@ def _evaluate(args) -> int:
 
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
-    m = evaluate_run(args.run, args.data, args.out, n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size)
+    m = evaluate_run(args.run, args.data, args.out, n_boot=args.bootstrap, workers=args.workers,
+                     batch_size=args.batch_size, isic_csv=args.isic_csv, plots=args.plots)
     print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion")
     print(format_table({**m["members"], "fused": m["fused"]}))
     print("\nAUC per source:")
     print(format_source_table(m["per_source"], list(m["members"])))
-    print(f"\nwrote {m['out_dir']}/metrics.json and predictions.csv")
+    print(f"\nwrote {m['out_dir']}/metrics.json, predictions.csv" + (", report.html and curve PNGs" if args.plots else ""))
+    if args.isic_csv:
+        print(f"wrote ISIC challenge CSV {args.isic_csv}")
     if m["n_skipped"]:
         print(f"warning: {m['n_skipped']} unreadable images skipped; see {m['out_dir']}/skipped.csv", file=sys.stderr)
         return EXIT_SKIPPED

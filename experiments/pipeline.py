@@ -21,7 +21,7 @@ from models.store import read_branch_info, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-METRICS_SCHEMA_VERSION = 1
+METRICS_SCHEMA_VERSION = 2
 
 
 def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int | None = None) -> tuple[DatasetIndex, dict[str, str], dict]:
@@ -170,11 +170,15 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
 
 
 def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
-                 n_boot: int = 1000, workers: int = 2, batch_size: int = 64) -> dict[str, Any]:
+                 n_boot: int = 1000, workers: int = 2, batch_size: int = 64,
+                 isic_csv: str | None = None, plots: bool = True) -> dict[str, Any]:
     """Score the run's test split (or every image of ``data_dir``) and write metrics and predictions.
 
     Branch metrics use each branch's validation threshold and the fused metrics the
-    manifest's threshold; nothing is tuned on the scored images.
+    manifest's threshold; nothing is tuned on the scored images. Writes ``metrics.json``
+    (schema in the README), ``predictions.csv``, ``skipped.csv``, and with ``plots`` the
+    ROC / precision-recall / reliability PNGs and ``report.html``; ``isic_csv`` also writes
+    the predictions in ISIC challenge format.
 
     Returns:
         The metrics dict also written to ``metrics.json``.
@@ -237,6 +241,15 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         w.writerow(["image_id", "label", "source", *ens.views, "fused"])
         for r, prow, f in zip(records, P, fused):
             w.writerow([r.image_id, r.label, r.source, *(f"{p:.6f}" for p in prow), f"{f:.6f}"])
+    if isic_csv:
+        from experiments.report import write_isic_csv
+
+        write_isic_csv(isic_csv, [r.image_id for r in records], fused)
+    if plots:
+        from experiments.report import write_curves, write_html
+
+        images = write_curves(y, {**{v: P[:, j] for j, v in enumerate(ens.views)}, "fused": fused}, out, title=f"({scope})"[:60])
+        write_html(metrics, out, images)
     metrics["out_dir"] = str(out)
     return metrics
 

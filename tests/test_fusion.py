@@ -97,3 +97,21 @@ def test_threshold_and_report_on_known_values():
     assert r["sensitivity"] == 1.0 and r["specificity"] == pytest.approx(2 / 3)
     assert r["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
     assert r["n"] == 5 and r["n_melanoma"] == 2 and r["auc"] == 1.0
+
+
+def test_operating_points_calibration_and_confusion_on_known_values():
+    from ensemble.metrics import expected_calibration_error, sensitivity_at_specificity, specificity_at_sensitivity
+
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.8, 0.35, 0.6, 0.7, 0.9, 0.95])
+    # at specificity >= 0.8 (at most one nevus above the cut) the best cut is 0.6 -> 4/5 melanomas
+    assert sensitivity_at_specificity(y, p, 0.80) == pytest.approx(0.8)
+    # at specificity >= 0.95 no nevus may be above the cut: only 0.9 and 0.95 remain -> 2/5
+    assert sensitivity_at_specificity(y, p, 0.95) == pytest.approx(0.4)
+    # at sensitivity >= 0.95 the cut must reach 0.35: nevi 0.1, 0.2, 0.3 stay below -> 3/5
+    assert specificity_at_sensitivity(y, p, 0.95) == pytest.approx(0.6)
+    assert expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
+    assert expected_calibration_error(np.array([0, 0]), np.array([0.95, 0.95])) == pytest.approx(0.95)
+    r = binary_report(y, p, 0.5, n_boot=20)
+    assert r["confusion_matrix"] == {"tn": 4, "fp": 1, "fn": 1, "tp": 4}
+    assert set(r["sensitivity_at_specificity"]) == {"0.80", "0.90", "0.95"}

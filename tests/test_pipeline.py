@@ -40,8 +40,9 @@ def test_run_layout_and_metadata(trained_run):
         assert side.setdefault(r["group_id"], r["split"]) == r["split"]
 
 
-def test_branches_learned_and_evaluate_writes_metrics(trained_run, capsys):
-    assert evaluate_main(["--run", str(trained_run), "--bootstrap", "200"]) == 0
+def test_branches_learned_and_evaluate_writes_metrics(trained_run, capsys, tmp_path):
+    isic = tmp_path / "isic.csv"
+    assert evaluate_main(["--run", str(trained_run), "--bootstrap", "200", "--isic-csv", str(isic)]) == 0
     out = capsys.readouterr().out
     assert "fused" in out and "AUC per source" in out
     m = json.loads((trained_run / "metrics.json").read_text())
@@ -58,6 +59,20 @@ def test_branches_learned_and_evaluate_writes_metrics(trained_run, capsys):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["image_id", "label", "source", "rgb", "hsv", "fft", "fused"]
     assert len(rows) == m["n_images"]
+    with open(isic, newline="") as fh:
+        isic_rows = list(csv.DictReader(fh))
+    assert list(isic_rows[0]) == ["image", "MEL", "NV"]
+    assert [r["image"] for r in isic_rows] == [r["image_id"] for r in rows]
+    assert all(abs(float(r["MEL"]) + float(r["NV"]) - 1) < 1e-5 for r in isic_rows)
+    assert all(float(a["MEL"]) == pytest.approx(float(b["fused"]), abs=1e-6) for a, b in zip(isic_rows, rows))
+    for name in ("roc.png", "pr.png", "reliability.png"):
+        assert (trained_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (trained_run / "report.html").read_text()
+    assert 'src="roc.png"' in page and "AUC per source" in page and f"{m['fused']['auc']:.3f}" in page
+    fused_report = m["fused"]
+    for key in ("average_precision", "brier", "ece", "confusion_matrix", "sensitivity_at_specificity", "specificity_at_sensitivity"):
+        assert key in fused_report
+    assert sum(fused_report["confusion_matrix"].values()) == m["n_images"]
     fused = np.array([float(r["fused"]) for r in rows])
     members = np.array([[float(r[v]) for v in ("rgb", "hsv", "fft")] for r in rows])
     np.testing.assert_allclose(fused, members.mean(axis=1), atol=1e-5)
