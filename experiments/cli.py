@@ -59,6 +59,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.3)")
     p.add_argument("--class-weight", choices=["balanced", "none"], help="class-imbalance handling (default balanced)")
+    p.add_argument("--sampling", choices=["none", "undersample", "oversample"],
+                   help="per-epoch class balancing by resampling (default none; pair it with --class-weight none)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable random flips and 90° rotations")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the run's split, used only when the split is created (default 0)")

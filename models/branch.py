@@ -12,6 +12,7 @@ import numpy as np
 from colorspaces import VIEWS
 
 CLASS_WEIGHT_CHOICES = ("balanced", "none")
+SAMPLING_CHOICES = ("none", "undersample", "oversample")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class BranchConfig:
         epochs: maximum training epochs.
         patience: early-stopping patience, in epochs without a better validation AUC.
         class_weight: "balanced" weights each class by n / (2 · n_class); "none" disables it.
+        sampling: how each epoch draws training images: "none" (every image once),
+            "undersample" (every melanoma plus as many randomly drawn nevi: fewer steps, but
+            most nevi unseen per epoch) or "oversample" (every nevus plus melanomas drawn with
+            replacement up to the same count: balanced, but repeats melanomas and overfits them).
+            Combine a sampling choice with class_weight="none".
         augment: random flips and 90° rotations of training batches.
         seed: seed for weights, shuffling and augmentation.
     """
@@ -41,6 +47,7 @@ class BranchConfig:
     epochs: int = 20
     patience: int = 4
     class_weight: str = "balanced"
+    sampling: str = "none"
     augment: bool = True
     seed: int = 0
 
@@ -51,6 +58,8 @@ class BranchConfig:
             raise ValueError(
                 f"class_weight must be one of {CLASS_WEIGHT_CHOICES}, got {self.class_weight!r}"
             )
+        if self.sampling not in SAMPLING_CHOICES:
+            raise ValueError(f"sampling must be one of {SAMPLING_CHOICES}, got {self.sampling!r}")
         for name in ("image_size", "base_filters", "batch_size", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

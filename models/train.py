@@ -55,6 +55,29 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the training images to visit in one epoch, shuffled.
+
+    Args:
+        y: binary labels (1 = melanoma).
+        sampling: "none", "undersample" or "oversample" (see ``BranchConfig.sampling``).
+        rng: the epoch's random generator.
+
+    Returns:
+        An index array; its length depends only on the class counts, not on the epoch.
+    """
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if sampling == "none":
+        idx = np.arange(len(y))
+    elif sampling == "undersample":
+        idx = np.concatenate([pos, rng.choice(neg, size=min(len(pos), len(neg)), replace=False)])
+    elif sampling == "oversample":
+        idx = np.concatenate([neg, rng.choice(pos, size=len(neg), replace=True)])
+    else:
+        raise ValueError(f"sampling must be none, undersample or oversample, got {sampling!r}")
+    return rng.permutation(idx)
+
+
 class _ViewBatches(keras.utils.PyDataset):
     """Shuffled, augmented training batches; the view is computed per batch from uint8 images."""
 
@@ -66,13 +89,14 @@ class _ViewBatches(keras.utils.PyDataset):
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.config.seed, self.epoch]).permutation(len(self.y))
+        return epoch_order(self.y, self.config.sampling, np.random.default_rng([self.config.seed, self.epoch]))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.config.batch_size)
+        # Fixed per run: Keras reads it once; the sampled order changes each epoch, its length does not.
+        return math.ceil(len(self._order) / self.config.batch_size)
 
     def __getitem__(self, index: int):
-        idx = np.sort(self._order[index * self.config.batch_size : (index + 1) * self.config.batch_size])
+        idx = self._order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
         batch = self.images[idx]
         if self.config.augment:
             batch = augment_batch(batch, np.random.default_rng([self.config.seed, self.epoch, index]))

@@ -113,3 +113,20 @@ def test_load_branch_names_the_missing_file(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(FileNotFoundError, match="model.keras"):
         load_branch(tmp_path / "b")
+
+
+def test_epoch_order_sampling_balances_classes():
+    from models.train import epoch_order
+
+    y = np.array([1] * 10 + [0] * 90)
+    rng = np.random.default_rng(0)
+    none = epoch_order(y, "none", rng)
+    assert sorted(none) == list(range(100))
+    under = epoch_order(y, "undersample", rng)
+    assert len(under) == 20 and y[under].sum() == 10 and len(set(under)) == 20
+    over = epoch_order(y, "oversample", rng)
+    assert len(over) == 180 and y[over].sum() == 90 and set(over[y[over] == 0]) == set(range(10, 100))
+    with pytest.raises(ValueError, match="sampling"):
+        epoch_order(y, "smote", rng)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        BranchConfig(sampling="smote")
