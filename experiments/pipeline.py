@@ -72,17 +72,26 @@ def _counts(records, assign, split) -> dict[str, int]:
 
 
 def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
-                     limit: int | None = None, workers: int = 2) -> dict[str, Any]:
+                     limit: int | None = None, workers: int = 2,
+                     exclude_ids: set[str] | None = None) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
-    ``skipped.csv`` (unreadable images).
+    ``skipped.csv`` (unreadable images). ``exclude_ids`` (e.g. artefact-flagged images) are
+    dropped from the training images only; validation and test keep them, so metrics stay
+    comparable between runs with and without the exclusion.
 
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
     """
     index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit)
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
+    n_excluded = 0
+    if exclude_ids:
+        kept = [r for r in recs["train"] if r.image_id not in exclude_ids]
+        n_excluded = len(recs["train"]) - len(kept)
+        recs["train"] = kept
+        logger.info("[%s] excluded %d flagged images from training", config.view, n_excluded)
     branch_dir = Path(run_dir) / "branches" / config.view
     branch_dir.mkdir(parents=True, exist_ok=True)
     loaded, failures = {}, []
@@ -111,10 +120,28 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         "training": {k: v for k, v in history.items() if k != "per_epoch"},
         "history": history["per_epoch"],
         "skipped_images": len(failures),
+        "excluded_from_training": n_excluded,
     })
     logger.info("[%s] saved to %s; validation AUC %.4f", config.view, branch_dir, val_metrics["auc"])
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
             "train_seconds": history["train_seconds"], "skipped": len(failures)}
+
+
+def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2) -> tuple[list, np.ndarray]:
+    """Melanoma probabilities of one trained branch on a saved split (no fusion).
+
+    Returns:
+        ``(records, proba)`` for the readable images of that split.
+    """
+    from models import load_branch
+
+    run = Path(run_dir)
+    assign, info = load_split(run)
+    index = index_dataset(info["data_dir"])
+    records = [r for r in index.records if assign.get(r.image_id) == split]
+    model, config, _ = load_branch(run / "branches" / view)
+    imgs, ok, _ = load_images([r.path for r in records], config.image_size, workers=workers, desc=f"{split} images")
+    return [records[i] for i in ok], predict_branch_proba(model, apply_view(view, imgs))
 
 
 def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
