@@ -64,6 +64,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable random flips and 90° rotations")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the run's split, used only when the split is created (default 0)")
+    p.add_argument("--dedup-split", action="store_true",
+                   help="when the run's split is created, also group images whose perceptual hashes are near-identical")
     p.add_argument("--limit", type=int, help="use a stratified, grouped subset of about N images (quick runs; fixed at split creation)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
     _common(p)
@@ -83,7 +85,8 @@ def _train(args) -> int:
     skipped = 0
     for view in views:
         config = BranchConfig.from_dict({**base, **overrides, "view": view})
-        summary = train_branch_run(args.data, args.run, config, split_seed=args.split_seed, limit=args.limit, workers=args.workers)
+        summary = train_branch_run(args.data, args.run, config, split_seed=args.split_seed, limit=args.limit,
+                                   workers=args.workers, dedup=args.dedup_split)
         v = summary["validation"]
         print(f"{view}: validation AUC {v['auc']:.4f} [{v['auc_ci95'][0]:.3f}, {v['auc_ci95'][1]:.3f}], "
               f"trained in {summary['train_seconds']:.0f}s -> {summary['branch_dir']}")
@@ -216,6 +219,50 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     return _run_guarded(_predict, args)
 
 
+# ---------------------------------------------------------------- verify-split
+def verify_split_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion verify-split``."""
+    p = argparse.ArgumentParser(prog="skinfusion verify-split",
+                                description="Check a run's saved split: no lesion group and no near-duplicate pair may cross train/val/test.")
+    p.add_argument("--run", required=True, help="run directory with splits.csv")
+    p.add_argument("--data", help="dataset folder (default: the one recorded in RUN/split.json)")
+    p.add_argument("--pairs", help="CSV of known near-duplicate pairs (image_id_a,image_id_b), checked as well")
+    p.add_argument("--max-distance", type=int, default=18, help="perceptual-hash (phash) distance for near-duplicates (default 18)")
+    p.add_argument("--no-hash", dest="hash", action="store_false", help="skip the perceptual-hash near-duplicate search")
+    _common(p)
+    return p
+
+
+def _verify_split(args) -> int:
+    from experiments.data import index_dataset
+    from experiments.dedup import find_near_duplicates, read_near_duplicate_pairs
+    from experiments.splits import load_split, verify_split
+
+    assign, info = load_split(args.run)
+    data = args.data or info.get("data_dir")
+    if not data:
+        raise ValueError(f"{args.run}: split.json names no data folder; pass --data")
+    records = [r for r in index_dataset(data).records if r.image_id in assign]
+    pairs = list(read_near_duplicate_pairs(args.pairs)) if args.pairs else []
+    if args.hash:
+        found = find_near_duplicates([r.path for r in records], max_distance=args.max_distance)
+        pairs += [(records[i].image_id, records[j].image_id) for i, j, _ in found]
+        print(f"perceptual hash: {len(found)} near-duplicate pairs within distance {args.max_distance}")
+    problems = verify_split(records, assign, pairs)
+    for line in problems:
+        print(line)
+    print(f"{len(records)} images, {len({r.group_id for r in records})} groups, {len(pairs)} near-duplicate pairs checked: "
+          + ("OK, nothing crosses train/val/test" if not problems else f"{len(problems)} problems"))
+    return EXIT_OK if not problems else EXIT_SKIPPED
+
+
+def verify_split_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion verify-split``: exit 0 if the split is leakage-free, 1 if anything crosses."""
+    args = verify_split_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run_guarded(_verify_split, args)
+
+
 # ---------------------------------------------------------------- synth
 def synth_parser() -> argparse.ArgumentParser:
     """Parser for ``skinfusion synth``."""
@@ -249,7 +296,8 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
     return _run_guarded(_synth, args)
 
 
-COMMANDS = {"train": train_main, "fuse": fuse_main, "evaluate": evaluate_main, "predict": predict_main, "synth": synth_main}
+COMMANDS = {"train": train_main, "fuse": fuse_main, "evaluate": evaluate_main, "predict": predict_main,
+            "verify-split": verify_split_main, "synth": synth_main}
 USAGE = """usage: skinfusion COMMAND [options]   (skinfusion COMMAND --help for each)
 
 commands:
@@ -257,6 +305,7 @@ commands:
   fuse       fit mean or stacking fusion on the branches' validation probabilities
   evaluate   score the test split (or another labelled folder): AUC with 95% CI, sens/spec
   predict    print path,melanoma_proba for image files
+  verify-split  check that no lesion group or near-duplicate pair crosses a run's split
   synth      write a small SYNTHETIC dataset for offline demos
 """
 

@@ -1,4 +1,4 @@
-"""Indexing labelled image folders in the common ISIC layouts and loading their images, skipping and reporting bad files."""
+"""Indexing labelled image folders (four common ISIC layouts) and loading their images, skipping bad files."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: The layouts ``index_dataset`` recognises, in detection order, with how each is recognised.
 FORMATS = {
     "labels.csv": "labels.csv (image_id,label[,source]) + images/, optional metadata.csv with group_id or lesion_id",
-    "isic-cli": "an `isic image download` folder: metadata.csv with an isic_id column + <isic_id>.jpg (here or in images/)",
+    "isic-cli": "an `isic image download` folder: metadata.csv with an isic_id column"
+                " + <isic_id>.jpg (here or in images/)",
     "ham10000": "HAM10000_metadata.csv (image_id,dx,lesion_id) + the images in this folder or any sub-folder",
     "class-folders": "sub-folders melanoma/ and nevus/ holding the images (no lesion grouping)",
 }
@@ -309,6 +310,9 @@ def _index_isic_cli(root: Path) -> DatasetIndex:
     b.index.grouped = any(r.get("lesion_id") or r.get("patient_id") for r in rows)
     for row in rows:
         image_id = row["isic_id"]
+        if not image_id:
+            b.index.skipped_labels["<no isic_id>"] += 1
+            continue
         label, raw = isic_label(row)
         b.add(image_id, label, raw, files.get(image_id), root / f"{image_id}.jpg",
               row.get("lesion_id") or row.get("patient_id") or image_id, row.get("attribution") or "isic-cli")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from colorspaces import VIEWS, apply_view
 from ensemble import load_ensemble, make_fusion, save_ensemble
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
 from experiments.data import DatasetIndex, index_dataset, load_images, write_skip_report
-from experiments.splits import check_split, load_split, make_split, save_split, subset
+from experiments.splits import check_split, load_split, load_split_groups, make_split, save_split, subset
 from models import BranchConfig, fit_branch, predict_branch_proba, save_branch
 from models.store import read_branch_info, write_json_atomic
 
@@ -24,11 +25,14 @@ logger = logging.getLogger(__name__)
 METRICS_SCHEMA_VERSION = 2
 
 
-def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int | None = None) -> tuple[DatasetIndex, dict[str, str], dict]:
+def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int | None = None,
+                  dedup: bool = False) -> tuple[DatasetIndex, dict[str, str], dict]:
     """Index the data and return the run's split, creating ``RUN/splits.csv`` on first use.
 
     A run's split is made once and reused by every branch, so all branches see the same
-    images; reusing a run on changed data is refused.
+    images; reusing a run on changed data is refused. With ``dedup``, images whose perceptual
+    hashes are near-identical join one group before splitting, which catches re-uploads that
+    the dataset's own group ids miss.
 
     Raises:
         ValueError: if the run was split on a different dataset.
@@ -46,16 +50,27 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
             )
         if limit is not None and info.get("limit") != limit:
             logger.warning("reusing the run's saved split (limit=%s); --limit %s is ignored", info.get("limit"), limit)
-        records = [r for r in index.records if r.image_id in assign]
+        # The saved group ids (which may include merged near-duplicates) are authoritative.
+        groups = load_split_groups(run)
+        records = [dataclasses.replace(r, group_id=groups[r.image_id]) for r in index.records if r.image_id in assign]
         logger.info("reusing split %s", run / "splits.csv")
     else:
-        records = subset(index.records, limit, split_seed) if limit else index.records
+        records = index.records
+        if dedup:
+            from experiments.dedup import find_near_duplicates
+            from experiments.splits import merge_near_duplicate_groups
+
+            found = find_near_duplicates([r.path for r in records])
+            records = merge_near_duplicate_groups(records, [(records[i].image_id, records[j].image_id) for i, j, _ in found])
+            logger.info("perceptual hash: %d near-duplicate pairs merged into shared groups", len(found))
+        records = subset(records, limit, split_seed) if limit else records
         assign = make_split(records, seed=split_seed)
         info = {
             "data_dir": str(Path(data_dir).resolve()),
             "dataset_fingerprint": fingerprint,
             "split_seed": split_seed,
             "limit": limit,
+            "dedup": dedup,
             "grouped": index.grouped,
             "counts": {s: _counts(records, assign, s) for s in ("train", "val", "test")},
         }
@@ -73,7 +88,7 @@ def _counts(records, assign, split) -> dict[str, int]:
 
 def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
                      limit: int | None = None, workers: int = 2,
-                     exclude_ids: set[str] | None = None) -> dict[str, Any]:
+                     exclude_ids: set[str] | None = None, dedup: bool = False) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
@@ -84,7 +99,7 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
     """
-    index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit)
+    index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit, dedup=dedup)
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
     n_excluded = 0
     if exclude_ids:

@@ -7,8 +7,9 @@ import json
 import math
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -95,6 +96,80 @@ def check_split(records: Sequence[Record], assign: dict[str, str]) -> None:
             raise ValueError(f"split '{s}' lacks a class (has labels {sorted(labels)}); use more images")
 
 
+def verify_split(records: Sequence[Record], assign: dict[str, str],
+                 near_duplicate_pairs: Iterable[Sequence] = ()) -> list[str]:
+    """List every way a split leaks: a lesion group or a near-duplicate pair across splits.
+
+    Unlike ``check_split``, which stops at the first problem, this collects them all, so
+    that a saved split can be audited in one pass.
+
+    Args:
+        records: dataset records (their ``group_id`` defines the groups).
+        assign: ``{image_id: split}``, e.g. from ``load_split``.
+        near_duplicate_pairs: pairs of image ids, e.g. from
+            ``experiments.dedup.read_near_duplicate_pairs``; items after the first two in
+            each pair (such as a distance) are ignored, and pairs with an image outside
+            ``assign`` are skipped (that image is not in the split).
+
+    Returns:
+        Human-readable problems, one per record without a split, split name outside
+        train/val/test, group in more than one split, or pair across splits; empty if
+        the split is leak-free.
+    """
+    problems: list[str] = []
+    sides: dict[str, dict[str, int]] = {}
+    for r in records:
+        s = assign.get(r.image_id)
+        if s is None:
+            problems.append(f"image {r.image_id} has no split")
+            continue
+        if s not in SPLITS:
+            problems.append(f"image {r.image_id} has unknown split '{s}' (expected one of {', '.join(SPLITS)})")
+        counts = sides.setdefault(r.group_id, {})
+        counts[s] = counts.get(s, 0) + 1
+    for gid, counts in sides.items():
+        if len(counts) > 1:
+            where = ", ".join(f"{s} ({n} image{'s' if n > 1 else ''})" for s, n in sorted(counts.items()))
+            problems.append(f"group {gid} crosses splits: {where}")
+    for pair in near_duplicate_pairs:
+        a, b = str(pair[0]), str(pair[1])
+        if a in assign and b in assign and assign[a] != assign[b]:
+            problems.append(f"near-duplicate pair {a} ({assign[a]}) / {b} ({assign[b]}) crosses splits")
+    return problems
+
+
+def merge_near_duplicate_groups(records: Sequence[Record], near_duplicate_pairs: Iterable[Sequence]) -> list[Record]:
+    """Join the groups of near-duplicate images, so that ``make_split`` keeps each pair together.
+
+    Groups linked by a chain of pairs become one (union-find); the merged group keeps the
+    smallest of its group ids, so the result does not depend on pair order.
+
+    Args:
+        records: dataset records.
+        near_duplicate_pairs: pairs of image ids (extra items per pair are ignored);
+            pairs with an image not in ``records`` are skipped.
+
+    Returns:
+        The records in the same order, with ``group_id`` replaced where groups merged.
+    """
+    parent: dict[str, str] = {r.group_id: r.group_id for r in records}
+
+    def find(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]  # path halving keeps chains short
+            g = parent[g]
+        return g
+
+    group_of = {r.image_id: r.group_id for r in records}
+    for pair in near_duplicate_pairs:
+        a, b = str(pair[0]), str(pair[1])
+        if a in group_of and b in group_of:
+            ra, rb = find(group_of[a]), find(group_of[b])
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return [r if find(r.group_id) == r.group_id else replace(r, group_id=find(r.group_id)) for r in records]
+
+
 def save_split(run_dir: str | os.PathLike, records: Sequence[Record], assign: dict[str, str], info: dict) -> None:
     """Write ``RUN/splits.csv`` (image_id,label,group_id,source,split) and ``RUN/split.json``."""
     run_dir = Path(run_dir)
@@ -123,3 +198,9 @@ def load_split(run_dir: str | os.PathLike) -> tuple[dict[str, str], dict]:
         assign = {row["image_id"]: row["split"] for row in csv.DictReader(fh)}
     info = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").is_file() else {}
     return assign, info
+
+
+def load_split_groups(run_dir: str | os.PathLike) -> dict[str, str]:
+    """``{image_id: group_id}`` as saved in ``RUN/splits.csv`` (merged near-duplicates included)."""
+    with open(Path(run_dir) / "splits.csv", newline="") as fh:
+        return {row["image_id"]: row["group_id"] for row in csv.DictReader(fh)}

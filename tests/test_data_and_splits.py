@@ -123,3 +123,29 @@ def test_real_split_keeps_lesions_and_near_duplicates_on_one_side():
     assert all(assign[a] == assign[b] for a, b in pairs)
     sources = {r.source for r in index.records if assign[r.image_id] == "test"}
     assert {"HAM10000", "ISIC2017_train", "ISIC2017_val", "ISIC_archive"} <= sources
+
+
+def test_dedup_split_groups_a_reuploaded_image(tmp_path):
+    import shutil
+
+    from experiments.pipeline import prepare_split
+    from experiments.splits import load_split_groups
+    from experiments.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "d", n_images=120, size=48, seed=5)
+    shutil.copy(data / "images" / "SYN_000000.jpg", data / "images" / "REUPLOAD.jpg")
+    with open(data / "labels.csv") as fh:
+        label = [line.split(",")[1] for line in fh if line.startswith("SYN_000000,")][0]
+    with open(data / "labels.csv", "a") as fh:
+        fh.write(f"REUPLOAD,{label},synthetic\n")
+    with open(data / "metadata.csv", "a") as fh:
+        fh.write("REUPLOAD,OTHER_LESION\n")
+    prepare_split(str(data), str(tmp_path / "plain"))
+    assert load_split_groups(tmp_path / "plain")["REUPLOAD"] == "OTHER_LESION"
+    _, assign, info = prepare_split(str(data), str(tmp_path / "dedup"), dedup=True)
+    groups = load_split_groups(tmp_path / "dedup")
+    assert info["dedup"] is True
+    assert groups["REUPLOAD"] == groups["SYN_000000"] and assign["REUPLOAD"] == assign["SYN_000000"]
+    # reusing the run keeps the merged groups
+    _, assign2, _ = prepare_split(str(data), str(tmp_path / "dedup"))
+    assert assign2 == assign
