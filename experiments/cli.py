@@ -64,6 +64,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable random flips and 90° rotations")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the run's split, used only when the split is created (default 0)")
+    p.add_argument("--exclude-artefacts", action="store_true",
+                   help="drop images flagged with a colour disc or ink from training (validation and test keep them)")
+    p.add_argument("--audit", metavar="FILE",
+                   help="audit CSV from `skinfusion audit` for --exclude-artefacts (default: audit the data now, saved as RUN/audit.csv)")
     p.add_argument("--dedup-split", action="store_true",
                    help="when the run's split is created, also group images whose perceptual hashes are near-identical")
     p.add_argument("--limit", type=int, help="use a stratified, grouped subset of about N images (quick runs; fixed at split creation)")
@@ -82,11 +86,25 @@ def _train(args) -> int:
     views = VIEW_NAMES if args.view == "all" else (args.view,)
     if args.limit is not None and args.limit < 40:
         raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
+    exclude = None
+    if args.exclude_artefacts:
+        from experiments.pipeline import audit_dataset, read_audit_flags
+
+        audit_csv = args.audit
+        if audit_csv is None:
+            audit_csv = str(Path(args.run) / "audit.csv")
+            if not Path(audit_csv).is_file():
+                audit_dataset(args.data, audit_csv, workers=args.workers, hash_pairs=False)
+        flags = read_audit_flags(audit_csv)
+        exclude = flags["colour_disc"] | flags["ink"]
+        print(f"excluding up to {len(exclude)} artefact-flagged images from training ({audit_csv})")
+    elif args.audit:
+        raise ValueError("--audit is only used with --exclude-artefacts")
     skipped = 0
     for view in views:
         config = BranchConfig.from_dict({**base, **overrides, "view": view})
         summary = train_branch_run(args.data, args.run, config, split_seed=args.split_seed, limit=args.limit,
-                                   workers=args.workers, dedup=args.dedup_split)
+                                   workers=args.workers, dedup=args.dedup_split, exclude_ids=exclude)
         v = summary["validation"]
         print(f"{view}: validation AUC {v['auc']:.4f} [{v['auc_ci95'][0]:.3f}, {v['auc_ci95'][1]:.3f}], "
               f"trained in {summary['train_seconds']:.0f}s -> {summary['branch_dir']}")
@@ -143,6 +161,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory with a fused ensemble")
     p.add_argument("--data", help="score every image of this labelled folder instead of the test split")
     p.add_argument("--out", help="where to write metrics.json and predictions.csv (default RUN, or RUN/eval-<folder> with --data)")
+    p.add_argument("--audit", metavar="FILE", help="audit CSV whose artefact flags define the subsets (default: detect on the scored images)")
+    p.add_argument("--no-audit", dest="run_audit", action="store_false", help="skip the per-artefact-subset AUCs")
     p.add_argument("--isic-csv", metavar="FILE", help="also write the fused predictions in ISIC challenge format (image,MEL,NV)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the ROC/PR/reliability PNGs and report.html")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC 95%% CI (default 1000)")
@@ -158,11 +178,16 @@ def _evaluate(args) -> int:
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     m = evaluate_run(args.run, args.data, args.out, n_boot=args.bootstrap, workers=args.workers,
-                     batch_size=args.batch_size, isic_csv=args.isic_csv, plots=args.plots)
+                     batch_size=args.batch_size, isic_csv=args.isic_csv, plots=args.plots,
+                     audit_csv=args.audit, audit=args.run_audit)
     print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion")
     print(format_table({**m["members"], "fused": m["fused"]}))
     print("\nAUC per source:")
     print(format_source_table(m["per_source"], list(m["members"])))
+    if m["per_subset"]:
+        print("\nAUC per artefact subset (a shortcut shows up as a gap; spec = fused specificity on its nevi):")
+        print(format_source_table(m["per_subset"], list(m["members"])))
+        print("  " + ", ".join(f"{k}: spec {v['fused_specificity']:.3f}" for k, v in m["per_subset"].items() if v["n"]))
     print(f"\nwrote {m['out_dir']}/metrics.json, predictions.csv" + (", report.html and curve PNGs" if args.plots else ""))
     if args.isic_csv:
         print(f"wrote ISIC challenge CSV {args.isic_csv}")
@@ -263,6 +288,47 @@ def verify_split_main(argv: Sequence[str] | None = None) -> int:
     return _run_guarded(_verify_split, args)
 
 
+# ---------------------------------------------------------------- audit
+def audit_parser() -> argparse.ArgumentParser:
+    """Parser for ``skinfusion audit``."""
+    p = argparse.ArgumentParser(prog="skinfusion audit",
+                                description="Artefact and bias audit: colour discs, ink, size and source mix per class, near-duplicates, corrupt files.")
+    p.add_argument("--data", required=True, help="dataset folder (any supported layout)")
+    p.add_argument("--out", help="audit CSV to write (default runs/audit-<folder>.csv); a .summary.json is written beside it")
+    p.add_argument("--max-distance", type=int, default=18, help="perceptual-hash distance for near-duplicates (default 18)")
+    p.add_argument("--no-hash", dest="hash", action="store_false", help="skip the near-duplicate search")
+    p.add_argument("--workers", type=int, default=2, help="threads (default 2)")
+    _common(p)
+    return p
+
+
+def _audit(args) -> int:
+    from experiments.pipeline import audit_dataset
+
+    out = args.out or f"runs/audit-{Path(args.data).resolve().name}.csv"
+    s = audit_dataset(args.data, out, workers=args.workers, hash_pairs=args.hash, max_distance=args.max_distance)
+    print(f"{s['data_dir']} ({s['format']}): {s['n_images']} images, {s['n_unreadable']} unreadable, "
+          f"{len(s['missing_files'])} missing, {s['near_duplicate_pairs']} near-duplicate pairs")
+    if s["skipped_labels"]:
+        print("other labels (not used): " + ", ".join(f"{k}={v}" for k, v in sorted(s["skipped_labels"].items())))
+    print(f"\n{'class':10} {'n':>6} {'colour disc':>14} {'ink':>14}  top sizes / sources")
+    for cls, c in s["per_class"].items():
+        def rate(a):
+            return f"{c[a]['count']} ({100 * (c[a]['rate'] or 0):.1f}%)"
+        sizes = ", ".join(f"{k}:{v}" for k, v in sorted(c["sizes"].items(), key=lambda kv: -kv[1])[:3])
+        sources = ", ".join(f"{k}:{v}" for k, v in sorted(c["sources"].items(), key=lambda kv: -kv[1])[:4])
+        print(f"{cls:10} {c['n']:6d} {rate('colour_disc'):>14} {rate('ink'):>14}  {sizes} | {sources}")
+    print(f"\nwrote {out} and {Path(out).with_suffix('.summary.json')}")
+    return EXIT_SKIPPED if s["n_unreadable"] else EXIT_OK
+
+
+def audit_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion audit``: write the audit CSV and summary; exit 1 if any image was unreadable."""
+    args = audit_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run_guarded(_audit, args)
+
+
 # ---------------------------------------------------------------- synth
 def synth_parser() -> argparse.ArgumentParser:
     """Parser for ``skinfusion synth``."""
@@ -297,7 +363,7 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
 
 
 COMMANDS = {"train": train_main, "fuse": fuse_main, "evaluate": evaluate_main, "predict": predict_main,
-            "verify-split": verify_split_main, "synth": synth_main}
+            "verify-split": verify_split_main, "audit": audit_main, "synth": synth_main}
 USAGE = """usage: skinfusion COMMAND [options]   (skinfusion COMMAND --help for each)
 
 commands:
@@ -305,6 +371,7 @@ commands:
   fuse       fit mean or stacking fusion on the branches' validation probabilities
   evaluate   score the test split (or another labelled folder): AUC with 95% CI, sens/spec
   predict    print path,melanoma_proba for image files
+  audit      artefact and bias audit: colour discs, ink, size/source mix, near-duplicates
   verify-split  check that no lesion group or near-duplicate pair crosses a run's split
   synth      write a small SYNTHETIC dataset for offline demos
 """

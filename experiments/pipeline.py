@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import os
 import dataclasses
 import json
 import logging
@@ -213,14 +215,17 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
 
 def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
                  n_boot: int = 1000, workers: int = 2, batch_size: int = 64,
-                 isic_csv: str | None = None, plots: bool = True) -> dict[str, Any]:
+                 isic_csv: str | None = None, plots: bool = True,
+                 audit_csv: str | None = None, audit: bool = True) -> dict[str, Any]:
     """Score the run's test split (or every image of ``data_dir``) and write metrics and predictions.
 
     Branch metrics use each branch's validation threshold and the fused metrics the
     manifest's threshold; nothing is tuned on the scored images. Writes ``metrics.json``
     (schema in the README), ``predictions.csv``, ``skipped.csv``, and with ``plots`` the
     ROC / precision-recall / reliability PNGs and ``report.html``; ``isic_csv`` also writes
-    the predictions in ISIC challenge format.
+    the predictions in ISIC challenge format. With ``audit``, AUC is also reported on the
+    artefact-free images and on each artefact subset (flags from ``audit_csv``, or detected
+    on the scored images), so that a shortcut shows up as a gap.
 
     Returns:
         The metrics dict also written to ``metrics.json``.
@@ -265,6 +270,28 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
             **{v: _auc_block(y[m], P[m, j], n_boot) for j, v in enumerate(ens.views)},
             "fused": _auc_block(y[m], fused[m], n_boot),
         }
+    per_subset = {}
+    if audit:
+        if audit_csv:
+            flags = read_audit_flags(audit_csv)
+        else:
+            from experiments.audit import audit_images
+
+            rows = audit_images(records, workers=workers)
+            flags = {a: {row["image_id"] for row in rows if row[a]} for a in ("colour_disc", "ink")}
+        flagged = flags["colour_disc"] | flags["ink"]
+        masks = {"artefact-free": [r.image_id not in flagged for r in records],
+                 "colour_disc": [r.image_id in flags["colour_disc"] for r in records],
+                 "ink": [r.image_id in flags["ink"] for r in records]}
+        for name, mask in masks.items():
+            m = np.array(mask, dtype=bool)
+            per_subset[name] = {
+                "n": int(m.sum()), "n_melanoma": int(y[m].sum()),
+                **{v: _auc_block(y[m], P[m, j], n_boot) for j, v in enumerate(ens.views)},
+                "fused": _auc_block(y[m], fused[m], n_boot),
+                "fused_mean_proba_nevus": float(fused[m & (y == 0)].mean()) if (m & (y == 0)).any() else math.nan,
+                "fused_specificity": float((fused[m & (y == 0)] < ens.threshold).mean()) if (m & (y == 0)).any() else math.nan,
+            }
     metrics = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "run": str(run.resolve()),
@@ -275,6 +302,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         "members": members,
         "fused": fused_report,
         "per_source": per_source,
+        "per_subset": per_subset,
         "inference_seconds": round(seconds, 3),
     }
     write_json_atomic(out / "metrics.json", metrics)
@@ -340,3 +368,68 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{p}: expected a JSON object of branch config fields")
     return values
+
+
+AUDIT_COLUMNS = ("image_id", "label", "source", "group_id", "width", "height", "readable", "error",
+                 "colour_disc", "colour_disc_score", "ink", "ink_score", "near_duplicates")
+
+
+def audit_dataset(data_dir: str, out_csv: str, workers: int = 2, hash_pairs: bool = True,
+                  max_distance: int = 18) -> dict[str, Any]:
+    """Audit every labelled image of a dataset for artefacts, size/source mix and near-duplicates.
+
+    Writes ``out_csv`` (one row per image, columns ``AUDIT_COLUMNS``) and a summary JSON beside
+    it (``<out>.summary.json``).
+
+    Returns:
+        The summary: the per-class figures of ``experiments.audit.summarise_audit`` plus the
+        dataset format, skipped labels, missing files and near-duplicate pair count.
+    """
+    from experiments.audit import audit_images, summarise_audit
+
+    index = index_dataset(data_dir)
+    logger.info("%s", index.summary())
+    records = index.records
+    logger.info("auditing %d images for colour discs and ink", len(records))
+    rows = audit_images(records, workers=workers)
+    near: dict[str, list[str]] = {r.image_id: [] for r in records}
+    n_pairs = 0
+    if hash_pairs:
+        from experiments.dedup import find_near_duplicates
+
+        for i, j, _ in find_near_duplicates([r.path for r in records], max_distance=max_distance):
+            near[records[i].image_id].append(records[j].image_id)
+            near[records[j].image_id].append(records[i].image_id)
+            n_pairs += 1
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=AUDIT_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for rec, row in zip(records, rows):
+            w.writerow({**row, "label": rec.label, "source": rec.source, "group_id": rec.group_id,
+                        "colour_disc_score": f"{row['colour_disc_score']:.4f}", "ink_score": f"{row['ink_score']:.4f}",
+                        "near_duplicates": " ".join(near[rec.image_id])})
+    summary = summarise_audit(rows, [r.label for r in records], [r.source for r in records])
+    summary.update(data_dir=str(Path(data_dir).resolve()), format=index.format,
+                   skipped_labels=dict(index.skipped_labels), missing_files=index.missing_files,
+                   near_duplicate_pairs=n_pairs, hash_max_distance=max_distance if hash_pairs else None)
+    write_json_atomic(out.with_suffix(".summary.json"), summary)
+    return summary
+
+
+def read_audit_flags(audit_csv: str | os.PathLike) -> dict[str, set[str]]:
+    """``{"colour_disc": ids, "ink": ids}`` of the images an audit CSV flags.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if it lacks the artefact columns.
+    """
+    path = Path(audit_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: audit file not found (write one with `skinfusion audit --data DIR --out FILE`)")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and not {"image_id", "colour_disc", "ink"} <= set(rows[0]):
+        raise ValueError(f"{path}: not an audit CSV (needs image_id, colour_disc, ink columns)")
+    return {a: {r["image_id"] for r in rows if r[a] == "True"} for a in ("colour_disc", "ink")}

@@ -190,3 +190,57 @@ def test_evaluate_on_another_folder(trained_run, tmp_path):
     assert evaluate_main(["--run", str(trained_run), "--data", str(other), "--bootstrap", "100", "-q"]) == 0
     m = json.loads((trained_run / "eval-clinic" / "metrics.json").read_text())
     assert m["n_images"] == 80 and m["scope"].startswith("all images of")
+
+
+def _add_disc_image(data, image_id="DISC_NEVUS"):
+    """Copy a nevus and draw an orange sticker disc cut off by the image edge."""
+    import cv2
+
+    img = read_image(data / "images" / "SYN_000000.jpg").copy()
+    h, w = img.shape[:2]
+    cv2.circle(img, (w - 4, h // 4), w // 5, (245, 140, 20), -1)
+    cv2.imwrite(str(data / "images" / f"{image_id}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    with open(data / "labels.csv", "a") as fh:
+        fh.write(f"{image_id},nevus,synthetic\n")
+    with open(data / "metadata.csv", "a") as fh:
+        fh.write(f"{image_id},{image_id}\n")
+
+
+def test_audit_cli_flags_a_disc_and_training_can_exclude_it(tmp_path, capsys):
+    from experiments.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "d", n_images=120, size=64, seed=4, atypical_rate=0.0)
+    _add_disc_image(data)
+    (data / "images" / "SYN_000005.jpg").write_bytes(b"corrupt")
+    out = tmp_path / "audit.csv"
+    rc = main(["audit", "--data", str(data), "--out", str(out), "-q"])
+    assert rc == 1  # one unreadable image
+    printed = capsys.readouterr().out
+    assert "1 unreadable" in printed and "colour disc" in printed
+    with open(out, newline="") as fh:
+        rows = {r["image_id"]: r for r in csv.DictReader(fh)}
+    assert rows["DISC_NEVUS"]["colour_disc"] == "True"
+    assert rows["SYN_000005"]["readable"] == "False" and "cannot decode" in rows["SYN_000005"]["error"]
+    assert sum(r["colour_disc"] == "True" for r in rows.values()) <= 2
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["per_class"]["nevus"]["colour_disc"]["count"] >= 1 and summary["n_unreadable"] == 1
+
+    run = tmp_path / "run"
+    rc = train_main(["--view", "rgb", "--data", str(data), "--run", str(run), "--image-size", "32",
+                     "--epochs", "1", "--exclude-artefacts", "--audit", str(out), "-q"])
+    assert rc == 0
+    with open(run / "splits.csv", newline="") as fh:
+        split_of = {r["image_id"]: r["split"] for r in csv.DictReader(fh)}
+    flagged = {i for i, r in rows.items() if r["colour_disc"] == "True" or r["ink"] == "True"}
+    meta = json.loads((run / "branches" / "rgb" / "metadata.json").read_text())
+    assert meta["excluded_from_training"] == sum(split_of[i] == "train" for i in flagged)
+    assert meta["skipped_images"] == (1 if split_of["SYN_000005"] in ("train", "val") else 0)
+
+
+def test_evaluate_reports_artefact_subsets(trained_run, tmp_path):
+    assert evaluate_main(["--run", str(trained_run), "--out", str(tmp_path), "--bootstrap", "50", "--no-plots", "-q"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    subsets = m["per_subset"]
+    assert set(subsets) == {"artefact-free", "colour_disc", "ink"}
+    assert subsets["artefact-free"]["n"] + subsets["colour_disc"]["n"] <= m["n_images"]
+    assert subsets["artefact-free"]["n"] >= m["n_images"] - subsets["colour_disc"]["n"] - subsets["ink"]["n"]
