@@ -82,7 +82,10 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     # utf-8-sig: a CSV re-saved by Excel starts with a BOM that would otherwise glue itself
     # to the first column name.
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
+        # restkey collects the cells of rows longer than the header (e.g. a trailing comma);
+        # they belong to no column and are dropped.
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k != "_extra" and isinstance(v, (str, type(None)))}
+                for row in csv.DictReader(fh, restkey="_extra")]
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -305,8 +308,9 @@ def _index_isic_cli(root: Path) -> DatasetIndex:
         raise ValueError(f"{meta_path}: needs a diagnosis column (diagnosis, or diagnosis_1/diagnosis_2/diagnosis_3)")
     files = _image_files([root, root / "images"])
     b = _Builder(root, "isic-cli", meta_path)
-    # lesion_id keeps the images of one lesion together; patient_id is coarser but still
-    # leak-free, so it stands in where the contributor gave no lesion ids.
+    # patient_id first: it is coarser than lesion_id but leak-free even when only some of a
+    # patient's images carry a lesion_id (grouping row by row on "lesion_id or patient_id"
+    # would split such a patient across groups).
     b.index.grouped = any(r.get("lesion_id") or r.get("patient_id") for r in rows)
     for row in rows:
         image_id = row["isic_id"]
@@ -315,7 +319,7 @@ def _index_isic_cli(root: Path) -> DatasetIndex:
             continue
         label, raw = isic_label(row)
         b.add(image_id, label, raw, files.get(image_id), root / f"{image_id}.jpg",
-              row.get("lesion_id") or row.get("patient_id") or image_id, row.get("attribution") or "isic-cli")
+              row.get("patient_id") or row.get("lesion_id") or image_id, row.get("attribution") or "isic-cli")
     return b.index
 
 

@@ -116,7 +116,8 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         imgs, ok, fails = load_images([r.path for r in rs], config.image_size, workers=workers, desc=f"{s} images")
         loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
         failures += fails
-    write_skip_report(branch_dir / "skipped.csv", failures)
+    missing = [(p, "listed in the labels but the file is missing") for p in index.missing_files]
+    write_skip_report(branch_dir / "skipped.csv", failures + missing)
     if failures:
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
@@ -252,7 +253,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         out = Path(out_dir) if out_dir else run / f"eval-{Path(data_dir).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     imgs, ok, failures = load_images([r.path for r in records], ens.image_size, workers=workers, desc="images to score")
-    write_skip_report(out / "skipped.csv", failures)
+    write_skip_report(out / "skipped.csv", failures + [(p, "listed in the labels but the file is missing") for p in index.missing_files])
     records = [records[i] for i in ok]
     y = np.array([r.label for r in records])
     t0 = time.perf_counter()
@@ -428,8 +429,10 @@ def read_audit_flags(audit_csv: str | os.PathLike) -> dict[str, set[str]]:
     path = Path(audit_csv)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: audit file not found (write one with `skinfusion audit --data DIR --out FILE`)")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
-    if rows and not {"image_id", "colour_disc", "ink"} <= set(rows[0]):
-        raise ValueError(f"{path}: not an audit CSV (needs image_id, colour_disc, ink columns)")
-    return {a: {r["image_id"] for r in rows if r[a] == "True"} for a in ("colour_disc", "ink")}
+    if not rows or not {"image_id", "colour_disc", "ink"} <= set(rows[0]):
+        raise ValueError(f"{path}: not an audit CSV (needs image_id, colour_disc, ink columns and at least one row)")
+    # Accept spreadsheet spellings (TRUE, true, 1, yes): a re-saved audit must not silently flag nothing.
+    truthy = {"true", "1", "yes", "y"}
+    return {a: {r["image_id"] for r in rows if (r[a] or "").strip().lower() in truthy} for a in ("colour_disc", "ink")}

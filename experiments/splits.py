@@ -41,19 +41,29 @@ def _folds(records: Sequence[Record], n_folds: int, seed: int) -> np.ndarray:
 
 
 def subset(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
-    """A stratified, grouped subset of about ``limit`` images (whole lesion groups only)."""
+    """A stratified, grouped subset of about ``limit`` images (whole lesion groups only).
+
+    Groups are shuffled (seeded) within each label × source stratum and taken until the
+    stratum has its share of ``limit``, so class and source mix are kept.
+    """
     if limit >= len(records):
         return list(records)
-    # Small folds, taken until about `limit` images: a single fold of round(n / limit)
-    # would give half the data for any limit above n / 1.5.
-    n_folds = min(max(2, math.ceil(20 * len(records) / limit)), len({r.group_id for r in records}))
-    fold = _folds(records, n_folds, seed)
-    keep = np.zeros(len(records), bool)
-    for k in range(n_folds):
-        if keep.sum() >= limit:
-            break
-        keep |= fold == k
-    return [r for r, k in zip(records, keep) if k]
+    strata = _strata(records)
+    by_group: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_group.setdefault(r.group_id, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for stratum in np.unique(strata):
+        groups = sorted({records[i].group_id for i in np.flatnonzero(strata == stratum)})
+        target = limit * np.count_nonzero(strata == stratum) / len(records)
+        taken = 0
+        for g in rng.permutation(groups):
+            if taken >= target:
+                break
+            keep += by_group[g]  # a group spanning two strata may come twice; set() below dedups
+            taken += len(by_group[g])
+    return [records[i] for i in sorted(set(keep))]
 
 
 def make_split(records: Sequence[Record], seed: int = 0, val_folds: int = 3, test_folds: int = 3) -> dict[str, str]:

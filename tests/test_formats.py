@@ -114,8 +114,9 @@ def test_isic_cli_hierarchical_diagnosis_labels_groups_and_sources(tmp_path):
     recs = _by_id(index)
     assert {k: r.label for k, r in recs.items()} == {
         "ISIC_0000001": 1, "ISIC_0000002": 1, "ISIC_0000003": 0, "ISIC_0000004": 0}
-    # lesion_id first, then patient_id, then the image itself.
-    assert recs["ISIC_0000001"].group_id == recs["ISIC_0000002"].group_id == "IL_1"
+    # patient_id first (coarser, leak-free when only some images carry a lesion_id), then
+    # lesion_id, then the image itself.
+    assert recs["ISIC_0000001"].group_id == recs["ISIC_0000002"].group_id == "IP_1"
     assert recs["ISIC_0000003"].group_id == "IP_2"
     assert recs["ISIC_0000004"].group_id == "ISIC_0000004"
     assert recs["ISIC_0000001"].source == CLINIC and recs["ISIC_0000004"].source == "isic-cli"

@@ -233,14 +233,46 @@ def test_audit_cli_flags_a_disc_and_training_can_exclude_it(tmp_path, capsys):
         split_of = {r["image_id"]: r["split"] for r in csv.DictReader(fh)}
     flagged = {i for i, r in rows.items() if r["colour_disc"] == "True" or r["ink"] == "True"}
     meta = json.loads((run / "branches" / "rgb" / "metadata.json").read_text())
-    assert meta["excluded_from_training"] == sum(split_of[i] == "train" for i in flagged)
+    assert split_of["DISC_NEVUS"] == "train"  # seeded split; the exclusion below must bite
+    assert meta["excluded_from_training"] == sum(split_of[i] == "train" for i in flagged) >= 1
     assert meta["skipped_images"] == (1 if split_of["SYN_000005"] in ("train", "val") else 0)
 
 
-def test_evaluate_reports_artefact_subsets(trained_run, tmp_path):
-    assert evaluate_main(["--run", str(trained_run), "--out", str(tmp_path), "--bootstrap", "50", "--no-plots", "-q"]) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    subsets = m["per_subset"]
-    assert set(subsets) == {"artefact-free", "colour_disc", "ink"}
-    assert subsets["artefact-free"]["n"] + subsets["colour_disc"]["n"] <= m["n_images"]
-    assert subsets["artefact-free"]["n"] >= m["n_images"] - subsets["colour_disc"]["n"] - subsets["ink"]["n"]
+def test_evaluate_reports_artefact_subsets_from_an_audit_file(trained_run, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    with open(trained_run / "splits.csv", newline="") as fh:
+        test = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    disc = {r["image_id"] for r in test if r["label"] == "0"}
+    disc = set(sorted(disc)[:3])
+    ink = {next(r["image_id"] for r in test if r["label"] == "1")}
+    audit = tmp_path / "audit.csv"
+    with open(audit, "w", newline="") as fh:  # spreadsheet spelling of booleans on purpose
+        fh.write("image_id,colour_disc,ink\n")
+        for r in test:
+            fh.write(f"{r['image_id']},{'TRUE' if r['image_id'] in disc else 'FALSE'},{'1' if r['image_id'] in ink else '0'}\n")
+    out = tmp_path / "eval"
+    assert evaluate_main(["--run", str(trained_run), "--out", str(out), "--audit", str(audit),
+                          "--bootstrap", "50", "--no-plots", "-q"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    sub = m["per_subset"]
+    assert sub["colour_disc"]["n"] == 3 and sub["colour_disc"]["n_melanoma"] == 0
+    assert sub["ink"]["n"] == 1 and sub["artefact-free"]["n"] == m["n_images"] - 4
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["image_id"] not in disc | ink]
+    expected = roc_auc_score([int(r["label"]) for r in rows], [float(r["fused"]) for r in rows])
+    assert sub["artefact-free"]["fused"]["auc"] == pytest.approx(expected)
+    assert sub["colour_disc"]["fused"]["auc"] is None  # one class only: undefined, written as null
+
+
+def test_verify_split_cli_finds_a_planted_crossing_pair(trained_run, tmp_path, capsys):
+    with open(trained_run / "splits.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    a = next(r["image_id"] for r in rows if r["split"] == "train")
+    b = next(r["image_id"] for r in rows if r["split"] == "test")
+    assert main(["verify-split", "--run", str(trained_run), "--no-hash", "-q"]) == 0
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image_id_a,image_id_b\n{a},{b}\n")
+    assert main(["verify-split", "--run", str(trained_run), "--no-hash", "--pairs", str(pairs), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert a in out and b in out and "1 problems" in out
