@@ -22,7 +22,7 @@ from models import BranchConfig
 
 logger = logging.getLogger(__name__)
 
-# Study settings: one branch (rgb) at 96 px so that the eight trainings fit a CPU afternoon.
+# Study settings: one branch (rgb) at 96 px so that the six trainings fit a CPU afternoon.
 # Each study compares configs against each other under these settings; the absolute AUCs are
 # below those of the default 128 px three-branch ensemble.
 STUDY = dict(view="rgb", image_size=96, base_filters=16, epochs=12, patience=4, seed=0)
@@ -36,25 +36,36 @@ IMBALANCE = {
 
 
 def _train_and_score(data: str, run: Path, exclude: set[str] | None = None, **overrides) -> dict:
+    """Train (unless the run already holds this branch) and score the test split.
+
+    A finished branch is reused, so an interrupted study resumes and a rerun only re-scores.
+    """
     config = BranchConfig.from_dict({**STUDY, **overrides})
-    t0 = time.perf_counter()
-    summary = train_branch_run(data, str(run), config, exclude_ids=exclude)
+    meta_path = run / "branches" / config.view / "metadata.json"
+    if meta_path.is_file() and json.loads((run / "branches" / config.view / "config.json").read_text()) == config.to_dict():
+        meta = json.loads(meta_path.read_text())
+        logger.info("reusing trained branch %s", meta_path.parent)
+    else:
+        train_branch_run(data, str(run), config, exclude_ids=exclude)
+        meta = json.loads(meta_path.read_text())
     records, proba = score_branch(str(run), config.view)
     y = np.array([r.label for r in records])
-    report = binary_report(y, proba, summary["validation"]["threshold"])
-    return {"records": records, "proba": proba, "y": y, "report": report,
-            "seconds": time.perf_counter() - t0, "epochs": summary["train_seconds"]}
+    threshold = meta["validation_metrics"]["threshold"]
+    return {"records": records, "proba": proba, "y": y, "report": binary_report(y, proba, threshold),
+            "report_05": binary_report(y, proba, 0.5, n_boot=1), "train_seconds": meta["training"]["train_seconds"],
+            "best_epoch": meta["training"]["best_epoch"], "excluded": meta.get("excluded_from_training", 0)}
 
 
 def imbalance_study(data: str, out: Path) -> list[str]:
     """Train the rgb branch under four imbalance strategies on one grouped split; return table lines."""
-    lines = ["| strategy | test AUC (95% CI) | sensitivity | specificity | bal. acc. | train time |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| strategy | test AUC (95% CI) | sens @ val threshold | spec @ val threshold | sens @ 0.5 | spec @ 0.5 | sens @ spec 0.90 | best epoch | train time |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, overrides in IMBALANCE.items():
         res = _train_and_score(data, out / f"imbalance-{name.replace(' ', '-')}", **overrides)
-        r = res["report"]
+        r, r5 = res["report"], res["report_05"]
         lines.append(f"| {name} | {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}–{r['auc_ci95'][1]:.3f}) | "
-                     f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['balanced_accuracy']:.3f} | {res['seconds']:.0f} s |")
+                     f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r5['sensitivity']:.3f} | {r5['specificity']:.3f} | "
+                     f"{r['sensitivity_at_specificity']['0.90']:.3f} | {res['best_epoch']} | {res['train_seconds']:.0f} s |")
         logger.info("%s", lines[-1])
     return lines
 
@@ -68,17 +79,26 @@ def _disc_ids(data: str) -> set[str]:
     return {r["image_id"] for r in rows if "colour_disc" in (r["artefact_visual_review"] or "")}
 
 
-def artefact_study(data: str, out: Path) -> list[str]:
+def artefact_study(data: str, out: Path, audit_csv: str | None = None) -> list[str]:
     """Train with and without disc-bearing images; compare scores on disc-free and disc-bearing test images.
+
+    Training excludes the images the dataset's visual review marks ``colour_disc``. The test
+    subsets use the review's flags together with the detector's (``audit_csv``), since the
+    detector finds real discs the review missed.
 
     All disc-bearing images are nevi, so on them the table reports specificity and the mean
     melanoma probability: a model that learned "disc ⇒ benign" scores disc-bearing nevi lower
     than disc-free ones of the same source.
     """
-    discs = _disc_ids(data)
-    lines = ["| training set | test AUC, disc-free (95% CI) | ISIC 2017 disc-free AUC | specificity: disc-free nevi | specificity: disc nevi | mean P(melanoma): disc-free ISIC 2017 nevi | mean P(melanoma): disc nevi |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, exclude in (("all images", None), ("disc images excluded", discs)):
+    reviewed = _disc_ids(data)
+    discs = set(reviewed)
+    if audit_csv:
+        from experiments.pipeline import read_audit_flags
+
+        discs |= read_audit_flags(audit_csv)["colour_disc"]
+    lines = ["| training set | excluded from training | test AUC, disc-free (95% CI) | ISIC 2017 disc-free AUC | specificity: disc-free nevi | specificity: disc nevi | mean P(melanoma): disc-free ISIC 2017 nevi | mean P(melanoma): disc nevi |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, exclude in (("all images", None), ("disc images excluded", reviewed)):
         res = _train_and_score(data, out / f"artefact-{name.split()[0]}", exclude=exclude)
         y, p, recs = res["y"], res["proba"], res["records"]
         thr = res["report"]["threshold"]
@@ -89,7 +109,7 @@ def artefact_study(data: str, out: Path) -> list[str]:
         nev_free, nev_disc = (~disc) & (y == 0), disc & (y == 0)
         nev_free17 = nev_free & isic17
         lines.append(
-            f"| {name} | {free['auc']:.3f} ({free['auc_ci95'][0]:.3f}–{free['auc_ci95'][1]:.3f}) | {free17['auc']:.3f} | "
+            f"| {name} | {res['excluded']} | {free['auc']:.3f} ({free['auc_ci95'][0]:.3f}–{free['auc_ci95'][1]:.3f}) | {free17['auc']:.3f} | "
             f"{(p[nev_free] < thr).mean():.3f} (n={nev_free.sum()}) | {(p[nev_disc] < thr).mean():.3f} (n={nev_disc.sum()}) | "
             f"{p[nev_free17].mean():.3f} (n={nev_free17.sum()}) | {p[nev_disc].mean():.3f} |")
         logger.info("%s", lines[-1])
@@ -101,6 +121,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.studies", description=__doc__)
     p.add_argument("--data", required=True, help="labels.csv + images/ folder with metadata.csv (artefact_visual_review)")
     p.add_argument("--out", default="runs/studies", help="where the study runs go (default runs/studies)")
+    p.add_argument("--audit", help="audit CSV from `skinfusion audit`; its disc flags join the review's for the test subsets")
     p.add_argument("--study", choices=["imbalance", "artefacts", "both"], default="both", help="which study (default both)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -109,7 +130,7 @@ def main(argv=None) -> int:
     if args.study in ("imbalance", "both"):
         tables["imbalance"] = imbalance_study(args.data, out)
     if args.study in ("artefacts", "both"):
-        tables["artefacts"] = artefact_study(args.data, out)
+        tables["artefacts"] = artefact_study(args.data, out, args.audit)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.json").write_text(json.dumps(tables, indent=2))
     for name, lines in tables.items():
