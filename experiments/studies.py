@@ -22,16 +22,24 @@ from models import BranchConfig
 
 logger = logging.getLogger(__name__)
 
-# Study settings: one branch (rgb) at 96 px so that the six trainings fit a CPU afternoon.
-# Each study compares configs against each other under these settings; the absolute AUCs are
-# below those of the default 128 px three-branch ensemble.
-STUDY = dict(view="rgb", image_size=96, base_filters=16, epochs=12, patience=4, seed=0)
+# Study settings live in experiments/configs/*.json (each also works as `train --config`):
+# one branch (rgb) at 96 px so that the six trainings fit a CPU afternoon. Each study compares
+# configs against each other under these settings; the absolute AUCs are below those of the
+# default 128 px three-branch ensemble.
+CONFIG_DIR = Path(__file__).with_name("configs")
+VIEW = "rgb"
 
+
+def _config(name: str) -> dict:
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+
+
+STUDY = _config("artefacts")
 IMBALANCE = {
-    "none": dict(class_weight="none", sampling="none"),
-    "class weights": dict(class_weight="balanced", sampling="none"),
-    "undersampling": dict(class_weight="none", sampling="undersample"),
-    "oversampling": dict(class_weight="none", sampling="oversample"),
+    "none": _config("imbalance-none"),
+    "class weights": _config("imbalance-class-weights"),
+    "undersampling": _config("imbalance-undersample"),
+    "oversampling": _config("imbalance-oversample"),
 }
 
 
@@ -40,7 +48,7 @@ def _train_and_score(data: str, run: Path, exclude: set[str] | None = None, **ov
 
     A finished branch is reused, so an interrupted study resumes and a rerun only re-scores.
     """
-    config = BranchConfig.from_dict({**STUDY, **overrides})
+    config = BranchConfig.from_dict({**STUDY, **overrides, "view": VIEW})
     meta_path = run / "branches" / config.view / "metadata.json"
     if meta_path.is_file() and json.loads((run / "branches" / config.view / "config.json").read_text()) == config.to_dict():
         meta = json.loads(meta_path.read_text())
