@@ -90,6 +90,10 @@ def _read_path(path: Path) -> np.ndarray:
     return validate_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), name=str(path))
 
 
+# Names the resize recipe below; decoded-image caches are keyed by it, so change it with the recipe.
+RESIZE_RECIPE = "squash-square/area-down-linear-up/v1"
+
+
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """Resize an RGB image to ``size`` × ``size``, ignoring its aspect ratio.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -9,14 +10,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
 
 import joblib
 import numpy as np
 
-from colorspaces import apply_view, read_image, resize_image
+from colorspaces import ImageError, apply_view, read_image, resize_image
 from ensemble.fusion import FUSION_METHODS
-from models import load_branch, predict_branch_proba
+from models import load_branch
 from models.store import library_versions, read_branch_info, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -106,7 +108,12 @@ def save_ensemble(
 
 
 class Ensemble:
-    """A loaded bundle: branch models in member order, the fusion estimator and the threshold."""
+    """A loaded bundle: branch models in member order, the fusion estimator and the threshold.
+
+    Inference decodes each image once, computes each view once, and runs all branches in
+    one compiled forward pass (a ``tf.function`` with a fixed input signature, traced once
+    at load time), so neither single images nor batches pay for graph retracing.
+    """
 
     def __init__(self, manifest: dict[str, Any], models: list, configs: list, fusion):
         self.manifest = manifest
@@ -116,6 +123,22 @@ class Ensemble:
         self.views = [c.view for c in configs]
         self.image_size = int(manifest["image_size"])
         self.threshold = float(manifest["threshold"])
+        self._forward = self._compile_forward()
+
+    def _compile_forward(self):
+        import tensorflow as tf
+
+        models, s = self.models, self.image_size
+        signature = [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in self.configs]
+
+        # training=False: BatchNorm uses its moving statistics, so an image's probability
+        # does not depend on the rest of the batch.
+        @tf.function(input_signature=signature)
+        def forward(*xs):
+            return tf.concat([tf.reshape(m(x, training=False), [-1, 1]) for m, x in zip(models, xs)], axis=1)
+
+        forward.get_concrete_function()  # trace now, not on the first prediction
+        return forward
 
     def prepare(self, images: Sequence[Any]) -> np.ndarray:
         """Read and resize images into one RGB uint8 batch (N, S, S, 3).
@@ -127,15 +150,18 @@ class Ensemble:
             return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         return np.stack([resize_image(read_image(img), self.image_size) for img in images])
 
+    def member_proba_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``P`` (n × branches) for RGB uint8 images already at the bundle's size, in one forward pass."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.models)), np.float64)
+        xs = [np.asarray(apply_view(v, batch), dtype=np.float32) for v in self.views]
+        return self._forward(*xs).numpy().astype(np.float64)
+
     def member_proba(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
-        """Per-branch melanoma probabilities ``P`` (n × branches), each view computed once per image."""
-        batch = self.prepare(images)
-        P = np.zeros((len(batch), len(self.models)), np.float64)
-        for j, (model, view) in enumerate(zip(self.models, self.views)):
-            for i in range(0, len(batch), batch_size):
-                x = apply_view(view, batch[i : i + batch_size])
-                P[i : i + batch_size, j] = predict_branch_proba(model, x, batch_size=batch_size)
-        return P
+        """Per-branch melanoma probabilities ``P`` (n × branches), decoding ``batch_size`` images at a time."""
+        parts = [self.member_proba_batch(self.prepare(images[i : i + batch_size]))
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.models)), np.float64)
 
     def fuse(self, P: np.ndarray) -> np.ndarray:
         """Fused melanoma probabilities for a member-probability matrix."""
@@ -146,6 +172,54 @@ class Ensemble:
     def predict_proba(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
         """Fused melanoma probabilities, one per image, in input order."""
         return self.fuse(self.member_proba(images, batch_size=batch_size))
+
+    def _load_file(self, path: str):
+        try:
+            return resize_image(read_image(path), self.image_size), None
+        except ImageError as exc:
+            return None, str(exc)
+
+    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2) -> Iterator[FileBatch]:
+        """Score image files in streamed batches; unreadable files are reported, not raised.
+
+        While one batch runs through the branches, ``workers`` threads decode the next one,
+        so memory holds two batches whatever the number of files.
+
+        Args:
+            paths: image files, scored in this order.
+            batch_size: images per batch.
+            workers: decoding threads (OpenCV releases the GIL while decoding).
+
+        Yields:
+            One ``FileBatch`` per batch of ``paths``: the readable paths, their ``P`` and
+            fused probabilities, and ``(path, reason)`` for the files that were skipped.
+        """
+        chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = [pool.submit(self._load_file, p) for p in chunks[0]] if chunks else []
+            for ci, chunk in enumerate(chunks):
+                current = pending
+                pending = [pool.submit(self._load_file, p) for p in chunks[ci + 1]] if ci + 1 < len(chunks) else []
+                ok, imgs, failures = [], [], []
+                for path, fut in zip(chunk, current):
+                    img, err = fut.result()
+                    if err is None:
+                        ok.append(path)
+                        imgs.append(img)
+                    else:
+                        failures.append((path, err))
+                P = self.member_proba_batch(np.stack(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8))
+                yield FileBatch(ok, P, self.fuse(P), failures)
+
+
+@dataclasses.dataclass
+class FileBatch:
+    """One streamed batch of ``Ensemble.iter_files``."""
+
+    paths: list[str]
+    P: np.ndarray
+    fused: np.ndarray
+    failures: list[tuple[str, str]]
 
 
 def load_ensemble(path: str | os.PathLike) -> Ensemble:

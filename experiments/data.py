@@ -373,7 +373,7 @@ def _load_one(path: str, size: int):
         return None, str(exc)
 
 
-def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "images"):
+def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "images", log_progress: bool = True):
     """Decode and resize images, skipping unreadable ones instead of failing the job.
 
     Args:
@@ -381,6 +381,7 @@ def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "
         size: output side in pixels.
         workers: decoding threads (OpenCV releases the GIL while decoding).
         desc: what to call the images in progress messages.
+        log_progress: log a line every tenth of the way (callers that chunk log their own).
 
     Returns:
         ``(images, ok, failures)``: RGB uint8 (n_ok, size, size, 3), the indices into
@@ -397,7 +398,7 @@ def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "
             else:
                 failures.append((paths[i], err))
                 logger.warning("skipping %s", err)
-            if (len(paths) >= 500 and (i + 1) % step == 0) or i + 1 == len(paths):
+            if log_progress and ((len(paths) >= 500 and (i + 1) % step == 0) or i + 1 == len(paths)):
                 logger.info("loaded %d/%d %s", i + 1, len(paths), desc)
     return out[: len(ok)], np.asarray(ok, dtype=int), failures
 

@@ -14,12 +14,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import VIEWS, apply_view
+from colorspaces import VIEWS
 from ensemble import load_ensemble, make_fusion, save_ensemble
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
-from experiments.data import DatasetIndex, index_dataset, load_images, write_skip_report
+from experiments.cache import cached_images
+from experiments.data import DatasetIndex, index_dataset, write_skip_report
 from experiments.splits import check_split, load_split, load_split_groups, make_split, save_split, subset
-from models import BranchConfig, fit_branch, predict_branch_proba, save_branch
+from models import BranchConfig, fit_branch, predict_images_proba, save_branch
 from models.store import read_branch_info, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -90,13 +91,15 @@ def _counts(records, assign, split) -> dict[str, int]:
 
 def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
                      limit: int | None = None, workers: int = 2,
-                     exclude_ids: set[str] | None = None, dedup: bool = False) -> dict[str, Any]:
+                     exclude_ids: set[str] | None = None, dedup: bool = False,
+                     cache_dir: str | None = None) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
     ``skipped.csv`` (unreadable images). ``exclude_ids`` (e.g. artefact-flagged images) are
     dropped from the training images only; validation and test keep them, so metrics stay
-    comparable between runs with and without the exclusion.
+    comparable between runs with and without the exclusion. Decoded images go to the disk
+    cache in ``cache_dir`` (default ``$SKINFUSION_CACHE`` or ``~/.cache/skinfusion``).
 
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
@@ -113,7 +116,10 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     branch_dir.mkdir(parents=True, exist_ok=True)
     loaded, failures = {}, []
     for s, rs in recs.items():
-        imgs, ok, fails = load_images([r.path for r in rs], config.image_size, workers=workers, desc=f"{s} images")
+        # Decoded once into the disk cache; every branch and later run on these files reuses it,
+        # and training streams it batch by batch, so memory does not grow with the dataset.
+        imgs, ok, fails = cached_images([r.path for r in rs], config.image_size, cache_dir=cache_dir,
+                                        workers=workers, desc=f"{s} images")
         loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
         failures += fails
     missing = [(p, "listed in the labels but the file is missing") for p in index.missing_files]
@@ -122,8 +128,9 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
     model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0], loaded["val"][1])
+    history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
-    proba = predict_branch_proba(model, apply_view(config.view, val_imgs))
+    proba = predict_images_proba(model, config.view, val_imgs)
     threshold = choose_threshold(y_val, proba)
     val_metrics = binary_report(y_val, proba, threshold)
     with open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
@@ -140,9 +147,66 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         "skipped_images": len(failures),
         "excluded_from_training": n_excluded,
     })
-    logger.info("[%s] saved to %s; validation AUC %.4f", config.view, branch_dir, val_metrics["auc"])
+    logger.info("[%s] saved to %s; validation AUC %.4f; peak RSS %.0f MB", config.view, branch_dir,
+                val_metrics["auc"], history["peak_rss_mb"])
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
-            "train_seconds": history["train_seconds"], "skipped": len(failures)}
+            "train_seconds": history["train_seconds"], "skipped": len(failures),
+            "peak_rss_mb": history["peak_rss_mb"]}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _train_in_worker(threads: int, log_level: int, *args, **kwargs) -> dict[str, Any]:
+    # Runs in a fresh joblib worker process: split the cores before TensorFlow starts.
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    return train_branch_run(*args, **kwargs)
+
+
+def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig], jobs: int = 1,
+                   **kwargs) -> list[dict[str, Any]]:
+    """Train several branches on one run, one after another (``jobs=1``) or in parallel processes.
+
+    The split and the decoded-image cache are made first, in this process, so parallel
+    workers share them instead of racing to create them. With ``jobs > 1`` each worker
+    gets ``cpu_count // jobs`` TensorFlow threads.
+
+    Args:
+        data_dir, run_dir: as for :func:`train_branch_run`.
+        configs: one config per branch (typically rgb, hsv, fft).
+        jobs: parallel worker processes (joblib, loky backend).
+        **kwargs: passed to :func:`train_branch_run` (split_seed, limit, workers, exclude_ids, dedup, cache_dir).
+
+    Returns:
+        The summaries of :func:`train_branch_run`, in ``configs`` order.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(configs) == 1:
+        return [train_branch_run(data_dir, run_dir, c, **kwargs) for c in configs]
+    from joblib import Parallel, delayed
+
+    index, assign, _ = prepare_split(data_dir, run_dir, kwargs.get("split_seed", 0), kwargs.get("limit"),
+                                     dedup=kwargs.get("dedup", False))
+    for size in sorted({c.image_size for c in configs}):
+        for split in ("train", "val"):
+            cached_images([r.path for r in index.records if assign[r.image_id] == split
+                           and not (split == "train" and r.image_id in (kwargs.get("exclude_ids") or ()))],
+                          size, cache_dir=kwargs.get("cache_dir"), workers=kwargs.get("workers", 2),
+                          desc=f"{split} images")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs, threads)
+    level = logging.getLogger().getEffectiveLevel()
+    return Parallel(n_jobs=jobs, backend="loky")(
+        delayed(_train_in_worker)(threads, level, data_dir, run_dir, c, **kwargs) for c in configs)
 
 
 def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2) -> tuple[list, np.ndarray]:
@@ -158,8 +222,8 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     index = index_dataset(info["data_dir"])
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(run / "branches" / view)
-    imgs, ok, _ = load_images([r.path for r in records], config.image_size, workers=workers, desc=f"{split} images")
-    return [records[i] for i in ok], predict_branch_proba(model, apply_view(view, imgs))
+    imgs, ok, _ = cached_images([r.path for r in records], config.image_size, workers=workers, desc=f"{split} images")
+    return [records[i] for i in ok], predict_images_proba(model, view, imgs)
 
 
 def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
@@ -252,14 +316,25 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         scope = f"all images of {Path(data_dir).resolve()}"
         out = Path(out_dir) if out_dir else run / f"eval-{Path(data_dir).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
-    imgs, ok, failures = load_images([r.path for r in records], ens.image_size, workers=workers, desc="images to score")
-    write_skip_report(out / "skipped.csv", failures + [(p, "listed in the labels but the file is missing") for p in index.missing_files])
-    records = [records[i] for i in ok]
-    y = np.array([r.label for r in records])
+    by_path = {r.path: r for r in records}
+    kept, P_parts, failures = [], [], []
     t0 = time.perf_counter()
-    P = ens.member_proba(imgs, batch_size=batch_size)
-    fused = ens.fuse(P)
+    step = max(1, len(records) // 10)
+    for batch in ens.iter_files(list(by_path), batch_size=batch_size, workers=workers):
+        kept += [by_path[p] for p in batch.paths]
+        P_parts.append(batch.P)
+        failures += batch.failures
+        for path, reason in batch.failures:
+            logger.warning("skipping %s", reason)
+        done = len(kept) + len(failures)
+        if done == len(records) or done // step != (done - len(batch.paths) - len(batch.failures)) // step:
+            logger.info("scored %d/%d images (%.0fs)", done, len(records), time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
+    write_skip_report(out / "skipped.csv", failures + [(p, "listed in the labels but the file is missing") for p in index.missing_files])
+    records = kept
+    P = np.concatenate(P_parts) if P_parts else np.zeros((0, len(ens.views)))
+    fused = ens.fuse(P)
+    y = np.array([r.label for r in records])
     branch_thr = {v: ens.manifest["validation_metrics"][v]["threshold"] for v in ens.views}
     members = {v: binary_report(y, P[:, j], branch_thr[v], n_boot=n_boot) for j, v in enumerate(ens.views)}
     fused_report = binary_report(y, fused, ens.threshold, n_boot=n_boot)

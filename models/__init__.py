@@ -1,8 +1,8 @@
 """The branch CNN: its Keras graph, how to train it, and how to store it."""
 
-from models.branch import BranchConfig, build_branch, predict_branch_proba
+from models.branch import BranchConfig, build_branch, predict_branch_proba, predict_images_proba
 from models.store import library_versions, load_branch, save_branch
-from models.train import fit_branch
+from models.train import fit_branch, training_batches, view_batches
 
 __all__ = [
     "BranchConfig",
@@ -11,5 +11,8 @@ __all__ = [
     "library_versions",
     "load_branch",
     "predict_branch_proba",
+    "predict_images_proba",
     "save_branch",
+    "training_batches",
+    "view_batches",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from colorspaces import VIEWS
+from colorspaces import VIEWS, apply_view
 
 CLASS_WEIGHT_CHOICES = ("balanced", "none")
 SAMPLING_CHOICES = ("none", "undersample", "oversample")
@@ -142,3 +142,21 @@ def predict_branch_proba(model: keras.Model, x: np.ndarray, batch_size: int = 64
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(out).astype(np.float64)
+
+
+def predict_images_proba(model: keras.Model, view: str, images, batch_size: int = 128) -> np.ndarray:
+    """Melanoma probabilities for RGB uint8 images, computing the view one batch at a time.
+
+    Args:
+        model: a branch model for ``view``.
+        view: the branch's view name.
+        images: RGB uint8 (N, S, S, 3), an array or an array-like such as an on-disk cache.
+        batch_size: images per view computation and forward pass.
+
+    Returns:
+        float64 array of shape (N,).
+    """
+    n = len(images)
+    out = [predict_branch_proba(model, apply_view(view, images[np.arange(i, min(n, i + batch_size))]), batch_size)
+           for i in range(0, n, batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, np.float64)

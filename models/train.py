@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from colorspaces import apply_view
+from colorspaces import VIEWS, apply_view
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
@@ -78,33 +78,95 @@ def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.nd
     return rng.permutation(idx)
 
 
-class _ViewBatches(keras.utils.PyDataset):
-    """Shuffled, augmented training batches; the view is computed per batch from uint8 images."""
+def _numpy_batches(fn, n_steps: int, out_shapes) -> Any:
+    """A tf.data pipeline whose k-th element is ``fn(k)``, computed in parallel and prefetched.
 
-    def __init__(self, images, y, config: BranchConfig, weights: dict[int, float]):
-        super().__init__()
-        self.images, self.y, self.config = images, y.astype(np.float32), config
-        self.sample_weight = np.where(self.y > 0.5, weights[1], weights[0]).astype(np.float32)
-        self.epoch = 0
-        self._order = self._permutation()
+    ``fn`` is NumPy/OpenCV code (reading the cache, augmenting, computing the view); it runs
+    in tf.data's thread pool, so input preparation overlaps the training step. Elements
+    come out in order (``deterministic=True``) and each depends only on ``k``, so a run is
+    reproducible whatever the parallelism.
+    """
+    import tensorflow as tf
 
-    def _permutation(self) -> np.ndarray:
-        return epoch_order(self.y, self.config.sampling, np.random.default_rng([self.config.seed, self.epoch]))
+    dtypes = [tf.float32] * len(out_shapes)
 
-    def __len__(self) -> int:
-        # Fixed per run: Keras reads it once; the sampled order changes each epoch, its length does not.
-        return math.ceil(len(self._order) / self.config.batch_size)
+    def _map(k):
+        outs = tf.numpy_function(fn, [k], dtypes, stateful=False)
+        for t, shape in zip(outs, out_shapes):
+            t.set_shape(shape)
+        return tuple(outs)
 
-    def __getitem__(self, index: int):
-        idx = self._order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
-        batch = self.images[idx]
-        if self.config.augment:
-            batch = augment_batch(batch, np.random.default_rng([self.config.seed, self.epoch, index]))
-        return apply_view(self.config.view, batch), self.y[idx], self.sample_weight[idx]
+    options = tf.data.Options()
+    options.deterministic = True
+    return (tf.data.Dataset.range(n_steps)
+            .map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE)
+            .with_options(options))
 
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._order = self._permutation()
+
+def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
+                     epochs: int | None = None) -> tuple[Any, int]:
+    """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
+
+    Args:
+        images: RGB uint8 images of shape (N, S, S, 3): a NumPy array or any array-like whose
+            ``images[index_array]`` returns such a batch (e.g. ``experiments.cache.ImageCache``).
+        y: binary labels (N,).
+        config: the branch config (view, batch size, sampling, augmentation, seed).
+        weights: per-class loss weights.
+        epochs: epochs the dataset spans (default ``config.epochs``).
+
+    Returns:
+        ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
+        ``epochs * steps_per_epoch`` steps. Batch ``b`` of epoch ``e`` depends only on
+        ``(seed, e, b)``.
+    """
+    y = np.asarray(y).astype(np.float32)
+    sample_weight = np.where(y > 0.5, weights[1], weights[0]).astype(np.float32)
+    bs, epochs = config.batch_size, epochs or config.epochs
+    orders: dict[int, np.ndarray] = {}
+
+    def order(epoch: int) -> np.ndarray:
+        if epoch not in orders:
+            orders[epoch] = epoch_order(y, config.sampling, np.random.default_rng([config.seed, epoch]))
+            orders.pop(epoch - 2, None)
+        return orders[epoch]
+
+    # The sampled order changes each epoch; its length does not.
+    steps = math.ceil(len(order(0)) / bs)
+
+    def load(k):
+        epoch, b = divmod(int(k), steps)
+        idx = order(epoch)[b * bs : (b + 1) * bs]
+        batch = images[idx]
+        if config.augment:
+            batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]))
+        return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
+
+    size, ch = config.image_size, config.channels
+    ds = _numpy_batches(load, epochs * steps, [(None, size, size, ch), (None,), (None,)])
+    return ds, steps
+
+
+def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None):
+    """Streaming inference input: the view of ``images`` in order, ``batch_size`` at a time.
+
+    Yields ``x`` batches, or ``(x, y)`` when labels are given (for Keras validation data).
+    """
+    n = len(images)
+    steps = math.ceil(n / batch_size)
+    channels = VIEWS[view].channels
+    size = images.shape[1]
+    y32 = None if y is None else np.asarray(y).astype(np.float32)
+
+    def load(k):
+        sl = slice(int(k) * batch_size, min(n, (int(k) + 1) * batch_size))
+        x = apply_view(view, images[np.arange(sl.start, sl.stop)]).astype(np.float32, copy=False)
+        return (x,) if y32 is None else (x, y32[sl])
+
+    shapes = [(None, size, size, channels)] + ([] if y32 is None else [(None,)])
+    ds = _numpy_batches(load, steps, shapes)
+    return ds.map(lambda x: x) if y32 is None else ds
 
 
 class _EpochLogger(keras.callbacks.Callback):
@@ -138,7 +200,9 @@ def fit_branch(
 
     Args:
         config: branch hyper-parameters; its seed is set here.
-        train_images: RGB uint8 (N, S, S, 3) with S = ``config.image_size``.
+        train_images: RGB uint8 (N, S, S, 3) with S = ``config.image_size``: an array, or an
+            array-like read a batch at a time (``experiments.cache.ImageCache``), so the
+            training set need not fit in memory.
         y_train: binary labels (1 = melanoma), shape (N,).
         val_images: RGB uint8 validation images, same size.
         y_val: validation labels; both classes must be present.
@@ -168,7 +232,6 @@ def fit_branch(
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
     )
-    x_val = apply_view(config.view, val_images)
     early = keras.callbacks.EarlyStopping(
         monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
     )
@@ -177,11 +240,13 @@ def fit_branch(
         config.view, len(y_train), int(y_train.sum()), len(y_val),
         {k: round(v, 3) for k, v in weights.items()},
     )
+    train_ds, steps = training_batches(train_images, y_train, config, weights)
     t0 = time.perf_counter()
     fit = model.fit(
-        _ViewBatches(train_images, y_train, config, weights),
-        validation_data=(x_val, y_val.astype(np.float32)),
-        validation_batch_size=128,
+        train_ds,
+        steps_per_epoch=steps,
+        shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
+        validation_data=view_batches(val_images, config.view, 128, y=y_val),
         epochs=config.epochs,
         callbacks=[early, _EpochLogger(config.view, config.epochs)],
         verbose=0,

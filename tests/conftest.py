@@ -11,6 +11,12 @@ from experiments.cli import fuse_main, train_main
 from experiments.synthetic import make_synthetic_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_image_cache(tmp_path_factory):
+    """Keep the tests' decoded-image caches out of the user's ~/.cache."""
+    os.environ["SKINFUSION_CACHE"] = str(tmp_path_factory.mktemp("image-cache"))
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """A 240-image SYNTHETIC dataset at 48 px, with lesion groups and no look-alike lesions."""

@@ -1,0 +1,192 @@
+"""The streaming paths: the decoded-image disk cache, tf.data training input, and batched file scoring."""
+
+import csv
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+import ensemble
+import experiments.data
+from colorspaces import apply_view, read_image, resize_image
+from experiments.cache import ImageCache, cache_key, cached_images
+from experiments.cli import predict_main, train_main
+from models import BranchConfig, fit_branch, predict_images_proba, training_batches, view_batches
+from models.train import augment_batch, class_weights, epoch_order
+
+
+def _write_images(folder, n, rng, size=(30, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:02d}.png"
+        cv2.imwrite(str(p), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        paths.append(str(p))
+    return paths
+
+
+def test_cache_matches_direct_decoding_in_any_index_order(tmp_path, rng):
+    paths = _write_images(tmp_path / "imgs", 7, rng)
+    bad = tmp_path / "imgs" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    paths.insert(3, str(bad))
+    cache, ok, failures = cached_images(paths, 16, cache_dir=tmp_path / "cache")
+    assert len(cache) == 7 and list(ok) == [0, 1, 2, 4, 5, 6, 7]
+    assert failures[0][0] == str(bad) and "broken.jpg" in failures[0][1]
+    direct = np.stack([resize_image(read_image(paths[i]), 16) for i in ok])
+    idx = np.array([5, 0, 5, 2, -1])
+    np.testing.assert_array_equal(cache[idx], direct[idx])
+    np.testing.assert_array_equal(cache[3], direct[3])
+    np.testing.assert_array_equal(np.asarray(cache), direct)
+    with pytest.raises(IndexError, match="out of range"):
+        cache[np.array([7])]
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, rng, monkeypatch):
+    paths = _write_images(tmp_path / "imgs", 4, rng)
+    first, _, _ = cached_images(paths, 16, cache_dir=tmp_path / "cache")
+    before = first[np.arange(4)]
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a valid cache must not decode again")
+
+    monkeypatch.setattr(experiments.data, "load_images", no_decoding)
+    again, ok, _ = cached_images(paths, 16, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again[np.arange(4)], before)
+    monkeypatch.undo()
+
+    key = cache_key(paths, 16)
+    cv2.imwrite(paths[1], np.zeros((30, 40, 3), np.uint8))
+    os.utime(paths[1], ns=(1, 1))  # a new mtime even on coarse-timestamp filesystems
+    assert cache_key(paths, 16) != key and cache_key(paths, 32) != cache_key(paths, 16)
+    rebuilt, _, _ = cached_images(paths, 16, cache_dir=tmp_path / "cache")
+    assert rebuilt[1].max() == 0 and before[1].max() > 0
+
+
+def test_damaged_cache_file_is_detected(tmp_path, rng):
+    paths = _write_images(tmp_path / "imgs", 3, rng)
+    cache, _, _ = cached_images(paths, 8, cache_dir=tmp_path / "cache")
+    with open(cache.path, "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(ValueError, match="bytes, expected"):
+        ImageCache(cache.path, 3, 8)
+    again, _, _ = cached_images(paths, 8, cache_dir=tmp_path / "cache")  # rebuilt, not trusted
+    assert again.path.stat().st_size == 3 * 8 * 8 * 3
+
+
+@pytest.mark.parametrize("sampling", ["none", "oversample"])
+def test_training_batches_are_a_pure_function_of_seed_epoch_and_step(rng, sampling):
+    n, size = 37, 16
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    y = (np.arange(n) % 4 == 0).astype(int)
+    config = BranchConfig(view="hsv", image_size=size, batch_size=8, epochs=2, sampling=sampling, seed=5)
+    weights = class_weights(y, "balanced")
+    ds, steps = training_batches(images, y, config, weights)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == 2 * steps and steps == int(np.ceil(len(epoch_order(y, sampling, rng)) / 8))
+    for k in (0, steps - 1, steps):  # first and last batch of epoch 0, first of epoch 1
+        epoch, b = divmod(k, steps)
+        idx = epoch_order(y, sampling, np.random.default_rng([5, epoch]))[b * 8 : (b + 1) * 8]
+        expected = apply_view("hsv", augment_batch(images[idx], np.random.default_rng([5, epoch, b])))
+        x, yb, wb = batches[k]
+        np.testing.assert_allclose(x, expected, atol=1e-6)
+        np.testing.assert_array_equal(yb, y[idx])
+        np.testing.assert_allclose(wb, np.where(y[idx] == 1, weights[1], weights[0]))
+    assert not np.array_equal(batches[0][1], batches[steps][1]) or not np.allclose(batches[0][0], batches[steps][0])
+    again = list(training_batches(images, y, config, weights)[0].as_numpy_iterator())
+    np.testing.assert_array_equal(again[3][0], batches[3][0])
+
+
+def test_view_batches_keep_order(rng):
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    xs = np.concatenate(list(view_batches(images, "fft", 4).as_numpy_iterator()))
+    np.testing.assert_allclose(xs, apply_view("fft", images), atol=1e-5)
+    pairs = list(view_batches(images, "rgb", 4, y=np.arange(10) % 2).as_numpy_iterator())
+    assert [len(b[1]) for b in pairs] == [4, 4, 2] and pairs[2][1].tolist() == [0, 1]
+
+
+@pytest.mark.slow
+def test_fit_branch_learns_from_an_on_disk_cache(tmp_path, rng):
+    def separable(n):
+        y = np.arange(n) % 2
+        base = np.where(y[:, None, None] == 1, 60, 190)[..., None]
+        imgs = np.clip(base + rng.integers(-30, 30, (n, 20, 20, 3)), 0, 255).astype(np.uint8)
+        folder = tmp_path / f"set{n}"
+        folder.mkdir()
+        paths = []
+        for i, img in enumerate(imgs):
+            paths.append(str(folder / f"{i}.png"))
+            cv2.imwrite(paths[-1], img[..., ::-1])
+        cache, ok, _ = cached_images(paths, 16, cache_dir=tmp_path / "cache")
+        return cache, y[ok]
+
+    (xt, yt), (xv, yv) = separable(64), separable(32)
+    assert isinstance(xt, ImageCache)
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=6, patience=6, batch_size=16)
+    model, _ = fit_branch(config, xt, yt, xv, yv)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(yv, predict_images_proba(model, "rgb", xv, batch_size=7)) > 0.95
+
+
+def _all_images(data):
+    return sorted(str(p) for p in (data / "images").glob("*.jpg"))
+
+
+@pytest.mark.slow
+def test_iter_files_streams_the_same_probabilities_and_reports_bad_files(trained_run, synthetic_data, tmp_path):
+    paths = _all_images(synthetic_data)[:10]
+    bad = tmp_path / "zero.jpg"
+    bad.write_bytes(b"")
+    ens = ensemble.load(trained_run)
+    batches = list(ens.iter_files(paths[:4] + [str(bad)] + paths[4:], batch_size=3, workers=2))
+    assert [len(b.paths) + len(b.failures) for b in batches] == [3, 3, 3, 2]
+    streamed = np.concatenate([b.fused for b in batches])
+    assert [p for b in batches for p in b.paths] == paths
+    assert [f[0] for b in batches for f in b.failures] == [str(bad)]
+    np.testing.assert_allclose(streamed, ensemble.predict_proba(paths, run=trained_run), atol=1e-6)
+    # the compiled forward pass agrees with calling each branch on its own
+    batch = np.stack([resize_image(read_image(p), ens.image_size) for p in paths])
+    for j, (model, view) in enumerate(zip(ens.models, ens.views)):
+        np.testing.assert_allclose(ens.member_proba_batch(batch)[:, j], predict_images_proba(model, view, batch), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_predict_streams_a_folder_or_list_to_a_csv(trained_run, synthetic_data, tmp_path, capsys):
+    folder = tmp_path / "archive" / "nested"
+    folder.mkdir(parents=True)
+    paths = _all_images(synthetic_data)[:9]
+    for p in paths:
+        (folder / os.path.basename(p)).write_bytes(open(p, "rb").read())
+    (folder / "notes.txt").write_text("not an image and not listed")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "pred.csv"
+    rc = predict_main(["--run", str(trained_run), "--input", str(tmp_path / "archive"), "--out", str(out), "--batch-size", "4"])
+    err = capsys.readouterr().err
+    rows = list(csv.DictReader(open(out)))
+    assert rc == 1 and len(rows) == 9 and "1 skipped" in err
+    expected = ensemble.predict_proba([str(folder / os.path.basename(p)) for p in paths], run=trained_run)
+    got = {os.path.basename(r["path"]): float(r["melanoma_proba"]) for r in rows}
+    np.testing.assert_allclose([got[os.path.basename(p)] for p in paths], expected, atol=2e-6)
+    skipped = list(csv.DictReader(open(str(out) + ".skipped.csv")))
+    assert [os.path.basename(r["path"]) for r in skipped] == ["corrupt.jpg"]
+    assert not (tmp_path / "pred.csv.partial").exists()
+
+    listing = tmp_path / "archive" / "list.txt"
+    listing.write_text("# two images\nnested/" + os.path.basename(paths[0]) + "\n\nnested/" + os.path.basename(paths[1]) + "\n")
+    rc = predict_main(["--run", str(trained_run), "--input", str(listing), "--out", str(out)])
+    assert rc == 0 and len(list(csv.DictReader(open(out)))) == 2
+    assert predict_main(["--run", str(trained_run), "--input", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder or list file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_all_views_in_parallel_processes(synthetic_data, tmp_path):
+    run = tmp_path / "run"
+    rc = train_main(["--view", "all", "--jobs", "3", "--data", str(synthetic_data), "--run", str(run),
+                     "--image-size", "24", "--epochs", "2", "--limit", "120", "-q"])
+    assert rc == 0
+    for view in ("rgb", "hsv", "fft"):
+        assert (run / "branches" / view / "model.keras").is_file()
+        assert (run / "branches" / view / "val_predictions.csv").is_file()
