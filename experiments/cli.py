@@ -434,8 +434,15 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
     return _run_guarded(_synth, args)
 
 
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion bench``: speed and memory beside the naive per-image loop (see ``experiments.benchmark``)."""
+    from experiments.benchmark import main as bench
+
+    return bench(argv)
+
+
 COMMANDS = {"train": train_main, "fuse": fuse_main, "evaluate": evaluate_main, "predict": predict_main,
-            "verify-split": verify_split_main, "audit": audit_main, "synth": synth_main}
+            "verify-split": verify_split_main, "audit": audit_main, "synth": synth_main, "bench": bench_main}
 USAGE = """usage: skinfusion COMMAND [options]   (skinfusion COMMAND --help for each)
 
 commands:
@@ -446,6 +453,7 @@ commands:
   audit      artefact and bias audit: colour discs, ink, size/source mix, near-duplicates
   verify-split  check that no lesion group or near-duplicate pair crosses a run's split
   synth      write a small SYNTHETIC dataset for offline demos
+  bench      training/inference throughput, latency and peak RSS beside the naive per-image loop
 """
 
 

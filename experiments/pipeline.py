@@ -155,7 +155,18 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far, in MB.
+
+    Reads ``VmHWM`` from ``/proc/self/status``: unlike ``getrusage``'s ``ru_maxrss``, it is
+    not inherited from the parent across fork and exec, so a child reports its own peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

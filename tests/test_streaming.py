@@ -190,3 +190,19 @@ def test_train_all_views_in_parallel_processes(synthetic_data, tmp_path):
     for view in ("rgb", "hsv", "fft"):
         assert (run / "branches" / view / "model.keras").is_file()
         assert (run / "branches" / view / "val_predictions.csv").is_file()
+
+
+@pytest.mark.slow
+def test_bench_runs_every_phase_and_prints_ratios(trained_run, capsys):
+    from experiments.cli import main
+
+    out = trained_run / "bench-test.json"
+    rc = main(["bench", "--run", str(trained_run), "--train-steps", "2", "--n-images", "12",
+               "--naive-images", "4", "--latency-calls", "5", "--batch-size", "8", "--out", str(out), "-q"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "batch inference, 3 branches + fusion" in table and "input-wait share" in table
+    import json
+
+    raw = json.loads(out.read_text())
+    assert raw["infer-ours"]["images_per_s"] > 0 and raw["infer-naive"]["latency_ms_p50"] > 0
+    assert 0.0 <= raw["train-ours"]["rgb"]["input_wait_share"] < 1.0
