@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import cv2
@@ -42,37 +43,86 @@ def validate_image(image: Any, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+MAX_PIXELS = 100_000_000  # larger declared sizes are refused before decoding (decompression bombs)
+
+
 def read_image(source: Any) -> np.ndarray:
     """Read an image as RGB ``uint8`` (H, W, 3).
 
-    This is the only place where OpenCV's BGR order becomes RGB. Grayscale files are
-    expanded to three channels, alpha is dropped, 16-bit files are scaled to 8 bits and
-    EXIF orientation is applied (OpenCV's ``IMREAD_COLOR`` behaviour).
+    This is the only place where OpenCV's BGR order becomes RGB. Supported inputs are
+    converted, not refused: grayscale and palette files are expanded to three channels,
+    alpha is dropped, 16-bit files are scaled to 8 bits, CMYK JPEGs become RGB and EXIF
+    orientation is applied. Arrays may be uint8 or uint16, (H, W), (H, W, 1), (H, W, 3)
+    RGB or (H, W, 4) RGBA. Everything else raises ``ImageError`` naming the input and
+    the problem; no other exception escapes for bad content.
 
     Args:
-        source: a path (``str`` or ``os.PathLike``), a PIL image, or an RGB uint8 array.
+        source: a path (``str`` or ``os.PathLike``), a PIL image, or a NumPy array.
 
     Returns:
         A C-contiguous RGB uint8 array of shape (H, W, 3).
 
     Raises:
         MissingImageError: if a path does not exist.
-        ImageError: if the file cannot be decoded or an array breaks the contract.
+        ImageError: if the file cannot be decoded, declares more than ``MAX_PIXELS`` pixels,
+            or an array has an unsupported dtype, shape or channel count.
     """
     if isinstance(source, np.ndarray):
-        return validate_image(source)
+        return _from_array(source, "image array")
     if isinstance(source, (str, os.PathLike)):
         return _read_path(Path(source))
     if type(source).__module__.startswith("PIL.") and hasattr(source, "convert"):
         # PIL is optional: accept its images without importing it at module level.
         from PIL import ImageOps
 
-        # Match the file path, where OpenCV applies EXIF orientation.
-        return validate_image(np.asarray(ImageOps.exif_transpose(source).convert("RGB")), name="PIL image")
+        w, h = source.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"PIL image: {w}x{h} is over the {MAX_PIXELS:,}-pixel limit")
+        try:
+            # Match the file path, where OpenCV applies EXIF orientation.
+            return validate_image(np.asarray(ImageOps.exif_transpose(source).convert("RGB")), name="PIL image")
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"PIL image: cannot convert to RGB ({exc})") from exc
     raise ImageError(
         f"unsupported image type {type(source).__name__}; "
         "expected a path, a PIL image or an RGB uint8 numpy array"
     )
+
+
+def _from_array(image: np.ndarray, name: str) -> np.ndarray:
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        hint = " (it contains NaN or inf)" if image.dtype.kind in "fc" and not np.isfinite(image).all() else ""
+        raise ImageError(f"{name}: expected dtype uint8 (RGB 0-255) or uint16, got {image.dtype}{hint}; "
+                         "scale and convert it, e.g. (x * 255).round().astype(np.uint8) for [0, 1] floats")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]
+    if image.ndim == 3 and image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{name}: {image.shape[1]}x{image.shape[0]} is over the {MAX_PIXELS:,}-pixel limit")
+    return validate_image(image, name=name)
+
+
+def _declared_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from the file header, without decoding pixels (None if PIL cannot tell)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: declares a size over the {MAX_PIXELS:,}-pixel limit (possible decompression "
+                         f"bomb; {exc}); not decoded") from exc
+    except (OSError, ValueError, SyntaxError, struct_error):
+        return None
 
 
 def _read_path(path: Path) -> np.ndarray:
@@ -84,9 +134,16 @@ def _read_path(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read file ({exc})") from exc
     if data.size == 0:
         raise ImageError(f"{path}: file is empty (0 bytes)")
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    size = _declared_size(path)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise ImageError(f"{path}: declares {size[0]}x{size[1]} pixels, over the {MAX_PIXELS:,}-pixel limit "
+                         "(possible decompression bomb); not decoded")
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ImageError(f"{path}: cannot decode image ({str(exc).strip().splitlines()[-1]})") from exc
     if bgr is None:
-        raise ImageError(f"{path}: cannot decode image (corrupt or not an image)")
+        raise ImageError(f"{path}: cannot decode image (corrupt, truncated or not an image)")
     return validate_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), name=str(path))
 
 

@@ -111,8 +111,12 @@ def test_corrupt_files_raise_image_error_naming_the_file(tmp_path, content):
 
 @pytest.mark.parametrize("arr, problem", [
     (np.zeros((4, 4, 3), np.float32), "dtype"),
-    (np.zeros((4, 4), np.uint8), "shape"),
-    (np.zeros((4, 4, 4), np.uint8), "shape"),
+    (np.full((4, 4, 3), np.nan, np.float32), "NaN or inf"),
+    (np.zeros((4, 4, 3), np.int64), "dtype"),
+    (np.zeros((4, 4, 3), bool), "dtype"),
+    (np.zeros((4, 4, 2), np.uint8), "shape"),
+    (np.zeros((4, 4, 3, 1), np.uint8), "shape"),
+    (np.zeros(12, np.uint8), "shape"),
     (np.zeros((0, 4, 3), np.uint8), "empty"),
 ])
 def test_bad_arrays_are_refused(arr, problem):
