@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 from colorspaces import ImageError, apply_view, read_image, resize_image
 from ensemble.fusion import FUSION_METHODS
 from models import load_branch
-from models.store import library_versions, read_branch_info, write_json_atomic
+from models.store import LABEL_MAP, atomic_path, library_versions, read_branch_info, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +80,8 @@ def save_ensemble(
     sizes = {b["image_size"] for b in branches}
     if len(sizes) != 1:
         raise ValueError(f"branches were trained at different image sizes {sorted(sizes)}; retrain them at one size")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".fusion.", suffix=".joblib")
-    os.close(fd)
-    try:
+    with atomic_path(out_dir / FUSION_FILE) as tmp:
         joblib.dump(fusion, tmp)
-        os.replace(tmp, out_dir / FUSION_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     manifest = {
         "format_version": BUNDLE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -99,7 +92,7 @@ def save_ensemble(
         "threshold": float(threshold),
         "threshold_rule": "max Youden J on validation data",
         "image_size": sizes.pop(),
-        "label_map": {"0": "nevus", "1": "melanoma"},
+        "label_map": LABEL_MAP,
         "fusion": {"file": FUSION_FILE, "sha256": sha256_file(out_dir / FUSION_FILE)},
         **(extra or {}),
     }
@@ -222,6 +215,42 @@ class FileBatch:
     failures: list[tuple[str, str]]
 
 
+# Libraries whose version shapes a bundle: a different major version cannot be trusted to load it
+# the same way; a different minor version is worth a warning.
+_VERSIONED = ("keras", "tensorflow", "scikit-learn", "skinfusion")
+
+
+def check_versions(saved: dict[str, str], where: str) -> list[str]:
+    """Compare a bundle's recorded library versions with the installed ones.
+
+    Returns:
+        Warning messages for minor-version (or skinfusion) differences, also logged.
+
+    Raises:
+        ValueError: if Keras, TensorFlow or scikit-learn differ in major version.
+    """
+    current = library_versions()
+    if "tensorflow" not in current and "tensorflow-cpu" in current:
+        current["tensorflow"] = current["tensorflow-cpu"]
+    saved = dict(saved or {})
+    if "tensorflow" not in saved and "tensorflow-cpu" in saved:
+        saved["tensorflow"] = saved["tensorflow-cpu"]
+    warnings_out = []
+    for lib in _VERSIONED:
+        old, new = saved.get(lib), current.get(lib)
+        if not old or not new or old == new:
+            continue
+        old_mm, new_mm = old.split(".")[:2], new.split(".")[:2]
+        if lib != "skinfusion" and old_mm[0] != new_mm[0]:
+            raise ValueError(f"{where}: saved with {lib} {old}, but {lib} {new} is installed; a different major "
+                             f"version cannot load it reliably. Install {lib}=={old} or retrain.")
+        if old_mm != new_mm or lib == "skinfusion":
+            msg = f"{where}: saved with {lib} {old}, running {lib} {new}; predictions may differ slightly"
+            logger.warning("%s", msg)
+            warnings_out.append(msg)
+    return warnings_out
+
+
 def load_ensemble(path: str | os.PathLike) -> Ensemble:
     """Load a bundle after checking every file against the manifest's SHA-256.
 
@@ -247,6 +276,9 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         raise ValueError(f"{manifest_path}: bundle format {manifest.get('format_version')!r} is not supported (expected {BUNDLE_FORMAT})")
     if manifest.get("method") not in FUSION_METHODS:
         raise ValueError(f"{manifest_path}: unknown fusion method {manifest.get('method')!r}")
+    if manifest.get("label_map") != LABEL_MAP:
+        raise ValueError(f"{manifest_path}: label map {manifest.get('label_map')} differs from {LABEL_MAP}")
+    check_versions(manifest.get("versions", {}), str(manifest_path))
 
     checks = [(ens_dir / manifest["fusion"]["file"], manifest["fusion"]["sha256"])]
     for b in manifest["branches"]:
@@ -260,9 +292,13 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
 
     models, configs = [], []
     for b in manifest["branches"]:
-        model, config, _ = load_branch(ens_dir / b["path"])
+        model, config, meta = load_branch(ens_dir / b["path"])
         if config.view != b["view"] or config.image_size != manifest["image_size"]:
-            raise ValueError(f"{ens_dir / b['path']}: branch ({config.view}, {config.image_size}px) does not match the manifest")
+            raise ValueError(f"{ens_dir / b['path']}: branch ({config.view}, {config.image_size}px) does not match "
+                             f"the manifest ({b['view']}, {manifest['image_size']}px); refusing to load it")
+        if manifest.get("dataset_fingerprint") and meta.get("dataset_fingerprint") != manifest["dataset_fingerprint"]:
+            raise ValueError(f"{ens_dir / b['path']}: branch was trained on dataset {meta.get('dataset_fingerprint')}, "
+                             f"the ensemble on {manifest['dataset_fingerprint']}; refusing to load it")
         models.append(model)
         configs.append(config)
     fusion = joblib.load(ens_dir / manifest["fusion"]["file"])

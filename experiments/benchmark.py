@@ -262,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[phase] = _run_phase(args, phase)
     table = format_table(results)
     out = args.out or args.run / "bench.json"
-    out.write_text(json.dumps({**results, "table": table}, indent=2))
+    from models.store import write_json_atomic
+
+    write_json_atomic(out, {**results, "table": table})
     print(table)
     print(f"\nraw figures: {out}")
     return 0

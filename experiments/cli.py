@@ -75,6 +75,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="with --view all: branches trained at once, in separate processes (default 1, sequential, "
                         "which measured faster on 2 cores; see the README's performance table)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: each branch resumes from its last completed epoch "
+                        "(checkpointed in RUN/branches/<view>/.checkpoint); finished branches are kept")
     p.add_argument("--cache-dir", help="where decoded, resized images are cached between branches and runs "
                                        "(default $SKINFUSION_CACHE or ~/.cache/skinfusion)")
     _common(p)
@@ -108,7 +111,7 @@ def _train(args) -> int:
     configs = [BranchConfig.from_dict({**base, **overrides, "view": view}) for view in views]
     summaries = train_branches(args.data, args.run, configs, jobs=args.jobs, split_seed=args.split_seed,
                                limit=args.limit, workers=args.workers, dedup=args.dedup_split,
-                               exclude_ids=exclude, cache_dir=args.cache_dir)
+                               exclude_ids=exclude, cache_dir=args.cache_dir, resume=args.resume)
     skipped = 0
     for summary in summaries:
         v = summary["validation"]
@@ -117,6 +120,7 @@ def _train(args) -> int:
         skipped += summary["skipped"]
     if skipped:
         print(f"warning: {skipped} unreadable images were skipped (see skipped.csv in each branch)", file=sys.stderr)
+        return EXIT_SKIPPED
     return EXIT_OK
 
 

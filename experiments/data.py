@@ -405,7 +405,9 @@ def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "
 
 def write_skip_report(path: str | os.PathLike, failures: Sequence[tuple[str, str]]) -> None:
     """Write ``path,reason`` rows for skipped images (an empty report is still written)."""
-    with open(path, "w", newline="") as fh:
+    from models.store import atomic_open  # lazily: keeps Keras out of data-only commands
+
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["path", "reason"])
         w.writerows(failures)

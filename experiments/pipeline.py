@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import dataclasses
+import shutil
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from experiments.cache import cached_images
 from experiments.data import DatasetIndex, index_dataset, write_skip_report
 from experiments.splits import check_split, load_split, load_split_groups, make_split, save_split, subset
 from models import BranchConfig, fit_branch, predict_images_proba, save_branch
-from models.store import read_branch_info, write_json_atomic
+from models.store import atomic_open, read_branch_info, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _counts(records, assign, split) -> dict[str, int]:
 def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
                      limit: int | None = None, workers: int = 2,
                      exclude_ids: set[str] | None = None, dedup: bool = False,
-                     cache_dir: str | None = None) -> dict[str, Any]:
+                     cache_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
@@ -100,6 +101,10 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     dropped from the training images only; validation and test keep them, so metrics stay
     comparable between runs with and without the exclusion. Decoded images go to the disk
     cache in ``cache_dir`` (default ``$SKINFUSION_CACHE`` or ``~/.cache/skinfusion``).
+
+    Every epoch is checkpointed in ``RUN/branches/<view>/.checkpoint/`` (removed once the
+    branch is saved). With ``resume``, an interrupted branch continues from its last
+    complete epoch, and a branch that already finished with the same config is kept as is.
 
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
@@ -114,6 +119,17 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         logger.info("[%s] excluded %d flagged images from training", config.view, n_excluded)
     branch_dir = Path(run_dir) / "branches" / config.view
     branch_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = branch_dir / ".checkpoint"
+    if resume and not (checkpoint / "state.json").is_file() and (branch_dir / "metadata.json").is_file():
+        saved_config, meta = read_branch_info(branch_dir)
+        if saved_config == config:
+            logger.info("[%s] already trained in %s; nothing to resume", config.view, branch_dir)
+            return {"view": config.view, "branch_dir": str(branch_dir), "validation": meta["validation_metrics"],
+                    "train_seconds": meta["training"]["train_seconds"], "skipped": meta.get("skipped_images", 0),
+                    "peak_rss_mb": meta["training"].get("peak_rss_mb", float("nan"))}
+    if not resume and (checkpoint / "state.json").is_file():
+        logger.warning("[%s] %s holds an interrupted training; starting again (pass --resume to continue it)",
+                       config.view, checkpoint)
     loaded, failures = {}, []
     for s, rs in recs.items():
         # Decoded once into the disk cache; every branch and later run on these files reuses it,
@@ -127,13 +143,14 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     if failures:
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
-    model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0], loaded["val"][1])
+    model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0], loaded["val"][1],
+                                checkpoint_dir=checkpoint, resume=resume)
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
     proba = predict_images_proba(model, config.view, val_imgs)
     threshold = choose_threshold(y_val, proba)
     val_metrics = binary_report(y_val, proba, threshold)
-    with open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
+    with atomic_open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "melanoma_proba"])
         w.writerows((r.image_id, r.label, f"{p:.6f}") for r, p in zip(val_recs, proba))
@@ -147,6 +164,7 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         "skipped_images": len(failures),
         "excluded_from_training": n_excluded,
     })
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the branch is saved; nothing left to resume
     logger.info("[%s] saved to %s; validation AUC %.4f; peak RSS %.0f MB", config.view, branch_dir,
                 val_metrics["auc"], history["peak_rss_mb"])
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
@@ -259,6 +277,9 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
     run = Path(run_dir)
     branch_dirs = [run / "branches" / v for v in views]
     infos = [read_branch_info(b) for b in branch_dirs]
+    for bdir, (config, _) in zip(branch_dirs, infos):
+        if config.view != bdir.name:
+            raise ValueError(f"{bdir}: holds a {config.view!r} branch, not {bdir.name!r}; refusing to fuse it")
     for key in ("dataset_fingerprint", "split_seed"):
         values = {m.get(key) for _, m in infos}
         if len(values) != 1:
@@ -393,7 +414,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         "inference_seconds": round(seconds, 3),
     }
     write_json_atomic(out / "metrics.json", metrics)
-    with open(out / "predictions.csv", "w", newline="") as fh:
+    with atomic_open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "source", *ens.views, "fused"])
         for r, prow, f in zip(records, P, fused):
@@ -490,7 +511,7 @@ def audit_dataset(data_dir: str, out_csv: str, workers: int = 2, hash_pairs: boo
             n_pairs += 1
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
+    with atomic_open(out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=AUDIT_COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         for rec, row in zip(records, rows):

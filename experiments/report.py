@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from models.store import atomic_open, atomic_path
 
 CURVES = ("roc.png", "pr.png", "reliability.png")
 
@@ -19,7 +20,7 @@ def write_isic_csv(path: str | os.PathLike, image_ids: Sequence[str], melanoma_p
 
     ``NV`` is ``1 − MEL``: skinfusion scores melanoma against nevus only.
     """
-    with open(path, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image", "MEL", "NV"])
         for image_id, p in zip(image_ids, melanoma_proba):
@@ -74,7 +75,8 @@ def write_curves(y: np.ndarray, columns: dict[str, np.ndarray], out_dir: str | o
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right" if name != "pr.png" else "upper right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / name)
+        with atomic_path(out_dir / name) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
     return list(CURVES)
 
@@ -129,5 +131,6 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th:first-child{{t
 </body></html>
 """
     path = out_dir / "report.html"
-    path.write_text(page)
+    with atomic_open(path) as fh:
+        fh.write(page)
     return path

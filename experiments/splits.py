@@ -183,14 +183,15 @@ def save_split(run_dir: str | os.PathLike, records: Sequence[Record], assign: di
     """Write ``RUN/splits.csv`` (image_id,label,group_id,source,split) and ``RUN/split.json``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".splits.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    from models.store import atomic_open, write_json_atomic
+
+    # split.json first: splits.csv is what marks a run as split, so it must land last.
+    write_json_atomic(run_dir / "split.json", info)
+    with atomic_open(run_dir / "splits.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "group_id", "source", "split"])
         for r in sorted(records, key=lambda r: r.image_id):
             w.writerow([r.image_id, r.label, r.group_id, r.source, assign[r.image_id]])
-    os.replace(tmp, run_dir / "splits.csv")
-    (run_dir / "split.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def load_split(run_dir: str | os.PathLike) -> tuple[dict[str, str], dict]:

@@ -18,6 +18,7 @@ import numpy as np
 from ensemble.metrics import binary_report
 from experiments.pipeline import score_branch, train_branch_run
 from models import BranchConfig
+from models.store import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     if args.study in ("artefacts", "both"):
         tables["artefacts"] = artefact_study(args.data, out, args.audit)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tables.json").write_text(json.dumps(tables, indent=2))
+    write_json_atomic(out / "tables.json", tables)
     for name, lines in tables.items():
         print(f"\n## {name} (settings {STUDY})\n")
         print("\n".join(lines))

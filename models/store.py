@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+import contextlib
 import json
 import os
-import tempfile
+import threading
+import uuid
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 
@@ -40,21 +42,42 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
+def _tmp_beside(path: Path) -> Path:
+    # Same directory (so the rename is atomic), unique per process and thread, normal permissions.
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A crash or kill mid-write leaves the old file (or none), never a torn one.
+    """
+    path = Path(path)
+    tmp = _tmp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """``open(path, mode)`` that writes a temporary file and renames it into place on success."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves a torn file.
 
     NaN (an undefined metric) is written as ``null``, since NaN is not valid JSON.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_nan_to_none(payload), fh, indent=2, sort_keys=True, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as fh:
+        json.dump(_nan_to_none(payload), fh, indent=2, sort_keys=True, allow_nan=False)
+        fh.write("\n")
 
 
 def save_branch(directory: str | os.PathLike, model: keras.Model, config: BranchConfig, metadata: dict[str, Any]) -> Path:
@@ -73,14 +96,13 @@ def save_branch(directory: str | os.PathLike, model: keras.Model, config: Branch
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, directory / MODEL_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the suffix
+        try:
+            model.save(keras_tmp)
+            os.replace(keras_tmp, tmp)
+        finally:
+            keras_tmp.unlink(missing_ok=True)
     write_json_atomic(directory / CONFIG_FILE, config.to_dict())
     meta = {
         **metadata,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -78,7 +81,7 @@ def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.nd
     return rng.permutation(idx)
 
 
-def _numpy_batches(fn, n_steps: int, out_shapes) -> Any:
+def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
     """A tf.data pipeline whose k-th element is ``fn(k)``, computed in parallel and prefetched.
 
     ``fn`` is NumPy/OpenCV code (reading the cache, augmenting, computing the view); it runs
@@ -98,14 +101,14 @@ def _numpy_batches(fn, n_steps: int, out_shapes) -> Any:
 
     options = tf.data.Options()
     options.deterministic = True
-    return (tf.data.Dataset.range(n_steps)
+    return (tf.data.Dataset.range(first, n_steps)
             .map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
             .with_options(options))
 
 
 def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
-                     epochs: int | None = None) -> tuple[Any, int]:
+                     epochs: int | None = None, start_epoch: int = 0) -> tuple[Any, int]:
     """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
 
     Args:
@@ -115,10 +118,11 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         config: the branch config (view, batch size, sampling, augmentation, seed).
         weights: per-class loss weights.
         epochs: epochs the dataset spans (default ``config.epochs``).
+        start_epoch: first epoch to produce (a resumed run starts where it stopped).
 
     Returns:
         ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
-        ``epochs * steps_per_epoch`` steps. Batch ``b`` of epoch ``e`` depends only on
+        ``(epochs - start_epoch) * steps_per_epoch`` steps. Batch ``b`` of epoch ``e`` depends only on
         ``(seed, e, b)``.
     """
     y = np.asarray(y).astype(np.float32)
@@ -144,7 +148,7 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
 
     size, ch = config.image_size, config.channels
-    ds = _numpy_batches(load, epochs * steps, [(None, size, size, ch), (None,), (None,)])
+    ds = _numpy_batches(load, epochs * steps, [(None, size, size, ch), (None,), (None,)], first=start_epoch * steps)
     return ds, steps
 
 
@@ -195,6 +199,8 @@ def fit_branch(
     y_train: np.ndarray,
     val_images: np.ndarray,
     y_val: np.ndarray,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
 
@@ -206,6 +212,9 @@ def fit_branch(
         y_train: binary labels (1 = melanoma), shape (N,).
         val_images: RGB uint8 validation images, same size.
         y_val: validation labels; both classes must be present.
+        checkpoint_dir: if given, a checkpoint is written there after every epoch.
+        resume: continue from the checkpoint in ``checkpoint_dir`` (from its last complete
+            epoch, with the optimizer and early-stopping state), if there is one.
 
     Returns:
         ``(model, history)``; history holds per-epoch metrics, the best epoch, the class
@@ -226,33 +235,37 @@ def fit_branch(
     weights = class_weights(y_train, config.class_weight)
 
     keras.utils.set_random_seed(config.seed)
-    model = build_branch(config)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
-    )
-    early = keras.callbacks.EarlyStopping(
-        monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
-    )
+    keeper = _BestKeeper(config, checkpoint_dir)
+    model, initial_epoch = keeper.restore() if resume else (None, 0)
+    if model is None:
+        model = build_branch(config)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.learning_rate),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
+        )
     logger.info(
         "[%s] training on %d images (%d melanoma), validating on %d; class weights %s",
         config.view, len(y_train), int(y_train.sum()), len(y_val),
         {k: round(v, 3) for k, v in weights.items()},
     )
-    train_ds, steps = training_batches(train_images, y_train, config, weights)
+    train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch)
     t0 = time.perf_counter()
-    fit = model.fit(
-        train_ds,
-        steps_per_epoch=steps,
-        shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
-        validation_data=view_batches(val_images, config.view, 128, y=y_val),
-        epochs=config.epochs,
-        callbacks=[early, _EpochLogger(config.view, config.epochs)],
-        verbose=0,
-    )
-    seconds = time.perf_counter() - t0
-    val_auc = [float(v) for v in fit.history.get("val_auc", [])]
+    if initial_epoch < config.epochs and not keeper.stopped:
+        model.fit(
+            train_ds,
+            steps_per_epoch=steps,
+            shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
+            validation_data=view_batches(val_images, config.view, 128, y=y_val),
+            initial_epoch=initial_epoch,
+            epochs=config.epochs,
+            callbacks=[keeper, _EpochLogger(config.view, config.epochs)],
+            verbose=0,
+        )
+    keeper.restore_best(model)
+    seconds = time.perf_counter() - t0 + keeper.seconds_before
+    per_epoch = keeper.history
+    val_auc = per_epoch.get("val_auc", [])
     best = int(np.argmax(val_auc)) if val_auc else -1
     history = {
         "epochs_run": len(val_auc),
@@ -260,7 +273,110 @@ def fit_branch(
         "best_val_auc": val_auc[best] if val_auc else float("nan"),
         "class_weights": {str(k): v for k, v in weights.items()},
         "train_seconds": round(seconds, 2),
-        "per_epoch": {k: [float(v) for v in vals] for k, vals in fit.history.items()},
+        "resumed_from_epoch": initial_epoch,
+        "per_epoch": per_epoch,
     }
     logger.info("[%s] done in %.1fs; best epoch %d with val_auc %.4f", config.view, seconds, best + 1, history["best_val_auc"])
     return model, history
+
+
+def _seed_generators(model: keras.Model) -> dict[str, Any]:
+    return {layer.name: layer.seed_generator for layer in model.layers if getattr(layer, "seed_generator", None) is not None}
+
+
+def _seed_states(model: keras.Model) -> dict[str, list[int]]:
+    # Dropout's random state is not part of a saved model; without it a resumed run would
+    # draw different dropout masks from the uninterrupted one.
+    return {name: np.asarray(keras.ops.convert_to_numpy(g.state.value)).tolist() for name, g in _seed_generators(model).items()}
+
+
+def _set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
+    for name, g in _seed_generators(model).items():
+        if name in states:
+            g.state.assign(np.asarray(states[name], dtype=keras.backend.standardize_dtype(g.state.dtype)))
+
+
+class _BestKeeper(keras.callbacks.Callback):
+    """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
+
+    It replaces Keras' ``EarlyStopping`` so that its state (best AUC, best weights, epochs
+    without improvement) can be saved with each epoch's checkpoint: a resumed run then stops
+    and restores exactly as an uninterrupted one would. A checkpoint is ``last.keras`` (the
+    model with its optimizer state), ``best.weights.h5`` and ``state.json``, each written
+    atomically; ``state.json`` is written last, so it only ever names a complete epoch.
+    """
+
+    def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None):
+        super().__init__()
+        self.config = config
+        self.dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.best, self.best_epoch, self.wait, self.best_weights = -math.inf, -1, 0, None
+        self.history: dict[str, list[float]] = {}
+        self.stopped, self.seconds_before, self._t0 = False, 0.0, time.perf_counter()
+
+    def restore(self) -> tuple[keras.Model | None, int]:
+        """Load the last complete epoch's checkpoint; ``(None, 0)`` if there is none to resume."""
+        state_file = self.dir / "state.json" if self.dir else None
+        if state_file is None or not state_file.is_file():
+            logger.info("[%s] no checkpoint to resume from; training from the start", self.config.view)
+            return None, 0
+        state = json.loads(state_file.read_text())
+        if state["config"] != self.config.to_dict():
+            raise ValueError(f"{self.dir}: the checkpoint was made with another config ({state['config']}); "
+                             "resume with the same settings, or train without --resume")
+        model = keras.saving.load_model(self.dir / "last.keras", compile=True)
+        _set_seed_states(model, state.get("seed_states", {}))
+        best_model = build_branch(self.config)
+        best_model.load_weights(self.dir / "best.weights.h5")
+        self.best_weights = best_model.get_weights()
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.history, self.stopped = state["history"], state["stopped"]
+        self.seconds_before = state["seconds"]
+        logger.info("[%s] resuming after epoch %d of %d (best val_auc %.4f at epoch %d)", self.config.view,
+                    state["epoch"], self.config.epochs, self.best, self.best_epoch + 1)
+        return model, int(state["epoch"])
+
+    def on_train_begin(self, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+        current = float(logs.get("val_auc", -math.inf))
+        self.wait += 1
+        if self.best_weights is None or current > self.best:
+            self.best, self.best_epoch, self.wait = current, epoch, 0
+            self.best_weights = self.model.get_weights()
+            improved = True
+        else:
+            improved = False
+        if self.wait >= self.config.patience and epoch > 0:
+            self.model.stop_training = self.stopped = True
+        if self.dir:
+            self._save(epoch + 1, improved)
+
+    def _save(self, epochs_done: int, improved: bool) -> None:
+        from models.store import atomic_path, write_json_atomic
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, save in (("last.keras", self.model.save),
+                           *((("best.weights.h5", self.model.save_weights),) if improved else ())):
+            with atomic_path(self.dir / name) as tmp:
+                real = tmp.with_name(tmp.name + "." + name)  # Keras checks the suffix
+                try:
+                    save(real)
+                    os.replace(real, tmp)
+                finally:
+                    real.unlink(missing_ok=True)
+        write_json_atomic(self.dir / "state.json", {
+            "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+            "stopped": self.stopped, "history": self.history, "config": self.config.to_dict(),
+            "seed_states": _seed_states(self.model),
+            "seconds": self.seconds_before + time.perf_counter() - self._t0,
+        })
+
+    def restore_best(self, model: keras.Model) -> None:
+        """Give ``model`` the weights of the best validation-AUC epoch."""
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)
