@@ -61,6 +61,7 @@ FILE_CASES = {
     "missing.jpg": (None, ("error", "no such image file")),
     "gray.png": (cv2.imencode(".png", np.full((10, 14), 77, np.uint8))[1].tobytes(),
                  ("ok", lambda im: im.shape == (10, 14, 3) and (im == 77).all())),
+    "palette.png": (_pil_bytes("P", (14, 10), 3, "PNG"), ("ok", lambda im: im.shape == (10, 14, 3))),
     "rgba.png": (_pil_bytes("RGBA", (14, 10), (255, 0, 0, 10), "PNG"),
                  ("ok", lambda im: im.shape == (10, 14, 3) and (im[0, 0] == [255, 0, 0]).all())),
     "sixteen_bit.png": (_png16(), ("ok", lambda im: (im[0, 0] == [255, 0, 0]).all())),
@@ -103,7 +104,7 @@ def corpus(tmp_path_factory):
 
 
 def test_corpus_is_large_enough_to_mean_something():
-    assert len(FILE_CASES) + len(ARRAY_CASES) >= 25
+    assert len(FILE_CASES) + len(ARRAY_CASES) == 28  # the README's count
     assert MAX_PIXELS == 100_000_000
 
 
