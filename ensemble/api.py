@@ -43,13 +43,16 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def predict_proba(images: Sequence[Any], run: str | os.PathLike | None = None, batch_size: int = 64) -> np.ndarray:
+def predict_proba(images: Sequence[Any], run: str | os.PathLike | None = None, batch_size: int = 64,
+                  tta: bool = False) -> np.ndarray:
     """Fused melanoma probabilities for a sequence of images, in input order.
 
     Args:
         images: paths, RGB uint8 H×W×3 arrays, or PIL images (mixed is fine).
         run: run directory; defaults to ``$SKINFUSION_RUN``.
         batch_size: images per forward pass.
+        tta: average the fused probability over the 8 rotations and flips of each image
+            (about 8× the compute of one pass).
 
     Returns:
         float64 array of shape (len(images),) with values in [0, 1].
@@ -59,15 +62,16 @@ def predict_proba(images: Sequence[Any], run: str | os.PathLike | None = None, b
     """
     if isinstance(images, (str, os.PathLike, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
         raise TypeError("predict_proba takes a sequence of images; use predict(image) for one image")
-    return load(run).predict_proba(list(images), batch_size=batch_size)
+    return load(run).predict_proba(list(images), batch_size=batch_size, tta=tta)
 
 
-def predict(image: Any, run: str | os.PathLike | None = None) -> float:
+def predict(image: Any, run: str | os.PathLike | None = None, tta: bool = False) -> float:
     """Melanoma probability for one image.
 
     Args:
         image: a path, an RGB uint8 H×W×3 array, or a PIL image.
         run: run directory; defaults to ``$SKINFUSION_RUN``.
+        tta: average over the 8 rotations and flips of the image.
 
     Returns:
         The fused melanoma probability, a float in [0, 1].
@@ -75,4 +79,4 @@ def predict(image: Any, run: str | os.PathLike | None = None) -> float:
     Raises:
         colorspaces.ImageError: if the image cannot be read (``MissingImageError`` for a missing path).
     """
-    return float(load(run).predict_proba([image])[0])
+    return float(load(run).predict_proba([image], tta=tta)[0])

@@ -100,6 +100,15 @@ def save_ensemble(
     return out_dir
 
 
+TTA_TRANSFORMS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
+
+
+def dihedral(batch: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 rotations/flips of a square image batch (N, S, S, C); k = 0 is the identity."""
+    out = np.rot90(batch, k % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if k >= 4 else out)
+
+
 class Ensemble:
     """A loaded bundle: branch models in member order, the fusion estimator and the threshold.
 
@@ -150,9 +159,25 @@ class Ensemble:
         xs = [np.asarray(apply_view(v, batch), dtype=np.float32) for v in self.views]
         return self._forward(*xs).numpy().astype(np.float64)
 
-    def member_proba(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    def score_batch(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(P, fused)`` for RGB uint8 images at the bundle's size.
+
+        With ``tta``, each image is scored under the 8 rotations and flips of the square (the
+        transformations training augments with) in one forward pass; ``fused`` is the mean of
+        the 8 fused probabilities and ``P`` the mean member matrix.
+        """
+        if not tta or len(batch) == 0:
+            P = self.member_proba_batch(batch)
+            return P, self.fuse(P)
+        n = len(batch)
+        variants = np.concatenate([dihedral(batch, k) for k in range(len(TTA_TRANSFORMS))])
+        Ps = self.member_proba_batch(variants).reshape(len(TTA_TRANSFORMS), n, -1)
+        fused = np.mean([self.fuse(P) for P in Ps], axis=0)
+        return Ps.mean(axis=0), fused
+
+    def member_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
         """Per-branch melanoma probabilities ``P`` (n × branches), decoding ``batch_size`` images at a time."""
-        parts = [self.member_proba_batch(self.prepare(images[i : i + batch_size]))
+        parts = [self.score_batch(self.prepare(images[i : i + batch_size]), tta)[0]
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.models)), np.float64)
 
@@ -162,9 +187,11 @@ class Ensemble:
             return np.zeros(0, np.float64)
         return self.fusion.predict_proba(P)[:, 1]
 
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
-        """Fused melanoma probabilities, one per image, in input order."""
-        return self.fuse(self.member_proba(images, batch_size=batch_size))
+    def predict_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
+        """Fused melanoma probabilities, one per image, in input order (``tta``: see ``score_batch``)."""
+        parts = [self.score_batch(self.prepare(images[i : i + batch_size]), tta)[1]
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float64)
 
     def _load_file(self, path: str):
         try:
@@ -172,7 +199,8 @@ class Ensemble:
         except ImageError as exc:
             return None, str(exc)
 
-    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2) -> Iterator[FileBatch]:
+    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2,
+                   tta: bool = False) -> Iterator[FileBatch]:
         """Score image files in streamed batches; unreadable files are reported, not raised.
 
         While one batch runs through the branches, ``workers`` threads decode the next one,
@@ -182,6 +210,7 @@ class Ensemble:
             paths: image files, scored in this order.
             batch_size: images per batch.
             workers: decoding threads (OpenCV releases the GIL while decoding).
+            tta: average over the 8 rotations and flips (see ``score_batch``).
 
         Yields:
             One ``FileBatch`` per batch of ``paths``: the readable paths, their ``P`` and
@@ -201,8 +230,8 @@ class Ensemble:
                         imgs.append(img)
                     else:
                         failures.append((path, err))
-                P = self.member_proba_batch(np.stack(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8))
-                yield FileBatch(ok, P, self.fuse(P), failures)
+                P, fused = self.score_batch(np.stack(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8), tta)
+                yield FileBatch(ok, P, fused, failures)
 
 
 @dataclasses.dataclass

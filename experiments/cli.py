@@ -178,6 +178,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC 95%% CI (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time averaging: score each image under its 8 rotations and flips and average (8x the compute)")
     _common(p)
     return p
 
@@ -189,8 +191,9 @@ def _evaluate(args) -> int:
         raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     m = evaluate_run(args.run, args.data, args.out, n_boot=args.bootstrap, workers=args.workers,
                      batch_size=args.batch_size, isic_csv=args.isic_csv, plots=args.plots,
-                     audit_csv=args.audit, audit=args.run_audit)
-    print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion")
+                     audit_csv=args.audit, audit=args.run_audit, tta=args.tta)
+    print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion"
+          + (" with test-time averaging over 8 rotations/flips" if args.tta else ""))
     print(format_table({**m["members"], "fused": m["fused"]}))
     print("\nAUC per source:")
     print(format_source_table(m["per_source"], list(m["members"])))
@@ -230,6 +233,7 @@ def predict_parser() -> argparse.ArgumentParser:
                                                 "renamed when complete); skipped files go to CSV.skipped.csv")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads, overlapped with inference (default 2)")
+    p.add_argument("--tta", action="store_true", help="average each image over its 8 rotations and flips (8x the compute)")
     _common(p)
     return p
 
@@ -293,7 +297,7 @@ def _predict(args) -> int:
     progress = _Progress(len(paths), enabled=not args.quiet and (bool(out_path) or len(paths) > args.batch_size))
     try:
         fh.write("path,melanoma_proba\n")
-        for batch in ens.iter_files(paths, batch_size=args.batch_size, workers=args.workers):
+        for batch in ens.iter_files(paths, batch_size=args.batch_size, workers=args.workers, tta=args.tta):
             fh.writelines(f"{p},{q:.6f}\n" for p, q in zip(batch.paths, batch.fused))
             for path, reason in batch.failures:
                 print(f"skinfusion: skipped {reason}", file=sys.stderr)

@@ -313,7 +313,7 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
 def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
                  n_boot: int = 1000, workers: int = 2, batch_size: int = 64,
                  isic_csv: str | None = None, plots: bool = True,
-                 audit_csv: str | None = None, audit: bool = True) -> dict[str, Any]:
+                 audit_csv: str | None = None, audit: bool = True, tta: bool = False) -> dict[str, Any]:
     """Score the run's test split (or every image of ``data_dir``) and write metrics and predictions.
 
     Branch metrics use each branch's validation threshold and the fused metrics the
@@ -349,12 +349,13 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         out = Path(out_dir) if out_dir else run / f"eval-{Path(data_dir).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     by_path = {r.path: r for r in records}
-    kept, P_parts, failures = [], [], []
+    kept, P_parts, fused_parts, failures = [], [], [], []
     t0 = time.perf_counter()
     step = max(1, len(records) // 10)
-    for batch in ens.iter_files(list(by_path), batch_size=batch_size, workers=workers):
+    for batch in ens.iter_files(list(by_path), batch_size=batch_size, workers=workers, tta=tta):
         kept += [by_path[p] for p in batch.paths]
         P_parts.append(batch.P)
+        fused_parts.append(batch.fused)
         failures += batch.failures
         for path, reason in batch.failures:
             logger.warning("skipping %s", reason)
@@ -365,7 +366,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
     write_skip_report(out / "skipped.csv", failures + [(p, "listed in the labels but the file is missing") for p in index.missing_files])
     records = kept
     P = np.concatenate(P_parts) if P_parts else np.zeros((0, len(ens.views)))
-    fused = ens.fuse(P)
+    fused = np.concatenate(fused_parts) if fused_parts else np.zeros(0)
     y = np.array([r.label for r in records])
     branch_thr = {v: ens.manifest["validation_metrics"][v]["threshold"] for v in ens.views}
     members = {v: binary_report(y, P[:, j], branch_thr[v], n_boot=n_boot) for j, v in enumerate(ens.views)}
@@ -412,6 +413,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         "per_source": per_source,
         "per_subset": per_subset,
         "inference_seconds": round(seconds, 3),
+        "tta": tta,
     }
     write_json_atomic(out / "metrics.json", metrics)
     with atomic_open(out / "predictions.csv", "w", newline="") as fh:
