@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import joblib
 import numpy as np
 
-from colorspaces import ImageError, apply_view, read_image, resize_image
+from colorspaces import ImageError, apply_constancy, apply_view, read_image, resize_image
 from ensemble.fusion import FUSION_METHODS
 from models import load_branch
 from models.store import LABEL_MAP, atomic_path, library_versions, read_branch_info, write_json_atomic
@@ -156,7 +156,8 @@ class Ensemble:
         """``P`` (n × branches) for RGB uint8 images already at the bundle's size, in one forward pass."""
         if len(batch) == 0:
             return np.zeros((0, len(self.models)), np.float64)
-        xs = [np.asarray(apply_view(v, batch), dtype=np.float32) for v in self.views]
+        prepared = {m: apply_constancy(m, batch) for m in {c.color_constancy for c in self.configs}}
+        xs = [np.asarray(apply_view(c.view, prepared[c.color_constancy]), dtype=np.float32) for c in self.configs]
         return self._forward(*xs).numpy().astype(np.float64)
 
     def score_batch(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:

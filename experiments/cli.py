@@ -62,6 +62,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=["none", "undersample", "oversample"],
                    help="per-epoch class balancing by resampling (default none; pair it with --class-weight none)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable random flips and 90° rotations")
+    p.add_argument("--rotate-degrees", type=float, help="augmentation: random rotation by up to +/- this many degrees (default 0, off)")
+    p.add_argument("--scale-jitter", type=float, help="augmentation: random zoom by a factor in 1 +/- this (default 0, off)")
+    p.add_argument("--color-jitter", type=float,
+                   help="augmentation: brightness +/- 64j levels, contrast x(1 +/- j), hue +/- 30j OpenCV units (default 0, off)")
+    p.add_argument("--color-constancy", choices=["none", "shades_of_gray"],
+                   help="preprocessing before the view, in training and inference (default none)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="adam, or sgd with Nesterov momentum 0.9 (default adam)")
+    p.add_argument("--lr-schedule", choices=["none", "cosine", "plateau"],
+                   help="cosine decay over the epochs, or halve on a 2-epoch validation-AUC plateau (default none)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the run's split, used only when the split is created (default 0)")
     p.add_argument("--exclude-artefacts", action="store_true",

@@ -147,7 +147,7 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
                                 checkpoint_dir=checkpoint, resume=resume)
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
-    proba = predict_images_proba(model, config.view, val_imgs)
+    proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy)
     threshold = choose_threshold(y_val, proba)
     val_metrics = binary_report(y_val, proba, threshold)
     with atomic_open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
@@ -252,7 +252,7 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(run / "branches" / view)
     imgs, ok, _ = cached_images([r.path for r in records], config.image_size, workers=workers, desc=f"{split} images")
-    return [records[i] for i in ok], predict_images_proba(model, view, imgs)
+    return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy)
 
 
 def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:

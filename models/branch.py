@@ -9,10 +9,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from colorspaces import VIEWS, apply_view
+from colorspaces import CONSTANCY, VIEWS, apply_constancy, apply_view
 
 CLASS_WEIGHT_CHOICES = ("balanced", "none")
 SAMPLING_CHOICES = ("none", "undersample", "oversample")
+OPTIMIZER_CHOICES = ("adam", "sgd")
+LR_SCHEDULE_CHOICES = ("none", "cosine", "plateau")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,17 @@ class BranchConfig:
             replacement up to the same count: balanced, but repeats melanomas and overfits them).
             Combine a sampling choice with class_weight="none".
         augment: random flips and 90° rotations of training batches.
+        rotate_degrees: with ``augment``, also a random rotation by up to ± this many degrees
+            (reflected borders); 0 turns it off.
+        scale_jitter: with ``augment``, also a random zoom by a factor in 1 ± this; 0 = off.
+        color_jitter: with ``augment``, with j this value: random brightness (± 64·j grey
+            levels), contrast (× 1 ± j) and hue (± 30·j OpenCV hue units, i.e. ± 60·j degrees,
+            turned on the colour circle so the HSV view stays meaningful); 0 = off.
+        color_constancy: preprocessing applied to every image before its view, in training
+            and at inference alike: "none" or "shades_of_gray" (p = 6).
+        optimizer: "adam", or "sgd" (Nesterov momentum 0.9).
+        lr_schedule: "none", "cosine" (decay to 0 over ``epochs``) or "plateau" (halve the
+            rate after 2 epochs without a better validation AUC).
         seed: seed for weights, shuffling and augmentation.
     """
 
@@ -49,6 +62,12 @@ class BranchConfig:
     class_weight: str = "balanced"
     sampling: str = "none"
     augment: bool = True
+    rotate_degrees: float = 0.0
+    scale_jitter: float = 0.0
+    color_jitter: float = 0.0
+    color_constancy: str = "none"
+    optimizer: str = "adam"
+    lr_schedule: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +86,17 @@ class BranchConfig:
             raise ValueError(f"image_size must be >= 16 (four 2x poolings), got {self.image_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.color_constancy not in CONSTANCY:
+            raise ValueError(f"color_constancy must be one of {sorted(CONSTANCY)}, got {self.color_constancy!r}")
+        if self.optimizer not in OPTIMIZER_CHOICES:
+            raise ValueError(f"optimizer must be one of {OPTIMIZER_CHOICES}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULE_CHOICES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.rotate_degrees <= 180.0:
+            raise ValueError(f"rotate_degrees must be in [0, 180], got {self.rotate_degrees}")
+        for name in ("scale_jitter", "color_jitter"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def channels(self) -> int:
@@ -144,7 +174,8 @@ def predict_branch_proba(model: keras.Model, x: np.ndarray, batch_size: int = 64
     return np.concatenate(out).astype(np.float64)
 
 
-def predict_images_proba(model: keras.Model, view: str, images, batch_size: int = 128) -> np.ndarray:
+def predict_images_proba(model: keras.Model, view: str, images, batch_size: int = 128,
+                         constancy: str = "none") -> np.ndarray:
     """Melanoma probabilities for RGB uint8 images, computing the view one batch at a time.
 
     Args:
@@ -152,11 +183,12 @@ def predict_images_proba(model: keras.Model, view: str, images, batch_size: int 
         view: the branch's view name.
         images: RGB uint8 (N, S, S, 3), an array or an array-like such as an on-disk cache.
         batch_size: images per view computation and forward pass.
+        constancy: the branch's colour-constancy preprocessing (``BranchConfig.color_constancy``).
 
     Returns:
         float64 array of shape (N,).
     """
     n = len(images)
-    out = [predict_branch_proba(model, apply_view(view, images[np.arange(i, min(n, i + batch_size))]), batch_size)
+    out = [predict_branch_proba(model, apply_view(view, apply_constancy(constancy, images[np.arange(i, min(n, i + batch_size))])), batch_size)
            for i in range(0, n, batch_size)]
     return np.concatenate(out) if out else np.zeros(0, np.float64)

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import keras
 import numpy as np
 
-from colorspaces import VIEWS, apply_view
+from colorspaces import VIEWS, apply_constancy, apply_view
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,14 @@ def class_weights(y: np.ndarray, mode: str) -> dict[int, float]:
     raise ValueError(f"class_weight mode must be 'balanced' or 'none', got {mode!r}")
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random 90° rotations and horizontal flips of RGB images (a lesion has no canonical orientation).
+def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchConfig | None = None) -> np.ndarray:
+    """Random augmentation of RGB uint8 training images (never used at inference).
 
-    They are applied to the RGB image before the view, so each view sees the same
-    geometric change it would see at inference.
+    Always: random 90° rotations and horizontal flips (a lesion has no canonical orientation).
+    With a config that asks for them: a small random rotation and zoom (``rotate_degrees``,
+    ``scale_jitter``) and brightness, contrast and hue jitter (``color_jitter``). They are
+    applied to the RGB image before the view, so each view sees the change it would see in a
+    real photograph.
     """
     out = np.empty_like(images)
     ks = rng.integers(0, 4, size=len(images))
@@ -55,6 +59,39 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for i, (img, k, flip) in enumerate(zip(images, ks, flips)):
         img = np.rot90(img, k)
         out[i] = img[:, ::-1] if flip else img
+    if config is not None and (config.rotate_degrees > 0 or config.scale_jitter > 0):
+        out = _affine(out, rng, config.rotate_degrees, config.scale_jitter)
+    if config is not None and config.color_jitter > 0:
+        out = _color_jitter(out, rng, config.color_jitter)
+    return out
+
+
+def _affine(images: np.ndarray, rng: np.random.Generator, degrees: float, scale: float) -> np.ndarray:
+    n, h, w = images.shape[:3]
+    angles = rng.uniform(-degrees, degrees, n)
+    scales = rng.uniform(1 - scale, 1 + scale, n)
+    out = np.empty_like(images)
+    for i in range(n):
+        m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), float(angles[i]), float(scales[i]))
+        out[i] = cv2.warpAffine(images[i], m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return out
+
+
+def _color_jitter(images: np.ndarray, rng: np.random.Generator, j: float) -> np.ndarray:
+    n = len(images)
+    brightness = rng.uniform(-64 * j, 64 * j, n).astype(np.float32)
+    contrast = rng.uniform(1 - j, 1 + j, n).astype(np.float32)
+    hue = np.rint(rng.uniform(-30 * j, 30 * j, n)).astype(np.int16)
+    x = images.astype(np.float32)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
+    x = np.clip(x, 0, 255).round().astype(np.uint8)
+    out = np.empty_like(x)
+    for i in range(n):
+        hsv = cv2.cvtColor(x[i], cv2.COLOR_RGB2HSV)
+        # OpenCV's 8-bit hue runs 0-179: turn it modulo 180 so red stays next to red.
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + hue[i]) % 180).astype(np.uint8)
+        out[i] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     return out
 
 
@@ -142,9 +179,9 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     def load(k):
         epoch, b = divmod(int(k), steps)
         idx = order(epoch)[b * bs : (b + 1) * bs]
-        batch = images[idx]
+        batch = apply_constancy(config.color_constancy, images[idx])
         if config.augment:
-            batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]))
+            batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]), config)
         return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
 
     size, ch = config.image_size, config.channels
@@ -152,8 +189,10 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     return ds, steps
 
 
-def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None):
+def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None, constancy: str = "none"):
     """Streaming inference input: the view of ``images`` in order, ``batch_size`` at a time.
+
+    No augmentation: only the preprocessing inference also applies (``constancy``).
 
     Yields ``x`` batches, or ``(x, y)`` when labels are given (for Keras validation data).
     """
@@ -165,7 +204,7 @@ def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None
 
     def load(k):
         sl = slice(int(k) * batch_size, min(n, (int(k) + 1) * batch_size))
-        x = apply_view(view, images[np.arange(sl.start, sl.stop)]).astype(np.float32, copy=False)
+        x = apply_view(view, apply_constancy(constancy, images[np.arange(sl.start, sl.stop)])).astype(np.float32, copy=False)
         return (x,) if y32 is None else (x, y32[sl])
 
     shapes = [(None, size, size, channels)] + ([] if y32 is None else [(None,)])
@@ -237,10 +276,11 @@ def fit_branch(
     keras.utils.set_random_seed(config.seed)
     keeper = _BestKeeper(config, checkpoint_dir)
     model, initial_epoch = keeper.restore() if resume else (None, 0)
+    train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch)
     if model is None:
         model = build_branch(config)
         model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate),
+            optimizer=make_optimizer(config, steps),
             loss="binary_crossentropy",
             metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
         )
@@ -249,17 +289,16 @@ def fit_branch(
         config.view, len(y_train), int(y_train.sum()), len(y_val),
         {k: round(v, 3) for k, v in weights.items()},
     )
-    train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch)
     t0 = time.perf_counter()
     if initial_epoch < config.epochs and not keeper.stopped:
         model.fit(
             train_ds,
             steps_per_epoch=steps,
             shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
-            validation_data=view_batches(val_images, config.view, 128, y=y_val),
+            validation_data=view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy),
             initial_epoch=initial_epoch,
             epochs=config.epochs,
-            callbacks=[keeper, _EpochLogger(config.view, config.epochs)],
+            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *_schedule_callbacks(config)],
             verbose=0,
         )
     keeper.restore_best(model)
@@ -294,6 +333,22 @@ def _set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
     for name, g in _seed_generators(model).items():
         if name in states:
             g.state.assign(np.asarray(states[name], dtype=keras.backend.standardize_dtype(g.state.dtype)))
+
+
+def make_optimizer(config: BranchConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The config's optimizer, with its learning-rate schedule when that is a per-step one (cosine)."""
+    lr: Any = config.learning_rate
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=config.epochs * steps_per_epoch)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+    return keras.optimizers.Adam(lr)
+
+
+def _schedule_callbacks(config: BranchConfig) -> list:
+    if config.lr_schedule == "plateau":
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5, patience=2, verbose=0)]
+    return []
 
 
 class _BestKeeper(keras.callbacks.Callback):

@@ -1,0 +1,121 @@
+"""The accuracy options: colour constancy, affine and colour-jitter augmentation, optimiser and LR schedule.
+
+Augmentation must act in training only; colour constancy is preprocessing, so it must act in
+training and at inference alike.
+"""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+import ensemble
+from colorspaces import apply_constancy, apply_view, shades_of_gray
+from models import BranchConfig, fit_branch, predict_images_proba, training_batches, view_batches
+from models.train import augment_batch, class_weights, make_optimizer
+
+
+def test_shades_of_gray_removes_a_colour_cast_and_keeps_grey(rng):
+    scene = rng.integers(40, 200, (24, 24, 1)).repeat(3, axis=2).astype(np.float32)
+    cast = np.clip(scene * np.array([1.25, 1.0, 0.75]), 0, 255).astype(np.uint8)
+    fixed = shades_of_gray(cast)
+    means = fixed.reshape(-1, 3).mean(axis=0)
+    assert means.max() - means.min() < 3, means
+    grey = scene.astype(np.uint8)
+    assert np.abs(shades_of_gray(grey).astype(int) - grey).max() <= 1
+    np.testing.assert_array_equal(shades_of_gray(np.stack([cast, grey]))[0], fixed)
+    np.testing.assert_array_equal(apply_constancy("none", cast), cast)
+    with pytest.raises(KeyError, match="shades_of_gray"):
+        apply_constancy("retinex", cast)
+
+
+def test_new_config_fields_are_validated_and_round_trip():
+    c = BranchConfig(rotate_degrees=15, scale_jitter=0.1, color_jitter=0.1, color_constancy="shades_of_gray",
+                     optimizer="sgd", lr_schedule="cosine")
+    assert BranchConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    for bad, match in ({"optimizer": "rmsprop"}, "optimizer"), ({"lr_schedule": "step"}, "lr_schedule"), \
+                      ({"color_jitter": 1.5}, "color_jitter"), ({"color_constancy": "x"}, "color_constancy"):
+        with pytest.raises(ValueError, match=match):
+            BranchConfig(**bad)
+
+
+def test_augmentation_without_extras_is_unchanged_and_extras_change_training_batches(rng):
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    plain = augment_batch(images, np.random.default_rng(1))
+    np.testing.assert_array_equal(augment_batch(images, np.random.default_rng(1), BranchConfig()), plain)
+    extra = augment_batch(images, np.random.default_rng(1), BranchConfig(rotate_degrees=20, color_jitter=0.2))
+    assert extra.dtype == np.uint8 and extra.shape == images.shape and not np.array_equal(extra, plain)
+
+    y = np.array([0, 1, 0, 1, 0, 1])
+    w = class_weights(y, "balanced")
+    base = BranchConfig(view="hsv", image_size=16, batch_size=6, epochs=1)
+    jittered = BranchConfig(view="hsv", image_size=16, batch_size=6, epochs=1, color_jitter=0.3, scale_jitter=0.2)
+    xb = next(iter(training_batches(images, y, base, w)[0].as_numpy_iterator()))[0]
+    xj = next(iter(training_batches(images, y, jittered, w)[0].as_numpy_iterator()))[0]
+    assert not np.allclose(xb, xj)
+    assert 0.0 <= xj[..., 0].min() and xj[..., 0].max() < 1.0, "hue stays a valid OpenCV hue / 180"
+    # validation / inference input takes no augmentation settings at all
+    v = next(iter(view_batches(images, "hsv", 6).as_numpy_iterator()))
+    np.testing.assert_allclose(v, apply_view("hsv", images), atol=1e-6)
+
+
+def test_hue_jitter_turns_on_the_colour_circle():
+    red = np.zeros((1, 8, 8, 3), np.uint8)
+    red[..., 0] = 220
+    hues = []
+    for seed in range(20):
+        out = augment_batch(red, np.random.default_rng(seed), BranchConfig(color_jitter=0.3))
+        h = int(cv2.cvtColor(out[0], cv2.COLOR_RGB2HSV)[4, 4, 0])
+        hues.append(min(h, 180 - h))  # circular distance from red (hue 0)
+    assert max(hues) <= 10, hues  # ± 30 · 0.3 = ± 9 units, never a wrap to the far side of the circle
+
+
+def test_optimizer_and_cosine_schedule():
+    sgd = make_optimizer(BranchConfig(optimizer="sgd", learning_rate=0.1), steps_per_epoch=10)
+    assert type(sgd).__name__ == "SGD" and sgd.momentum == pytest.approx(0.9) and sgd.nesterov
+    adam = make_optimizer(BranchConfig(lr_schedule="cosine", learning_rate=0.01, epochs=5), steps_per_epoch=10)
+    schedule = adam._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.01) and float(schedule(50)) == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < float(schedule(25)) < 0.01
+
+
+@pytest.mark.slow
+def test_plateau_schedule_and_sgd_train(rng):
+    n = 64
+    y = np.arange(n) % 2
+    x = np.clip(np.where(y[:, None, None, None] == 1, 70, 180) + rng.integers(-30, 30, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=6, patience=6, batch_size=16,
+                          optimizer="sgd", lr_schedule="plateau", learning_rate=0.05, color_jitter=0.1, rotate_degrees=10)
+    model, history = fit_branch(config, x, y, x, y)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, predict_images_proba(model, "rgb", x)) > 0.95
+    assert history["per_epoch"]["val_auc"] and len(history["per_epoch"]["val_auc"]) <= 6
+
+
+def _with_config(trained_run, tmp_path, **changes):
+    from ensemble.bundle import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for view in ("rgb", "hsv", "fft"):
+        cfg = run / "branches" / view / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **changes}))
+    manifest = json.loads((run / "ensemble" / "manifest.json").read_text())
+    for b in manifest["branches"]:
+        b["files"] = {n: sha256_file(run / "ensemble" / b["path"] / n) for n in b["files"]}
+    (run / "ensemble" / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+@pytest.mark.slow
+def test_inference_ignores_augmentation_but_applies_colour_constancy(trained_run, synthetic_data, tmp_path):
+    paths = sorted(str(p) for p in (synthetic_data / "images").glob("*.jpg"))[:6]
+    ensemble.clear_cache()
+    base = ensemble.predict_proba(paths, run=trained_run)
+    augmented = _with_config(trained_run, tmp_path / "a", rotate_degrees=30.0, scale_jitter=0.2, color_jitter=0.3)
+    np.testing.assert_allclose(ensemble.predict_proba(paths, run=augmented), base, atol=1e-7)
+    constant = _with_config(trained_run, tmp_path / "c", color_constancy="shades_of_gray")
+    assert not np.allclose(ensemble.predict_proba(paths, run=constant), base, atol=1e-4)
