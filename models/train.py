@@ -8,7 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import cv2
 import keras
@@ -240,6 +240,8 @@ def fit_branch(
     y_val: np.ndarray,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    build: Callable[[BranchConfig], keras.Model] = build_branch,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
 
@@ -254,6 +256,8 @@ def fit_branch(
         checkpoint_dir: if given, a checkpoint is written there after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir`` (from its last complete
             epoch, with the optimizer and early-stopping state), if there is one.
+        build: the model builder (another architecture for a baseline; default the branch CNN).
+        callbacks: extra Keras callbacks (e.g. a time budget).
 
     Returns:
         ``(model, history)``; history holds per-epoch metrics, the best epoch, the class
@@ -278,7 +282,7 @@ def fit_branch(
     model, initial_epoch = keeper.restore() if resume else (None, 0)
     train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch)
     if model is None:
-        model = build_branch(config)
+        model = build(config)
         model.compile(
             optimizer=make_optimizer(config, steps),
             loss="binary_crossentropy",
@@ -298,7 +302,7 @@ def fit_branch(
             validation_data=view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy),
             initial_epoch=initial_epoch,
             epochs=config.epochs,
-            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *_schedule_callbacks(config)],
+            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *_schedule_callbacks(config), *callbacks],
             verbose=0,
         )
     keeper.restore_best(model)

@@ -119,3 +119,16 @@ def test_inference_ignores_augmentation_but_applies_colour_constancy(trained_run
     np.testing.assert_allclose(ensemble.predict_proba(paths, run=augmented), base, atol=1e-7)
     constant = _with_config(trained_run, tmp_path / "c", color_constancy="shades_of_gray")
     assert not np.allclose(ensemble.predict_proba(paths, run=constant), base, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_baseline_trains_a_keras_application_on_the_runs_split(trained_run, tmp_path, capsys):
+    from experiments.baseline import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["--run", str(run), "--epochs", "1", "--budget-seconds", "1"]) == 0
+    metrics = json.loads((run / "baseline-mobilenetv3small" / "metrics.json").read_text())
+    assert metrics["parameters"] > 100_000 and 0.0 <= metrics["test"]["auc"] <= 1.0
+    assert metrics["training"]["epochs_run"] == 1
+    assert "mobilenetv3small" in capsys.readouterr().out

@@ -1,0 +1,117 @@
+"""A standard CNN to compare the ensemble with: a Keras application trained from scratch on a run's split.
+
+``python -m experiments.baseline --run RUN`` trains ``keras.applications.MobileNetV3Small``
+(``weights=None``) on the run's own train/validation split, at the run's image size, with the
+same input pipeline, class weights, augmentation and early stopping as a branch, inside the same
+time budget as the run's three branches together; then scores the run's test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from ensemble.metrics import binary_report, choose_threshold
+from experiments.cache import cached_images
+from experiments.data import index_dataset
+from experiments.splits import load_split
+from models import BranchConfig, fit_branch, predict_images_proba
+from models.store import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("mobilenetv3small", "efficientnetb0")
+
+
+def build_standard(arch: str):
+    """A builder for ``fit_branch``: the named Keras application, random weights, one sigmoid output."""
+    def build(config: BranchConfig) -> keras.Model:
+        shape = (config.image_size, config.image_size, 3)
+        if arch == "mobilenetv3small":
+            # The rgb view is already in [0, 1]; the built-in rescaling expects 0-255.
+            body = keras.applications.MobileNetV3Small(input_shape=shape, weights=None, include_top=False,
+                                                       include_preprocessing=False)
+        elif arch == "efficientnetb0":
+            body = keras.applications.EfficientNetB0(input_shape=shape, weights=None, include_top=False)
+        else:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+        inputs = keras.Input(shape, name="rgb")
+        x = keras.layers.GlobalAveragePooling2D()(body(inputs))
+        x = keras.layers.Dropout(config.dropout)(x)
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="melanoma_proba")(x)
+        return keras.Model(inputs, outputs, name=f"baseline_{arch}")
+    return build
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training at the end of the first epoch that ends past ``seconds``."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self._t0 = seconds, 0.0
+
+    def on_train_begin(self, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.perf_counter() - self._t0 > self.seconds:
+            logger.info("time budget of %.0fs reached after epoch %d", self.seconds, epoch + 1)
+            self.model.stop_training = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train and score the baseline; print one results row and write RUN/baseline-<arch>/metrics.json."""
+    p = argparse.ArgumentParser(prog="python -m experiments.baseline", description=__doc__)
+    p.add_argument("--run", required=True, type=Path, help="a run with trained branches (its split, size and budget are reused)")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="mobilenetv3small", help="Keras application (default mobilenetv3small)")
+    p.add_argument("--budget-seconds", type=float,
+                   help="training time budget (default: the run's three branches' training time together)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+    run = args.run
+    metas = {v: json.loads((run / "branches" / v / "metadata.json").read_text()) for v in ("rgb", "hsv", "fft")
+             if (run / "branches" / v / "metadata.json").is_file()}
+    if not metas:
+        raise SystemExit(f"{run}: no trained branches to take the split, image size and time budget from")
+    rgb_config = json.loads((run / "branches" / next(iter(metas)) / "config.json").read_text())
+    budget = args.budget_seconds or sum(m["training"]["train_seconds"] for m in metas.values())
+    config = BranchConfig.from_dict({**rgb_config, "view": "rgb", "epochs": args.epochs})
+
+    assign, info = load_split(run)
+    index = index_dataset(info["data_dir"])
+    sets = {}
+    for split in ("train", "val", "test"):
+        recs = [r for r in index.records if assign.get(r.image_id) == split]
+        imgs, ok, _ = cached_images([r.path for r in recs], config.image_size, desc=f"{split} images")
+        sets[split] = (imgs, np.array([recs[i].label for i in ok]))
+    logger.info("baseline %s, budget %.0fs, image size %d", args.arch, budget, config.image_size)
+    model, history = fit_branch(config, *sets["train"], *sets["val"], build=build_standard(args.arch),
+                                callbacks=[TimeBudget(budget)])
+    val_proba = predict_images_proba(model, "rgb", sets["val"][0])
+    threshold = choose_threshold(sets["val"][1], val_proba)
+    test_proba = predict_images_proba(model, "rgb", sets["test"][0])
+    report = binary_report(sets["test"][1], test_proba, threshold)
+    out = run / f"baseline-{args.arch}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", {"arch": args.arch, "budget_seconds": budget, "config": config.to_dict(),
+                                             "parameters": int(model.count_params()),
+                                             "training": {k: v for k, v in history.items() if k != "per_epoch"},
+                                             "test": report})
+    print(f"| {args.arch} (weights=None, {model.count_params():,} parameters) | {report['auc']:.3f} "
+          f"({report['auc_ci95'][0]:.3f}–{report['auc_ci95'][1]:.3f}) | {report['sensitivity']:.3f} | "
+          f"{report['specificity']:.3f} | {history['epochs_run']} epochs, {history['train_seconds']:.0f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
