@@ -168,10 +168,12 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     orders: dict[int, np.ndarray] = {}
 
     def order(epoch: int) -> np.ndarray:
-        if epoch not in orders:
-            orders[epoch] = epoch_order(y, config.sampling, np.random.default_rng([config.seed, epoch]))
-            orders.pop(epoch - 2, None)
-        return orders[epoch]
+        # Called from tf.data's threads: a lost race only recomputes the same seeded order.
+        found = orders.get(epoch)
+        if found is None:
+            found = orders[epoch] = epoch_order(y, config.sampling, np.random.default_rng([config.seed, epoch]))
+            orders.pop(epoch - 3, None)
+        return found
 
     # The sampled order changes each epoch; its length does not.
     steps = math.ceil(len(order(0)) / bs)
