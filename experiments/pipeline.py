@@ -220,7 +220,17 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(configs) == 1:
-        return [train_branch_run(data_dir, run_dir, c, **kwargs) for c in configs]
+        summaries = []
+        for c in configs:
+            summaries.append(train_branch_run(data_dir, run_dir, c, **kwargs))
+            # Free the finished branch's graph and datasets before the next one is built.
+            import gc
+
+            import keras
+
+            keras.backend.clear_session()
+            gc.collect()
+        return summaries
     from joblib import Parallel, delayed
 
     index, assign, _ = prepare_split(data_dir, run_dir, kwargs.get("split_seed", 0), kwargs.get("limit"),
