@@ -7,6 +7,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+import scipy.fft
 
 _EPS = 1e-6
 
@@ -72,12 +73,32 @@ def to_fft(images: np.ndarray) -> np.ndarray:
         float32 array of the same shape.
     """
     batch, single = _as_batch(images)
-    x = batch.astype(np.float32) / 255.0
-    spectrum = np.fft.fftshift(np.fft.fft2(x, axes=(1, 2)), axes=(1, 2))
-    log_mag = np.log1p(np.abs(spectrum)).astype(np.float32)
-    mean = log_mag.mean(axis=(1, 2), keepdims=True)
-    std = log_mag.std(axis=(1, 2), keepdims=True)
-    out = (log_mag - mean) / (std + _EPS)
+    n, h, w, c = batch.shape
+    x = batch.astype(np.float32)
+    x *= np.float32(1.0 / 255.0)
+    # A real image's spectrum is conjugate-symmetric, |F(k1, k2)| = |F(-k1, -k2)|: compute the
+    # half spectrum (rfft2, float32), normalise it, then mirror it into the full one. This is
+    # about 6x faster than the full complex128 FFT, and the FFT view is what bounds training
+    # input speed (see experiments/benchmark.py).
+    hw = w // 2 + 1
+    spec = scipy.fft.rfft2(x, axes=(1, 2))
+    half = np.abs(spec, out=np.empty(spec.shape, np.float32))
+    np.log1p(half, out=half)
+    # Column k2 of the half spectrum stands for itself and, for 1 <= k2 <= w - hw, its mirror too.
+    col_weight = np.ones(hw, np.float32)
+    col_weight[1 : w - hw + 1] = 2.0
+    weight = np.tile(col_weight, h)[None, :]
+    flat = half.reshape(n, h * hw, c)
+    # Reductions as matrix products: numpy's strided mean over (H, W) is ~30x slower here.
+    mean = (weight @ flat) / np.float32(h * w)
+    flat -= mean
+    std = np.sqrt((weight @ np.square(flat)) / np.float32(h * w))
+    flat *= 1.0 / (std + np.float32(_EPS))
+    full = np.empty((n, h, w, c), np.float32)
+    full[:, :, :hw] = half
+    full[:, 0, hw:] = half[:, 0, w - hw : 0 : -1]
+    full[:, 1:, hw:] = half[:, : 0 : -1, w - hw : 0 : -1]
+    out = np.roll(full, (h // 2, w // 2), axis=(1, 2))  # fftshift: zero frequency at (h // 2, w // 2)
     return out[0] if single else out
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import joblib
 import numpy as np
 
-from colorspaces import ImageError, apply_constancy, apply_view, read_image, resize_image
+from colorspaces import ImageError, apply_constancy, apply_view, read_image, resize_image, sliding_windows
 from ensemble.fusion import FUSION_METHODS
 from models import load_branch
 from models.store import LABEL_MAP, atomic_path, library_versions, read_branch_info, write_json_atomic
@@ -73,6 +73,7 @@ def save_ensemble(
             "view": config.view,
             "path": os.path.relpath(bdir.resolve(), out_dir.resolve()),
             "image_size": config.image_size,
+            "crop": [config.load_size, config.crop_stride],
             "files": _branch_files(bdir),
         })
     if len(set(views)) != len(views):
@@ -80,6 +81,11 @@ def save_ensemble(
     sizes = {b["image_size"] for b in branches}
     if len(sizes) != 1:
         raise ValueError(f"branches were trained at different image sizes {sorted(sizes)}; retrain them at one size")
+    crops = {tuple(b["crop"]) for b in branches}
+    if len(crops) != 1:
+        raise ValueError(f"branches were trained with different crop settings (load size, stride) {sorted(crops)}; "
+                         "retrain them alike")
+    load_size, crop_stride = crops.pop()
     with atomic_path(out_dir / FUSION_FILE) as tmp:
         joblib.dump(fusion, tmp)
     manifest = {
@@ -92,6 +98,8 @@ def save_ensemble(
         "threshold": float(threshold),
         "threshold_rule": "max Youden J on validation data",
         "image_size": sizes.pop(),
+        "load_size": load_size,
+        "crop_stride": crop_stride,
         "label_map": LABEL_MAP,
         "fusion": {"file": FUSION_FILE, "sha256": sha256_file(out_dir / FUSION_FILE)},
         **(extra or {}),
@@ -114,7 +122,9 @@ class Ensemble:
 
     Inference decodes each image once, computes each view once, and runs all branches in
     one compiled forward pass (a ``tf.function`` with a fixed input signature, traced once
-    at load time), so neither single images nor batches pay for graph retracing.
+    at load time), so neither single images nor batches pay for graph retracing. Branches
+    trained with sliding-window crops see each image resized to ``load_size``, as a grid of
+    windows whose probabilities are averaged per branch before the fusion.
     """
 
     def __init__(self, manifest: dict[str, Any], models: list, configs: list, fusion):
@@ -124,6 +134,9 @@ class Ensemble:
         self.fusion = fusion
         self.views = [c.view for c in configs]
         self.image_size = int(manifest["image_size"])
+        # Bundles written before crops existed have neither key: no crops.
+        self.load_size = int(manifest.get("load_size", self.image_size))
+        self.crop_stride = int(manifest.get("crop_stride", 0))
         self.threshold = float(manifest["threshold"])
         self._forward = self._compile_forward()
 
@@ -143,22 +156,28 @@ class Ensemble:
         return forward
 
     def prepare(self, images: Sequence[Any]) -> np.ndarray:
-        """Read and resize images into one RGB uint8 batch (N, S, S, 3).
+        """Read and resize images into one RGB uint8 batch (N, L, L, 3), L = ``load_size``.
 
         Raises:
             ImageError: naming the first image that cannot be read.
         """
         if len(images) == 0:
-            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
-        return np.stack([resize_image(read_image(img), self.image_size) for img in images])
+            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
 
     def member_proba_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``P`` (n × branches) for RGB uint8 images already at the bundle's size, in one forward pass."""
+        """``P`` (n × branches) for RGB uint8 images already at ``load_size``, in one forward pass."""
         if len(batch) == 0:
             return np.zeros((0, len(self.models)), np.float64)
+        n, k = len(batch), 1
+        # Colour constancy sees the whole image, as in training, and only then is it cut into windows.
         prepared = {m: apply_constancy(m, batch) for m in {c.color_constancy for c in self.configs}}
+        if self.load_size > self.image_size:
+            for m, imgs in prepared.items():
+                prepared[m], k = sliding_windows(imgs, self.image_size, self.crop_stride)
         xs = [np.asarray(apply_view(c.view, prepared[c.color_constancy]), dtype=np.float32) for c in self.configs]
-        return self._forward(*xs).numpy().astype(np.float64)
+        P = self._forward(*xs).numpy().astype(np.float64)
+        return P.reshape(k, n, -1).mean(axis=0)
 
     def score_batch(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(P, fused)`` for RGB uint8 images at the bundle's size.
@@ -196,7 +215,7 @@ class Ensemble:
 
     def _load_file(self, path: str):
         try:
-            return resize_image(read_image(path), self.image_size), None
+            return resize_image(read_image(path), self.load_size), None
         except ImageError as exc:
             return None, str(exc)
 

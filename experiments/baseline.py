@@ -92,14 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = {}
     for split in ("train", "val", "test"):
         recs = [r for r in index.records if assign.get(r.image_id) == split]
-        imgs, ok, _ = cached_images([r.path for r in recs], config.image_size, desc=f"{split} images")
+        imgs, ok, _ = cached_images([r.path for r in recs], config.load_size, desc=f"{split} images")
         sets[split] = (imgs, np.array([recs[i].label for i in ok]))
     logger.info("baseline %s, budget %.0fs, image size %d", args.arch, budget, config.image_size)
     model, history = fit_branch(config, *sets["train"], *sets["val"], build=build_standard(args.arch),
                                 callbacks=[TimeBudget(budget)])
-    val_proba = predict_images_proba(model, "rgb", sets["val"][0])
+    val_proba = predict_images_proba(model, "rgb", sets["val"][0], crop_stride=config.crop_stride)
     threshold = choose_threshold(sets["val"][1], val_proba)
-    test_proba = predict_images_proba(model, "rgb", sets["test"][0])
+    test_proba = predict_images_proba(model, "rgb", sets["test"][0], crop_stride=config.crop_stride)
     report = binary_report(sets["test"][1], test_proba, threshold)
     out = run / f"baseline-{args.arch}"
     out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help="augmentation: brightness +/- 64j levels, contrast x(1 +/- j), hue +/- 30j OpenCV units (default 0, off)")
     p.add_argument("--color-constancy", choices=["none", "shades_of_gray"],
                    help="preprocessing before the view, in training and inference (default none)")
+    p.add_argument("--crop-scale", type=float,
+                   help="sliding-window crops: resize to image-size x this (1-2), train on random image-size windows, "
+                        "average a grid of windows at inference (default 1, off)")
+    p.add_argument("--crop-stride", type=int,
+                   help="pixels between the inference windows (default 0: (load - image size) // 2, a 3x3 grid)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="adam, or sgd with Nesterov momentum 0.9 (default adam)")
     p.add_argument("--lr-schedule", choices=["none", "cosine", "plateau"],
                    help="cosine decay over the epochs, or halve on a 2-epoch validation-AUC plateau (default none)")
@@ -81,9 +86,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="when the run's split is created, also group images whose perceptual hashes are near-identical")
     p.add_argument("--limit", type=int, help="use a stratified, grouped subset of about N images (quick runs; fixed at split creation)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="with --view all: branches trained at once, in separate processes (default 1, sequential, "
-                        "which measured faster on 2 cores; see the README's performance table)")
+    p.add_argument("--jobs", type=int,
+                   help="with --view all: branches trained at once, each in its own process with cores/N TensorFlow "
+                        "threads (default: one process per branch, which measured fastest on 2 cores; 1 = one after "
+                        "another in this process, less memory; see the README's Performance section)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: each branch resumes from its last completed epoch "
                         "(checkpointed in RUN/branches/<view>/.checkpoint); finished branches are kept")
@@ -118,7 +124,8 @@ def _train(args) -> int:
     elif args.audit:
         raise ValueError("--audit is only used with --exclude-artefacts")
     configs = [BranchConfig.from_dict({**base, **overrides, "view": view}) for view in views]
-    summaries = train_branches(args.data, args.run, configs, jobs=args.jobs, split_seed=args.split_seed,
+    jobs = args.jobs if args.jobs is not None else len(configs)
+    summaries = train_branches(args.data, args.run, configs, jobs=jobs, split_seed=args.split_seed,
                                limit=args.limit, workers=args.workers, dedup=args.dedup_split,
                                exclude_ids=exclude, cache_dir=args.cache_dir, resume=args.resume)
     skipped = 0

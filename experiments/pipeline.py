@@ -109,6 +109,7 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
     """
+    bound_allocator()
     index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit, dedup=dedup)
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
     n_excluded = 0
@@ -134,7 +135,7 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     for s, rs in recs.items():
         # Decoded once into the disk cache; every branch and later run on these files reuses it,
         # and training streams it batch by batch, so memory does not grow with the dataset.
-        imgs, ok, fails = cached_images([r.path for r in rs], config.image_size, cache_dir=cache_dir,
+        imgs, ok, fails = cached_images([r.path for r in rs], config.load_size, cache_dir=cache_dir,
                                         workers=workers, desc=f"{s} images")
         loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
         failures += fails
@@ -147,7 +148,8 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
                                 checkpoint_dir=checkpoint, resume=resume)
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
-    proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy)
+    proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy,
+                                 crop_stride=config.crop_stride)
     threshold = choose_threshold(y_val, proba)
     val_metrics = binary_report(y_val, proba, threshold)
     with atomic_open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
@@ -170,6 +172,24 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
             "train_seconds": history["train_seconds"], "skipped": len(failures),
             "peak_rss_mb": history["peak_rss_mb"]}
+
+
+def bound_allocator(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes or more with mmap, always.
+
+    By default glibc raises its mmap threshold after the first large free, so the input
+    pipeline's per-batch arrays (megabytes each, allocated by several tf.data threads) are
+    then carved from per-thread heaps that keep their freed memory: resident memory creeps
+    up epoch after epoch. A fixed threshold returns every batch's memory when it is freed.
+    A no-op (returns False) where the C library is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_rss_mb() -> float:
@@ -235,7 +255,7 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
 
     index, assign, _ = prepare_split(data_dir, run_dir, kwargs.get("split_seed", 0), kwargs.get("limit"),
                                      dedup=kwargs.get("dedup", False))
-    for size in sorted({c.image_size for c in configs}):
+    for size in sorted({c.load_size for c in configs}):
         for split in ("train", "val"):
             cached_images([r.path for r in index.records if assign[r.image_id] == split
                            and not (split == "train" and r.image_id in (kwargs.get("exclude_ids") or ()))],
@@ -261,8 +281,9 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     index = index_dataset(info["data_dir"])
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(run / "branches" / view)
-    imgs, ok, _ = cached_images([r.path for r in records], config.image_size, workers=workers, desc=f"{split} images")
-    return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy)
+    imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images")
+    return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy,
+                                                          crop_stride=config.crop_stride)
 
 
 def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
@@ -294,9 +315,10 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
         values = {m.get(key) for _, m in infos}
         if len(values) != 1:
             raise ValueError(f"{run}: branches disagree on {key} ({values}); retrain them in one run")
-    sizes = {c.image_size for c, _ in infos}
+    sizes = {(c.image_size, c.load_size, c.crop_stride) for c, _ in infos}
     if len(sizes) != 1:
-        raise ValueError(f"{run}: branches were trained at different image sizes {sorted(sizes)}")
+        raise ValueError(f"{run}: branches were trained at different image sizes or crop settings "
+                         f"(image_size, load_size, crop_stride) = {sorted(sizes)}; retrain them alike")
     preds = [_read_val_predictions(b) for b in branch_dirs]
     ids = sorted(set.intersection(*(set(p) for p in preds)))
     if len(ids) != len(preds[0]):

@@ -9,7 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from colorspaces import CONSTANCY, VIEWS, apply_constancy, apply_view
+from colorspaces import CONSTANCY, VIEWS, apply_constancy, apply_view, sliding_windows, window_offsets
 
 CLASS_WEIGHT_CHOICES = ("balanced", "none")
 SAMPLING_CHOICES = ("none", "undersample", "oversample")
@@ -45,6 +45,12 @@ class BranchConfig:
             turned on the colour circle so the HSV view stays meaningful); 0 = off.
         color_constancy: preprocessing applied to every image before its view, in training
             and at inference alike: "none" or "shades_of_gray" (p = 6).
+        crop_scale: sliding-window crops when > 1: images are resized to ``load_size`` =
+            round(image_size × crop_scale); training takes one random ``image_size`` window of
+            each, and inference averages a grid of windows (``crop_stride``) at the same scale.
+            1 turns crops off.
+        crop_stride: pixels between the test-time windows; 0 means (load_size − image_size) // 2,
+            a 3 × 3 grid.
         optimizer: "adam", or "sgd" (Nesterov momentum 0.9).
         lr_schedule: "none", "cosine" (decay to 0 over ``epochs``) or "plateau" (halve the
             rate after 2 epochs without a better validation AUC).
@@ -66,6 +72,8 @@ class BranchConfig:
     scale_jitter: float = 0.0
     color_jitter: float = 0.0
     color_constancy: str = "none"
+    crop_scale: float = 1.0
+    crop_stride: int = 0
     optimizer: str = "adam"
     lr_schedule: str = "none"
     seed: int = 0
@@ -94,9 +102,18 @@ class BranchConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.rotate_degrees <= 180.0:
             raise ValueError(f"rotate_degrees must be in [0, 180], got {self.rotate_degrees}")
+        if not 1.0 <= self.crop_scale <= 2.0:
+            raise ValueError(f"crop_scale must be in [1, 2], got {self.crop_scale}")
+        if int(self.crop_stride) < 0:
+            raise ValueError(f"crop_stride must be >= 0, got {self.crop_stride}")
         for name in ("scale_jitter", "color_jitter"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def load_size(self) -> int:
+        """Side images are resized to before cropping (``image_size`` when crops are off)."""
+        return int(round(self.image_size * self.crop_scale))
 
     @property
     def channels(self) -> int:
@@ -175,20 +192,30 @@ def predict_branch_proba(model: keras.Model, x: np.ndarray, batch_size: int = 64
 
 
 def predict_images_proba(model: keras.Model, view: str, images, batch_size: int = 128,
-                         constancy: str = "none") -> np.ndarray:
+                         constancy: str = "none", crop_stride: int = 0) -> np.ndarray:
     """Melanoma probabilities for RGB uint8 images, computing the view one batch at a time.
 
     Args:
         model: a branch model for ``view``.
         view: the branch's view name.
-        images: RGB uint8 (N, S, S, 3), an array or an array-like such as an on-disk cache.
+        images: RGB uint8 (N, L, L, 3), an array or an array-like such as an on-disk cache.
+            When L exceeds the model's input side (a branch trained with crops), each
+            image's probability is the mean over its grid of windows (``crop_stride``).
         batch_size: images per view computation and forward pass.
         constancy: the branch's colour-constancy preprocessing (``BranchConfig.color_constancy``).
+        crop_stride: pixels between windows (``BranchConfig.crop_stride``; 0 = a 3 × 3 grid).
 
     Returns:
         float64 array of shape (N,).
     """
-    n = len(images)
-    out = [predict_branch_proba(model, apply_view(view, apply_constancy(constancy, images[np.arange(i, min(n, i + batch_size))])), batch_size)
-           for i in range(0, n, batch_size)]
+    n, size, load = len(images), int(model.input_shape[1]), int(images.shape[1])
+    # k windows per image: take batch_size // k images at a time so a forward pass stays batch_size.
+    k = len(window_offsets(load, size, crop_stride)) ** 2
+    step = max(1, batch_size // k)
+    out = []
+    for i in range(0, n, step):
+        batch = apply_constancy(constancy, images[np.arange(i, min(n, i + step))])
+        wins, k = sliding_windows(batch, size, crop_stride) if batch.shape[1] > size else (batch, 1)
+        p = predict_branch_proba(model, apply_view(view, wins), batch_size)
+        out.append(p.reshape(k, len(batch)).mean(axis=0))
     return np.concatenate(out) if out else np.zeros(0, np.float64)

@@ -14,7 +14,7 @@ import cv2
 import keras
 import numpy as np
 
-from colorspaces import VIEWS, apply_constancy, apply_view
+from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
 
     Args:
-        images: RGB uint8 images of shape (N, S, S, 3): a NumPy array or any array-like whose
+        images: RGB uint8 images of shape (N, L, L, 3), L = ``config.load_size`` (with crops on,
+            each batch takes one random ``config.image_size`` window per image): a NumPy array or any array-like whose
             ``images[index_array]`` returns such a batch (e.g. ``experiments.cache.ImageCache``).
         y: binary labels (N,).
         config: the branch config (view, batch size, sampling, augmentation, seed).
@@ -182,6 +183,9 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         epoch, b = divmod(int(k), steps)
         idx = order(epoch)[b * bs : (b + 1) * bs]
         batch = apply_constancy(config.color_constancy, images[idx])
+        if config.load_size > config.image_size:
+            # Its own generator, so switching crops on leaves the augmentation stream unchanged.
+            batch = random_crops(batch, config.image_size, np.random.default_rng([config.seed, epoch, b, 1]))
         if config.augment:
             batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]), config)
         return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
@@ -191,22 +195,28 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     return ds, steps
 
 
-def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None, constancy: str = "none"):
+def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None, constancy: str = "none",
+                 crop: int | None = None):
     """Streaming inference input: the view of ``images`` in order, ``batch_size`` at a time.
 
-    No augmentation: only the preprocessing inference also applies (``constancy``).
+    No augmentation: only the preprocessing inference also applies (``constancy``). With
+    ``crop``, each image's central ``crop``×``crop`` window (for validating a branch trained
+    on crops while it trains; its saved validation scores average the full window grid).
 
     Yields ``x`` batches, or ``(x, y)`` when labels are given (for Keras validation data).
     """
     n = len(images)
     steps = math.ceil(n / batch_size)
     channels = VIEWS[view].channels
-    size = images.shape[1]
+    size = crop or images.shape[1]
     y32 = None if y is None else np.asarray(y).astype(np.float32)
 
     def load(k):
         sl = slice(int(k) * batch_size, min(n, (int(k) + 1) * batch_size))
-        x = apply_view(view, apply_constancy(constancy, images[np.arange(sl.start, sl.stop)])).astype(np.float32, copy=False)
+        batch = apply_constancy(constancy, images[np.arange(sl.start, sl.stop)])
+        if batch.shape[1] > size:
+            batch = centre_crop(batch, size)
+        x = apply_view(view, batch).astype(np.float32, copy=False)
         return (x,) if y32 is None else (x, y32[sl])
 
     shapes = [(None, size, size, channels)] + ([] if y32 is None else [(None,)])
@@ -249,7 +259,8 @@ def fit_branch(
 
     Args:
         config: branch hyper-parameters; its seed is set here.
-        train_images: RGB uint8 (N, S, S, 3) with S = ``config.image_size``: an array, or an
+        train_images: RGB uint8 (N, L, L, 3) with L = ``config.load_size`` (``image_size``
+            unless the config asks for crops): an array, or an
             array-like read a batch at a time (``experiments.cache.ImageCache``), so the
             training set need not fit in memory.
         y_train: binary labels (1 = melanoma), shape (N,).
@@ -268,7 +279,7 @@ def fit_branch(
     Raises:
         ValueError: if shapes disagree with the config or a class is missing.
     """
-    size = config.image_size
+    size = config.load_size
     for name, arr in (("train_images", train_images), ("val_images", val_images)):
         if arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or arr.dtype != np.uint8:
             raise ValueError(
@@ -301,7 +312,8 @@ def fit_branch(
             train_ds,
             steps_per_epoch=steps,
             shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
-            validation_data=view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy),
+            validation_data=view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy,
+                                         crop=config.image_size),
             initial_epoch=initial_epoch,
             epochs=config.epochs,
             callbacks=[keeper, _EpochLogger(config.view, config.epochs), *_schedule_callbacks(config), *callbacks],
