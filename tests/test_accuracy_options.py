@@ -132,3 +132,18 @@ def test_baseline_trains_a_keras_application_on_the_runs_split(trained_run, tmp_
     assert metrics["parameters"] > 100_000 and 0.0 <= metrics["test"]["auc"] <= 1.0
     assert metrics["training"]["epochs_run"] == 1
     assert "mobilenetv3small" in capsys.readouterr().out
+
+
+def test_sensitivity_at_specificity_matches_a_brute_force_threshold_sweep(rng):
+    from experiments.accuracy import load_config, sensitivity_at_specificity
+
+    y = (rng.random(300) < 0.2).astype(int)
+    p = np.round(np.clip(0.3 * y + rng.normal(0.4, 0.2, 300), 0, 1), 2)  # rounded: many ties
+    for spec in (0.5, 0.85, 0.95):
+        best = max(np.mean(p[y == 1] >= t) for t in np.append(np.unique(p), np.inf)
+                   if np.mean(p[y == 0] < t) >= spec)
+        assert sensitivity_at_specificity(y, p, spec) == pytest.approx(best)
+    for name in ("default", "augment", "crops", "shades-of-gray"):
+        BranchConfig.from_dict(load_config(name))  # every shipped experiment config is valid
+    with pytest.raises(FileNotFoundError, match="known"):
+        load_config("no-such-experiment")
