@@ -47,7 +47,7 @@ def sensitivity_at_specificity(y, proba, specificity: float) -> float:
     y = np.asarray(y).astype(int)
     if len(np.unique(y)) < 2:
         return math.nan
-    fpr, tpr, _ = roc_curve(y, np.asarray(proba, dtype=np.float64))
+    fpr, tpr, _ = roc_curve(y, np.asarray(proba, dtype=np.float64), drop_intermediate=False)  # every threshold is a candidate
     ok = (1.0 - fpr) >= specificity - 1e-12
     return float(tpr[ok].max()) if ok.any() else 0.0
 
@@ -57,7 +57,7 @@ def specificity_at_sensitivity(y, proba, sensitivity: float) -> float:
     y = np.asarray(y).astype(int)
     if len(np.unique(y)) < 2:
         return math.nan
-    fpr, tpr, _ = roc_curve(y, np.asarray(proba, dtype=np.float64))
+    fpr, tpr, _ = roc_curve(y, np.asarray(proba, dtype=np.float64), drop_intermediate=False)  # every threshold is a candidate
     ok = tpr >= sensitivity - 1e-12
     return float((1.0 - fpr[ok]).max()) if ok.any() else 0.0
 

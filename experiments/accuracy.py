@@ -22,6 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ensemble.metrics import sensitivity_at_specificity
+from models.store import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -38,18 +41,6 @@ def load_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, spec: float) -> float:
-    """Best sensitivity among thresholds whose specificity on these images is at least ``spec``."""
-    neg, pos = np.sort(p[y == 0]), p[y == 1]
-    if len(neg) == 0 or len(pos) == 0:
-        return float("nan")
-    # the smallest threshold t with share(neg < t) >= spec, predicting melanoma for p >= t
-    k = int(np.ceil(spec * len(neg)))
-    t = neg[k - 1] if k >= 1 else -np.inf
-    t = np.nextafter(t, np.inf) if k >= 1 else t
-    return float(np.mean(pos >= t))
-
-
 def _trained(run: Path, config: dict) -> bool:
     from models import BranchConfig
 
@@ -62,8 +53,8 @@ def _trained(run: Path, config: dict) -> bool:
     return True
 
 
-def run_config(data: str, out: Path, name: str, audit: str | None) -> list[dict]:
-    """Train (or reuse), fuse by mean and stack, and evaluate one config; returns one row per fusion."""
+def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: int = 0) -> list[dict]:
+    """Train (or reuse), fuse by mean and stack (and OOF stack), evaluate one config; one row per fusion."""
     from experiments.pipeline import evaluate_run, fuse_run, train_branches
     from models import BranchConfig
 
@@ -75,18 +66,26 @@ def run_config(data: str, out: Path, name: str, audit: str | None) -> list[dict]
         configs = [BranchConfig.from_dict({**config, "view": v}) for v in VIEWS]
         train_branches(data, str(run), configs, jobs=len(configs), resume=True)
     rows = []
-    for method in ("mean", "stack"):
-        target = run if method == "mean" else out / f"{name}-stack"
-        if method == "stack":
+    methods = ["mean", "stack"] + ([f"stack-oof{oof_folds}"] if oof_folds else [])
+    for method in methods:
+        target = run if method == "mean" else out / f"{name}-{method}"
+        if method != "mean":
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(run, target, ignore=shutil.ignore_patterns("ensemble", "eval-*", "*.png", "report.html"))
-        fuse_run(str(target), method=method)
+            shutil.copytree(run, target, ignore=shutil.ignore_patterns("ensemble", "eval-*", "*.png", "report.html",
+                                                                       "oof"))
+        if method.startswith("stack-oof"):
+            # The fold runs live in the trained run, so a rerun reuses them.
+            (run / "oof").mkdir(exist_ok=True)
+            (target / "oof").symlink_to((run / "oof").resolve(), target_is_directory=True)
+            fuse_run(str(target), method="stack", folds=oof_folds)
+        else:
+            fuse_run(str(target), method=method)
         metrics = evaluate_run(str(target), plots=False, audit_csv=audit, audit=audit is not None)
-        rows.append(_row(name, method, target, metrics))
+        rows.append(_row(name, method, target, metrics, oof_folds if method.startswith("stack-oof") else 0))
     return rows
 
 
-def _row(name: str, method: str, run: Path, metrics: dict) -> dict:
+def _row(name: str, method: str, run: Path, metrics: dict, oof_folds: int = 0) -> dict:
     import csv
 
     with open(run / "predictions.csv", newline="") as fh:
@@ -95,13 +94,20 @@ def _row(name: str, method: str, run: Path, metrics: dict) -> dict:
     fused = np.array([float(r["fused"]) for r in preds])
     seconds = sum(json.loads((run / "branches" / v / "metadata.json").read_text())["training"]["train_seconds"]
                   for v in VIEWS)
+    fold_seconds = sum(json.loads(m.read_text())["training"]["train_seconds"]
+                       for m in (run / "oof").glob(f"k{oof_folds}-fold*/branches/*/metadata.json")) if oof_folds else 0.0
     f = metrics["fused"]
     best_branch = max(metrics["members"][v]["auc"] for v in VIEWS)
     isic17 = metrics["per_source"].get("ISIC2017_train", {}).get("fused", {}).get("auc", float("nan"))
     return {"name": name, "method": method, "members": {v: metrics["members"][v]["auc"] for v in VIEWS},
             "auc": f["auc"], "ci": f["auc_ci95"], "gain": f["auc"] - best_branch, "sens": f["sensitivity"],
             "spec": f["specificity"], "sens_at_spec85": sensitivity_at_specificity(y, fused, 0.85),
-            "isic2017_train_auc": isic17, "train_seconds": seconds}
+            "isic2017_train_auc": isic17, "train_seconds": seconds, "fold_train_seconds": fold_seconds}
+
+
+def _f(x, spec: str = ".3f") -> str:
+    # results.json stores an undefined metric (NaN) as null
+    return "n/a" if x is None or x != x else format(x, spec)
 
 
 def format_rows(rows: Sequence[dict]) -> str:
@@ -111,10 +117,11 @@ def format_rows(rows: Sequence[dict]) -> str:
            "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         m = r["members"]
-        out.append(f"| `acc-{r['name']}.json` | {r['method']} | {m['rgb']:.3f} | {m['hsv']:.3f} | {m['fft']:.3f} | "
-                   f"{r['auc']:.3f} ({r['ci'][0]:.3f}–{r['ci'][1]:.3f}) | {r['gain']:+.3f} | {r['sens']:.3f} | "
-                   f"{r['spec']:.3f} | {r['sens_at_spec85']:.3f} | {r['isic2017_train_auc']:.3f} | "
-                   f"{r['train_seconds']:.0f} s |")
+        out.append(f"| `acc-{r['name']}.json` | {r['method']} | {_f(m['rgb'])} | {_f(m['hsv'])} | {_f(m['fft'])} | "
+                   f"{_f(r['auc'])} ({_f(r['ci'][0])}–{_f(r['ci'][1])}) | {_f(r['gain'], '+.3f')} | {_f(r['sens'])} | "
+                   f"{_f(r['spec'])} | {_f(r['sens_at_spec85'])} | {_f(r['isic2017_train_auc'])} | "
+                   f"{r['train_seconds']:.0f} s" + (f" + {r['fold_train_seconds']:.0f} s folds" if r.get("fold_train_seconds") else "")
+                   + " |")
     return "\n".join(out)
 
 
@@ -127,17 +134,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                    help=f"experiment names, files experiments/configs/acc-NAME.json (default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--audit", help="audit CSV for the per-artefact AUCs (default: none)")
+    p.add_argument("--oof-folds", type=int, default=0, metavar="K",
+                   help="also stack on K-fold out-of-fold training probabilities (fuse --folds K; trains every "
+                        "branch K more times) and add that row (default 0: off)")
     args = p.parse_args(argv)
+    if args.oof_folds == 1 or args.oof_folds < 0:
+        p.error(f"--oof-folds must be 0 (off) or at least 2, got {args.oof_folds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in args.configs:
         load_config(name)  # fail on a typo before hours of training
     rows = []
     for name in args.configs:
-        rows += run_config(args.data, args.out, name, args.audit)
-        print(format_rows(rows[-2:]), flush=True)
+        new_rows = run_config(args.data, args.out, name, args.audit, args.oof_folds)
+        rows += new_rows
+        print(format_rows(new_rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("\n" + format_rows(rows))
+    results = args.out / "results.json"
+    # Rows of earlier invocations (other configs) are kept; a rerun replaces its own rows.
+    done = {(r["name"], r["method"]) for r in rows}
+    earlier = [r for r in json.loads(results.read_text()) if (r["name"], r["method"]) not in done] \
+        if results.is_file() else []
+    write_json_atomic(results, earlier + rows)
+    print("\n" + format_rows(earlier + rows))
     return 0
 
 

@@ -155,6 +155,12 @@ def fuse_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean", choices=["mean", "stack"],
                    help="mean: average the branch probabilities; stack: logistic regression on their log-odds (default mean)")
     p.add_argument("--views", default=",".join(VIEW_NAMES), help="comma-separated branches to fuse, in order (default rgb,hsv,fft)")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="stack only: fit the stacker on out-of-fold probabilities of the training split, training "
+                        "each branch K more times (in RUN/oof/; resumable) instead of on the validation split "
+                        "(default 0: fit on validation)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="with --folds: parallel training processes per fold (default one per branch)")
     _common(p)
     return p
 
@@ -166,8 +172,17 @@ def _fuse(args) -> int:
     bad = [v for v in views if v not in VIEW_NAMES]
     if bad or not views:
         raise ValueError(f"--views takes names from {list(VIEW_NAMES)}, got {args.views!r}")
-    result = fuse_run(args.run, args.method, views)
+    if args.folds and args.method != "stack":
+        raise ValueError(f"--folds only applies to --method stack (got --method {args.method})")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    result = fuse_run(args.run, args.method, views, folds=args.folds, jobs=args.jobs)
     print(f"fusion '{args.method}' written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} (chosen on validation)")
+    fit = result.get("stack_fit", {})
+    if fit.get("folds"):
+        print(f"stacker fitted on {fit['n_images']} out-of-fold training images ({fit['folds']} folds); validation AUC "
+              f"{fit['val_auc_oof_stacker']:.4f} vs {fit['val_auc_val_stacker_cv']:.4f} for a stacker fitted on "
+              f"validation (cross-validated)")
     print("validation metrics (not a test result):")
     print(format_table(result["validation"]))
     return EXIT_OK

@@ -294,17 +294,27 @@ def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
         return {r["image_id"]: (int(r["label"]), float(r["melanoma_proba"])) for r in csv.DictReader(fh)}
 
 
-def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VIEWS)) -> dict[str, Any]:
+def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VIEWS), folds: int = 0,
+             jobs: int | None = None) -> dict[str, Any]:
     """Fit the fusion on the branches' validation probabilities and write ``RUN/ensemble/``.
 
     The decision threshold is chosen on validation data: on the fused probabilities for
     ``mean``, and on the stacker's out-of-fold probabilities for ``stack`` (so the threshold
     is not chosen on the very predictions the stacker was fitted to).
 
+    With ``folds`` K >= 2 (``stack`` only), the stacker is instead fitted on out-of-fold
+    probabilities of the training split (each branch trained K more times, see
+    :mod:`experiments.oof`), and the threshold is chosen on the validation split, which the
+    stacker then never saw. ``jobs`` parallel training processes per fold (default one per branch).
+
     Raises:
         FileNotFoundError: if a branch is missing.
         ValueError: if branches were trained on different splits or settings.
     """
+    if folds and method != "stack":
+        raise ValueError(f"--folds only applies to --method stack (got --method {method})")
+    if folds and folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
     run = Path(run_dir)
     branch_dirs = [run / "branches" / v for v in views]
     infos = [read_branch_info(b) for b in branch_dirs]
@@ -325,8 +335,27 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
         logger.warning("branches share %d of %d validation images; fusing on the shared ones", len(ids), len(preds[0]))
     y = np.array([preds[0][i][0] for i in ids])
     P = np.array([[p[i][1] for p in preds] for i in ids])
-    fusion = make_fusion(method).fit(P, y)
-    fused = fusion.oof_proba_ if method == "stack" else fusion.predict_proba(P)[:, 1]
+    stack_fit: dict[str, Any] = {}
+    if folds:
+        from experiments.oof import oof_member_proba
+
+        oof_ids, y_oof, P_oof = oof_member_proba(run, views, folds, jobs=jobs)
+        fusion = make_fusion(method).fit(P_oof, y_oof)
+        fused = fusion.predict_proba(P)[:, 1]  # validation: unseen by the stacker and by every branch
+        val_only = make_fusion(method).fit(P, y).oof_proba_
+        stack_fit = {"stack_fit": {"on": "train out-of-fold", "folds": folds, "n_images": len(oof_ids),
+                                   "oof_member_auc": {v: float(roc_auc_ci(y_oof, P_oof[:, j], n_boot=0)[0])
+                                                      for j, v in enumerate(views)},
+                                   "val_auc_oof_stacker": float(roc_auc_ci(y, fused, n_boot=0)[0]),
+                                   "val_auc_val_stacker_cv": float(roc_auc_ci(y, val_only, n_boot=0)[0])}}
+        logger.info("stacker fitted on %d out-of-fold training images: validation AUC %.4f "
+                    "(stacker fitted on validation itself, cross-validated: %.4f)", len(oof_ids),
+                    stack_fit["stack_fit"]["val_auc_oof_stacker"], stack_fit["stack_fit"]["val_auc_val_stacker_cv"])
+    else:
+        fusion = make_fusion(method).fit(P, y)
+        fused = fusion.oof_proba_ if method == "stack" else fusion.predict_proba(P)[:, 1]
+        if method == "stack":
+            stack_fit = {"stack_fit": {"on": "validation", "folds": 0, "n_images": int(len(y))}}
     threshold = choose_threshold(y, fused)
     val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
     val["fused"] = binary_report(y, fused, threshold)
@@ -335,11 +364,13 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
         "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
         "split_seed": infos[0][1].get("split_seed"),
         "n_validation": int(len(y)),
+        **stack_fit,
     })
     if method == "stack":
         coef = fusion.final_estimator_.coef_.ravel().round(3).tolist()
         logger.info("stacker log-odds weights %s", dict(zip(views, coef)))
-    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble")}
+    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble"),
+            **stack_fit}
 
 
 def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,

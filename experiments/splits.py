@@ -25,7 +25,8 @@ def _strata(records: Sequence[Record]) -> np.ndarray:
     return np.array([f"{r.label}|{r.source}" for r in records])
 
 
-def _folds(records: Sequence[Record], n_folds: int, seed: int) -> np.ndarray:
+def grouped_folds(records: Sequence[Record], n_folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..n_folds-1) per record: whole lesion groups, stratified on label × source."""
     groups = np.array([r.group_id for r in records])
     if len(np.unique(groups)) < n_folds:
         raise ValueError(f"need at least {n_folds} lesion groups to split, got {len(np.unique(groups))}")
@@ -80,7 +81,7 @@ def make_split(records: Sequence[Record], seed: int = 0, val_folds: int = 3, tes
     Raises:
         ValueError: if there are fewer than 20 groups or a split lacks a class.
     """
-    fold = _folds(records, N_FOLDS, seed)
+    fold = grouped_folds(records, N_FOLDS, seed)
     assign = {}
     for r, f in zip(records, fold):
         assign[r.image_id] = "test" if f < test_folds else "val" if f < test_folds + val_folds else "train"

@@ -135,7 +135,8 @@ def test_baseline_trains_a_keras_application_on_the_runs_split(trained_run, tmp_
 
 
 def test_sensitivity_at_specificity_matches_a_brute_force_threshold_sweep(rng):
-    from experiments.accuracy import load_config, sensitivity_at_specificity
+    from ensemble.metrics import sensitivity_at_specificity
+    from experiments.accuracy import load_config
 
     y = (rng.random(300) < 0.2).astype(int)
     p = np.round(np.clip(0.3 * y + rng.normal(0.4, 0.2, 300), 0, 1), 2)  # rounded: many ties
