@@ -73,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run", required=True, type=Path, help="a run with trained branches (its split, size and budget are reused)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="mobilenetv3small", help="Keras application (default mobilenetv3small)")
     p.add_argument("--budget-seconds", type=float,
-                   help="training time budget (default: the run's three branches' training time together)")
+                   help="training time budget (default: the run's three branches' training time together, which "
+                        "is right for branches trained one after another; for `train --view all` in parallel "
+                        "processes, pass the run's wall-clock training time instead)")
     p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
