@@ -31,8 +31,15 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = ("mobilenetv3small", "efficientnetb0")
 
 
-def build_standard(arch: str):
-    """A builder for ``fit_branch``: the named Keras application, random weights, one sigmoid output."""
+def build_standard(arch: str, bn_momentum: float = 0.9):
+    """A builder for ``fit_branch``: the named Keras application, random weights, one sigmoid output.
+
+    ``bn_momentum`` replaces the applications' BatchNorm momentum (0.999 in MobileNetV3, 0.99
+    in EfficientNet). Those values suit long ImageNet schedules; trained from scratch for a
+    few hundred steps, the moving statistics stay near their initial values, and at inference
+    (``training=False``) every image then gets the same probability: validation AUC 0.500 in
+    every epoch on the ISIC data, measured.
+    """
     def build(config: BranchConfig) -> keras.Model:
         shape = (config.image_size, config.image_size, 3)
         if arch == "mobilenetv3small":
@@ -43,6 +50,9 @@ def build_standard(arch: str):
             body = keras.applications.EfficientNetB0(input_shape=shape, weights=None, include_top=False)
         else:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+        for layer in body.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
         inputs = keras.Input(shape, name="rgb")
         x = keras.layers.GlobalAveragePooling2D()(body(inputs))
         x = keras.layers.Dropout(config.dropout)(x)
@@ -77,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "is right for branches trained one after another; for `train --view all` in parallel "
                         "processes, pass the run's wall-clock training time instead)")
     p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
+    p.add_argument("--bn-momentum", type=float, default=0.9,
+                   help="BatchNorm momentum of the application's layers (default 0.9; see build_standard)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
@@ -97,16 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         imgs, ok, _ = cached_images([r.path for r in recs], config.load_size, desc=f"{split} images")
         sets[split] = (imgs, np.array([recs[i].label for i in ok]))
     logger.info("baseline %s, budget %.0fs, image size %d", args.arch, budget, config.image_size)
-    model, history = fit_branch(config, *sets["train"], *sets["val"], build=build_standard(args.arch),
+    model, history = fit_branch(config, *sets["train"], *sets["val"], build=build_standard(args.arch, args.bn_momentum),
                                 callbacks=[TimeBudget(budget)])
     val_proba = predict_images_proba(model, "rgb", sets["val"][0], crop_stride=config.crop_stride)
     threshold = choose_threshold(sets["val"][1], val_proba)
     test_proba = predict_images_proba(model, "rgb", sets["test"][0], crop_stride=config.crop_stride)
     report = binary_report(sets["test"][1], test_proba, threshold)
+    spread = float(np.std(test_proba))
+    if spread < 1e-6:
+        logger.warning("the baseline gives every test image the same probability (std %.2g): its BatchNorm "
+                       "statistics or training failed; its AUC means nothing", spread)
     out = run / f"baseline-{args.arch}"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", {"arch": args.arch, "budget_seconds": budget, "config": config.to_dict(),
-                                             "parameters": int(model.count_params()),
+                                             "parameters": int(model.count_params()), "bn_momentum": args.bn_momentum,
+                                             "test_proba_std": spread,
                                              "training": {k: v for k, v in history.items() if k != "per_epoch"},
                                              "test": report})
     print(f"| {args.arch} (weights=None, {model.count_params():,} parameters) | {report['auc']:.3f} "

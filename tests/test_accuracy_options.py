@@ -127,11 +127,35 @@ def test_baseline_trains_a_keras_application_on_the_runs_split(trained_run, tmp_
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    assert main(["--run", str(run), "--epochs", "1", "--budget-seconds", "1"]) == 0
+    # 6 steps: BatchNorm statistics need a fast momentum to settle in so few
+    assert main(["--run", str(run), "--epochs", "1", "--budget-seconds", "1", "--bn-momentum", "0.5"]) == 0
     metrics = json.loads((run / "baseline-mobilenetv3small" / "metrics.json").read_text())
     assert metrics["parameters"] > 100_000 and 0.0 <= metrics["test"]["auc"] <= 1.0
     assert metrics["training"]["epochs_run"] == 1
     assert "mobilenetv3small" in capsys.readouterr().out
+    assert metrics["bn_momentum"] == 0.5 and metrics["test_proba_std"] > 1e-4
+
+
+@pytest.mark.slow
+def test_baseline_batchnorm_momentum_decides_whether_inference_scores_images_apart():
+    import keras
+
+    from experiments.baseline import build_standard
+
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 32, 32, 3)).astype("float32")
+    y = (x[..., 0].mean(axis=(1, 2)) > 0.5).astype("float32")
+    spread = {}
+    for momentum in (0.999, 0.5):
+        keras.utils.set_random_seed(0)
+        model = build_standard("mobilenetv3small", momentum)(BranchConfig(image_size=32))
+        model.compile("adam", "binary_crossentropy")
+        model.fit(x, y, batch_size=16, epochs=10, verbose=0)  # 40 steps
+        assert float(np.std(model(x, training=True))) > 0.05  # in training mode both separate images
+        spread[momentum] = float(np.std(model(x, training=False)))
+    # The application default (0.999) leaves the moving statistics at their initial values after
+    # 40 steps, and inference gives every image the same probability; 0.5 has settled.
+    assert spread[0.999] < 1e-5 and spread[0.5] > 1e-2, spread
 
 
 def test_sensitivity_at_specificity_matches_a_brute_force_threshold_sweep(rng):
