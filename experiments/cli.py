@@ -172,8 +172,6 @@ def _fuse(args) -> int:
     bad = [v for v in views if v not in VIEW_NAMES]
     if bad or not views:
         raise ValueError(f"--views takes names from {list(VIEW_NAMES)}, got {args.views!r}")
-    if args.folds and args.method != "stack":
-        raise ValueError(f"--folds only applies to --method stack (got --method {args.method})")
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     result = fuse_run(args.run, args.method, views, folds=args.folds, jobs=args.jobs)

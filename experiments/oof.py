@@ -45,8 +45,8 @@ def make_fold_splits(run_dir: str | Path, folds: int) -> list[Path]:
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     run = Path(run_dir)
-    assign, info = load_split(run)
-    index, assign, info = prepare_split(info["data_dir"], str(run), info.get("split_seed", 0))
+    _, saved_info = load_split(run)  # only for the data folder and seed the run was split with
+    index, assign, info = prepare_split(saved_info["data_dir"], str(run), saved_info.get("split_seed", 0))
     train = [r for r in index.records if assign[r.image_id] == "train"]
     val = [r for r in index.records if assign[r.image_id] == "val"]
     fold_of = grouped_folds(train, folds, info.get("split_seed", 0) + 1)
