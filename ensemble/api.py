@@ -44,7 +44,7 @@ def clear_cache() -> None:
 
 
 def predict_proba(images: Sequence[Any], run: str | os.PathLike | None = None, batch_size: int = 64,
-                  tta: bool = False) -> np.ndarray:
+                  tta: bool = False, metadata: Sequence[dict | None] | None = None) -> np.ndarray:
     """Fused melanoma probabilities for a sequence of images, in input order.
 
     Args:
@@ -53,30 +53,39 @@ def predict_proba(images: Sequence[Any], run: str | os.PathLike | None = None, b
         batch_size: images per forward pass.
         tta: average the fused probability over the 8 rotations and flips of each image
             (about 8× the compute of one pass).
+        metadata: for a run fused with metadata (``skinfusion fuse --metadata``), one dict per
+            image, e.g. ``{"age": 60, "sex": "female", "site": "back"}``; missing keys, ``None``
+            or a ``None`` entry mean unknown. Ignored by runs fused from images only.
 
     Returns:
         float64 array of shape (len(images),) with values in [0, 1].
 
     Raises:
         colorspaces.ImageError: naming the image that cannot be read.
+        ValueError: if the run fuses metadata and ``metadata`` is not given, or its length differs.
     """
     if isinstance(images, (str, os.PathLike, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
         raise TypeError("predict_proba takes a sequence of images; use predict(image) for one image")
-    return load(run).predict_proba(list(images), batch_size=batch_size, tta=tta)
+    return load(run).predict_proba(list(images), batch_size=batch_size, tta=tta,
+                                   metadata=None if metadata is None else list(metadata))
 
 
-def predict(image: Any, run: str | os.PathLike | None = None, tta: bool = False) -> float:
+def predict(image: Any, run: str | os.PathLike | None = None, tta: bool = False,
+            metadata: dict | None = None) -> float:
     """Melanoma probability for one image.
 
     Args:
         image: a path, an RGB uint8 H×W×3 array, or a PIL image.
         run: run directory; defaults to ``$SKINFUSION_RUN``.
         tta: average over the 8 rotations and flips of the image.
+        metadata: for a run fused with metadata, the image's ``{"age", "sex", "site"}`` (any
+            of them may be missing or ``None``); ignored by runs fused from images only.
 
     Returns:
         The fused melanoma probability, a float in [0, 1].
 
     Raises:
         colorspaces.ImageError: if the image cannot be read (``MissingImageError`` for a missing path).
+        ValueError: if the run fuses metadata and ``metadata`` is not given.
     """
-    return float(load(run).predict_proba([image], tta=tta)[0])
+    return float(load(run).predict_proba([image], tta=tta, metadata=None if metadata is None else [metadata])[0])

@@ -101,6 +101,8 @@ def save_ensemble(
         "load_size": load_size,
         "crop_stride": crop_stride,
         "label_map": LABEL_MAP,
+        # Metadata fields the fusion takes next to the images; [] for images only.
+        "metadata": list(getattr(fusion, "metadata_", ())),
         "fusion": {"file": FUSION_FILE, "sha256": sha256_file(out_dir / FUSION_FILE)},
         **(extra or {}),
     }
@@ -138,6 +140,8 @@ class Ensemble:
         self.load_size = int(manifest.get("load_size", self.image_size))
         self.crop_stride = int(manifest.get("crop_stride", 0))
         self.threshold = float(manifest["threshold"])
+        # Metadata fields the fusion needs next to the images (empty: images only).
+        self.metadata_fields = tuple(manifest.get("metadata", ()))
         self._forward = self._compile_forward()
 
     def _compile_forward(self):
@@ -179,8 +183,8 @@ class Ensemble:
         P = self._forward(*xs).numpy().astype(np.float64)
         return P.reshape(k, n, -1).mean(axis=0)
 
-    def score_batch(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(P, fused)`` for RGB uint8 images at the bundle's size.
+    def score_batch(self, batch: np.ndarray, tta: bool = False, meta=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(P, fused)`` for RGB uint8 images at the bundle's size (``meta``: see ``fuse``).
 
         With ``tta``, each image is scored under the 8 rotations and flips of the square (the
         transformations training augments with) in one forward pass; ``fused`` is the mean of
@@ -188,11 +192,11 @@ class Ensemble:
         """
         if not tta or len(batch) == 0:
             P = self.member_proba_batch(batch)
-            return P, self.fuse(P)
+            return P, self.fuse(P, meta)
         n = len(batch)
         variants = np.concatenate([dihedral(batch, k) for k in range(len(TTA_TRANSFORMS))])
         Ps = self.member_proba_batch(variants).reshape(len(TTA_TRANSFORMS), n, -1)
-        fused = np.mean([self.fuse(P) for P in Ps], axis=0)
+        fused = np.mean([self.fuse(P, meta) for P in Ps], axis=0)
         return Ps.mean(axis=0), fused
 
     def member_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
@@ -201,15 +205,31 @@ class Ensemble:
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.models)), np.float64)
 
-    def fuse(self, P: np.ndarray) -> np.ndarray:
-        """Fused melanoma probabilities for a member-probability matrix."""
+    def fuse(self, P: np.ndarray, meta=None) -> np.ndarray:
+        """Fused melanoma probabilities for a member-probability matrix.
+
+        Args:
+            P: member probabilities (n × branches).
+            meta: for a bundle fused with metadata (``metadata_fields``), one dict per row
+                with those fields (missing keys or ``None`` mean unknown); ignored otherwise.
+
+        Raises:
+            ValueError: if the bundle needs metadata and ``meta`` is None or the wrong length.
+        """
         if len(P) == 0:
             return np.zeros(0, np.float64)
+        if self.metadata_fields:
+            return self.fusion.predict_proba(P, meta)[:, 1]
         return self.fusion.predict_proba(P)[:, 1]
 
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
-        """Fused melanoma probabilities, one per image, in input order (``tta``: see ``score_batch``)."""
-        parts = [self.score_batch(self.prepare(images[i : i + batch_size]), tta)[1]
+    def predict_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False,
+                      metadata: Sequence[dict | None] | None = None) -> np.ndarray:
+        """Fused melanoma probabilities, one per image, in input order (``tta``: see ``score_batch``,
+        ``metadata``: one dict per image, see ``fuse``)."""
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"got {len(metadata)} metadata entries for {len(images)} images")
+        parts = [self.score_batch(self.prepare(images[i : i + batch_size]), tta,
+                                  None if metadata is None else metadata[i : i + batch_size])[1]
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0, np.float64)
 
@@ -220,7 +240,7 @@ class Ensemble:
             return None, str(exc)
 
     def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2,
-                   tta: bool = False) -> Iterator[FileBatch]:
+                   tta: bool = False, metadata: dict[str, dict] | None = None) -> Iterator[FileBatch]:
         """Score image files in streamed batches; unreadable files are reported, not raised.
 
         While one batch runs through the branches, ``workers`` threads decode the next one,
@@ -231,6 +251,8 @@ class Ensemble:
             batch_size: images per batch.
             workers: decoding threads (OpenCV releases the GIL while decoding).
             tta: average over the 8 rotations and flips (see ``score_batch``).
+            metadata: path → metadata dict, for a bundle fused with metadata (a path it
+                lacks is scored with every field unknown).
 
         Yields:
             One ``FileBatch`` per batch of ``paths``: the readable paths, their ``P`` and
@@ -250,7 +272,8 @@ class Ensemble:
                         imgs.append(img)
                     else:
                         failures.append((path, err))
-                P, fused = self.score_batch(np.stack(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8), tta)
+                meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
+                P, fused = self.score_batch(np.stack(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8), tta, meta)
                 yield FileBatch(ok, P, fused, failures)
 
 
@@ -356,5 +379,8 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         raise ValueError(f"{ens_dir / FUSION_FILE}: holds {type(fusion).__name__} for "
                          f"{getattr(fusion, 'n_features_in_', '?')} members, but the manifest says "
                          f"{manifest['method']} over {len(models)} branches")
+    if tuple(getattr(fusion, "metadata_", ())) != tuple(manifest.get("metadata", ())):
+        raise ValueError(f"{ens_dir / FUSION_FILE}: fuses metadata {list(getattr(fusion, 'metadata_', ()))}, but the "
+                         f"manifest says {manifest.get('metadata', [])}; refusing to load it")
     logger.info("loaded ensemble %s (%s fusion of %s)", ens_dir, manifest["method"], "+".join(manifest["branch_order"]))
     return Ensemble(manifest, models, configs, fusion)

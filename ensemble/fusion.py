@@ -8,6 +8,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.utils.validation import check_is_fitted
 
+from ensemble.metadata import MetadataEncoder, parse_fields
+
 _CLIP = 1e-6
 
 
@@ -83,15 +85,32 @@ class StackingFusion(ClassifierMixin, BaseEstimator):
         cv: folds for the out-of-fold fused probabilities (``oof_proba_``) used to pick a
             decision threshold without reusing the stacker's own fit.
         random_state: seed for the fold assignment.
+        metadata: per-image metadata fields (of ``ensemble.metadata.METADATA_FIELDS``) added
+            as features next to the members' log-odds; ``fit`` and ``predict_proba`` then
+            need ``meta``, one dict per image.
     """
 
-    def __init__(self, C: float = 1.0, cv: int = 5, random_state: int = 0):
+    def __init__(self, C: float = 1.0, cv: int = 5, random_state: int = 0, metadata=()):
         self.C = C
         self.cv = cv
         self.random_state = random_state
+        self.metadata = metadata
 
-    def fit(self, P, y):
-        """Fit the stacker on held-out member probabilities ``P`` and labels ``y``. Returns self."""
+    def _features(self, P: np.ndarray, meta) -> np.ndarray:
+        Z = _logit(P)
+        # getattr: stackers pickled before metadata existed lack the attribute.
+        if not getattr(self, "metadata_", ()):
+            return Z
+        if meta is None:
+            raise ValueError(f"this stacker fuses metadata ({', '.join(self.metadata_)}): pass one metadata dict "
+                             "per image (an empty dict or None values for unknown)")
+        meta = list(meta)
+        if len(meta) != len(P):
+            raise ValueError(f"got {len(meta)} metadata entries for {len(P)} images")
+        return np.hstack([Z, self.encoder_.transform(meta)])
+
+    def fit(self, P, y, meta=None):
+        """Fit the stacker on held-out member probabilities ``P``, labels ``y`` (and ``meta``). Returns self."""
         P = check_member_proba(P)
         y = np.asarray(y).astype(int)
         if y.shape != (P.shape[0],):
@@ -101,33 +120,49 @@ class StackingFusion(ClassifierMixin, BaseEstimator):
             raise ValueError(f"stacking needs binary labels with at least 2 of each class, got counts {counts.tolist()}")
         self.n_features_in_ = P.shape[1]
         self.classes_ = np.array([0, 1])
-        Z = _logit(P)
+        self.metadata_ = parse_fields(self.metadata)
+        if self.metadata_:
+            if meta is None:
+                raise ValueError(f"metadata={self.metadata_!r} needs meta, one dict per image, to fit")
+            self.encoder_ = MetadataEncoder(self.metadata_).fit(list(meta))
+        Z = self._features(P, meta)
         make = lambda: LogisticRegression(C=self.C, max_iter=1000)  # noqa: E731
         self.final_estimator_ = make().fit(Z, y)
         folds = StratifiedKFold(n_splits=min(self.cv, int(counts.min())), shuffle=True, random_state=self.random_state)
         self.oof_proba_ = cross_val_predict(make(), Z, y, cv=folds, method="predict_proba")[:, 1]
         return self
 
-    def predict_proba(self, P) -> np.ndarray:
-        """Return (n, 2) class probabilities [nevus, melanoma]."""
+    def predict_proba(self, P, meta=None) -> np.ndarray:
+        """Return (n, 2) class probabilities [nevus, melanoma]; ``meta`` is needed when fitted with metadata."""
         check_is_fitted(self, "final_estimator_")
-        return self.final_estimator_.predict_proba(_logit(check_member_proba(P, self.n_features_in_)))
+        return self.final_estimator_.predict_proba(self._features(check_member_proba(P, self.n_features_in_), meta))
 
-    def predict(self, P, threshold: float = 0.5) -> np.ndarray:
+    def predict(self, P, threshold: float = 0.5, meta=None) -> np.ndarray:
         """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
-        return (self.predict_proba(P)[:, 1] >= threshold).astype(int)
+        return (self.predict_proba(P, meta)[:, 1] >= threshold).astype(int)
+
+    def weights(self, views) -> dict[str, float]:
+        """The fitted log-odds weight of each feature (the members named by ``views``, then metadata)."""
+        names = list(views) + (self.encoder_.feature_names if getattr(self, "metadata_", ()) else [])
+        return dict(zip(names, self.final_estimator_.coef_.ravel().round(3).tolist()))
 
 
 FUSION_METHODS = {"mean": AverageFusion, "stack": StackingFusion}
 
 
-def make_fusion(method: str):
-    """Create an unfitted fusion estimator by name.
+def make_fusion(method: str, metadata=()):
+    """Create an unfitted fusion estimator by name (``metadata`` fields: ``stack`` only).
 
     Raises:
         KeyError: if ``method`` is not one of ``FUSION_METHODS``.
+        ValueError: if metadata is asked of a method that cannot use it.
     """
     try:
-        return FUSION_METHODS[method]()
+        cls = FUSION_METHODS[method]
     except KeyError:
         raise KeyError(f"unknown fusion method {method!r}; choose one of {sorted(FUSION_METHODS)}") from None
+    if parse_fields(metadata):
+        if cls is not StackingFusion:
+            raise ValueError(f"metadata fusion needs --method stack (got --method {method})")
+        return cls(metadata=parse_fields(metadata))
+    return cls()

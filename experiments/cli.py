@@ -161,6 +161,11 @@ def fuse_parser() -> argparse.ArgumentParser:
                         "(default 0: fit on validation)")
     p.add_argument("--jobs", type=int, default=None,
                    help="with --folds: parallel training processes per fold (default one per branch)")
+    p.add_argument("--metadata", default="", metavar="FIELDS",
+                   help="stack only: also give the stacker these per-image metadata fields, comma-separated from "
+                        "age, sex, site, read from the run's dataset (metadata.csv, isic-cli or HAM10000 columns); "
+                        "unknown values are allowed. Every prediction then takes them (predict --metadata CSV, "
+                        "predict(image, metadata={...})). Default: images only")
     _common(p)
     return p
 
@@ -174,7 +179,7 @@ def _fuse(args) -> int:
         raise ValueError(f"--views takes names from {list(VIEW_NAMES)}, got {args.views!r}")
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-    result = fuse_run(args.run, args.method, views, folds=args.folds, jobs=args.jobs)
+    result = fuse_run(args.run, args.method, views, folds=args.folds, jobs=args.jobs, metadata=args.metadata)
     print(f"fusion '{args.method}' written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} (chosen on validation)")
     fit = result.get("stack_fit", {})
     if fit.get("folds"):
@@ -263,6 +268,10 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads, overlapped with inference (default 2)")
     p.add_argument("--tta", action="store_true", help="average each image over its 8 rotations and flips (8x the compute)")
+    p.add_argument("--metadata", metavar="CSV",
+                   help="for an ensemble fused with metadata (fuse --metadata): a CSV with an image_id column (the "
+                        "file name without extension) or a path column, and the fused fields (age, sex, site); "
+                        "empty cells and images it does not list are scored with those fields unknown")
     _common(p)
     return p
 
@@ -310,6 +319,31 @@ class _Progress:
             print(f"{self.done}/{self.total} {self.label} ({rate:.0f}/s, {skipped} skipped)", file=sys.stderr, flush=True)
 
 
+def _read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, str]]:
+    """path → metadata dict for ``predict --metadata``, matched by image_id (file stem) or path."""
+    import csv
+
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--metadata {spec}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = set(rows[0]) if rows else set()
+    key = "image_id" if "image_id" in columns else "path" if "path" in columns else None
+    if key is None:
+        raise ValueError(f"--metadata {spec}: needs an image_id or a path column, has {sorted(columns)}")
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise ValueError(f"--metadata {spec}: the ensemble fuses {list(fields)} but the CSV lacks {missing}")
+    by_key = {r[key].strip(): {f: r.get(f, "") for f in fields} for r in rows}
+    out = {p: by_key.get(Path(p).stem if key == "image_id" else p) for p in paths}
+    unmatched = sum(v is None for v in out.values())
+    if unmatched:
+        print(f"skinfusion: {unmatched} of {len(paths)} images are not in {spec}; scored with "
+              f"{', '.join(fields)} unknown", file=sys.stderr)
+    return {p: m for p, m in out.items() if m is not None}
+
+
 def _predict(args) -> int:
     from ensemble import load
 
@@ -319,6 +353,14 @@ def _predict(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     ens = load(args.run)
+    metadata = None
+    if ens.metadata_fields:
+        if not args.metadata:
+            raise ValueError(f"{args.run}: this ensemble fuses metadata ({', '.join(ens.metadata_fields)}); pass "
+                             "--metadata CSV with image_id (or path) and those columns")
+        metadata = _read_metadata_csv(args.metadata, paths, ens.metadata_fields)
+    elif args.metadata:
+        print(f"skinfusion: {args.run} was fused without metadata; --metadata {args.metadata} is ignored", file=sys.stderr)
     out_path = Path(args.out) if args.out else None
     tmp = out_path.with_name(out_path.name + ".partial") if out_path else None
     fh = open(tmp, "w") if tmp else sys.stdout
@@ -326,7 +368,8 @@ def _predict(args) -> int:
     progress = _Progress(len(paths), enabled=not args.quiet and (bool(out_path) or len(paths) > args.batch_size))
     try:
         fh.write("path,melanoma_proba\n")
-        for batch in ens.iter_files(paths, batch_size=args.batch_size, workers=args.workers, tta=args.tta):
+        for batch in ens.iter_files(paths, batch_size=args.batch_size, workers=args.workers, tta=args.tta,
+                                    metadata=metadata):
             fh.writelines(f"{p},{q:.6f}\n" for p, q in zip(batch.paths, batch.fused))
             for path, reason in batch.failures:
                 print(f"skinfusion: skipped {reason}", file=sys.stderr)

@@ -11,7 +11,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,13 +36,25 @@ UNGROUPED_WARNING = "no group_id/lesion_id: images of one lesion may straddle th
 
 @dataclass(frozen=True)
 class Record:
-    """One labelled image: id, file path, label (1 = melanoma), lesion group and source."""
+    """One labelled image: id, file path, label (1 = melanoma), lesion group, source and metadata.
+
+    ``age``, ``sex`` and ``site`` are the dataset's metadata as written (``""`` when it has
+    none); only metadata fusion (``fuse --metadata``) reads them, through
+    ``ensemble.metadata``, which also decides what counts as unknown.
+    """
 
     image_id: str
     path: str
     label: int
     group_id: str
     source: str
+    age: str = ""
+    sex: str = ""
+    site: str = ""
+
+    def metadata(self) -> dict[str, Any]:
+        """``{"age", "sex", "site"}`` of this image, the form metadata fusion takes."""
+        return {"age": self.age, "sex": self.sex, "site": self.site}
 
 
 @dataclass
@@ -208,7 +220,7 @@ class _Builder:
         self.seen: set[str] = set()
 
     def add(self, image_id: str, label: str | None, raw_label: str, path: str | None, expected: Path,
-            group_id: str, source: str) -> None:
+            group_id: str, source: str, meta: dict[str, str] | None = None) -> None:
         if label is None:
             self.index.skipped_labels[raw_label or "<empty>"] += 1
             return
@@ -218,8 +230,21 @@ class _Builder:
         if path is None:
             self.index.missing_files.append(str(expected))
             return
+        meta = meta or {}
         self.index.records.append(Record(image_id=image_id, path=path, label=LABELS[label],
-                                         group_id=group_id or image_id, source=source))
+                                         group_id=group_id or image_id, source=source,
+                                         age=meta.get("age", ""), sex=meta.get("sex", ""),
+                                         site=meta.get("site", "")))
+
+
+# Column names for the metadata fields across formats: this dataset's metadata.csv, the ISIC
+# archive (isic-cli) and HAM10000_metadata.csv.
+_META_COLUMNS = {"age": ("age", "age_approx"), "sex": ("sex",),
+                 "site": ("site", "anatom_site_general", "anatom_site_general_challenge", "localization")}
+
+
+def _row_metadata(row: dict[str, str]) -> dict[str, str]:
+    return {f: next((row[c] for c in cols if row.get(c)), "") for f, cols in _META_COLUMNS.items()}
 
 
 def _index_labels_csv(root: Path) -> DatasetIndex:
@@ -227,7 +252,7 @@ def _index_labels_csv(root: Path) -> DatasetIndex:
     rows = _read_csv(labels_path)
     if not rows or not {"image_id", "label"} <= set(rows[0]):
         raise ValueError(f"{labels_path}: needs columns image_id,label")
-    groups, sources = {}, {}
+    groups, sources, metas = {}, {}, {}
     meta_path = root / "metadata.csv"
     if meta_path.is_file():
         for m in _read_csv(meta_path):
@@ -237,13 +262,16 @@ def _index_labels_csv(root: Path) -> DatasetIndex:
                 groups[key] = gid
             if key and m.get("source"):
                 sources[key] = m["source"]
+            if key:
+                metas[key] = _row_metadata(m)
     files = _image_files([images_dir])
     b = _Builder(root, "labels.csv", labels_path)
     b.index.grouped = bool(groups)
     for row in rows:
         image_id, raw = row["image_id"], row["label"].lower()
         b.add(image_id, raw if raw in LABELS else None, raw, files.get(image_id), images_dir / f"{image_id}.jpg",
-              groups.get(image_id, image_id), row.get("source") or sources.get(image_id) or "unknown")
+              groups.get(image_id, image_id), row.get("source") or sources.get(image_id) or "unknown",
+              {**metas.get(image_id, {}), **{k: v for k, v in _row_metadata(row).items() if v}})
     return b.index
 
 
@@ -319,7 +347,8 @@ def _index_isic_cli(root: Path) -> DatasetIndex:
             continue
         label, raw = isic_label(row)
         b.add(image_id, label, raw, files.get(image_id), root / f"{image_id}.jpg",
-              row.get("patient_id") or row.get("lesion_id") or image_id, row.get("attribution") or "isic-cli")
+              row.get("patient_id") or row.get("lesion_id") or image_id, row.get("attribution") or "isic-cli",
+              _row_metadata(row))
     return b.index
 
 
@@ -339,7 +368,7 @@ def _index_ham10000(root: Path) -> DatasetIndex:
     for row in rows:
         image_id, dx = row["image_id"], row["dx"].lower()
         b.add(image_id, HAM_DX.get(dx), dx, files.get(image_id), root / f"{image_id}.jpg",
-              row.get("lesion_id") or image_id, "HAM10000")
+              row.get("lesion_id") or image_id, "HAM10000", _row_metadata(row))
     return b.index
 
 

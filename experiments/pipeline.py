@@ -17,6 +17,7 @@ import numpy as np
 
 from colorspaces import VIEWS
 from ensemble import load_ensemble, make_fusion, save_ensemble
+from ensemble.metadata import parse_fields
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
 from experiments.cache import cached_images
 from experiments.data import DatasetIndex, index_dataset, write_skip_report
@@ -295,7 +296,7 @@ def _read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
 
 
 def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VIEWS), folds: int = 0,
-             jobs: int | None = None) -> dict[str, Any]:
+             jobs: int | None = None, metadata: Sequence[str] | str = ()) -> dict[str, Any]:
     """Fit the fusion on the branches' validation probabilities and write ``RUN/ensemble/``.
 
     The decision threshold is chosen on validation data: on the fused probabilities for
@@ -307,12 +308,17 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
     :mod:`experiments.oof`), and the threshold is chosen on the validation split, which the
     stacker then never saw. ``jobs`` parallel training processes per fold (default one per branch).
 
+    With ``metadata`` fields (``stack`` only; "age", "sex", "site"), the stacker also takes
+    each image's metadata from the run's dataset, and every later prediction needs it.
+
     Raises:
         FileNotFoundError: if a branch is missing.
         ValueError: if branches were trained on different splits or settings.
     """
     if folds and method != "stack":
         raise ValueError(f"--folds only applies to --method stack (got --method {method})")
+    metadata = parse_fields(metadata)
+    make_fusion(method, metadata)  # refuse metadata with mean before reading anything
     if folds and folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     run = Path(run_dir)
@@ -335,14 +341,17 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
         logger.warning("branches share %d of %d validation images; fusing on the shared ones", len(ids), len(preds[0]))
     y = np.array([preds[0][i][0] for i in ids])
     P = np.array([[p[i][1] for p in preds] for i in ids])
+    meta_of = _dataset_metadata(run, metadata) if metadata else {}
+    M = [meta_of.get(i) for i in ids] if metadata else None
     stack_fit: dict[str, Any] = {}
     if folds:
         from experiments.oof import oof_member_proba
 
         oof_ids, y_oof, P_oof = oof_member_proba(run, views, folds, jobs=jobs)
-        fusion = make_fusion(method).fit(P_oof, y_oof)
-        fused = fusion.predict_proba(P)[:, 1]  # validation: unseen by the stacker and by every branch
-        val_only = make_fusion(method).fit(P, y).oof_proba_
+        M_oof = [meta_of.get(i) for i in oof_ids] if metadata else None
+        fusion = make_fusion(method, metadata).fit(P_oof, y_oof, M_oof)
+        fused = fusion.predict_proba(P, M)[:, 1]  # validation: unseen by the stacker and by every branch
+        val_only = make_fusion(method, metadata).fit(P, y, M).oof_proba_
         stack_fit = {"stack_fit": {"on": "train out-of-fold", "folds": folds, "n_images": len(oof_ids),
                                    "oof_member_auc": {v: float(roc_auc_ci(y_oof, P_oof[:, j], n_boot=0)[0])
                                                       for j, v in enumerate(views)},
@@ -352,14 +361,15 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
                     "(stacker fitted on validation itself, cross-validated: %.4f)", len(oof_ids),
                     stack_fit["stack_fit"]["val_auc_oof_stacker"], stack_fit["stack_fit"]["val_auc_val_stacker_cv"])
     else:
-        fusion = make_fusion(method).fit(P, y)
+        fusion = make_fusion(method, metadata).fit(P, y, M) if metadata else make_fusion(method).fit(P, y)
         fused = fusion.oof_proba_ if method == "stack" else fusion.predict_proba(P)[:, 1]
         if method == "stack":
             stack_fit = {"stack_fit": {"on": "validation", "folds": 0, "n_images": int(len(y))}}
     threshold = choose_threshold(y, fused)
     val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
     val["fused"] = binary_report(y, fused, threshold)
-    save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, extra={
+    ens_dir = run / "ensemble"
+    save_ensemble(ens_dir, fusion, method, threshold, branch_dirs, extra={
         "validation_metrics": val,
         "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
         "split_seed": infos[0][1].get("split_seed"),
@@ -367,10 +377,24 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
         **stack_fit,
     })
     if method == "stack":
-        coef = fusion.final_estimator_.coef_.ravel().round(3).tolist()
-        logger.info("stacker log-odds weights %s", dict(zip(views, coef)))
-    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble"),
-            **stack_fit}
+        logger.info("stacker log-odds weights %s", fusion.weights(views))
+    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(ens_dir),
+            "metadata": list(metadata), **stack_fit}
+
+
+def _dataset_metadata(run: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
+    """image_id → metadata dict for the run's dataset; logs how much of each field is known."""
+    from ensemble.metadata import clean_age, clean_text
+
+    _, info = load_split(run)
+    records = index_dataset(info["data_dir"]).records
+    known = {f: sum(bool(clean_age(r.age) if f == "age" else clean_text(getattr(r, f))) for r in records)
+             for f in fields}
+    logger.info("metadata known for %s of %d images", ", ".join(f"{f} {n}" for f, n in known.items()), len(records))
+    if not any(known.values()):
+        raise ValueError(f"{info['data_dir']}: no image has any of the metadata fields {list(fields)}; "
+                         "metadata fusion needs age/sex/site columns in the dataset's metadata")
+    return {r.image_id: r.metadata() for r in records}
 
 
 def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
@@ -415,7 +439,9 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
     kept, P_parts, fused_parts, failures = [], [], [], []
     t0 = time.perf_counter()
     step = max(1, len(records) // 10)
-    for batch in ens.iter_files(list(by_path), batch_size=batch_size, workers=workers, tta=tta):
+    # A metadata-fused bundle takes each image's metadata from the scored dataset.
+    meta = {p: r.metadata() for p, r in by_path.items()} if ens.metadata_fields else None
+    for batch in ens.iter_files(list(by_path), batch_size=batch_size, workers=workers, tta=tta, metadata=meta):
         kept += [by_path[p] for p in batch.paths]
         P_parts.append(batch.P)
         fused_parts.append(batch.fused)
@@ -469,6 +495,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, out_dir: str | None 
         "run": str(run.resolve()),
         "scope": scope,
         "method": ens.manifest["method"],
+        "metadata": list(ens.metadata_fields),
         "n_images": int(len(y)),
         "n_skipped": len(failures),
         "members": members,

@@ -1,0 +1,111 @@
+"""Per-image metadata (age, sex, anatomical site) as extra stacking features.
+
+Each field is encoded with an explicit "unknown" state, so an image without that field
+(a source that never records site, a patient of unknown sex) is scored, not rejected; the
+stacker learns what unknown means on its fitting data. A value must be known to the
+encoder to count: an unseen site is treated as unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+METADATA_FIELDS = ("age", "sex", "site")
+# Sites seen fewer times than this in the fitting data are folded into "unknown": a one-hot
+# column fitted on a handful of images is noise the stacker would overfit.
+MIN_SITE_COUNT = 10
+_UNKNOWN = {"", "unknown", "nan", "none", "na", "n/a"}
+
+
+def parse_fields(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Turn ``"age,sex"`` (or a sequence) into a validated tuple of field names; ``None``/``""`` → ``()``.
+
+    Raises:
+        ValueError: naming an unknown or repeated field.
+    """
+    if not spec:
+        return ()
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [n for n in names if n not in METADATA_FIELDS]
+    if bad:
+        raise ValueError(f"unknown metadata field(s) {bad}; choose from {list(METADATA_FIELDS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"metadata fields repeat: {names}")
+    return tuple(names)
+
+
+def clean_age(value: Any) -> float | None:
+    """Age in years as a float, or ``None`` when missing, unparseable or outside 0–120."""
+    if value is None:
+        return None
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return None
+    return age if math.isfinite(age) and 0.0 <= age <= 120.0 else None
+
+
+def clean_text(value: Any) -> str:
+    """A lower-case category, ``""`` for any spelling of unknown."""
+    text = "" if value is None else str(value).strip().lower()
+    return "" if text in _UNKNOWN else text
+
+
+class MetadataEncoder:
+    """Encodes metadata dicts (``{"age": 52, "sex": "male", "site": "back"}``) as a feature matrix.
+
+    Columns: age → (age − 50) / 20 and an age-unknown flag; sex → male and female flags
+    (both 0 when unknown); site → one flag per site seen at least ``MIN_SITE_COUNT`` times
+    when fitted, and a site-unknown flag.
+
+    Args:
+        fields: which of ``METADATA_FIELDS`` to encode.
+    """
+
+    def __init__(self, fields: Sequence[str]):
+        self.fields = parse_fields(list(fields))
+        if not self.fields:
+            raise ValueError("MetadataEncoder needs at least one field")
+
+    def fit(self, meta: Sequence[Mapping[str, Any]]) -> "MetadataEncoder":
+        """Learn the site vocabulary from the fitting images' metadata. Returns self."""
+        counts: dict[str, int] = {}
+        for m in meta:
+            site = clean_text(m.get("site"))
+            if site:
+                counts[site] = counts.get(site, 0) + 1
+        self.sites_ = sorted(s for s, c in counts.items() if c >= MIN_SITE_COUNT)
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Column names of ``transform``'s output."""
+        names: list[str] = []
+        if "age" in self.fields:
+            names += ["age", "age_unknown"]
+        if "sex" in self.fields:
+            names += ["sex_male", "sex_female"]
+        if "site" in self.fields:
+            names += [f"site_{s}" for s in self.sites_] + ["site_unknown"]
+        return names
+
+    def transform(self, meta: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
+        """The (n, len(feature_names)) float64 matrix; a ``None`` entry means every field unknown."""
+        rows = []
+        for m in meta:
+            m = m or {}
+            row: list[float] = []
+            if "age" in self.fields:
+                age = clean_age(m.get("age"))
+                row += [0.0, 1.0] if age is None else [(age - 50.0) / 20.0, 0.0]
+            if "sex" in self.fields:
+                sex = clean_text(m.get("sex"))
+                row += [float(sex == "male"), float(sex == "female")]
+            if "site" in self.fields:
+                site = clean_text(m.get("site"))
+                row += [float(site == s) for s in self.sites_] + [float(site not in self.sites_)]
+            rows.append(row)
+        return np.array(rows, dtype=np.float64).reshape(len(rows), len(self.feature_names))
