@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ensemble.metadata import parse_fields
 from ensemble.metrics import sensitivity_at_specificity
 from models.store import write_json_atomic
 
@@ -53,8 +54,10 @@ def _trained(run: Path, config: dict) -> bool:
     return True
 
 
-def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: int = 0) -> list[dict]:
-    """Train (or reuse), fuse by mean and stack (and OOF stack), evaluate one config; one row per fusion."""
+def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: int = 0,
+               metadata: Sequence[str] = ()) -> list[dict]:
+    """Train (or reuse), fuse by mean and stack (and OOF stack, and stack with each metadata
+    field set), evaluate one config; one row per fusion."""
     from experiments.pipeline import evaluate_run, fuse_run, train_branches
     from models import BranchConfig
 
@@ -66,7 +69,7 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
         configs = [BranchConfig.from_dict({**config, "view": v}) for v in VIEWS]
         train_branches(data, str(run), configs, jobs=len(configs), resume=True)
     rows = []
-    methods = ["mean", "stack"] + ([f"stack-oof{oof_folds}"] if oof_folds else [])
+    methods = ["mean", "stack"] + ([f"stack-oof{oof_folds}"] if oof_folds else []) + [f"stack+{m}" for m in metadata]
     for method in methods:
         target = run if method == "mean" else out / f"{name}-{method}"
         if method != "mean":
@@ -78,6 +81,8 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
             (run / "oof").mkdir(exist_ok=True)
             (target / "oof").symlink_to((run / "oof").resolve(), target_is_directory=True)
             fuse_run(str(target), method="stack", folds=oof_folds)
+        elif method.startswith("stack+"):
+            fuse_run(str(target), method="stack", metadata=method[len("stack+"):])
         else:
             fuse_run(str(target), method=method)
         metrics = evaluate_run(str(target), plots=False, audit_csv=audit, audit=audit is not None)
@@ -102,7 +107,8 @@ def _row(name: str, method: str, run: Path, metrics: dict, oof_folds: int = 0) -
     return {"name": name, "method": method, "members": {v: metrics["members"][v]["auc"] for v in VIEWS},
             "auc": f["auc"], "ci": f["auc_ci95"], "gain": f["auc"] - best_branch, "sens": f["sensitivity"],
             "spec": f["specificity"], "sens_at_spec85": sensitivity_at_specificity(y, fused, 0.85),
-            "isic2017_train_auc": isic17, "train_seconds": seconds, "fold_train_seconds": fold_seconds}
+            "isic2017_train_auc": isic17, "per_source_auc": {s: v["fused"]["auc"] for s, v in metrics["per_source"].items()},
+            "train_seconds": seconds, "fold_train_seconds": fold_seconds}
 
 
 def _f(x, spec: str = ".3f") -> str:
@@ -134,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                    help=f"experiment names, files experiments/configs/acc-NAME.json (default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--audit", help="audit CSV for the per-artefact AUCs (default: none)")
+    p.add_argument("--metadata", nargs="+", default=[], metavar="FIELDS",
+                   help="also stack with these metadata field sets (fuse --metadata FIELDS), one row each, "
+                        "e.g. --metadata age,sex age,sex,site (default: none)")
     p.add_argument("--oof-folds", type=int, default=0, metavar="K",
                    help="also stack on K-fold out-of-fold training probabilities (fuse --folds K; trains every "
                         "branch K more times) and add that row (default 0: off)")
@@ -143,9 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in args.configs:
         load_config(name)  # fail on a typo before hours of training
+    for fields in args.metadata:
+        parse_fields(fields)
     rows = []
     for name in args.configs:
-        new_rows = run_config(args.data, args.out, name, args.audit, args.oof_folds)
+        new_rows = run_config(args.data, args.out, name, args.audit, args.oof_folds, args.metadata)
         rows += new_rows
         print(format_rows(new_rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
