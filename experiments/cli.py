@@ -180,7 +180,9 @@ def _fuse(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     result = fuse_run(args.run, args.method, views, folds=args.folds, jobs=args.jobs, metadata=args.metadata)
-    print(f"fusion '{args.method}' written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} (chosen on validation)")
+    with_meta = f" with metadata {', '.join(result['metadata'])}" if result["metadata"] else ""
+    print(f"fusion '{args.method}'{with_meta} written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} "
+          "(chosen on validation)")
     fit = result.get("stack_fit", {})
     if fit.get("folds"):
         print(f"stacker fitted on {fit['n_images']} out-of-fold training images ({fit['folds']} folds); validation AUC "

@@ -368,8 +368,7 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
     threshold = choose_threshold(y, fused)
     val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
     val["fused"] = binary_report(y, fused, threshold)
-    ens_dir = run / "ensemble"
-    save_ensemble(ens_dir, fusion, method, threshold, branch_dirs, extra={
+    save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, extra={
         "validation_metrics": val,
         "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
         "split_seed": infos[0][1].get("split_seed"),
@@ -378,7 +377,7 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
     })
     if method == "stack":
         logger.info("stacker log-odds weights %s", fusion.weights(views))
-    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(ens_dir),
+    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble"),
             "metadata": list(metadata), **stack_fit}
 
 
