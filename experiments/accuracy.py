@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 VIEWS = ("rgb", "hsv", "fft")
-DEFAULT_CONFIGS = ("default", "augment", "crops", "shades-of-gray")
+DEFAULT_CONFIGS = ("default", "class-weights", "augment", "crops", "shades-of-gray")
 
 
 def load_config(name: str) -> dict:

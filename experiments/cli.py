@@ -58,9 +58,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.3)")
-    p.add_argument("--class-weight", choices=["balanced", "none"], help="class-imbalance handling (default balanced)")
+    p.add_argument("--class-weight", choices=["balanced", "none"],
+                   help="class-imbalance handling by loss weights (default none; pair balanced with --sampling none)")
     p.add_argument("--sampling", choices=["none", "undersample", "oversample"],
-                   help="per-epoch class balancing by resampling (default none; pair it with --class-weight none)")
+                   help="per-epoch class balancing by resampling (default oversample: every nevus, melanomas drawn "
+                        "with replacement to the same count)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable random flips and 90° rotations")
     p.add_argument("--rotate-degrees", type=float, help="augmentation: random rotation by up to +/- this many degrees (default 0, off)")
     p.add_argument("--scale-jitter", type=float, help="augmentation: random zoom by a factor in 1 +/- this (default 0, off)")

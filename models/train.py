@@ -289,6 +289,10 @@ def fit_branch(
     if len(np.unique(y_val)) < 2:
         raise ValueError("validation labels need both classes to compute AUC")
     weights = class_weights(y_train, config.class_weight)
+    if config.class_weight == "balanced" and config.sampling != "none":
+        logger.warning("[%s] class_weight 'balanced' with sampling %r corrects the class imbalance twice; "
+                       "use --class-weight balanced --sampling none, or the default (oversample, no weights)",
+                       config.view, config.sampling)
 
     keras.utils.set_random_seed(config.seed)
     keeper = _BestKeeper(config, checkpoint_dir)

@@ -61,7 +61,8 @@ def _separable(n, size, rng):
 def test_fit_branch_learns_a_separable_problem(rng):
     xt, yt = _separable(64, 16, rng)
     xv, yv = _separable(32, 16, rng)
-    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=6, patience=6, batch_size=16)
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=6, patience=6, batch_size=16,
+                          class_weight="balanced", sampling="none")
     model, history = fit_branch(config, xt, yt, xv, yv)
     from sklearn.metrics import roc_auc_score
 
