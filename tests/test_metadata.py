@@ -97,22 +97,22 @@ def test_dataset_readers_keep_metadata(tmp_path):
     recs = {r.image_id: r for r in index_dataset(a).records}
     assert recs["x1"].metadata() == {"age": "65.0", "sex": "male", "site": "back"}
     assert recs["x2"].metadata() == {"age": "", "sex": "female", "site": ""}
-    # an isic-cli download: age_approx and anatom_site_general
-    b = tmp_path / "b"
-    b.mkdir()
-    cv2.imwrite(str(b / "ISIC_1.jpg"), img)
-    (b / "metadata.csv").write_text("isic_id,diagnosis,age_approx,sex,anatom_site_general\n"
-                                    "ISIC_1,melanoma,55,female,upper extremity\n")
-    (r,) = index_dataset(b).records
-    assert r.metadata() == {"age": "55", "sex": "female", "site": "upper extremity"}
-    # HAM10000: localization
-    c = tmp_path / "c"
-    c.mkdir()
-    cv2.imwrite(str(c / "ISIC_2.jpg"), img)
-    (c / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n"
-                                             "HAM_1,ISIC_2,nv,histo,40.0,male,trunk\n")
-    (r,) = index_dataset(c).records
-    assert r.metadata() == {"age": "40.0", "sex": "male", "site": "trunk"}
+    # one-image folders in the isic-cli layout (age_approx, anatom_site_general) and HAM10000's
+    # (localization)
+    for folder, csv_name, table, expected in [
+        ("b", "metadata.csv", "isic_id,diagnosis,age_approx,sex,anatom_site_general\n"
+                              "ISIC_1,melanoma,55,female,upper extremity\n",
+         {"age": "55", "sex": "female", "site": "upper extremity"}),
+        ("c", "HAM10000_metadata.csv", "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+                                       "HAM_1,ISIC_1,nv,histo,40.0,male,trunk\n",
+         {"age": "40.0", "sex": "male", "site": "trunk"}),
+    ]:
+        d = tmp_path / folder
+        d.mkdir()
+        cv2.imwrite(str(d / "ISIC_1.jpg"), img)
+        (d / csv_name).write_text(table)
+        (r,) = index_dataset(d).records
+        assert r.metadata() == expected, folder
 
 
 @pytest.fixture(scope="module")
