@@ -54,6 +54,17 @@ def clean_text(value: Any) -> str:
     return "" if text in _UNKNOWN else text
 
 
+def _checked(meta: Sequence[Mapping[str, Any] | None]) -> list[Mapping[str, Any]]:
+    """The entries as mappings (``None`` → ``{}``); anything else is refused with its position."""
+    out = []
+    for i, m in enumerate(meta):
+        if m is not None and not isinstance(m, Mapping):
+            raise ValueError(f"metadata entry {i} is a {type(m).__name__}, not a dict like "
+                             "{'age': 60, 'sex': 'female', 'site': 'back'}")
+        out.append(m or {})
+    return out
+
+
 class MetadataEncoder:
     """Encodes metadata dicts (``{"age": 52, "sex": "male", "site": "back"}``) as a feature matrix.
 
@@ -73,7 +84,7 @@ class MetadataEncoder:
     def fit(self, meta: Sequence[Mapping[str, Any]]) -> "MetadataEncoder":
         """Learn the site vocabulary from the fitting images' metadata. Returns self."""
         counts: dict[str, int] = {}
-        for m in meta:
+        for m in _checked(meta):
             site = clean_text(m.get("site"))
             if site:
                 counts[site] = counts.get(site, 0) + 1
@@ -95,8 +106,7 @@ class MetadataEncoder:
     def transform(self, meta: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
         """The (n, len(feature_names)) float64 matrix; a ``None`` entry means every field unknown."""
         rows = []
-        for m in meta:
-            m = m or {}
+        for m in _checked(meta):
             row: list[float] = []
             if "age" in self.fields:
                 age = clean_age(m.get("age"))

@@ -325,13 +325,12 @@ class _Progress:
 
 def _read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, str]]:
     """path → metadata dict for ``predict --metadata``, matched by image_id (file stem) or path."""
-    import csv
+    from experiments.data import read_csv_rows
 
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--metadata {spec}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv_rows(path)
     columns = set(rows[0]) if rows else set()
     key = "image_id" if "image_id" in columns else "path" if "path" in columns else None
     if key is None:
@@ -339,7 +338,7 @@ def _read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) -
     missing = [f for f in fields if f not in columns]
     if missing:
         raise ValueError(f"--metadata {spec}: the ensemble fuses {list(fields)} but the CSV lacks {missing}")
-    by_key = {r[key].strip(): {f: r.get(f, "") for f in fields} for r in rows}
+    by_key = {r[key]: {f: r.get(f, "") for f in fields} for r in rows}
     out = {p: by_key.get(Path(p).stem if key == "image_id" else p) for p in paths}
     unmatched = sum(v is None for v in out.values())
     if unmatched:

@@ -90,7 +90,8 @@ class DatasetIndex:
         return "; ".join(parts)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV as dicts with stripped keys and values (BOM and over-long rows tolerated)."""
     # utf-8-sig: a CSV re-saved by Excel starts with a BOM that would otherwise glue itself
     # to the first column name.
     with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -249,13 +250,13 @@ def _row_metadata(row: dict[str, str]) -> dict[str, str]:
 
 def _index_labels_csv(root: Path) -> DatasetIndex:
     labels_path, images_dir = root / "labels.csv", root / "images"
-    rows = _read_csv(labels_path)
+    rows = read_csv_rows(labels_path)
     if not rows or not {"image_id", "label"} <= set(rows[0]):
         raise ValueError(f"{labels_path}: needs columns image_id,label")
     groups, sources, metas = {}, {}, {}
     meta_path = root / "metadata.csv"
     if meta_path.is_file():
-        for m in _read_csv(meta_path):
+        for m in read_csv_rows(meta_path):
             key = m.get("image_id") or m.get("isic_id")
             gid = m.get("group_id") or m.get("lesion_id")
             if key and gid:
@@ -330,7 +331,7 @@ def isic_label(row: dict[str, str]) -> tuple[str | None, str]:
 
 def _index_isic_cli(root: Path) -> DatasetIndex:
     meta_path = root / "metadata.csv"
-    rows = _read_csv(meta_path)
+    rows = read_csv_rows(meta_path)
     columns = set(rows[0]) if rows else set(_csv_header(meta_path))
     if not {"diagnosis", "diagnosis_1", "diagnosis_2", "diagnosis_3"} & columns:
         raise ValueError(f"{meta_path}: needs a diagnosis column (diagnosis, or diagnosis_1/diagnosis_2/diagnosis_3)")
@@ -357,7 +358,7 @@ HAM_DX = {"mel": "melanoma", "nv": "nevus"}
 
 def _index_ham10000(root: Path) -> DatasetIndex:
     meta_path = _ham_metadata(root)
-    rows = _read_csv(meta_path)
+    rows = read_csv_rows(meta_path)
     if not rows or not {"image_id", "dx"} <= set(rows[0]):
         raise ValueError(f"{meta_path}: needs columns image_id,dx (and lesion_id)")
     # The images come in HAM10000_images_part_1/ and _part_2/ (or flattened); any

@@ -387,7 +387,7 @@ def _dataset_metadata(run: Path, fields: Sequence[str]) -> dict[str, dict[str, s
 
     _, info = load_split(run)
     records = index_dataset(info["data_dir"]).records
-    known = {f: sum(bool(clean_age(r.age) if f == "age" else clean_text(getattr(r, f))) for r in records)
+    known = {f: sum((clean_age(r.age) is not None) if f == "age" else bool(clean_text(getattr(r, f))) for r in records)
              for f in fields}
     logger.info("metadata known for %s of %d images", ", ".join(f"{f} {n}" for f, n in known.items()), len(records))
     if not any(known.values()):

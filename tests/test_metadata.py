@@ -79,6 +79,10 @@ def test_stacker_uses_metadata_and_refuses_to_run_without_it(rng):
         make_fusion("mean", "age")
     with pytest.raises(ValueError, match="needs meta"):
         make_fusion("stack", "age").fit(P, y)
+    with pytest.raises(ValueError, match="metadata entry 1 is a str"):
+        with_meta.predict_proba(Pt[:2], [{"age": 50}, "age=50"])
+    # None entries are allowed when fitting too (an image the dataset has no metadata for)
+    make_fusion("stack", "age").fit(P, y, [None] * 3 + meta[3:])
 
 
 def test_dataset_readers_keep_metadata(tmp_path):
