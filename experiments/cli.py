@@ -51,7 +51,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder: labels.csv + images/ (+ optional metadata.csv with group_id)")
     p.add_argument("--run", required=True, help="run directory; its split (splits.csv) is made on first use and reused")
     p.add_argument("--config", help="JSON file of branch config defaults; explicit flags override it")
-    p.add_argument("--image-size", type=int, help="square input side in pixels (default 128)")
+    p.add_argument("--image-size", type=int, help="square input side in pixels (default 96)")
     p.add_argument("--base-filters", type=int, help="filters of the first conv layer, doubled per layer (default 16)")
     p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
     p.add_argument("--patience", type=int, help="early-stopping patience on validation AUC (default 4)")

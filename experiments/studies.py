@@ -23,9 +23,9 @@ from models.store import write_json_atomic
 logger = logging.getLogger(__name__)
 
 # Study settings live in experiments/configs/*.json (each also works as `train --config`):
-# one branch (rgb) at 96 px so that the six trainings fit a CPU afternoon. Each study compares
-# configs against each other under these settings; the absolute AUCs are below those of the
-# default 128 px three-branch ensemble.
+# one branch (rgb) at 96 px for at most 12 epochs, so that the six trainings fit a CPU afternoon.
+# Each study compares configs against each other under these settings; the absolute AUCs are
+# below those of the default three-branch ensemble.
 CONFIG_DIR = Path(__file__).with_name("configs")
 VIEW = "rgb"
 

@@ -39,15 +39,15 @@ def parse_point(text: str) -> tuple[int, int]:
     """``"128x16"`` → ``(128, 16)``: image size and base filters of one grid point.
 
     Raises:
-        ValueError: naming the text, if it is not ``SIZExWIDTH`` with a size of at least 32 px and
+        ValueError: naming the text, if it is not ``SIZExWIDTH`` with a size of at least 16 px and
             a width of at least 1.
     """
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
     if not m:
         raise ValueError(f"grid point {text!r}: expected SIZExWIDTH, e.g. 128x16")
     size, width = int(m.group(1)), int(m.group(2))
-    if size < 32 or width < 1:
-        raise ValueError(f"grid point {text!r}: image size must be >= 32 px (four 2x poolings) and width >= 1")
+    if size < 16 or width < 1:
+        raise ValueError(f"grid point {text!r}: image size must be >= 16 px (four 2x poolings) and width >= 1")
     return size, width
 
 
