@@ -168,7 +168,7 @@ def test_sensitivity_at_specificity_matches_a_brute_force_threshold_sweep(rng):
         best = max(np.mean(p[y == 1] >= t) for t in np.append(np.unique(p), np.inf)
                    if np.mean(p[y == 0] < t) >= spec)
         assert sensitivity_at_specificity(y, p, spec) == pytest.approx(best)
-    for name in ("default", "class-weights", "oversample", "augment", "crops", "shades-of-gray", "96px"):
+    for name in ("default", "class-weights", "oversample", "augment", "crops", "shades-of-gray", "96px", "96px-shades-of-gray"):
         BranchConfig.from_dict(load_config(name))  # every shipped experiment config is valid
     with pytest.raises(FileNotFoundError, match="known"):
         load_config("no-such-experiment")
