@@ -15,7 +15,6 @@ reused, so an interrupted sweep resumes and a rerun only re-scores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import re
@@ -65,11 +64,10 @@ def choose(rows: Sequence[dict]) -> dict:
 
 
 def _val_report(branch_dir: Path) -> dict:
-    with open(branch_dir / "val_predictions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    y = np.array([int(r["label"]) for r in rows])
-    p = np.array([float(r["melanoma_proba"]) for r in rows])
-    return binary_report(y, p, 0.5, n_boot=1000)
+    from experiments.pipeline import _read_val_predictions
+
+    y, p = map(np.array, zip(*_read_val_predictions(branch_dir).values()))
+    return binary_report(y.astype(int), p.astype(float), 0.5, n_boot=1000)
 
 
 def run_point(data: str, out: Path, view: str, base: dict, size: int, width: int, epochs: int,
@@ -143,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e))
     if args.epochs < 1:
         p.error(f"--epochs must be at least 1, got {args.epochs}")
+    if not Path(args.data).is_dir():
+        p.error(f"--data {args.data}: no such folder")
     if not args.config.is_file():
         p.error(f"--config {args.config}: no such file")
     base = json.loads(args.config.read_text())

@@ -63,3 +63,6 @@ def test_sweep_refuses_a_bad_grid_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--grid", "128x16", "big"])
     assert "'big'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert "missing: no such folder" in capsys.readouterr().err and not (tmp_path / "o").exists()
