@@ -60,7 +60,7 @@ class BranchConfig:
 
     view: str = "rgb"
     # 96 px, chosen by measurement (python -m experiments.sweep, experiments/RESULTS.md): as
-    # accurate as 128 and 160 px on validation at 0.6x and 0.35x the training time.
+    # accurate as 128 and 160 px on validation at 0.6x and 0.37x the training time per epoch.
     image_size: int = 96
     base_filters: int = 16
     dropout: float = 0.3
