@@ -18,6 +18,8 @@ from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
+# "plateau" schedule: halve the learning rate after this many epochs without a better val AUC.
+PLATEAU_PATIENCE, PLATEAU_FACTOR = 2, 0.5
 
 
 def class_weights(y: np.ndarray, mode: str) -> dict[int, float]:
@@ -320,7 +322,7 @@ def fit_branch(
                                          crop=config.image_size),
             initial_epoch=initial_epoch,
             epochs=config.epochs,
-            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *_schedule_callbacks(config), *callbacks],
+            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *callbacks],
             verbose=0,
         )
     keeper.restore_best(model)
@@ -367,18 +369,13 @@ def make_optimizer(config: BranchConfig, steps_per_epoch: int) -> keras.optimize
     return keras.optimizers.Adam(lr)
 
 
-def _schedule_callbacks(config: BranchConfig) -> list:
-    if config.lr_schedule == "plateau":
-        return [keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5, patience=2, verbose=0)]
-    return []
-
-
 class _BestKeeper(keras.callbacks.Callback):
     """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
 
-    It replaces Keras' ``EarlyStopping`` so that its state (best AUC, best weights, epochs
-    without improvement) can be saved with each epoch's checkpoint: a resumed run then stops
-    and restores exactly as an uninterrupted one would. A checkpoint is ``last.keras`` (the
+    It replaces Keras' ``EarlyStopping`` and ``ReduceLROnPlateau`` so that their state (best
+    AUC, best weights, epochs without improvement) can be saved with each epoch's checkpoint:
+    a resumed run then stops, halves its learning rate and restores exactly as an
+    uninterrupted one would. A checkpoint is ``last.keras`` (the
     model with its optimizer state), ``best.weights.h5`` and ``state.json``, each written
     atomically; ``state.json`` is written last, so it only ever names a complete epoch.
     """
@@ -388,6 +385,7 @@ class _BestKeeper(keras.callbacks.Callback):
         self.config = config
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.best, self.best_epoch, self.wait, self.best_weights = -math.inf, -1, 0, None
+        self.lr_wait = 0  # epochs without improvement since the last plateau halving
         self.history: dict[str, list[float]] = {}
         self.stopped, self.seconds_before, self._t0 = False, 0.0, time.perf_counter()
 
@@ -407,6 +405,7 @@ class _BestKeeper(keras.callbacks.Callback):
         best_model.load_weights(self.dir / "best.weights.h5")
         self.best_weights = best_model.get_weights()
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.lr_wait = state.get("lr_wait", 0)
         self.history, self.stopped = state["history"], state["stopped"]
         self.seconds_before = state["seconds"]
         logger.info("[%s] resuming after epoch %d of %d (best val_auc %.4f at epoch %d)", self.config.view,
@@ -428,6 +427,12 @@ class _BestKeeper(keras.callbacks.Callback):
             improved = True
         else:
             improved = False
+        if self.config.lr_schedule == "plateau":
+            self.lr_wait = 0 if improved else self.lr_wait + 1
+            if self.lr_wait >= PLATEAU_PATIENCE:
+                lr = self.model.optimizer.learning_rate
+                lr.assign(lr * PLATEAU_FACTOR)
+                self.lr_wait = 0
         if self.wait >= self.config.patience and epoch > 0:
             self.model.stop_training = self.stopped = True
         if self.dir:
@@ -448,6 +453,7 @@ class _BestKeeper(keras.callbacks.Callback):
                     real.unlink(missing_ok=True)
         write_json_atomic(self.dir / "state.json", {
             "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+            "lr_wait": self.lr_wait,
             "stopped": self.stopped, "history": self.history, "config": self.config.to_dict(),
             "seed_states": _seed_states(self.model),
             "seconds": self.seconds_before + time.perf_counter() - self._t0,

@@ -8,12 +8,13 @@ import json
 import shutil
 
 import cv2
+import keras
 import numpy as np
 import pytest
 
 import ensemble
 from colorspaces import apply_constancy, apply_view, shades_of_gray
-from models import BranchConfig, fit_branch, predict_images_proba, training_batches, view_batches
+from models import BranchConfig, build_branch, fit_branch, predict_images_proba, training_batches, view_batches
 from models.train import augment_batch, class_weights, make_optimizer
 
 
@@ -93,6 +94,48 @@ def test_plateau_schedule_and_sgd_train(rng):
 
     assert roc_auc_score(y, predict_images_proba(model, "rgb", x)) > 0.95
     assert history["per_epoch"]["val_auc"] and len(history["per_epoch"]["val_auc"]) <= 6
+
+
+def test_plateau_halving_is_checkpointed_so_a_resumed_run_halves_on_the_same_epochs(tmp_path):
+    from models.train import _BestKeeper
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=8, patience=8,
+                          lr_schedule="plateau", learning_rate=0.01)
+    val_aucs = [0.6, 0.7, 0.7, 0.65, 0.8, 0.7, 0.7, 0.7]  # halvings due after epochs 4 and 7
+
+    def keeper_with_model(directory):
+        model = build_branch(config)
+        model.compile(optimizer=make_optimizer(config, 1), loss="binary_crossentropy")
+        model.optimizer.build(model.trainable_variables)  # as after a first step: its state is saved
+        keeper = _BestKeeper(config, directory)
+        keeper.set_model(model)
+        return keeper, model
+
+    def lr(model):
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+    keeper, model = keeper_with_model(tmp_path / "straight")
+    straight = []
+    for epoch, auc in enumerate(val_aucs):
+        keeper.on_epoch_end(epoch, {"val_auc": auc})
+        straight.append(lr(model))
+    assert straight == pytest.approx([0.01] * 3 + [0.005] * 3 + [0.0025] * 2)
+
+    # Interrupted with one epoch without improvement pending (after 3 and after 6 epochs;
+    # the second also after a halving), then resumed from the checkpoint.
+    for cut in (3, 6):
+        keeper, model = keeper_with_model(tmp_path / f"resumed-{cut}")
+        for epoch, auc in enumerate(val_aucs[:cut]):
+            keeper.on_epoch_end(epoch, {"val_auc": auc})
+        resumed_keeper = _BestKeeper(config, tmp_path / f"resumed-{cut}")
+        resumed_model, start = resumed_keeper.restore()
+        resumed_keeper.set_model(resumed_model)
+        assert start == cut and lr(resumed_model) == pytest.approx(straight[cut - 1])
+        resumed = []
+        for epoch, auc in enumerate(val_aucs[cut:], start=cut):
+            resumed_keeper.on_epoch_end(epoch, {"val_auc": auc})
+            resumed.append(lr(resumed_model))
+        assert resumed == pytest.approx(straight[cut:])
 
 
 def _with_config(trained_run, tmp_path, **changes):
