@@ -53,8 +53,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of branch config defaults; explicit flags override it")
     p.add_argument("--image-size", type=int, help="square input side in pixels (default 96)")
     p.add_argument("--base-filters", type=int, help="filters of the first conv layer, doubled per layer (default 16)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
-    p.add_argument("--patience", type=int, help="early-stopping patience on validation AUC (default 4)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 30)")
+    p.add_argument("--patience", type=int, help="early-stopping patience on validation AUC (default 8)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 32)")
     p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--dropout", type=float, help="dropout before the output layer (default 0.3)")
@@ -77,7 +77,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="pixels between the inference windows (default 0: (load - image size) // 2, a 3x3 grid)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="adam, or sgd with Nesterov momentum 0.9 (default adam)")
     p.add_argument("--lr-schedule", choices=["none", "cosine", "plateau"],
-                   help="cosine decay over the epochs, or halve on a 2-epoch validation-AUC plateau (default none)")
+                   help="cosine decay over the epochs, or halve on a 2-epoch validation-AUC plateau (default cosine)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the run's split, used only when the split is created (default 0)")
     p.add_argument("--exclude-artefacts", action="store_true",

@@ -80,6 +80,9 @@ def test_optimizer_and_cosine_schedule():
     schedule = adam._learning_rate
     assert float(schedule(0)) == pytest.approx(0.01) and float(schedule(50)) == pytest.approx(0.0, abs=1e-6)
     assert 0.0 < float(schedule(25)) < 0.01
+    constant = make_optimizer(BranchConfig(lr_schedule="none", learning_rate=0.01), steps_per_epoch=10)
+    assert float(keras.ops.convert_to_numpy(constant.learning_rate)) == pytest.approx(0.01)
+    assert BranchConfig().lr_schedule == "cosine"  # the measured default (experiments/RESULTS.md)
 
 
 @pytest.mark.slow
