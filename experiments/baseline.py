@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="training time budget (default: the run's three branches' training time together, which "
                         "is right for branches trained one after another; for `train --view all` in parallel "
                         "processes, pass the run's wall-clock training time instead)")
-    p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
+    p.add_argument("--epochs", type=int,
+                   help="maximum epochs (default: the run's, so a cosine schedule decays over the same epochs)")
     p.add_argument("--bn-momentum", type=float, default=0.9,
                    help="BatchNorm momentum of the application's layers (default 0.9; see build_standard)")
     args = p.parse_args(argv)
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{run}: no trained branches to take the split, image size and time budget from")
     rgb_config = json.loads((run / "branches" / next(iter(metas)) / "config.json").read_text())
     budget = args.budget_seconds or sum(m["training"]["train_seconds"] for m in metas.values())
-    config = BranchConfig.from_dict({**rgb_config, "view": "rgb", "epochs": args.epochs})
+    config = BranchConfig.from_dict({**rgb_config, "view": "rgb", "epochs": args.epochs or rgb_config["epochs"]})
 
     assign, info = load_split(run)
     index = index_dataset(info["data_dir"])

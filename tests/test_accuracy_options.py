@@ -174,10 +174,14 @@ def test_baseline_trains_a_keras_application_on_the_runs_split(trained_run, tmp_
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     # 6 steps: BatchNorm statistics need a fast momentum to settle in so few
-    assert main(["--run", str(run), "--epochs", "1", "--budget-seconds", "1", "--bn-momentum", "0.5"]) == 0
+    assert main(["--run", str(run), "--budget-seconds", "1", "--bn-momentum", "0.5"]) == 0
     metrics = json.loads((run / "baseline-mobilenetv3small" / "metrics.json").read_text())
     assert metrics["parameters"] > 100_000 and 0.0 <= metrics["test"]["auc"] <= 1.0
-    assert metrics["training"]["epochs_run"] == 1
+    assert metrics["training"]["epochs_run"] == 1  # the 1 s budget stops it after its first epoch
+    branch = json.loads((run / "branches" / "rgb" / "config.json").read_text())
+    # the run's schedule, over the run's epochs
+    assert {k: metrics["config"][k] for k in ("epochs", "lr_schedule", "image_size", "sampling")} == \
+        {k: branch[k] for k in ("epochs", "lr_schedule", "image_size", "sampling")}
     assert "mobilenetv3small" in capsys.readouterr().out
     assert metrics["bn_momentum"] == 0.5 and metrics["test_proba_std"] > 1e-4
 
