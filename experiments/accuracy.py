@@ -49,7 +49,7 @@ def _trained(run: Path, config: dict) -> bool:
         cfg = run / "branches" / view / "config.json"
         if not (cfg.is_file() and (run / "branches" / view / "metadata.json").is_file()):
             return False
-        if json.loads(cfg.read_text()) != BranchConfig.from_dict({**config, "view": view}).to_dict():
+        if not BranchConfig.from_dict({**config, "view": view}).matches(json.loads(cfg.read_text())):
             return False
     return True
 

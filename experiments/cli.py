@@ -76,6 +76,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-stride", type=int,
                    help="pixels between the inference windows (default 0: (load - image size) // 2, a 3x3 grid)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="adam, or sgd with Nesterov momentum 0.9 (default adam)")
+    p.add_argument("--weight-decay", type=float,
+                   help="decoupled weight decay: each step scales every weight by 1 - this x learning rate "
+                        "(Adam becomes AdamW; default 0, off)")
     p.add_argument("--lr-schedule", choices=["none", "cosine", "plateau"],
                    help="cosine decay over the epochs, or halve on a 2-epoch validation-AUC plateau (default cosine)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")

@@ -50,7 +50,7 @@ def _train_and_score(data: str, run: Path, exclude: set[str] | None = None, **ov
     """
     config = BranchConfig.from_dict({**STUDY, **overrides, "view": VIEW})
     meta_path = run / "branches" / config.view / "metadata.json"
-    if meta_path.is_file() and json.loads((run / "branches" / config.view / "config.json").read_text()) == config.to_dict():
+    if meta_path.is_file() and config.matches(json.loads((run / "branches" / config.view / "config.json").read_text())):
         meta = json.loads(meta_path.read_text())
         logger.info("reusing trained branch %s", meta_path.parent)
     else:

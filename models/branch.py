@@ -53,6 +53,9 @@ class BranchConfig:
         crop_stride: pixels between the test-time windows; 0 means (load_size − image_size) // 2,
             a 3 × 3 grid.
         optimizer: "adam", or "sgd" (Nesterov momentum 0.9).
+        weight_decay: decoupled weight decay (Loshchilov & Hutter, 2019), training only: each
+            step multiplies every trainable weight by 1 - weight_decay × current learning
+            rate, as Keras' optimizers do (Adam with it is AdamW). 0 turns it off.
         lr_schedule: "none", "cosine" (decay to 0 over ``epochs``) or "plateau" (halve the
             rate after 2 epochs without a better validation AUC).
         seed: seed for weights, shuffling and augmentation.
@@ -85,6 +88,7 @@ class BranchConfig:
     crop_scale: float = 1.0
     crop_stride: int = 0
     optimizer: str = "adam"
+    weight_decay: float = 0.0
     lr_schedule: str = "cosine"
     seed: int = 0
 
@@ -108,6 +112,8 @@ class BranchConfig:
             raise ValueError(f"color_constancy must be one of {sorted(CONSTANCY)}, got {self.color_constancy!r}")
         if self.optimizer not in OPTIMIZER_CHOICES:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_CHOICES}, got {self.optimizer!r}")
+        if not 0.0 <= self.weight_decay < 10.0:
+            raise ValueError(f"weight_decay must be in [0, 10), got {self.weight_decay}")
         if self.lr_schedule not in LR_SCHEDULE_CHOICES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.rotate_degrees <= 180.0:
@@ -133,6 +139,14 @@ class BranchConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (equal to the constructor arguments)."""
         return dataclasses.asdict(self)
+
+    def matches(self, saved: dict[str, Any]) -> bool:
+        """Whether a saved config dict describes this config.
+
+        Keys the saved dict lacks take their defaults: a config saved before a field existed
+        was trained with the behaviour that is now that field's default.
+        """
+        return type(self).from_dict(saved) == self
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BranchConfig":

@@ -364,9 +364,13 @@ def make_optimizer(config: BranchConfig, steps_per_epoch: int) -> keras.optimize
     lr: Any = config.learning_rate
     if config.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=config.epochs * steps_per_epoch)
+    # Every trainable weight is decayed, BatchNorm's too, as Keras' AdamW does by default:
+    # excluding some by name would not survive a --resume (the exclusion is not saved with
+    # the optimizer).
+    decay = config.weight_decay or None
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay)
+    return keras.optimizers.Adam(lr, weight_decay=decay)
 
 
 class _BestKeeper(keras.callbacks.Callback):
@@ -396,7 +400,7 @@ class _BestKeeper(keras.callbacks.Callback):
             logger.info("[%s] no checkpoint to resume from; training from the start", self.config.view)
             return None, 0
         state = json.loads(state_file.read_text())
-        if state["config"] != self.config.to_dict():
+        if not self.config.matches(state["config"]):
             raise ValueError(f"{self.dir}: the checkpoint was made with another config ({state['config']}); "
                              "resume with the same settings, or train without --resume")
         model = keras.saving.load_model(self.dir / "last.keras", compile=True)

@@ -34,10 +34,11 @@ def test_shades_of_gray_removes_a_colour_cast_and_keeps_grey(rng):
 
 def test_new_config_fields_are_validated_and_round_trip():
     c = BranchConfig(rotate_degrees=15, scale_jitter=0.1, color_jitter=0.1, color_constancy="shades_of_gray",
-                     optimizer="sgd", lr_schedule="cosine")
+                     optimizer="sgd", lr_schedule="cosine", weight_decay=0.05)
     assert BranchConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     for bad, match in ({"optimizer": "rmsprop"}, "optimizer"), ({"lr_schedule": "step"}, "lr_schedule"), \
-                      ({"color_jitter": 1.5}, "color_jitter"), ({"color_constancy": "x"}, "color_constancy"):
+                      ({"color_jitter": 1.5}, "color_jitter"), ({"color_constancy": "x"}, "color_constancy"), \
+                      ({"weight_decay": -0.1}, "weight_decay"):
         with pytest.raises(ValueError, match=match):
             BranchConfig(**bad)
 
@@ -83,6 +84,40 @@ def test_optimizer_and_cosine_schedule():
     constant = make_optimizer(BranchConfig(lr_schedule="none", learning_rate=0.01), steps_per_epoch=10)
     assert float(keras.ops.convert_to_numpy(constant.learning_rate)) == pytest.approx(0.01)
     assert BranchConfig().lr_schedule == "cosine"  # the measured default (experiments/RESULTS.md)
+
+
+def test_a_config_saved_before_a_field_existed_matches_that_fields_default():
+    saved = BranchConfig(view="fft", dropout=0.5).to_dict()
+    del saved["weight_decay"]  # as written before weight decay was an option
+    assert BranchConfig(view="fft", dropout=0.5).matches(saved)
+    assert not BranchConfig(view="fft", dropout=0.5, weight_decay=0.1).matches(saved)
+    assert not BranchConfig(view="fft").matches(saved)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_shrinks_every_weight_in_training_and_survives_a_checkpoint(optimizer, tmp_path):
+    def one_step_without_gradient(model):
+        before = [np.array(v) for v in model.trainable_variables]
+        # A zero gradient moves neither optimizer, so what changes is the decay alone.
+        model.optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in model.trainable_variables])
+        return [np.array(v) / np.where(b == 0, 1, b) for v, b in zip(model.trainable_variables, before)]
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, optimizer=optimizer, lr_schedule="none",
+                          learning_rate=0.1, weight_decay=0.5)
+    for wd, factor in ((0.0, 1.0), (0.5, 1 - 0.5 * 0.1)):
+        model = build_branch(config)
+        model.compile(optimizer=make_optimizer(BranchConfig.from_dict({**config.to_dict(), "weight_decay": wd}), 1),
+                      loss="binary_crossentropy")
+        ratios = one_step_without_gradient(model)
+        assert len(ratios) == len(model.trainable_variables) > 5  # conv, BatchNorm and dense weights alike
+        for r, v in zip(ratios, model.trainable_variables):
+            nonzero = np.array(v) != 0
+            np.testing.assert_allclose(r[nonzero], factor, rtol=1e-5, err_msg=v.path)
+    # A resumed run loads the compiled model from its checkpoint: the decay must come back with it.
+    model.save(tmp_path / "last.keras")
+    loaded = keras.saving.load_model(tmp_path / "last.keras", compile=True)
+    for r, v in zip(one_step_without_gradient(loaded), loaded.trainable_variables):
+        np.testing.assert_allclose(r[np.array(v) != 0], 1 - 0.5 * 0.1, rtol=1e-5, err_msg=v.path)
 
 
 @pytest.mark.slow
@@ -157,11 +192,12 @@ def _with_config(trained_run, tmp_path, **changes):
 
 
 @pytest.mark.slow
-def test_inference_ignores_augmentation_but_applies_colour_constancy(trained_run, synthetic_data, tmp_path):
+def test_inference_ignores_augmentation_and_weight_decay_but_applies_colour_constancy(trained_run, synthetic_data, tmp_path):
     paths = sorted(str(p) for p in (synthetic_data / "images").glob("*.jpg"))[:6]
     ensemble.clear_cache()
     base = ensemble.predict_proba(paths, run=trained_run)
-    augmented = _with_config(trained_run, tmp_path / "a", rotate_degrees=30.0, scale_jitter=0.2, color_jitter=0.3)
+    augmented = _with_config(trained_run, tmp_path / "a", rotate_degrees=30.0, scale_jitter=0.2, color_jitter=0.3,
+                             weight_decay=0.1)
     np.testing.assert_allclose(ensemble.predict_proba(paths, run=augmented), base, atol=1e-7)
     constant = _with_config(trained_run, tmp_path / "c", color_constancy="shades_of_gray")
     assert not np.allclose(ensemble.predict_proba(paths, run=constant), base, atol=1e-4)
@@ -224,3 +260,20 @@ def test_sensitivity_at_specificity_matches_a_brute_force_threshold_sweep(rng):
         BranchConfig.from_dict(load_config(name))  # every shipped experiment config is valid
     with pytest.raises(FileNotFoundError, match="known"):
         load_config("no-such-experiment")
+
+
+def test_every_branch_config_field_is_a_documented_train_flag():
+    import dataclasses
+    from pathlib import Path
+
+    from experiments.cli import train_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    actions = {a.dest: a for a in train_parser()._actions}
+    for field in dataclasses.fields(BranchConfig):
+        if field.name == "view":
+            continue
+        assert field.name in actions, f"train has no flag for BranchConfig.{field.name}"
+        flag = max(actions[field.name].option_strings, key=len)
+        assert actions[field.name].help, flag
+        assert f"`{flag}" in readme, f"{flag} is missing from the README's flag table"
