@@ -94,6 +94,27 @@ def test_a_config_saved_before_a_field_existed_matches_that_fields_default():
     assert not BranchConfig(view="fft").matches(saved)
 
 
+def test_resume_refuses_another_config_but_takes_a_checkpoint_from_before_a_new_field(tmp_path):
+    from models.train import _BestKeeper
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=4, lr_schedule="none")
+    model = build_branch(config)
+    model.compile(optimizer=make_optimizer(config, 1), loss="binary_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    keeper = _BestKeeper(config, tmp_path)
+    keeper.set_model(model)
+    keeper.on_epoch_end(0, {"val_auc": 0.7})
+
+    with pytest.raises(ValueError, match="another config"):
+        _BestKeeper(BranchConfig.from_dict({**config.to_dict(), "weight_decay": 0.1}), tmp_path).restore()
+    state_file = tmp_path / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["weight_decay"]  # a checkpoint written before the option existed
+    state_file.write_text(json.dumps(state))
+    restored, start = _BestKeeper(config, tmp_path).restore()
+    assert start == 1 and restored is not None
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_weight_decay_shrinks_every_weight_in_training_and_survives_a_checkpoint(optimizer, tmp_path):
     def one_step_without_gradient(model):
