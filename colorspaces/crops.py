@@ -1,4 +1,4 @@
-"""Sliding-window crops: random windows for training, a fixed grid of windows averaged at test time.
+"""Square-image geometry: sliding-window crops (random in training, a grid at test time) and the 8 symmetries.
 
 A branch trained with crops sees ``size``×``size`` windows of an image resized to a larger
 ``load`` side (``BranchConfig.crop_scale``). At test time the same magnification is kept:
@@ -63,3 +63,14 @@ def centre_crop(batch: np.ndarray, size: int) -> np.ndarray:
     """The central ``size``×``size`` window of each image of a square batch (N, L, L, C)."""
     start = (batch.shape[1] - size) // 2
     return batch[:, start : start + size, start : start + size]
+
+
+# The 8 symmetries of the square, in the order ``dihedral`` numbers them: training augments with
+# them and test-time averaging scores all of them.
+DIHEDRAL = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
+
+
+def dihedral(batch: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 rotations/flips of a square image batch (N, S, S, C); k = 0 is the identity."""
+    out = np.rot90(batch, k % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if k >= 4 else out)

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ensemble.bundle import Ensemble, load_ensemble
+from ensemble.bundle import load_ensemble
+from ensemble.engine import Ensemble
 
 _CACHE: dict[str, Ensemble] = {}
 _LOCK = threading.Lock()

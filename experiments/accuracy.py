@@ -24,7 +24,7 @@ import numpy as np
 
 from ensemble.metadata import parse_fields
 from ensemble.metrics import sensitivity_at_specificity
-from models.store import write_json_atomic
+from colorspaces.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
                metadata: Sequence[str] = ()) -> list[dict]:
     """Train (or reuse), fuse by mean and stack (and OOF stack, and stack with each metadata
     field set), evaluate one config; one row per fusion."""
-    from experiments.pipeline import evaluate_run, fuse_run, train_branches
+    from skinfusion.workflows.evaluation import evaluate_run
+    from skinfusion.workflows.fusing import fuse_run
+    from skinfusion.workflows.training import train_branches
     from models import BranchConfig
 
     config = load_config(name)

@@ -20,11 +20,12 @@ import keras
 import numpy as np
 
 from ensemble.metrics import binary_report, choose_threshold
-from experiments.cache import cached_images
-from experiments.data import index_dataset
-from experiments.splits import load_split
-from models import BranchConfig, fit_branch, predict_images_proba
-from models.store import write_json_atomic
+from skinfusion.data.cache import cached_images
+from skinfusion.data.index import index_dataset
+from skinfusion.data.splits import load_split
+from models import BranchConfig, predict_images_proba
+from models.train import fit_branch
+from colorspaces.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from colorspaces import read_image
-from experiments.audit import audit_images
+from skinfusion.data.audit import audit_images
 
 # artefact_visual_review value -> audit row column
 REVIEW_VALUES = {"colour_disc": "colour_disc", "ink_marking": "ink"}

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ensemble.metrics import binary_report
-from models.store import write_json_atomic
+from colorspaces.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +64,16 @@ def choose(rows: Sequence[dict]) -> dict:
 
 
 def _val_report(branch_dir: Path) -> dict:
-    from experiments.pipeline import _read_val_predictions
+    from skinfusion.workflows.fusing import read_val_predictions
 
-    y, p = map(np.array, zip(*_read_val_predictions(branch_dir).values()))
+    y, p = map(np.array, zip(*read_val_predictions(branch_dir).values()))
     return binary_report(y.astype(int), p.astype(float), 0.5, n_boot=1000)
 
 
 def run_point(data: str, out: Path, view: str, base: dict, size: int, width: int, epochs: int,
               split_from: Path | None = None) -> dict:
     """Train (or reuse) one grid point and measure it on validation (for the choice) and test (for the record)."""
-    from experiments.pipeline import score_branch, train_branch_run
+    from skinfusion.workflows.training import score_branch, train_branch_run
     from models import BranchConfig
     from models.store import read_branch_info
 

@@ -1,18 +1,18 @@
-"""The branch CNN: its Keras graph, how to train it, and how to store it."""
+"""The branch CNN: its Keras graph and how to store it. Training lives in ``models.train``.
+
+Inference imports this package; it does not import ``models.train``, so loading and scoring a
+bundle never loads the training code.
+"""
 
 from models.branch import BranchConfig, build_branch, predict_branch_proba, predict_images_proba
-from models.store import library_versions, load_branch, save_branch
-from models.train import fit_branch, training_batches, view_batches
+from models.store import load_branch, read_branch_info, save_branch
 
 __all__ = [
     "BranchConfig",
     "build_branch",
-    "fit_branch",
-    "library_versions",
     "load_branch",
     "predict_branch_proba",
     "predict_images_proba",
+    "read_branch_info",
     "save_branch",
-    "training_batches",
-    "view_batches",
 ]

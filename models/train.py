@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
+from colorspaces.crops import dihedral
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchCo
     out = np.empty_like(images)
     ks = rng.integers(0, 4, size=len(images))
     flips = rng.random(len(images)) < 0.5
-    for i, (img, k, flip) in enumerate(zip(images, ks, flips)):
-        img = np.rot90(img, k)
-        out[i] = img[:, ::-1] if flip else img
+    # The same 8 symmetries test-time averaging uses: k-th rotation, then a flip for k + 4.
+    for i, k in enumerate(ks + 4 * flips):
+        out[i] = dihedral(images[i : i + 1], int(k))[0]
     if config is not None and (config.rotate_degrees > 0 or config.scale_jitter > 0):
         out = _affine(out, rng, config.rotate_degrees, config.scale_jitter)
     if config is not None and config.color_jitter > 0:
@@ -153,7 +154,7 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     Args:
         images: RGB uint8 images of shape (N, L, L, 3), L = ``config.load_size`` (with crops on,
             each batch takes one random ``config.image_size`` window per image): a NumPy array or any array-like whose
-            ``images[index_array]`` returns such a batch (e.g. ``experiments.cache.ImageCache``).
+            ``images[index_array]`` returns such a batch (e.g. ``skinfusion.data.cache.ImageCache``).
         y: binary labels (N,).
         config: the branch config (view, batch size, sampling, augmentation, seed).
         weights: per-class loss weights.
@@ -263,7 +264,7 @@ def fit_branch(
         config: branch hyper-parameters; its seed is set here.
         train_images: RGB uint8 (N, L, L, 3) with L = ``config.load_size`` (``image_size``
             unless the config asks for crops): an array, or an
-            array-like read a batch at a time (``experiments.cache.ImageCache``), so the
+            array-like read a batch at a time (``skinfusion.data.cache.ImageCache``), so the
             training set need not fit in memory.
         y_train: binary labels (1 = melanoma), shape (N,).
         val_images: RGB uint8 validation images, same size.
@@ -443,7 +444,7 @@ class _BestKeeper(keras.callbacks.Callback):
             self._save(epoch + 1, improved)
 
     def _save(self, epochs_done: int, improved: bool) -> None:
-        from models.store import atomic_path, write_json_atomic
+        from colorspaces.files import atomic_path, write_json_atomic
 
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, save in (("last.keras", self.model.save),

@@ -7,8 +7,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-from experiments.cli import fuse_main, train_main
-from experiments.synthetic import make_synthetic_dataset
+from skinfusion.cli import fuse_main, train_main
+from skinfusion.data.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,8 @@ import pytest
 
 import ensemble
 from colorspaces import apply_constancy, apply_view, shades_of_gray
-from models import BranchConfig, build_branch, fit_branch, predict_images_proba, training_batches, view_batches
+from models import BranchConfig, build_branch, predict_images_proba
+from models.train import fit_branch, training_batches, view_batches
 from models.train import augment_batch, class_weights, make_optimizer
 
 
@@ -288,7 +289,7 @@ def test_every_branch_config_field_is_a_documented_train_flag():
     import re
     from pathlib import Path
 
-    from experiments.cli import train_parser
+    from skinfusion.cli import train_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     actions = {a.dest: a for a in train_parser()._actions}

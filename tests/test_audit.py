@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from colorspaces import ImageError
-from experiments.audit import audit_images, detect_colour_disc, detect_ink, summarise_audit
-from experiments.data import Record
+from skinfusion.data.audit import audit_images, detect_colour_disc, detect_ink, summarise_audit
+from skinfusion.data.index import Record
 
 SKIN = (220, 176, 150)
 BROWN = (140, 90, 60)

@@ -1,7 +1,6 @@
 """Bundles written by an earlier release still load and give the same predictions."""
 
 import json
-import pickletools
 from pathlib import Path
 
 import numpy as np

@@ -8,8 +8,9 @@ import pytest
 
 import ensemble
 from colorspaces import apply_view, centre_crop, random_crops, read_image, resize_image, sliding_windows, window_offsets
-from experiments.cli import fuse_main, train_main
-from models import BranchConfig, build_branch, predict_images_proba, training_batches, view_batches
+from skinfusion.cli import fuse_main, train_main
+from models import BranchConfig, build_branch, predict_images_proba
+from models.train import training_batches, view_batches
 from models.branch import predict_branch_proba
 from models.train import class_weights
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.data import Record, index_dataset, load_images
-from experiments.splits import check_split, make_split, subset
+from skinfusion.data.index import Record, index_dataset, load_images
+from skinfusion.data.splits import check_split, make_split, subset
 
 
 def _records(n_groups=120, seed=0):
@@ -128,9 +128,9 @@ def test_real_split_keeps_lesions_and_near_duplicates_on_one_side():
 def test_dedup_split_groups_a_reuploaded_image(tmp_path):
     import shutil
 
-    from experiments.pipeline import prepare_split
-    from experiments.splits import load_split_groups
-    from experiments.synthetic import make_synthetic_dataset
+    from skinfusion.workflows.runsplit import prepare_split
+    from skinfusion.data.splits import load_split_groups
+    from skinfusion.data.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "d", n_images=120, size=48, seed=5)
     shutil.copy(data / "images" / "SYN_000000.jpg", data / "images" / "REUPLOAD.jpg")

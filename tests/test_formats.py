@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from colorspaces import ImageError
-from experiments.data import Record, detect_format, index_dataset, isic_label
-from experiments.dedup import (
+from skinfusion.data.index import Record, detect_format, index_dataset, isic_label
+from skinfusion.data.dedup import (
     MAX_DISTANCE,
     close_hash_pairs,
     dhash,
@@ -19,7 +19,7 @@ from experiments.dedup import (
     phash,
     read_near_duplicate_pairs,
 )
-from experiments.splits import make_split, merge_near_duplicate_groups, verify_split
+from skinfusion.data.splits import make_split, merge_near_duplicate_groups, verify_split
 
 
 def _lesion_image(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
@@ -193,7 +193,7 @@ def test_class_folders_count_other_folders_and_warn_about_leakage(tmp_path, capl
         _write_image(tmp_path / rel, k)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not an image\n")
-    with caplog.at_level(logging.WARNING, logger="experiments.data"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.data.index"):
         index = index_dataset(tmp_path)
     recs = _by_id(index)
     assert index.format == "class-folders" and not index.grouped

@@ -88,7 +88,7 @@ def test_stacker_uses_metadata_and_refuses_to_run_without_it(rng):
 def test_dataset_readers_keep_metadata(tmp_path):
     import cv2
 
-    from experiments.data import index_dataset
+    from skinfusion.data.index import index_dataset
 
     img = np.full((16, 16, 3), 120, np.uint8)
     # labels.csv + metadata.csv (this project's layout)
@@ -143,7 +143,7 @@ def meta_run(trained_run, synthetic_data, tmp_path_factory):
 
 
 def test_metadata_fusion_end_to_end(meta_run, tmp_path, capsys):
-    from experiments.cli import evaluate_main, fuse_main, predict_main
+    from skinfusion.cli import evaluate_main, fuse_main, predict_main
 
     run, data = meta_run
     assert evaluate_main(["--run", str(run), "--bootstrap", "1", "--no-plots", "--no-audit", "-q"]) == 0
@@ -193,7 +193,7 @@ def test_metadata_fusion_end_to_end(meta_run, tmp_path, capsys):
 
 
 def test_manifest_and_fusion_must_agree_on_metadata(meta_run):
-    from experiments.cli import fuse_main
+    from skinfusion.cli import fuse_main
 
     run, _ = meta_run
     assert fuse_main(["--run", str(run), "--method", "stack", "--metadata", "age", "-q"]) == 0

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from colorspaces import VIEWS, apply_view
-from models import BranchConfig, build_branch, fit_branch, load_branch, predict_branch_proba, save_branch
+from models import BranchConfig, build_branch, load_branch, predict_branch_proba, save_branch
+from models.train import fit_branch
 from models.train import augment_batch, class_weights
 
 

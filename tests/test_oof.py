@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from experiments.cli import fuse_main
-from experiments.pipeline import fuse_run
-from experiments.splits import load_split, load_split_groups
+from skinfusion.cli import fuse_main
+from skinfusion.workflows.fusing import fuse_run
+from skinfusion.data.splits import load_split, load_split_groups
 
 
 def test_folds_need_stacking_and_at_least_two(trained_run, tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 
 import ensemble
 from colorspaces import ImageError, MissingImageError, read_image
-from experiments.cli import evaluate_main, fuse_main, main, predict_main, train_main
+from skinfusion.cli import evaluate_main, fuse_main, main, predict_main, train_main
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +173,7 @@ def test_cli_predict_prints_csv_and_flags_bad_files(trained_run, synthetic_data,
 
 
 def test_run_refuses_other_data_and_cli_reports_errors(trained_run, tmp_path, capsys):
-    from experiments.synthetic import make_synthetic_dataset
+    from skinfusion.data.synthetic import make_synthetic_dataset
 
     other = make_synthetic_dataset(tmp_path / "other", n_images=60, size=32, seed=9)
     rc = train_main(["--view", "rgb", "--data", str(other), "--run", str(trained_run), "--epochs", "1", "-q"])
@@ -184,7 +184,7 @@ def test_run_refuses_other_data_and_cli_reports_errors(trained_run, tmp_path, ca
 
 
 def test_evaluate_on_another_folder(trained_run, tmp_path):
-    from experiments.synthetic import make_synthetic_dataset
+    from skinfusion.data.synthetic import make_synthetic_dataset
 
     other = make_synthetic_dataset(tmp_path / "clinic", n_images=80, size=64, seed=11)
     assert evaluate_main(["--run", str(trained_run), "--data", str(other), "--bootstrap", "100", "-q"]) == 0
@@ -207,7 +207,7 @@ def _add_disc_image(data, image_id="DISC_NEVUS"):
 
 
 def test_audit_cli_flags_a_disc_and_training_can_exclude_it(tmp_path, capsys):
-    from experiments.synthetic import make_synthetic_dataset
+    from skinfusion.data.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "d", n_images=120, size=64, seed=4, atypical_rate=0.0)
     _add_disc_image(data)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from experiments.cli import evaluate_main, fuse_main, train_main
+from skinfusion.cli import evaluate_main, fuse_main, train_main
 
 DATA = os.environ.get("SKINFUSION_DATA")
 if DATA and not os.path.isdir(DATA):

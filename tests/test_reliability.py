@@ -15,8 +15,8 @@ import pytest
 
 import ensemble
 from ensemble.bundle import check_versions
-from experiments.cli import fuse_main
-from models.store import atomic_open, atomic_path, write_json_atomic
+from skinfusion.cli import fuse_main
+from colorspaces.files import atomic_open, atomic_path, write_json_atomic
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
@@ -36,7 +36,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
 
 
 def test_version_check_warns_on_minor_and_refuses_major_differences():
-    from models.store import library_versions
+    from colorspaces.files import library_versions
 
     now = library_versions()
     assert check_versions(now, "bundle") == []
@@ -120,7 +120,7 @@ def test_predict_from_eight_threads_matches_serial(trained_run, synthetic_data):
 
 
 def _train_cmd(data, run, *extra):
-    return [sys.executable, "-m", "experiments.cli", "train", "--view", "rgb", "--data", str(data), "--run", str(run),
+    return [sys.executable, "-m", "skinfusion.cli", "train", "--view", "rgb", "--data", str(data), "--run", str(run),
             "--image-size", "32", "--epochs", "6", "--patience", "6", *extra]
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 import ensemble
-import experiments.data
+import skinfusion.data.index
 from colorspaces import apply_view, read_image, resize_image
-from experiments.cache import ImageCache, cache_key, cached_images
-from experiments.cli import predict_main, train_main
-from models import BranchConfig, fit_branch, predict_images_proba, training_batches, view_batches
+from skinfusion.data.cache import ImageCache, cache_key, cached_images
+from skinfusion.cli import predict_main, train_main
+from models import BranchConfig, predict_images_proba
+from models.train import fit_branch, training_batches, view_batches
 from models.train import augment_batch, class_weights, epoch_order
 
 
@@ -51,7 +52,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, rng, monkeypa
     def no_decoding(*a, **k):
         raise AssertionError("a valid cache must not decode again")
 
-    monkeypatch.setattr(experiments.data, "load_images", no_decoding)
+    monkeypatch.setattr(skinfusion.data.index, "load_images", no_decoding)
     again, ok, _ = cached_images(paths, 16, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again[np.arange(4)], before)
     monkeypatch.undo()
@@ -194,7 +195,7 @@ def test_train_all_views_in_parallel_processes(synthetic_data, tmp_path):
 
 @pytest.mark.slow
 def test_bench_runs_every_phase_and_prints_ratios(trained_run, capsys):
-    from experiments.cli import main
+    from skinfusion.cli import main
 
     out = trained_run / "bench-test.json"
     rc = main(["bench", "--run", str(trained_run), "--train-steps", "2", "--n-images", "12",

@@ -7,8 +7,8 @@ import pytest
 
 import ensemble
 from colorspaces import read_image, resize_image
-from ensemble.bundle import TTA_TRANSFORMS, dihedral
-from experiments.cli import evaluate_main
+from colorspaces.crops import DIHEDRAL as TTA_TRANSFORMS, dihedral
+from skinfusion.cli import evaluate_main
 
 
 def test_dihedral_gives_the_eight_distinct_symmetries(rng):

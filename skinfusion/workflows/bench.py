@@ -25,14 +25,14 @@ PHASES = ("train-ours", "train-naive", "infer-ours", "infer-naive")
 
 
 def _peak_rss_mb() -> float:
-    from experiments.pipeline import peak_rss_mb
+    from skinfusion.workflows.resources import peak_rss_mb
 
     return peak_rss_mb()
 
 
 def _split_paths(run: Path, split: str) -> tuple[list[str], np.ndarray]:
-    from experiments.data import index_dataset
-    from experiments.splits import load_split
+    from skinfusion.data.index import index_dataset
+    from skinfusion.data.splits import load_split
 
     assign, info = load_split(run)
     index = index_dataset(info["data_dir"])
@@ -102,8 +102,8 @@ def _phase_train_ours(run: Path, steps: int, warmup: int, rounds: int = 3) -> di
     """
     import tensorflow as tf
 
-    from experiments.cache import cached_images
     from models.train import class_weights, training_batches
+    from skinfusion.data.cache import cached_images
 
     paths, y = _split_paths(run, "train")
     out = {}
@@ -229,7 +229,7 @@ def _phase_infer_naive(run: Path, n_images: int) -> dict[str, Any]:
 
 
 def _run_phase(args, phase: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "experiments.benchmark", "--run", str(args.run), "--phase", phase,
+    cmd = [sys.executable, "-m", "skinfusion.workflows.bench", "--run", str(args.run), "--phase", phase,
            "--train-steps", str(args.train_steps), "--n-images", str(args.n_images),
            "--naive-images", str(args.naive_images), "--latency-calls", str(args.latency_calls),
            "--batch-size", str(args.batch_size)]
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[phase] = _run_phase(args, phase)
     table = format_table(results)
     out = args.out or args.run / "bench.json"
-    from models.store import write_json_atomic
+    from colorspaces.files import write_json_atomic
 
     write_json_atomic(out, {**results, "table": table})
     print(table)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from colorspaces import ImageError, read_image, validate_image
+from colorspaces.labels import LABEL_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,6 @@ logger = logging.getLogger(__name__)
 # below (in pixels and in fractions of the image) mean the same thing at 200x150 and at 4000x3000.
 WORK_SIDE = 128
 ARTEFACTS = ("colour_disc", "ink")  # the flag columns of an audit row
-LABEL_NAMES = {0: "nevus", 1: "melanoma"}  # as in experiments.data.LABELS
 
 # --- colour-disc detector -------------------------------------------------------------------
 # Hue ranges in degrees (OpenCV's 0-255 "FULL" hue scaled to 0-360). Skin and lesions sit at
@@ -298,7 +298,7 @@ def audit_image(item: Any) -> dict[str, Any]:
 
     Args:
         item: a path (``str`` or ``os.PathLike``; the id is the file stem) or any record with
-            ``image_id`` and ``path`` attributes, such as ``experiments.data.Record``.
+            ``image_id`` and ``path`` attributes, such as ``skinfusion.data.index.Record``.
 
     Returns:
         A row dict with ``image_id``, ``path``, ``width``, ``height`` (as stored; ``None`` when

@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from colorspaces import ImageError, read_image, resize_image
+from colorspaces.labels import LABELS
 
 logger = logging.getLogger(__name__)
 
-LABELS = {"nevus": 0, "melanoma": 1}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 #: The layouts ``index_dataset`` recognises, in detection order, with how each is recognised.
@@ -435,7 +435,7 @@ def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "
 
 def write_skip_report(path: str | os.PathLike, failures: Sequence[tuple[str, str]]) -> None:
     """Write ``path,reason`` rows for skipped images (an empty report is still written)."""
-    from models.store import atomic_open  # lazily: keeps Keras out of data-only commands
+    from colorspaces.files import atomic_open
 
     with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from experiments.data import Record
+from skinfusion.data.index import Record
 
 N_FOLDS = 20  # 5% granularity: 3 folds test, 3 folds validation, 14 train
 SPLITS = ("train", "val", "test")
@@ -117,7 +117,7 @@ def verify_split(records: Sequence[Record], assign: dict[str, str],
         records: dataset records (their ``group_id`` defines the groups).
         assign: ``{image_id: split}``, e.g. from ``load_split``.
         near_duplicate_pairs: pairs of image ids, e.g. from
-            ``experiments.dedup.read_near_duplicate_pairs``; items after the first two in
+            ``skinfusion.data.dedup.read_near_duplicate_pairs``; items after the first two in
             each pair (such as a distance) are ignored, and pairs with an image outside
             ``assign`` are skipped (that image is not in the split).
 
@@ -184,7 +184,7 @@ def save_split(run_dir: str | os.PathLike, records: Sequence[Record], assign: di
     """Write ``RUN/splits.csv`` (image_id,label,group_id,source,split) and ``RUN/split.json``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from models.store import atomic_open, write_json_atomic
+    from colorspaces.files import atomic_open, write_json_atomic
 
     # split.json first: splits.csv is what marks a run as split, so it must land last.
     write_json_atomic(run_dir / "split.json", info)

@@ -105,7 +105,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from experiments.pipeline import read_config_file, train_branches
+    from skinfusion.workflows.training import read_config_file, train_branches
     from models import BranchConfig
 
     base = read_config_file(args.config) if args.config else {}
@@ -116,7 +116,7 @@ def _train(args) -> int:
         raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
     exclude = None
     if args.exclude_artefacts:
-        from experiments.pipeline import audit_dataset, read_audit_flags
+        from skinfusion.workflows.auditing import audit_dataset, read_audit_flags
 
         audit_csv = args.audit
         if audit_csv is None:
@@ -176,7 +176,8 @@ def fuse_parser() -> argparse.ArgumentParser:
 
 
 def _fuse(args) -> int:
-    from experiments.pipeline import format_table, fuse_run
+    from skinfusion.workflows.tables import format_table
+    from skinfusion.workflows.fusing import fuse_run
 
     views = [v.strip() for v in args.views.split(",") if v.strip()]
     bad = [v for v in views if v not in VIEW_NAMES]
@@ -226,7 +227,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args) -> int:
-    from experiments.pipeline import evaluate_run, format_source_table, format_table
+    from skinfusion.workflows.evaluation import evaluate_run
+    from skinfusion.workflows.tables import format_source_table, format_table
 
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be at least 1, got {args.bootstrap}")
@@ -328,7 +330,7 @@ class _Progress:
 
 def _read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, str]]:
     """path → metadata dict for ``predict --metadata``, matched by image_id (file stem) or path."""
-    from experiments.data import read_csv_rows
+    from skinfusion.data.index import read_csv_rows
 
     path = Path(spec)
     if not path.is_file():
@@ -386,7 +388,7 @@ def _predict(args) -> int:
             fh.close()
     if out_path:
         os.replace(tmp, out_path)
-        from experiments.data import write_skip_report
+        from skinfusion.data.index import write_skip_report
 
         report = out_path.with_name(out_path.name + ".skipped.csv")
         write_skip_report(report, skipped)
@@ -417,9 +419,9 @@ def verify_split_parser() -> argparse.ArgumentParser:
 
 
 def _verify_split(args) -> int:
-    from experiments.data import index_dataset
-    from experiments.dedup import find_near_duplicates, read_near_duplicate_pairs
-    from experiments.splits import load_split, verify_split
+    from skinfusion.data.index import index_dataset
+    from skinfusion.data.dedup import find_near_duplicates, read_near_duplicate_pairs
+    from skinfusion.data.splits import load_split, verify_split
 
     assign, info = load_split(args.run)
     data = args.data or info.get("data_dir")
@@ -461,7 +463,7 @@ def audit_parser() -> argparse.ArgumentParser:
 
 
 def _audit(args) -> int:
-    from experiments.pipeline import audit_dataset
+    from skinfusion.workflows.auditing import audit_dataset
 
     out = args.out or f"runs/audit-{Path(args.data).resolve().name}.csv"
     s = audit_dataset(args.data, out, workers=args.workers, hash_pairs=args.hash, max_distance=args.max_distance)
@@ -503,7 +505,7 @@ def synth_parser() -> argparse.ArgumentParser:
 
 
 def _synth(args) -> int:
-    from experiments.synthetic import make_synthetic_dataset
+    from skinfusion.data.synthetic import make_synthetic_dataset
 
     if Path(args.out, "labels.csv").is_file():
         print(f"{args.out} already holds a dataset; leaving it as it is")
@@ -521,8 +523,8 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``skinfusion bench``: speed and memory beside the naive per-image loop (see ``experiments.benchmark``)."""
-    from experiments.benchmark import main as bench
+    """``skinfusion bench``: speed and memory beside the naive per-image loop (see ``skinfusion.workflows.bench``)."""
+    from skinfusion.workflows.bench import main as bench
 
     return bench(argv)
 
@@ -556,5 +558,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command(argv[1:])
 
 
-if __name__ == "__main__":
-    sys.exit(main())

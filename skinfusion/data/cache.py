@@ -122,9 +122,9 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike 
 
     Returns:
         ``(cache, ok, failures)``: the images that loaded, their indices into ``paths``, and
-        ``(path, reason)`` for the rest (same contract as ``experiments.data.load_images``).
+        ``(path, reason)`` for the rest (same contract as ``skinfusion.data.index.load_images``).
     """
-    from experiments.data import load_images
+    from skinfusion.data.index import load_images
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from models.store import atomic_open, atomic_path
+
+from colorspaces.files import atomic_open, atomic_path
 
 CURVES = ("roc.png", "pr.png", "reliability.png")
 
@@ -44,7 +45,12 @@ def write_curves(y: np.ndarray, columns: dict[str, np.ndarray], out_dir: str | o
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+    from sklearn.metrics import (
+        auc,
+        average_precision_score,
+        precision_recall_curve,
+        roc_curve,
+    )
 
     out_dir = Path(out_dir)
     y = np.asarray(y).astype(int)

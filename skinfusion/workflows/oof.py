@@ -20,8 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments.splits import grouped_folds, load_split, save_split
 from models.store import read_branch_info
+from skinfusion.data.splits import grouped_folds, load_split, save_split
+from skinfusion.workflows.runsplit import prepare_split
+from skinfusion.workflows.training import score_branch, train_branches
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def make_fold_splits(run_dir: str | Path, folds: int) -> list[Path]:
     Raises:
         ValueError: if ``folds`` < 2, or the training split has too few groups for it.
     """
-    from experiments.pipeline import prepare_split
+
 
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
@@ -79,7 +81,7 @@ def oof_member_proba(run_dir: str | Path, views: Sequence[str], folds: int, jobs
         ``(image_ids, y, P)``: every scored training image once, its label, and an
         ``(n, len(views))`` matrix of probabilities from models that did not train on it.
     """
-    from experiments.pipeline import score_branch, train_branches
+
 
     run = Path(run_dir)
     configs, excluded = [], 0

@@ -1,0 +1,71 @@
+"""Generic file helpers every layer shares: atomic writes, JSON with NaN as null, library versions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import uuid
+from importlib import metadata as _importlib_metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of skinfusion and the libraries that shape its artifacts."""
+    out = {}
+    for dist in ("skinfusion", "keras", "tensorflow", "tensorflow-cpu", "numpy", "opencv-python-headless", "scikit-learn"):
+        try:
+            out[dist] = _importlib_metadata.version(dist)
+        except _importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _tmp_beside(path: Path) -> Path:
+    # Same directory (so the rename is atomic), unique per process and thread, normal permissions.
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A crash or kill mid-write leaves the old file (or none), never a torn one.
+    """
+    path = Path(path)
+    tmp = _tmp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """``open(path, mode)`` that writes a temporary file and renames it into place on success."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves a torn file.
+
+    NaN (an undefined metric) is written as ``null``, since NaN is not valid JSON.
+    """
+    with atomic_open(path) as fh:
+        json.dump(_nan_to_none(payload), fh, indent=2, sort_keys=True, allow_nan=False)
+        fh.write("\n")
