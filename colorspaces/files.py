@@ -69,3 +69,34 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     with atomic_open(path) as fh:
         json.dump(_nan_to_none(payload), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
+
+
+def read_json_object(path: str | os.PathLike, required: tuple[str, ...] = (), hint: str = "") -> dict[str, Any]:
+    """Read a JSON file that must hold an object, naming the file in every error.
+
+    Args:
+        path: the file.
+        required: keys the object must have.
+        hint: what to do about a damaged file (appended to the message), e.g. "re-run `skinfusion fuse`".
+
+    Returns:
+        The object.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if it is not UTF-8 JSON, not an object, or lacks a required key.
+    """
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing{tail}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: damaged, not valid JSON ({exc}){tail}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: damaged, holds a JSON {type(value).__name__} where an object is expected{tail}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ValueError(f"{path}: damaged, lacks {', '.join(map(repr, missing))}{tail}")
+    return value

@@ -1,0 +1,68 @@
+"""The run lock: one writer per run directory, released when its holder dies."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from skinfusion.workflows.runlock import HELD_ENV, RunLockedError, run_lock
+
+HOLDER = """
+import sys, time
+from skinfusion.workflows.runlock import run_lock
+with run_lock(sys.argv[1], command="holder-test"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_holder(run):
+    env = {k: v for k, v in os.environ.items() if k != HELD_ENV}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_process_is_refused_with_the_holders_pid_and_gets_the_lock_once_the_holder_is_killed(tmp_path):
+    run = tmp_path / "run"
+    holder = _start_holder(run)
+    try:
+        with pytest.raises(RunLockedError, match=rf"--run {run}: is being written by PID {holder.pid} \(holder-test"):
+            with run_lock(run):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_lock(run) as got:  # the kernel dropped the dead holder's lock: no stale lock file blocks us
+        assert got == run
+
+
+def test_the_lock_is_reentrant_in_a_process_and_released_after_the_outermost_block(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run):
+        with run_lock(run):
+            assert str(run.resolve()) in os.environ[HELD_ENV]
+        assert str(run.resolve()) in os.environ[HELD_ENV]
+    assert str(run.resolve()) not in os.environ.get(HELD_ENV, "")
+    holder = _start_holder(run)  # released: another process can take it
+    holder.kill()
+    holder.wait()
+
+
+def test_a_worker_started_by_the_holder_may_write_the_run(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run):
+        code = "import sys; from skinfusion.workflows.runlock import run_lock\nwith run_lock(sys.argv[1]): print('ok')"
+        out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=dict(os.environ))
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_run_path_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "run.txt"
+    path.write_text("not a run")
+    with pytest.raises(ValueError, match=r"--run .*run\.txt: exists and is not a directory"):
+        with run_lock(path):
+            pass
+
