@@ -3,7 +3,7 @@
 from colorspaces.crops import centre_crop, random_crops, sliding_windows, window_offsets
 from colorspaces.constancy import CONSTANCY, apply_constancy, shades_of_gray
 from colorspaces.image import ImageError, MissingImageError, read_image, resize_image, validate_image
-from colorspaces.views import VIEWS, ViewSpec, apply_view, to_fft, to_hsv, to_rgb
+from colorspaces.views import DEFAULT_VIEWS, VIEWS, ViewSpec, apply_view, to_fft, to_hsv, to_rgb
 
 __all__ = [
     "CONSTANCY",
@@ -11,6 +11,7 @@ __all__ = [
     "shades_of_gray",
     "ImageError",
     "MissingImageError",
+    "DEFAULT_VIEWS",
     "VIEWS",
     "ViewSpec",
     "apply_view",

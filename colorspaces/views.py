@@ -118,6 +118,9 @@ VIEWS: dict[str, ViewSpec] = {
     "hsv": ViewSpec("hsv", 3, to_hsv, "OpenCV HSV, hue/180, saturation/255, value/255"),
     "fft": ViewSpec("fft", 3, to_fft, "per-channel centred log-magnitude spectrum, z-scored per image"),
 }
+# The design's three views: what `train --view all` trains and `fuse` fuses unless told otherwise.
+# Views added to VIEWS later are options until a measured win puts them here.
+DEFAULT_VIEWS: tuple[str, ...] = ("rgb", "hsv", "fft")
 
 
 def apply_view(view: str, images: np.ndarray) -> np.ndarray:

@@ -22,14 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
+from colorspaces import DEFAULT_VIEWS as VIEWS
+from colorspaces.files import write_json_atomic
 from ensemble.metadata import parse_fields
 from ensemble.metrics import sensitivity_at_specificity
-from colorspaces.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).with_name("configs")
-VIEWS = ("rgb", "hsv", "fft")
 DEFAULT_CONFIGS = ("default", "class-weights", "augment", "crops", "shades-of-gray")
 
 
@@ -58,10 +58,10 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
                metadata: Sequence[str] = ()) -> list[dict]:
     """Train (or reuse), fuse by mean and stack (and OOF stack, and stack with each metadata
     field set), evaluate one config; one row per fusion."""
+    from models import BranchConfig
     from skinfusion.workflows.evaluation import evaluate_run
     from skinfusion.workflows.fusing import fuse_run
     from skinfusion.workflows.training import train_branches
-    from models import BranchConfig
 
     config = load_config(name)
     run = out / name

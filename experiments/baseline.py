@@ -19,13 +19,14 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from colorspaces import VIEWS
+from colorspaces.files import write_json_atomic
 from ensemble.metrics import binary_report, choose_threshold
+from models import BranchConfig, predict_images_proba
+from models.train import fit_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import index_dataset
 from skinfusion.data.splits import load_split
-from models import BranchConfig, predict_images_proba
-from models.train import fit_branch
-from colorspaces.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
     run = args.run
-    metas = {v: json.loads((run / "branches" / v / "metadata.json").read_text()) for v in ("rgb", "hsv", "fft")
+    metas = {v: json.loads((run / "branches" / v / "metadata.json").read_text()) for v in VIEWS
              if (run / "branches" / v / "metadata.json").is_file()}
     if not metas:
         raise SystemExit(f"{run}: no trained branches to take the split, image size and time budget from")

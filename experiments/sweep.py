@@ -26,8 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ensemble.metrics import binary_report
+from colorspaces import VIEWS
 from colorspaces.files import write_json_atomic
+from ensemble.metrics import binary_report
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ def _val_report(branch_dir: Path) -> dict:
 def run_point(data: str, out: Path, view: str, base: dict, size: int, width: int, epochs: int,
               split_from: Path | None = None) -> dict:
     """Train (or reuse) one grid point and measure it on validation (for the choice) and test (for the record)."""
-    from skinfusion.workflows.training import score_branch, train_branch_run
     from models import BranchConfig
     from models.store import read_branch_info
+    from skinfusion.workflows.training import score_branch, train_branch_run
 
     config = BranchConfig.from_dict({**base, "view": view, "image_size": size, "base_filters": width,
                                      "epochs": epochs, "patience": epochs, "lr_schedule": "cosine"})
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="where the runs go (default runs/sweep)")
-    p.add_argument("--view", choices=["rgb", "hsv", "fft"], default="hsv", help="the view to train (default hsv)")
+    p.add_argument("--view", choices=sorted(VIEWS), default="hsv", help="the view to train (default hsv)")
     p.add_argument("--grid", nargs="+", default=["96x16", "128x16", "160x16", "96x32", "128x32"], metavar="SIZExWIDTH",
                    help="grid points, image size x first-layer filters (default 96x16 128x16 160x16 96x32 128x32)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per point, cosine schedule, no early stop (default 10)")

@@ -2,6 +2,8 @@
 
 Every figure is measured in one invocation, each side in its own child process (so peak RSS
 is per side), on the run's own images: training on its train split, inference on its test split.
+Each phase imports what it measures inside its own function, on purpose: the naive side must not
+pay for (or benefit from) our modules, and the orchestrating parent loads neither side.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from colorspaces import VIEWS
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def _branch_configs(run: Path):
     from models import BranchConfig
 
     out = []
-    for view in ("rgb", "hsv", "fft"):
+    for view in VIEWS:
         cfg = run / "branches" / view / "config.json"
         if cfg.is_file():
             out.append(BranchConfig.from_dict(json.loads(cfg.read_text())))
@@ -247,13 +251,13 @@ def format_table(r: dict[str, Any]) -> str:
     """The benchmark table (Markdown) from the four phases' results."""
     to, tn, io, inv = (r[p] for p in PHASES)
     rows = ["| measure | skinfusion | naive loop | ratio |", "| --- | ---: | ---: | ---: |"]
-    for view in [v for v in ("rgb", "hsv", "fft") if v in to]:
+    for view in [v for v in VIEWS if v in to]:
         rows.append(f"| training throughput, {view} branch (images/s) | {to[view]['images_per_s']:.0f} | "
                     f"{tn[view]['images_per_s']:.0f} | {to[view]['images_per_s'] / tn[view]['images_per_s']:.1f}× |")
-    for view in [v for v in ("rgb", "hsv", "fft") if v in to]:
+    for view in [v for v in VIEWS if v in to]:
         rows.append(f"| input-wait share of training step time, {view} (blocked on input) | "
                     f"{100 * to[view]['input_wait_share']:.1f}% | | |")
-    for view in [v for v in ("rgb", "hsv", "fft") if v in to]:
+    for view in [v for v in VIEWS if v in to]:
         rows.append(f"| input cost, {view} (step slowdown vs batches held in memory) | "
                     f"{100 * to[view]['input_cost_share']:.1f}% | | |")
     rows.append(f"| batch inference, 3 branches + fusion (images/s) | {io['images_per_s']:.0f} | "
