@@ -43,6 +43,8 @@ def validate_image(image: Any, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+# File suffixes read_image decodes, for every place that looks for image files (datasets, predict).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 100_000_000  # larger declared sizes are refused before decoding (decompression bombs)
 
 
@@ -91,7 +93,8 @@ def read_image(source: Any) -> np.ndarray:
 
 def _from_array(image: np.ndarray, name: str) -> np.ndarray:
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        # np.asarray: on a 0-d array the shift gives a numpy scalar, not an array.
+        image = np.asarray(image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
         hint = " (it contains NaN or inf)" if image.dtype.kind in "fc" and not np.isfinite(image).all() else ""
         raise ImageError(f"{name}: expected dtype uint8 (RGB 0-255) or uint16, got {image.dtype}{hint}; "

@@ -6,13 +6,14 @@ does not pull in Keras or TensorFlow: a fusion object can be fitted or unpickled
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from colorspaces.lazy import lazy_attributes
 
 _EXPORTS = {
     "AverageFusion": "ensemble.fusion",
     "StackingFusion": "ensemble.fusion",
     "FUSION_METHODS": "ensemble.fusion",
+    "FusionEstimator": "ensemble.fusion",
+    "fusion_class": "ensemble.fusion",
     "make_fusion": "ensemble.fusion",
     "Ensemble": "ensemble.engine",
     "load_ensemble": "ensemble.bundle",
@@ -24,9 +25,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ensemble' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes("ensemble", _EXPORTS)

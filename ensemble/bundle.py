@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import joblib
 
 from ensemble.engine import Ensemble
-from ensemble.fusion import FUSION_METHODS
+from ensemble.fusion import FUSION_METHODS, fusion_class
 from colorspaces.files import atomic_path, library_versions, write_json_atomic
 from colorspaces.labels import LABEL_MAP
 from models.store import load_branch, read_branch_info
@@ -59,8 +59,12 @@ def save_ensemble(
         The ensemble directory.
 
     Raises:
-        ValueError: if the branches disagree on image size or label map, or repeat a view.
+        KeyError: if ``method`` is not one of ``FUSION_METHODS``.
+        ValueError: if ``fusion`` is not that method's estimator, or the branches disagree on
+            image size or crops, or repeat a view.
     """
+    if type(fusion) is not fusion_class(method):
+        raise ValueError(f"fusion method {method!r} is {fusion_class(method).__name__}, got a {type(fusion).__name__}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     branches, views = [], []
@@ -100,7 +104,7 @@ def save_ensemble(
         "crop_stride": crop_stride,
         "label_map": LABEL_MAP,
         # Metadata fields the fusion takes next to the images; [] for images only.
-        "metadata": list(getattr(fusion, "metadata_", ())),
+        "metadata": list(fusion.metadata_),
         "fusion": {"file": FUSION_FILE, "sha256": sha256_file(out_dir / FUSION_FILE)},
         **(extra or {}),
     }
@@ -200,8 +204,8 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         raise ValueError(f"{ens_dir / FUSION_FILE}: holds {type(fusion).__name__} for "
                          f"{getattr(fusion, 'n_features_in_', '?')} members, but the manifest says "
                          f"{manifest['method']} over {len(models)} branches")
-    if tuple(getattr(fusion, "metadata_", ())) != tuple(manifest.get("metadata", ())):
-        raise ValueError(f"{ens_dir / FUSION_FILE}: fuses metadata {list(getattr(fusion, 'metadata_', ()))}, but the "
+    if tuple(fusion.metadata_) != tuple(manifest.get("metadata", ())):
+        raise ValueError(f"{ens_dir / FUSION_FILE}: fuses metadata {list(fusion.metadata_)}, but the "
                          f"manifest says {manifest.get('metadata', [])}; refusing to load it")
     logger.info("loaded ensemble %s (%s fusion of %s)", ens_dir, manifest["method"], "+".join(manifest["branch_order"]))
     return Ensemble(manifest, models, configs, fusion)

@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import tensorflow as tf
 
-from colorspaces import ImageError, apply_constancy, apply_view, read_image, resize_image, sliding_windows
+from colorspaces import ImageError, read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral
+from models.branch import branch_inputs, mean_over_windows
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +34,15 @@ class Ensemble:
         self.fusion = fusion
         self.views = [c.view for c in configs]
         self.image_size = int(manifest["image_size"])
-        # Bundles written before crops existed have neither key: no crops.
+        # Bundles written before crops existed have no load size: no crops. The windows
+        # themselves are cut per branch config (models.branch.branch_inputs).
         self.load_size = int(manifest.get("load_size", self.image_size))
-        self.crop_stride = int(manifest.get("crop_stride", 0))
         self.threshold = float(manifest["threshold"])
         # Metadata fields the fusion needs next to the images (empty: images only).
         self.metadata_fields = tuple(manifest.get("metadata", ()))
         self._forward = self._compile_forward()
 
     def _compile_forward(self):
-        import tensorflow as tf
-
         models, s = self.models, self.image_size
         signature = [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in self.configs]
 
@@ -66,18 +66,25 @@ class Ensemble:
         return np.stack([resize_image(read_image(img), self.load_size) for img in images])
 
     def member_proba_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``P`` (n × branches) for RGB uint8 images already at ``load_size``, in one forward pass."""
+        """``P`` (n × branches) for RGB uint8 images already at ``load_size``, in one forward pass.
+
+        Each branch's inputs come from ``models.branch.branch_inputs``, the same preprocessing
+        ``predict_images_proba`` scores a lone branch with; only the forward pass is shared.
+        """
         if len(batch) == 0:
             return np.zeros((0, len(self.models)), np.float64)
-        n, k = len(batch), 1
-        # Colour constancy sees the whole image, as in training, and only then is it cut into windows.
-        prepared = {m: apply_constancy(m, batch) for m in {c.color_constancy for c in self.configs}}
-        if self.load_size > self.image_size:
-            for m, imgs in prepared.items():
-                prepared[m], k = sliding_windows(imgs, self.image_size, self.crop_stride)
-        xs = [np.asarray(apply_view(c.view, prepared[c.color_constancy]), dtype=np.float32) for c in self.configs]
-        P = self._forward(*xs).numpy().astype(np.float64)
-        return P.reshape(k, n, -1).mean(axis=0)
+        inputs = [branch_inputs(c, batch) for c in self.configs]
+        # Every branch cuts the same k windows: save_ensemble refuses branches with different crop settings.
+        k = inputs[0][1]
+        P = self._forward(*(x for x, _ in inputs)).numpy().astype(np.float64)
+        return mean_over_windows(P, k)
+
+    def _variant_proba(self, batch: np.ndarray, tta: bool) -> np.ndarray:
+        """``P`` per variant (v × n × branches): the images alone, or under the 8 symmetries in one pass."""
+        if not tta or len(batch) == 0:
+            return self.member_proba_batch(batch)[None]
+        variants = np.concatenate([dihedral(batch, k) for k in range(len(DIHEDRAL))])
+        return self.member_proba_batch(variants).reshape(len(DIHEDRAL), len(batch), -1)
 
     def score_batch(self, batch: np.ndarray, tta: bool = False, meta=None) -> tuple[np.ndarray, np.ndarray]:
         """``(P, fused)`` for RGB uint8 images at the bundle's size (``meta``: see ``fuse``).
@@ -86,18 +93,15 @@ class Ensemble:
         transformations training augments with) in one forward pass; ``fused`` is the mean of
         the 8 fused probabilities and ``P`` the mean member matrix.
         """
-        if not tta or len(batch) == 0:
-            P = self.member_proba_batch(batch)
-            return P, self.fuse(P, meta)
-        n = len(batch)
-        variants = np.concatenate([dihedral(batch, k) for k in range(len(DIHEDRAL))])
-        Ps = self.member_proba_batch(variants).reshape(len(DIHEDRAL), n, -1)
-        fused = np.mean([self.fuse(P, meta) for P in Ps], axis=0)
-        return Ps.mean(axis=0), fused
+        Ps = self._variant_proba(batch, tta)
+        return Ps.mean(axis=0), np.mean([self.fuse(P, meta) for P in Ps], axis=0)
 
     def member_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
-        """Per-branch melanoma probabilities ``P`` (n × branches), decoding ``batch_size`` images at a time."""
-        parts = [self.score_batch(self.prepare(images[i : i + batch_size]), tta)[0]
+        """Per-branch melanoma probabilities ``P`` (n × branches), decoding ``batch_size`` images at a time.
+
+        No fusion runs, so a bundle fused with metadata needs none here.
+        """
+        parts = [self._variant_proba(self.prepare(images[i : i + batch_size]), tta).mean(axis=0)
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.models)), np.float64)
 

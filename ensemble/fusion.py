@@ -41,8 +41,43 @@ def _logit(P: np.ndarray) -> np.ndarray:
     return np.log(P) - np.log1p(-P)
 
 
-class AverageFusion(ClassifierMixin, BaseEstimator):
+class FusionEstimator(ClassifierMixin, BaseEstimator):
+    """What a fusion method registered in ``FUSION_METHODS`` provides; the fuse workflow asks it, not its name.
+
+    Class attributes (capabilities):
+        supports_metadata: the constructor takes ``metadata`` (fields of
+            ``ensemble.metadata.METADATA_FIELDS``), and ``fit``/``predict_proba`` then take
+            ``meta``, one dict per image.
+        supports_folds: it learns from labels, so it can be fitted on out-of-fold
+            probabilities of the training split (``skinfusion fuse --folds K``).
+
+    After ``fit(P, y, meta=None)`` (which returns self) an estimator has ``n_features_in_``,
+    ``classes_``, ``metadata_`` (the fields it fuses; ``()`` for images only) and
+    ``held_out_proba_``: fused melanoma probabilities of the fitting rows that no fitted
+    parameter was chosen on, on which the decision threshold is chosen. ``predict_proba(P,
+    meta=None)`` returns (n, 2) [nevus, melanoma] and ``describe(views)`` what the fit
+    learnt, per feature, for logs and the manifest.
+    """
+
+    supports_metadata = False
+    supports_folds = False
+    # A class attribute, so fusions pickled before metadata existed read as images only.
+    metadata_: tuple[str, ...] = ()
+
+    def predict(self, P, threshold: float = 0.5, meta=None) -> np.ndarray:
+        """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
+        return (self.predict_proba(P, meta)[:, 1] >= threshold).astype(int)
+
+    def describe(self, views) -> dict[str, float]:
+        """The fitted weight of each feature, named by ``views`` (the members, in order)."""
+        raise NotImplementedError
+
+
+class AverageFusion(FusionEstimator):
     """Fused probability = (weighted) mean of the member probabilities.
+
+    It learns nothing from labels, so its fused probabilities on the fitting rows are
+    already held out (``held_out_proba_``).
 
     Args:
         weights: optional non-negative weight per member; equal weights when None.
@@ -51,8 +86,8 @@ class AverageFusion(ClassifierMixin, BaseEstimator):
     def __init__(self, weights=None):
         self.weights = weights
 
-    def fit(self, P, y=None):
-        """Record the member count and normalised weights; ``y`` is ignored. Returns self."""
+    def fit(self, P, y=None, meta=None):
+        """Record the member count and normalised weights; ``y`` and ``meta`` are ignored. Returns self."""
         P = check_member_proba(P)
         self.n_features_in_ = P.shape[1]
         self.classes_ = np.array([0, 1])
@@ -60,20 +95,22 @@ class AverageFusion(ClassifierMixin, BaseEstimator):
         if w.shape != (P.shape[1],) or np.any(w < 0) or w.sum() == 0:
             raise ValueError(f"weights must be {P.shape[1]} non-negative numbers with a positive sum, got {self.weights!r}")
         self.weights_ = w / w.sum()
+        self.held_out_proba_ = P @ self.weights_
         return self
 
-    def predict_proba(self, P) -> np.ndarray:
-        """Return (n, 2) class probabilities [nevus, melanoma]."""
+    def predict_proba(self, P, meta=None) -> np.ndarray:
+        """Return (n, 2) class probabilities [nevus, melanoma]; ``meta`` is ignored (images only)."""
         check_is_fitted(self, "weights_")
         p = check_member_proba(P, self.n_features_in_) @ self.weights_
         return np.column_stack([1.0 - p, p])
 
-    def predict(self, P, threshold: float = 0.5) -> np.ndarray:
-        """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
-        return (self.predict_proba(P)[:, 1] >= threshold).astype(int)
+    def describe(self, views) -> dict[str, float]:
+        """The normalised weight of each member."""
+        check_is_fitted(self, "weights_")
+        return dict(zip(views, self.weights_.round(3).tolist()))
 
 
-class StackingFusion(ClassifierMixin, BaseEstimator):
+class StackingFusion(FusionEstimator):
     """Logistic regression on the members' log-odds, fitted on held-out member probabilities.
 
     Fit it only on probabilities the branches did not train on (their validation split):
@@ -90,6 +127,9 @@ class StackingFusion(ClassifierMixin, BaseEstimator):
             need ``meta``, one dict per image.
     """
 
+    supports_metadata = True
+    supports_folds = True
+
     def __init__(self, C: float = 1.0, cv: int = 5, random_state: int = 0, metadata=()):
         self.C = C
         self.cv = cv
@@ -98,8 +138,7 @@ class StackingFusion(ClassifierMixin, BaseEstimator):
 
     def _features(self, P: np.ndarray, meta) -> np.ndarray:
         Z = _logit(P)
-        # getattr: stackers pickled before metadata existed lack the attribute.
-        if not getattr(self, "metadata_", ()):
+        if not self.metadata_:
             return Z
         if meta is None:
             raise ValueError(f"this stacker fuses metadata ({', '.join(self.metadata_)}): pass one metadata dict "
@@ -132,37 +171,61 @@ class StackingFusion(ClassifierMixin, BaseEstimator):
         self.oof_proba_ = cross_val_predict(make(), Z, y, cv=folds, method="predict_proba")[:, 1]
         return self
 
+    @property
+    def held_out_proba_(self) -> np.ndarray:
+        """The cross-validated fused probabilities of the fitting rows (``oof_proba_``)."""
+        check_is_fitted(self, "oof_proba_")
+        return self.oof_proba_
+
     def predict_proba(self, P, meta=None) -> np.ndarray:
         """Return (n, 2) class probabilities [nevus, melanoma]; ``meta`` is needed when fitted with metadata."""
         check_is_fitted(self, "final_estimator_")
         return self.final_estimator_.predict_proba(self._features(check_member_proba(P, self.n_features_in_), meta))
 
-    def predict(self, P, threshold: float = 0.5, meta=None) -> np.ndarray:
-        """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
-        return (self.predict_proba(P, meta)[:, 1] >= threshold).astype(int)
-
     def weights(self, views) -> dict[str, float]:
         """The fitted log-odds weight of each feature (the members named by ``views``, then metadata)."""
-        names = list(views) + (self.encoder_.feature_names if getattr(self, "metadata_", ()) else [])
+        check_is_fitted(self, "final_estimator_")
+        names = list(views) + (self.encoder_.feature_names if self.metadata_ else [])
         return dict(zip(names, self.final_estimator_.coef_.ravel().round(3).tolist()))
 
+    def describe(self, views) -> dict[str, float]:
+        """The fitted log-odds weights (see ``weights``)."""
+        return self.weights(views)
 
-FUSION_METHODS = {"mean": AverageFusion, "stack": StackingFusion}
+
+# The one table of fusion methods: a new method is a FusionEstimator subclass added here.
+FUSION_METHODS: dict[str, type[FusionEstimator]] = {"mean": AverageFusion, "stack": StackingFusion}
 
 
-def make_fusion(method: str, metadata=()):
-    """Create an unfitted fusion estimator by name (``metadata`` fields: ``stack`` only).
+def fusion_class(method: str) -> type[FusionEstimator]:
+    """The registered estimator class of a fusion method.
+
+    Raises:
+        KeyError: if ``method`` is not one of ``FUSION_METHODS``.
+    """
+    try:
+        return FUSION_METHODS[method]
+    except KeyError:
+        raise KeyError(f"unknown fusion method {method!r}; choose one of {sorted(FUSION_METHODS)}") from None
+
+
+def methods_that(capability: str) -> list[str]:
+    """The registered methods whose estimator has ``capability`` (e.g. ``"supports_folds"``), sorted."""
+    return sorted(m for m, cls in FUSION_METHODS.items() if getattr(cls, capability, False))
+
+
+def make_fusion(method: str, metadata=()) -> FusionEstimator:
+    """Create an unfitted fusion estimator by name, with ``metadata`` fields if its class supports them.
 
     Raises:
         KeyError: if ``method`` is not one of ``FUSION_METHODS``.
         ValueError: if metadata is asked of a method that cannot use it.
     """
-    try:
-        cls = FUSION_METHODS[method]
-    except KeyError:
-        raise KeyError(f"unknown fusion method {method!r}; choose one of {sorted(FUSION_METHODS)}") from None
-    if parse_fields(metadata):
-        if cls is not StackingFusion:
-            raise ValueError(f"metadata fusion needs --method stack (got --method {method})")
-        return cls(metadata=parse_fields(metadata))
-    return cls()
+    cls = fusion_class(method)
+    fields = parse_fields(metadata)
+    if not fields:
+        return cls()
+    if not cls.supports_metadata:
+        raise ValueError(f"metadata fusion needs --method {' or '.join(methods_that('supports_metadata'))} "
+                         f"(got --method {method})")
+    return cls(metadata=fields)

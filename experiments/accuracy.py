@@ -13,6 +13,7 @@ stacker are fitted on validation, and the test numbers are only reported.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import shutil
@@ -26,6 +27,10 @@ from colorspaces import DEFAULT_VIEWS as VIEWS
 from colorspaces.files import write_json_atomic
 from ensemble.metadata import parse_fields
 from ensemble.metrics import sensitivity_at_specificity
+from models import BranchConfig
+from skinfusion.workflows.evaluation import EvaluateOptions, evaluate
+from skinfusion.workflows.fusing import fuse_run
+from skinfusion.workflows.training import train_branches
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +48,6 @@ def load_config(name: str) -> dict:
 
 
 def _trained(run: Path, config: dict) -> bool:
-    from models import BranchConfig
-
     for view in VIEWS:
         cfg = run / "branches" / view / "config.json"
         if not (cfg.is_file() and (run / "branches" / view / "metadata.json").is_file()):
@@ -58,11 +61,6 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
                metadata: Sequence[str] = ()) -> list[dict]:
     """Train (or reuse), fuse by mean and stack (and OOF stack, and stack with each metadata
     field set), evaluate one config; one row per fusion."""
-    from models import BranchConfig
-    from skinfusion.workflows.evaluation import evaluate_run
-    from skinfusion.workflows.fusing import fuse_run
-    from skinfusion.workflows.training import train_branches
-
     config = load_config(name)
     run = out / name
     if _trained(run, config):
@@ -87,14 +85,12 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
             fuse_run(str(target), method="stack", metadata=method[len("stack+"):])
         else:
             fuse_run(str(target), method=method)
-        metrics = evaluate_run(str(target), plots=False, audit_csv=audit, audit=audit is not None)
+        metrics = evaluate(str(target), options=EvaluateOptions(plots=False, audit_csv=audit, audit=audit is not None))
         rows.append(_row(name, method, target, metrics, oof_folds if method.startswith("stack-oof") else 0))
     return rows
 
 
 def _row(name: str, method: str, run: Path, metrics: dict, oof_folds: int = 0) -> dict:
-    import csv
-
     with open(run / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
     y = np.array([int(r["label"]) for r in preds])

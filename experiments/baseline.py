@@ -25,7 +25,7 @@ from ensemble.metrics import binary_report, choose_threshold
 from models import BranchConfig, predict_images_proba
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
-from skinfusion.data.index import index_dataset
+from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 
 logger = logging.getLogger(__name__)

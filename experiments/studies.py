@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.metrics import binary_report
-from skinfusion.workflows.training import score_branch, train_branch_run
-from models import BranchConfig
 from colorspaces.files import write_json_atomic
+from ensemble.metrics import binary_report
+from models import BranchConfig
+from skinfusion.workflows.auditing import read_audit_flags
+from skinfusion.workflows.training import score_branch, train_branch_run
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ def artefact_study(data: str, out: Path, audit_csv: str | None = None) -> list[s
     reviewed = _disc_ids(data)
     discs = set(reviewed)
     if audit_csv:
-        from skinfusion.workflows.auditing import read_audit_flags
-
         discs |= read_audit_flags(audit_csv)["colour_disc"]
     lines = ["| training set | excluded from training | test AUC, disc-free (95% CI) | ISIC 2017 disc-free AUC | specificity: disc-free nevi | specificity: disc nevi | mean P(melanoma): disc-free ISIC 2017 nevi | mean P(melanoma): disc nevi |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -4,13 +4,22 @@ Inference imports this package; it does not import ``models.train``, so loading 
 bundle never loads the training code.
 """
 
-from models.branch import BranchConfig, build_branch, predict_branch_proba, predict_images_proba
+from models.branch import (
+    BranchConfig,
+    branch_inputs,
+    build_branch,
+    mean_over_windows,
+    predict_branch_proba,
+    predict_images_proba,
+)
 from models.store import load_branch, read_branch_info, save_branch
 
 __all__ = [
     "BranchConfig",
+    "branch_inputs",
     "build_branch",
     "load_branch",
+    "mean_over_windows",
     "predict_branch_proba",
     "predict_images_proba",
     "read_branch_info",

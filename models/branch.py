@@ -11,96 +11,85 @@ import numpy as np
 
 from colorspaces import CONSTANCY, VIEWS, apply_constancy, apply_view, sliding_windows, window_offsets
 
-CLASS_WEIGHT_CHOICES = ("balanced", "none")
-SAMPLING_CHOICES = ("none", "undersample", "oversample")
-OPTIMIZER_CHOICES = ("adam", "sgd")
-LR_SCHEDULE_CHOICES = ("none", "cosine", "plateau")
+
+def _param(default: Any, help: str, **cli: Any) -> Any:
+    """A config field whose metadata documents it: ``help``, optional ``choices``, ``flag``, ``metavar``.
+
+    The train CLI generates its flags from this metadata and the field's type and default
+    (``skinfusion.cli.train``), and ``__post_init__`` validates ``choices`` from it, so a
+    hyper-parameter is added here and nowhere else.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 @dataclass(frozen=True)
 class BranchConfig:
-    """Every hyper-parameter of one branch; defaults live here and nowhere else.
+    """Every hyper-parameter of one branch; defaults, choices and meanings live here and nowhere else.
 
-    Attributes:
-        view: which view the branch sees (a key of ``colorspaces.VIEWS``).
-        image_size: square input side in pixels.
-        base_filters: filters of the first conv layer; each later conv layer doubles it.
-        dropout: dropout rate before the output layer.
-        learning_rate: Adam learning rate.
-        batch_size: training batch size.
-        epochs: maximum training epochs.
-        patience: early-stopping patience, in epochs without a better validation AUC.
-        class_weight: "balanced" weights each class by n / (2 · n_class); "none" disables it.
-        sampling: how each epoch draws training images: "none" (every image once),
-            "undersample" (every melanoma plus as many randomly drawn nevi: fewer steps, but
-            most nevi unseen per epoch) or "oversample" (every nevus plus melanomas drawn with
-            replacement up to the same count: balanced, but repeats melanomas and overfits them).
-            Combine a sampling choice with class_weight="none". Default: "oversample" with
-            class_weight "none".
-        augment: random flips and 90° rotations of training batches.
-        rotate_degrees: with ``augment``, also a random rotation by up to ± this many degrees
-            (reflected borders); 0 turns it off.
-        scale_jitter: with ``augment``, also a random zoom by a factor in 1 ± this; 0 = off.
-        color_jitter: with ``augment``, with j this value: random brightness (± 64·j grey
-            levels), contrast (× 1 ± j) and hue (± 30·j OpenCV hue units, i.e. ± 60·j degrees,
-            turned on the colour circle so the HSV view stays meaningful); 0 = off.
-        color_constancy: preprocessing applied to every image before its view, in training
-            and at inference alike: "none" or "shades_of_gray" (p = 6).
-        crop_scale: sliding-window crops when > 1: images are resized to ``load_size`` =
-            round(image_size × crop_scale); training takes one random ``image_size`` window of
-            each, and inference averages a grid of windows (``crop_stride``) at the same scale.
-            1 turns crops off.
-        crop_stride: pixels between the test-time windows; 0 means (load_size − image_size) // 2,
-            a 3 × 3 grid.
-        optimizer: "adam", or "sgd" (Nesterov momentum 0.9).
-        weight_decay: decoupled weight decay (Loshchilov & Hutter, 2019), training only: each
-            step multiplies every trainable weight by 1 - weight_decay × current learning
-            rate, as Keras' optimizers do (Adam with it is AdamW). 0 turns it off.
-        lr_schedule: "none", "cosine" (decay to 0 over ``epochs``) or "plateau" (halve the
-            rate after 2 epochs without a better validation AUC).
-        seed: seed for weights, shuffling and augmentation.
+    Each field's meaning is its metadata ``help`` (``dataclasses.fields(BranchConfig)``), which is
+    also the help of its ``skinfusion train`` flag.
     """
 
-    view: str = "rgb"
+    view: str = _param("rgb", "which view the branch sees (a key of colorspaces.VIEWS)")
     # 96 px, chosen by measurement (python -m experiments.sweep, experiments/RESULTS.md): as
     # accurate as 128 and 160 px on validation at 0.6x and 0.37x the training time per epoch.
-    image_size: int = 96
-    base_filters: int = 16
-    dropout: float = 0.3
-    learning_rate: float = 1e-3
-    batch_size: int = 32
+    image_size: int = _param(96, "square input side in pixels")
+    base_filters: int = _param(16, "filters of the first conv layer, doubled by each later conv layer")
+    dropout: float = _param(0.3, "dropout rate before the output layer")
+    learning_rate: float = _param(1e-3, "initial learning rate of the optimizer (Adam or SGD), before the schedule")
+    batch_size: int = _param(32, "training batch size")
     # 30 epochs with cosine decay (lr_schedule below), measured against 20 at a constant rate
     # (experiments/RESULTS.md, acc-96px-cosine30): fused validation AUC 0.895 vs 0.883, rgb's
     # 0.897 vs 0.875; the rate's decay is what lets rgb and hsv keep improving to epoch 23.
     # Patience 8 keeps each branch's best epoch of that run and stops fft (best at epoch 5)
     # after 13 epochs instead of 30.
-    epochs: int = 30
-    patience: int = 8
+    epochs: int = _param(30, "maximum training epochs")
+    patience: int = _param(8, "early-stopping patience: epochs without a better validation AUC (the best "
+                              "epoch's weights are kept)")
     # Oversampling, measured best on ISIC (experiments/RESULTS.md: fused test AUC 0.884 vs 0.867
     # with class weights); its cost is 1.7x the steps per epoch.
-    class_weight: str = "none"
-    sampling: str = "oversample"
-    augment: bool = True
-    rotate_degrees: float = 0.0
-    scale_jitter: float = 0.0
-    color_jitter: float = 0.0
-    color_constancy: str = "none"
-    crop_scale: float = 1.0
-    crop_stride: int = 0
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
-    seed: int = 0
+    class_weight: str = _param("none", "class-imbalance handling by loss weights: balanced weights each class "
+                                       "by n / (2 n_class); pair it with --sampling none",
+                               choices=("balanced", "none"))
+    sampling: str = _param("oversample", "per-epoch class balancing: none (every image once), undersample "
+                                         "(every melanoma plus as many random nevi: most nevi unseen per epoch) "
+                                         "or oversample (every nevus plus melanomas drawn with replacement to the "
+                                         "same count)", choices=("none", "undersample", "oversample"))
+    augment: bool = _param(True, "random flips and 90-degree rotations of training batches",
+                           flag="--no-augment")
+    rotate_degrees: float = _param(0.0, "augmentation: also a random rotation by up to +/- this many degrees "
+                                        "(reflected borders); 0 = off")
+    scale_jitter: float = _param(0.0, "augmentation: also a random zoom by a factor in 1 +/- this; 0 = off")
+    # Hue turns on the colour circle (OpenCV hue is 0-179) so the HSV view stays meaningful.
+    color_jitter: float = _param(0.0, "augmentation: brightness +/- 64J grey levels, contrast x(1 +/- J), hue "
+                                      "+/- 30J OpenCV units (60J degrees); 0 = off", metavar="J")
+    color_constancy: str = _param("none", "preprocessing of every image before its view, in training and "
+                                          "inference alike (shades_of_gray: p = 6)", choices=CONSTANCY)
+    crop_scale: float = _param(1.0, "sliding-window crops when > 1: resize images to round(image size x this) "
+                                    "(1-2), train on one random image-size window of each, average a grid of "
+                                    "windows at inference; 1 = off")
+    crop_stride: int = _param(0, "pixels between the inference windows; 0 = (load size - image size) // 2, "
+                                 "a 3x3 grid")
+    optimizer: str = _param("adam", "adam, or sgd with Nesterov momentum 0.9", choices=("adam", "sgd"))
+    # Decoupled (Loshchilov & Hutter, 2019), as Keras' optimizers do it: Adam with it is AdamW.
+    weight_decay: float = _param(0.0, "decoupled weight decay, training only: each step scales every weight "
+                                      "by 1 - this x the current learning rate; 0 = off")
+    lr_schedule: str = _param("cosine", "cosine: decay to 0 over the epochs; plateau: halve the rate after 2 "
+                                        "epochs without a better validation AUC; none: constant",
+                              choices=("none", "cosine", "plateau"))
+    seed: int = _param(0, "seed for weights, shuffling and augmentation")
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.view not in VIEWS:
             raise KeyError(f"unknown view {self.view!r}; choose one of {sorted(VIEWS)}")
-        if self.class_weight not in CLASS_WEIGHT_CHOICES:
-            raise ValueError(
-                f"class_weight must be one of {CLASS_WEIGHT_CHOICES}, got {self.class_weight!r}"
-            )
-        if self.sampling not in SAMPLING_CHOICES:
-            raise ValueError(f"sampling must be one of {SAMPLING_CHOICES}, got {self.sampling!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {getattr(self, f.name)!r}")
         for name in ("image_size", "base_filters", "batch_size", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -108,14 +97,8 @@ class BranchConfig:
             raise ValueError(f"image_size must be >= 16 (four 2x poolings), got {self.image_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.color_constancy not in CONSTANCY:
-            raise ValueError(f"color_constancy must be one of {sorted(CONSTANCY)}, got {self.color_constancy!r}")
-        if self.optimizer not in OPTIMIZER_CHOICES:
-            raise ValueError(f"optimizer must be one of {OPTIMIZER_CHOICES}, got {self.optimizer!r}")
         if not 0.0 <= self.weight_decay < 10.0:
             raise ValueError(f"weight_decay must be in [0, 10), got {self.weight_decay}")
-        if self.lr_schedule not in LR_SCHEDULE_CHOICES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULE_CHOICES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.rotate_degrees <= 180.0:
             raise ValueError(f"rotate_degrees must be in [0, 180], got {self.rotate_degrees}")
         if not 1.0 <= self.crop_scale <= 2.0:
@@ -125,6 +108,27 @@ class BranchConfig:
         for name in ("scale_jitter", "color_jitter"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.learning_rate < 10.0:
+            raise ValueError(f"learning_rate must be in (0, 10), got {self.learning_rate}")
+        for name in ("patience", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        # A --config file is JSON: {"epochs": 1.5}, {"epochs": "two"} or {"augment": "no"} (a
+        # non-empty string, so true) must be refused by name, not coerced or taken as true.
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(str(f.type))
+            if kind is None:
+                continue
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, kind) and not isinstance(value, bool)) if kind is not float else (
+                isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"branch config {f.name!r} must be {kind.__name__}, got {value!r} "
+                                 f"({type(value).__name__})")
+            if kind is float:
+                object.__setattr__(self, f.name, float(value))  # 1 and 1.0 are the same config
 
     @property
     def load_size(self) -> int:
@@ -215,6 +219,36 @@ def predict_branch_proba(model: keras.Model, x: np.ndarray, batch_size: int = 64
     return np.concatenate(out).astype(np.float64)
 
 
+def branch_inputs(config: BranchConfig, images: np.ndarray) -> tuple[np.ndarray, int]:
+    """The arrays a branch scores for a batch of images: the one inference preprocessing.
+
+    Colour constancy sees the whole image, as in training, and only then is the image cut
+    into the test-time windows (when it is larger than the branch input); each window then
+    becomes the branch's view. ``predict_images_proba`` and the ensemble engine both call
+    this, so a branch is scored the same way alone and inside an ensemble.
+
+    Args:
+        config: the branch config (view, ``image_size``, ``color_constancy``, ``crop_stride``).
+        images: RGB uint8 (N, L, L, 3) with L >= ``config.image_size`` (L = ``load_size``
+            for a branch trained with crops).
+
+    Returns:
+        ``(x, k)``: float32 view arrays (k·N, S, S, C), window-major (the first N are window 0
+        of every image), and k the number of windows per image (1 without crops).
+    """
+    batch = apply_constancy(config.color_constancy, np.asarray(images))
+    if batch.shape[1] > config.image_size:
+        batch, k = sliding_windows(batch, config.image_size, config.crop_stride)
+    else:
+        k = 1
+    return np.asarray(apply_view(config.view, batch), dtype=np.float32), k
+
+
+def mean_over_windows(proba: np.ndarray, k: int) -> np.ndarray:
+    """Per-image mean of window-major scores: (k·N, ...) from ``branch_inputs`` → (N, ...)."""
+    return proba.reshape(k, len(proba) // k, *proba.shape[1:]).mean(axis=0)
+
+
 def predict_images_proba(model: keras.Model, view: str, images, batch_size: int = 128,
                          constancy: str = "none", crop_stride: int = 0) -> np.ndarray:
     """Melanoma probabilities for RGB uint8 images, computing the view one batch at a time.
@@ -231,15 +265,17 @@ def predict_images_proba(model: keras.Model, view: str, images, batch_size: int 
 
     Returns:
         float64 array of shape (N,).
+
+    Raises:
+        KeyError: if ``view`` is not one of ``colorspaces.VIEWS``.
     """
     n, size, load = len(images), int(model.input_shape[1]), int(images.shape[1])
+    # Only the fields that shape the inputs matter here; the rest keep their defaults.
+    config = BranchConfig(view=view, image_size=size, color_constancy=constancy, crop_stride=crop_stride)
     # k windows per image: take batch_size // k images at a time so a forward pass stays batch_size.
-    k = len(window_offsets(load, size, crop_stride)) ** 2
-    step = max(1, batch_size // k)
+    step = max(1, batch_size // len(window_offsets(load, size, crop_stride)) ** 2)
     out = []
     for i in range(0, n, step):
-        batch = apply_constancy(constancy, images[np.arange(i, min(n, i + step))])
-        wins, k = sliding_windows(batch, size, crop_stride) if batch.shape[1] > size else (batch, 1)
-        p = predict_branch_proba(model, apply_view(view, wins), batch_size)
-        out.append(p.reshape(k, len(batch)).mean(axis=0))
+        x, k = branch_inputs(config, images[np.arange(i, min(n, i + step))])
+        out.append(mean_over_windows(predict_branch_proba(model, x, batch_size), k))
     return np.concatenate(out) if out else np.zeros(0, np.float64)

@@ -1,4 +1,7 @@
-"""Training one branch: seeding, class imbalance, augmentation and early stopping on validation AUC."""
+"""Training one branch: seeding, class imbalance, streamed (augmented) batches, early stopping on validation AUC.
+
+The augmentation itself lives in ``models.augment``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import keras
 import numpy as np
+import tensorflow as tf
 
 from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
-from colorspaces.crops import dihedral
+from colorspaces.files import atomic_path, write_json_atomic
+from models.augment import augment_batch
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
@@ -45,57 +49,6 @@ def class_weights(y: np.ndarray, mode: str) -> dict[int, float]:
     if mode == "balanced":
         return {c: float(len(y) / (2.0 * counts[c])) for c in (0, 1)}
     raise ValueError(f"class_weight mode must be 'balanced' or 'none', got {mode!r}")
-
-
-def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchConfig | None = None) -> np.ndarray:
-    """Random augmentation of RGB uint8 training images (never used at inference).
-
-    Always: random 90° rotations and horizontal flips (a lesion has no canonical orientation).
-    With a config that asks for them: a small random rotation and zoom (``rotate_degrees``,
-    ``scale_jitter``) and brightness, contrast and hue jitter (``color_jitter``). They are
-    applied to the RGB image before the view, so each view sees the change it would see in a
-    real photograph.
-    """
-    out = np.empty_like(images)
-    ks = rng.integers(0, 4, size=len(images))
-    flips = rng.random(len(images)) < 0.5
-    # The same 8 symmetries test-time averaging uses: k-th rotation, then a flip for k + 4.
-    for i, k in enumerate(ks + 4 * flips):
-        out[i] = dihedral(images[i : i + 1], int(k))[0]
-    if config is not None and (config.rotate_degrees > 0 or config.scale_jitter > 0):
-        out = _affine(out, rng, config.rotate_degrees, config.scale_jitter)
-    if config is not None and config.color_jitter > 0:
-        out = _color_jitter(out, rng, config.color_jitter)
-    return out
-
-
-def _affine(images: np.ndarray, rng: np.random.Generator, degrees: float, scale: float) -> np.ndarray:
-    n, h, w = images.shape[:3]
-    angles = rng.uniform(-degrees, degrees, n)
-    scales = rng.uniform(1 - scale, 1 + scale, n)
-    out = np.empty_like(images)
-    for i in range(n):
-        m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), float(angles[i]), float(scales[i]))
-        out[i] = cv2.warpAffine(images[i], m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    return out
-
-
-def _color_jitter(images: np.ndarray, rng: np.random.Generator, j: float) -> np.ndarray:
-    n = len(images)
-    brightness = rng.uniform(-64 * j, 64 * j, n).astype(np.float32)
-    contrast = rng.uniform(1 - j, 1 + j, n).astype(np.float32)
-    hue = np.rint(rng.uniform(-30 * j, 30 * j, n)).astype(np.int16)
-    x = images.astype(np.float32)
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    x = (x - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
-    x = np.clip(x, 0, 255).round().astype(np.uint8)
-    out = np.empty_like(x)
-    for i in range(n):
-        hsv = cv2.cvtColor(x[i], cv2.COLOR_RGB2HSV)
-        # OpenCV's 8-bit hue runs 0-179: turn it modulo 180 so red stays next to red.
-        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + hue[i]) % 180).astype(np.uint8)
-        out[i] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    return out
 
 
 def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.ndarray:
@@ -129,8 +82,6 @@ def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
     come out in order (``deterministic=True``) and each depends only on ``k``, so a run is
     reproducible whatever the parallelism.
     """
-    import tensorflow as tf
-
     dtypes = [tf.float32] * len(out_shapes)
 
     def _map(k):
@@ -298,7 +249,7 @@ def fit_branch(
                        config.view, config.sampling)
 
     keras.utils.set_random_seed(config.seed)
-    keeper = _BestKeeper(config, checkpoint_dir)
+    keeper = _BestKeeper(config, checkpoint_dir, build)
     model, initial_epoch = keeper.restore() if resume else (None, 0)
     train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch)
     if model is None:
@@ -385,9 +336,11 @@ class _BestKeeper(keras.callbacks.Callback):
     atomically; ``state.json`` is written last, so it only ever names a complete epoch.
     """
 
-    def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None):
+    def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None,
+                 build: Callable[[BranchConfig], keras.Model] = build_branch):
         super().__init__()
         self.config = config
+        self.build = build  # the architecture the checkpoint's best weights belong to
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.best, self.best_epoch, self.wait, self.best_weights = -math.inf, -1, 0, None
         self.lr_wait = 0  # epochs without improvement since the last plateau halving
@@ -406,7 +359,7 @@ class _BestKeeper(keras.callbacks.Callback):
                              "resume with the same settings, or train without --resume")
         model = keras.saving.load_model(self.dir / "last.keras", compile=True)
         _set_seed_states(model, state.get("seed_states", {}))
-        best_model = build_branch(self.config)
+        best_model = self.build(self.config)
         best_model.load_weights(self.dir / "best.weights.h5")
         self.best_weights = best_model.get_weights()
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
@@ -444,8 +397,6 @@ class _BestKeeper(keras.callbacks.Callback):
             self._save(epoch + 1, improved)
 
     def _save(self, epochs_done: int, improved: bool) -> None:
-        from colorspaces.files import atomic_path, write_json_atomic
-
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, save in (("last.keras", self.model.save),
                            *((("best.weights.h5", self.model.save_weights),) if improved else ())):

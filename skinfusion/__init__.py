@@ -7,8 +7,7 @@ Attributes are imported on first use, so ``import skinfusion`` stays cheap for d
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from colorspaces.lazy import lazy_attributes
 
 _EXPORTS = {
     "predict": "ensemble.api",
@@ -22,9 +21,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'skinfusion' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes("skinfusion", _EXPORTS)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny generated images, a tiny synthetic dataset and a tiny trained run."""
+"""Shared fixtures: a tiny synthetic dataset and a tiny trained run. Plain helper functions live in helpers.py."""
 
 import os
 
@@ -38,3 +38,10 @@ def trained_run(synthetic_data, tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the trained run makes the session train three branches: it is slow, marked or not."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)

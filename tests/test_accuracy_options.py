@@ -18,6 +18,8 @@ from models import BranchConfig, build_branch, predict_images_proba
 from models.train import fit_branch, training_batches, view_batches
 from models.train import augment_batch, class_weights, make_optimizer
 
+from helpers import rehash_manifest, separable_images
+
 
 def test_shades_of_gray_removes_a_colour_cast_and_keeps_grey(rng):
     scene = rng.integers(40, 200, (24, 24, 1)).repeat(3, axis=2).astype(np.float32)
@@ -144,9 +146,7 @@ def test_weight_decay_shrinks_every_weight_in_training_and_survives_a_checkpoint
 
 @pytest.mark.slow
 def test_plateau_schedule_and_sgd_train(rng):
-    n = 64
-    y = np.arange(n) % 2
-    x = np.clip(np.where(y[:, None, None, None] == 1, 70, 180) + rng.integers(-30, 30, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+    x, y = separable_images(64, 16, rng, positive_every=2, dark=70, bright=180)
     config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=6, patience=6, batch_size=16,
                           optimizer="sgd", lr_schedule="plateau", learning_rate=0.05, color_jitter=0.1, rotate_degrees=10)
     model, history = fit_branch(config, x, y, x, y)
@@ -199,17 +199,12 @@ def test_plateau_halving_is_checkpointed_so_a_resumed_run_halves_on_the_same_epo
 
 
 def _with_config(trained_run, tmp_path, **changes):
-    from ensemble.bundle import sha256_file
-
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     for view in ("rgb", "hsv", "fft"):
         cfg = run / "branches" / view / "config.json"
         cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **changes}))
-    manifest = json.loads((run / "ensemble" / "manifest.json").read_text())
-    for b in manifest["branches"]:
-        b["files"] = {n: sha256_file(run / "ensemble" / b["path"] / n) for n in b["files"]}
-    (run / "ensemble" / "manifest.json").write_text(json.dumps(manifest))
+    rehash_manifest(run / "ensemble")
     return run
 
 
@@ -289,7 +284,7 @@ def test_every_branch_config_field_is_a_documented_train_flag():
     import re
     from pathlib import Path
 
-    from skinfusion.cli import train_parser
+    from skinfusion.cli.train import parser as train_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     actions = {a.dest: a for a in train_parser()._actions}

@@ -8,6 +8,8 @@ from colorspaces import ImageError
 from skinfusion.data.audit import audit_images, detect_colour_disc, detect_ink, summarise_audit
 from skinfusion.data.index import Record
 
+from helpers import write_rgb
+
 SKIN = (220, 176, 150)
 BROWN = (140, 90, 60)
 STICKERS = {
@@ -120,9 +122,9 @@ def test_detectors_validate_the_image_contract():
 
 def test_audit_images_rows_in_order_with_bad_files(tmp_path):
     disc_path = tmp_path / "disc.png"
-    cv2.imwrite(str(disc_path), cv2.cvtColor(_with_disc(STICKERS["orange"]), cv2.COLOR_RGB2BGR))
+    write_rgb(disc_path, _with_disc(STICKERS["orange"]))
     plain_path = tmp_path / "plain.png"
-    cv2.imwrite(str(plain_path), cv2.cvtColor(_skin(height=150, width=200), cv2.COLOR_RGB2BGR))
+    write_rgb(plain_path, _skin(height=150, width=200))
     corrupt_path = tmp_path / "corrupt.jpg"
     corrupt_path.write_bytes(b"not a jpeg at all")
     items = [

@@ -3,13 +3,15 @@
 ``FILE_CASES`` and ``ARRAY_CASES`` are the corpus; the README's reliability section counts them.
 """
 
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -103,9 +105,19 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def test_corpus_is_large_enough_to_mean_something():
-    assert len(FILE_CASES) + len(ARRAY_CASES) == 28  # the README's count
-    assert MAX_PIXELS == 100_000_000
+def test_readme_quotes_this_corpus_and_the_pixel_limit_it_tests():
+    """The README's reliability section counts these cases and names the decompression-bomb limit."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    counted = re.search(r"\*\*(\d+) cases\*\* \((\d+) files, (\d+) arrays\)", text)
+    assert counted, "the README no longer counts the bad-input cases as '**N cases** (F files, A arrays)'"
+    assert tuple(map(int, counted.groups())) == (len(FILE_CASES) + len(ARRAY_CASES), len(FILE_CASES), len(ARRAY_CASES))
+    assert f"over the {MAX_PIXELS:,}-pixel limit" in text
+    # each bomb case declares more pixels than the limit, so it tests the limit and not a decoder failure
+    bombs = [name for name, (_, outcome) in FILE_CASES.items() if outcome == ("error", "pixel limit")]
+    assert len(bombs) == 2
+    for name in bombs:
+        width, height = map(int, re.search(r"(\d+)x(\d+)", name).groups())
+        assert width * height > MAX_PIXELS
 
 
 @pytest.mark.parametrize("name", list(FILE_CASES))
@@ -179,17 +191,33 @@ def test_fuzz_read_image_on_random_arrays_raises_only_image_error(arr):
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.size > 0
 
 
+# Valid images of any size, side by side with arbitrary arrays: without them most draws are invalid.
+_RGB_IMAGES = hnp.arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), st.just(3)))
+
+
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(arr=_ARRAYS)
+@given(arr=st.one_of(_RGB_IMAGES, _ARRAYS))
+@example(arr=np.zeros((5, 7, 3), np.uint8))
+@example(arr=np.full((4, 4, 3), np.nan, np.float32))
 def test_fuzz_predict_on_random_arrays(trained_run, arr):
+    """Exactly the arrays ``read_image`` accepts get a probability (the same as for their RGB form);
+    every RGB uint8 H×W×3 image is one of them; the rest raise ``ImageError`` (a ``ValueError``)."""
     import ensemble
 
-    try:
-        p = ensemble.predict(arr, run=trained_run)
-    except ImageError:
-        return
-    assert 0.0 <= p <= 1.0
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and arr.size:
+        rgb = read_image(arr)  # the image contract: must be accepted as is
+        np.testing.assert_array_equal(rgb, arr)
+    else:
+        try:
+            rgb = read_image(arr)
+        except ImageError:
+            with pytest.raises(ImageError):
+                ensemble.predict(arr, run=trained_run)
+            return
+    p = ensemble.predict(arr, run=trained_run)
+    assert isinstance(p, float) and np.isfinite(p) and 0.0 <= p <= 1.0
+    assert p == pytest.approx(ensemble.predict(rgb, run=trained_run), abs=1e-6)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Dataset layouts (labels.csv, isic-cli, HAM10000, class folders), split verification and near-duplicate hashing."""
+"""Dataset layouts (labels.csv, isic-cli, HAM10000, class folders, and a toy one registered by a test), split
+verification and near-duplicate hashing."""
 
 import csv
 import logging
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from colorspaces import ImageError
-from skinfusion.data.index import Record, detect_format, index_dataset, isic_label
+from skinfusion.data import layouts
+from skinfusion.data.index import Record, RecordBuilder, find_image_files
+from skinfusion.data.layouts import Layout, detect_format, index_dataset, isic_label
 from skinfusion.data.dedup import (
     MAX_DISTANCE,
     close_hash_pairs,
@@ -20,6 +23,8 @@ from skinfusion.data.dedup import (
     read_near_duplicate_pairs,
 )
 from skinfusion.data.splits import make_split, merge_near_duplicate_groups, verify_split
+
+from helpers import write_rgb
 
 
 def _lesion_image(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
@@ -38,8 +43,7 @@ def _lesion_image(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
 
 
 def _write_image(path: Path, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), cv2.cvtColor(_lesion_image(seed, 24, 32), cv2.COLOR_RGB2BGR))
+    write_rgb(path, _lesion_image(seed, 24, 32))
 
 
 def _write_csv(path: Path, header, rows) -> None:
@@ -193,7 +197,7 @@ def test_class_folders_count_other_folders_and_warn_about_leakage(tmp_path, capl
         _write_image(tmp_path / rel, k)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not an image\n")
-    with caplog.at_level(logging.WARNING, logger="skinfusion.data.index"):
+    with caplog.at_level(logging.WARNING, logger="skinfusion.data.layouts"):
         index = index_dataset(tmp_path)
     recs = _by_id(index)
     assert index.format == "class-folders" and not index.grouped
@@ -218,6 +222,54 @@ def test_unrecognised_folder_lists_the_four_layouts(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)not a recognised dataset folder.*labels\.csv.*isic_id"
                                                 r".*HAM10000_metadata\.csv.*melanoma/ and nevus/"):
         index_dataset(tmp_path)
+
+
+def _index_toy(root: Path):
+    """A toy layout: ``toy.txt`` lists ``<stem> <m|n>`` lines for images anywhere below the folder."""
+    files = find_image_files([root], recursive=True)
+    b = RecordBuilder(root, root / "toy.txt")
+    for line in (root / "toy.txt").read_text().split("\n"):
+        if line.strip():
+            stem, code = line.split()
+            label = {"m": "melanoma", "n": "nevus"}.get(code)
+            b.add(stem, label, code, files.get(stem), root / f"{stem}.png", stem, "toy")
+    return b.index
+
+
+TOY = Layout("toy", "toy.txt listing '<image> <m|n>' lines", lambda root: (root / "toy.txt").is_file(), _index_toy,
+             lambda root: "found toy.TXT; the name is case-sensitive" if (root / "toy.TXT").is_file() else None)
+
+
+def test_a_layout_registered_in_one_entry_is_detected_indexed_and_listed(tmp_path, monkeypatch):
+    for k, stem in enumerate(["m1", "n1", "n2"]):
+        _write_image(tmp_path / "sub" / f"{stem}.png", k)
+    (tmp_path / "toy.txt").write_text("m1 m\nn1 n\nn2 n\nx9 q\ngone m\n")
+    with pytest.raises(FileNotFoundError, match="not a recognised dataset folder"):
+        index_dataset(tmp_path)
+    monkeypatch.setattr(layouts, "LAYOUTS", (*layouts.LAYOUTS, TOY))
+    index = index_dataset(tmp_path)
+    assert detect_format(tmp_path) == index.format == "toy" and not index.grouped
+    assert {k: r.label for k, r in _by_id(index).items()} == {"m1": 1, "n1": 0, "n2": 0}
+    assert index.skipped_labels == {"q": 1} and [Path(p).name for p in index.missing_files] == ["gone.png"]
+    assert "format 'toy'" in index.summary()
+    # The error for an unknown folder lists the registry, the new entry and its near-miss hint included.
+    other = tmp_path / "other"
+    _write_image(other / "loose.jpg")
+    (other / "toy.TXT").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"(?s)\(found toy\.TXT; the name is case-sensitive\)"
+                                                r".*labels\.csv.*class-folders.*- toy: toy\.txt listing"):
+        index_dataset(other)
+
+
+def test_registry_order_decides_between_layouts_a_folder_matches_twice(tmp_path, monkeypatch):
+    # A folder with both labels.csv + images/ and class folders is indexed by the first entry.
+    _write_csv(tmp_path / "labels.csv", ["image_id", "label"], [("a", "melanoma")])
+    _write_image(tmp_path / "images" / "a.jpg")
+    for rel in ("melanoma/m.jpg", "nevus/n.jpg"):
+        _write_image(tmp_path / rel)
+    assert detect_format(tmp_path) == "labels.csv"
+    monkeypatch.setattr(layouts, "LAYOUTS", tuple(reversed(layouts.LAYOUTS)))
+    assert detect_format(tmp_path) == "class-folders"
 
 
 @pytest.mark.parametrize("name, header, hint", [
@@ -319,10 +371,10 @@ def test_close_hash_pairs_counts_bits_across_64_bit_words():
 def test_find_near_duplicates_on_files_skips_corrupt_ones(tmp_path):
     image = _lesion_image(1)
     paths = [tmp_path / "a.jpg", tmp_path / "bad.jpg", tmp_path / "copy.jpg", tmp_path / "other.jpg"]
-    cv2.imwrite(str(paths[0]), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    write_rgb(paths[0], image)
     paths[1].write_bytes(b"not a jpeg")
-    cv2.imwrite(str(paths[2]), cv2.cvtColor(_recompressed_brighter(image), cv2.COLOR_RGB2BGR))
-    cv2.imwrite(str(paths[3]), cv2.cvtColor(_lesion_image(5), cv2.COLOR_RGB2BGR))
+    write_rgb(paths[2], _recompressed_brighter(image))
+    write_rgb(paths[3], _lesion_image(5))
     pairs = find_near_duplicates([str(p) for p in paths])
     assert [(i, j) for i, j, _ in pairs] == [(0, 2)]
 

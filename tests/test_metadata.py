@@ -88,7 +88,7 @@ def test_stacker_uses_metadata_and_refuses_to_run_without_it(rng):
 def test_dataset_readers_keep_metadata(tmp_path):
     import cv2
 
-    from skinfusion.data.index import index_dataset
+    from skinfusion.data.layouts import index_dataset
 
     img = np.full((16, 16, 3), 120, np.uint8)
     # labels.csv + metadata.csv (this project's layout)
@@ -142,6 +142,7 @@ def meta_run(trained_run, synthetic_data, tmp_path_factory):
     return run, data
 
 
+@pytest.mark.slow
 def test_metadata_fusion_end_to_end(meta_run, tmp_path, capsys):
     from skinfusion.cli import evaluate_main, fuse_main, predict_main
 
@@ -192,6 +193,7 @@ def test_metadata_fusion_end_to_end(meta_run, tmp_path, capsys):
     assert "lacks ['sex']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_manifest_and_fusion_must_agree_on_metadata(meta_run):
     from skinfusion.cli import fuse_main
 

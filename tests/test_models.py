@@ -1,11 +1,15 @@
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 
 from colorspaces import VIEWS, apply_view
 from models import BranchConfig, build_branch, load_branch, predict_branch_proba, save_branch
-from models.train import fit_branch
-from models.train import augment_batch, class_weights
+from models.augment import augment_batch
+from models.train import class_weights, fit_branch
+
+from helpers import separable_images
 
 
 @pytest.mark.parametrize("view", sorted(VIEWS))
@@ -50,18 +54,10 @@ def test_augmentation_only_rotates_and_flips(rng):
         assert any(np.array_equal(b, v) for v in variants)
 
 
-def _separable(n, size, rng):
-    """Dark images are 'melanoma', bright ones 'nevus'."""
-    y = (np.arange(n) % 4 == 0).astype(int)
-    base = np.where(y[:, None, None, None] == 1, 60, 190)
-    imgs = np.clip(base + rng.integers(-30, 30, (n, size, size, 3)), 0, 255).astype(np.uint8)
-    return imgs, y
-
-
 @pytest.mark.slow
 def test_fit_branch_learns_a_separable_problem(rng):
-    xt, yt = _separable(64, 16, rng)
-    xv, yv = _separable(32, 16, rng)
+    xt, yt = separable_images(64, 16, rng)
+    xv, yv = separable_images(32, 16, rng)
     config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=6, patience=6, batch_size=16,
                           class_weight="balanced", sampling="none")
     model, history = fit_branch(config, xt, yt, xv, yv)
@@ -74,13 +70,13 @@ def test_fit_branch_learns_a_separable_problem(rng):
 
 
 def test_fit_branch_rejects_wrong_image_size(rng):
-    xt, yt = _separable(16, 16, rng)
+    xt, yt = separable_images(16, 16, rng)
     with pytest.raises(ValueError, match="must be uint8 of shape"):
         fit_branch(BranchConfig(image_size=32), xt, yt, xt, yt)
 
 
 def _trained_tiny(rng):
-    xt, yt = _separable(32, 16, rng)
+    xt, yt = separable_images(32, 16, rng)
     # dropout 0, so that any train/inference difference below comes from BatchNorm alone
     config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=2, batch_size=8, dropout=0.0)
     model, _ = fit_branch(config, xt, yt, xt, yt)
@@ -109,6 +105,24 @@ def test_save_load_round_trip_gives_same_output(tmp_path, rng):
     assert "keras" in meta["versions"] and meta["dataset_fingerprint"] == "abc"
     x = apply_view("rgb", rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
     np.testing.assert_allclose(predict_branch_proba(model, x), predict_branch_proba(loaded, x), atol=1e-6)
+
+
+def test_resume_restores_the_best_weights_with_the_builder_it_was_given(tmp_path, rng):
+    xt, yt = separable_images(16, 16, rng)
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=1, batch_size=8)
+    built = []
+
+    def narrow(c):
+        # Another architecture than build_branch(c): its checkpointed weights fit no other builder.
+        built.append(c)
+        return build_branch(dataclasses.replace(c, base_filters=2))
+
+    model, _ = fit_branch(config, xt, yt, xt, yt, checkpoint_dir=tmp_path / "ckpt", build=narrow)
+    built.clear()
+    resumed, history = fit_branch(config, xt, yt, xt, yt, checkpoint_dir=tmp_path / "ckpt", resume=True, build=narrow)
+    assert built == [config] and history["resumed_from_epoch"] == 1  # restore built the best model with it
+    x = apply_view("rgb", xt)
+    np.testing.assert_allclose(predict_branch_proba(resumed, x), predict_branch_proba(model, x), atol=1e-6)
 
 
 def test_load_branch_names_the_missing_file(tmp_path):

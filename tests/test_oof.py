@@ -10,6 +10,7 @@ from skinfusion.workflows.fusing import fuse_run
 from skinfusion.data.splits import load_split, load_split_groups
 
 
+@pytest.mark.slow
 def test_folds_need_stacking_and_at_least_two(trained_run, tmp_path, capsys):
     assert fuse_main(["--run", str(trained_run), "--method", "mean", "--folds", "3", "-q"]) != 0
     assert "--folds only applies to --method stack" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import ensemble
 from colorspaces import ImageError, MissingImageError, read_image
 from skinfusion.cli import evaluate_main, fuse_main, main, predict_main, train_main
 
+from helpers import write_rgb
+
 pytestmark = pytest.mark.slow
 
 
@@ -199,7 +201,7 @@ def _add_disc_image(data, image_id="DISC_NEVUS"):
     img = read_image(data / "images" / "SYN_000000.jpg").copy()
     h, w = img.shape[:2]
     cv2.circle(img, (w - 4, h // 4), w // 5, (245, 140, 20), -1)
-    cv2.imwrite(str(data / "images" / f"{image_id}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    write_rgb(data / "images" / f"{image_id}.jpg", img)
     with open(data / "labels.csv", "a") as fh:
         fh.write(f"{image_id},nevus,synthetic\n")
     with open(data / "metadata.csv", "a") as fh:

@@ -18,6 +18,8 @@ from ensemble.bundle import check_versions
 from skinfusion.cli import fuse_main
 from colorspaces.files import atomic_open, atomic_path, write_json_atomic
 
+from helpers import rehash_manifest
+
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
     target = tmp_path / "metrics.json"
@@ -47,17 +49,6 @@ def test_version_check_warns_on_minor_and_refuses_major_differences():
         check_versions({**now, "scikit-learn": "0.24.2"}, "bundle")
 
 
-def _rehash(ens_dir: Path):
-    """Re-sign a manifest after editing a branch, as someone swapping files on purpose would."""
-    from ensemble.bundle import sha256_file
-
-    manifest = json.loads((ens_dir / "manifest.json").read_text())
-    for b in manifest["branches"]:
-        b["files"] = {n: sha256_file(ens_dir / b["path"] / n) for n in b["files"]}
-    (ens_dir / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
-
-
 @pytest.mark.slow
 def test_bundle_refuses_missing_files_swapped_branches_and_mismatched_settings(trained_run, tmp_path):
     run = tmp_path / "copy"
@@ -74,14 +65,14 @@ def test_bundle_refuses_missing_files_swapped_branches_and_mismatched_settings(t
     shutil.copytree(run / "rgb-backup", run / "branches" / "fft")
     assert fuse_main(["--run", str(run), "-q"]) == 2
     # ... and at load time, even with re-signed hashes
-    _rehash(run / "ensemble")
+    rehash_manifest(run / "ensemble")
     with pytest.raises(ValueError, match="does not match the manifest"):
         ensemble.load(run)
 
     # a manifest that claims another image size is refused
     shutil.rmtree(run / "branches" / "fft")
     shutil.copytree(trained_run / "branches" / "fft", run / "branches" / "fft")
-    manifest = _rehash(run / "ensemble")
+    manifest = rehash_manifest(run / "ensemble")
     manifest["image_size"] = 64
     (run / "ensemble" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="does not match the manifest"):

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,3 +67,29 @@ def test_a_run_path_that_is_a_file_is_refused(tmp_path):
         with run_lock(path):
             pass
 
+
+
+@pytest.mark.slow
+def test_two_train_commands_on_one_new_run_one_trains_the_other_is_refused(synthetic_data, tmp_path):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != HELD_ENV}
+    cmd = [sys.executable, "-m", "skinfusion", "train", "--data", str(synthetic_data), "--run", str(run),
+           "--image-size", "32", "--epochs", "10", "--patience", "10", "-q"]
+
+    def start():
+        return subprocess.Popen(cmd + ["--view", "rgb"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start()
+    deadline = time.monotonic() + 120
+    while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip()):  # the first holds the run
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    procs = [first, start()]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    winner = next(p for p, (rc, _) in zip(procs, results) if rc == 0)
+    assert f"--run {run}: is being written by PID {winner.pid}" in refused and "Traceback" not in refused
+    assert sorted(p.name for p in (run / "branches").iterdir()) == ["rgb"]
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.partial"))

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from colorspaces.image import RESIZE_RECIPE
+from skinfusion.data.index import load_images
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,6 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike 
         ``(cache, ok, failures)``: the images that loaded, their indices into ``paths``, and
         ``(path, reason)`` for the rest (same contract as ``skinfusion.data.index.load_images``).
     """
-    from skinfusion.data.index import load_images
-
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(paths, size)

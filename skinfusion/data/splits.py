@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from colorspaces.files import atomic_open, write_json_atomic
 from skinfusion.data.index import Record
 
 N_FOLDS = 20  # 5% granularity: 3 folds test, 3 folds validation, 14 train
@@ -184,8 +185,6 @@ def save_split(run_dir: str | os.PathLike, records: Sequence[Record], assign: di
     """Write ``RUN/splits.csv`` (image_id,label,group_id,source,split) and ``RUN/split.json``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from colorspaces.files import atomic_open, write_json_atomic
-
     # split.json first: splits.csv is what marks a run as split, so it must land last.
     write_json_atomic(run_dir / "split.json", info)
     with atomic_open(run_dir / "splits.csv", "w", newline="") as fh:

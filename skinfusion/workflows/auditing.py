@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from colorspaces.files import atomic_open, write_json_atomic
-from skinfusion.data.index import index_dataset
-
-logger = logging.getLogger(__name__)
+from skinfusion.data.audit import ARTEFACTS, audit_images, summarise_audit
+from skinfusion.data.dedup import find_near_duplicates
+from skinfusion.data.layouts import index_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ def audit_dataset(data_dir: str, out_csv: str, workers: int = 2, hash_pairs: boo
         The summary: the per-class figures of ``skinfusion.data.audit.summarise_audit`` plus the
         dataset format, skipped labels, missing files and near-duplicate pair count.
     """
-    from skinfusion.data.audit import audit_images, summarise_audit
-
     index = index_dataset(data_dir)
     logger.info("%s", index.summary())
     records = index.records
@@ -41,8 +39,6 @@ def audit_dataset(data_dir: str, out_csv: str, workers: int = 2, hash_pairs: boo
     near: dict[str, list[str]] = {r.image_id: [] for r in records}
     n_pairs = 0
     if hash_pairs:
-        from skinfusion.data.dedup import find_near_duplicates
-
         for i, j, _ in find_near_duplicates([r.path for r in records], max_distance=max_distance):
             near[records[i].image_id].append(records[j].image_id)
             near[records[j].image_id].append(records[i].image_id)
@@ -76,8 +72,34 @@ def read_audit_flags(audit_csv: str | os.PathLike) -> dict[str, set[str]]:
         raise FileNotFoundError(f"{path}: audit file not found (write one with `skinfusion audit --data DIR --out FILE`)")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
-    if not rows or not {"image_id", "colour_disc", "ink"} <= set(rows[0]):
+    if not rows or not {"image_id", *ARTEFACTS} <= set(rows[0]):
         raise ValueError(f"{path}: not an audit CSV (needs image_id, colour_disc, ink columns and at least one row)")
     # Accept spreadsheet spellings (TRUE, true, 1, yes): a re-saved audit must not silently flag nothing.
     truthy = {"true", "1", "yes", "y"}
-    return {a: {r["image_id"] for r in rows if (r[a] or "").strip().lower() in truthy} for a in ("colour_disc", "ink")}
+    return {a: {r["image_id"] for r in rows if (r[a] or "").strip().lower() in truthy} for a in ARTEFACTS}
+
+
+def artefact_exclusions(data_dir: str, run_dir: str, audit_csv: str | None = None,
+                        workers: int = 2) -> tuple[set[str], str]:
+    """Ids of the images an audit flags with a colour disc or ink, for ``train --exclude-artefacts``.
+
+    Args:
+        data_dir: the dataset folder.
+        run_dir: the run directory; without ``audit_csv`` the dataset is audited once into
+            ``RUN/audit.csv`` (without the near-duplicate search), and later calls reuse it.
+        audit_csv: an existing audit CSV (from ``skinfusion audit``) to read instead.
+        workers: audit threads.
+
+    Returns:
+        The flagged image ids and the audit CSV they were read from.
+
+    Raises:
+        FileNotFoundError: if ``audit_csv`` is given but missing.
+        ValueError: if the audit CSV lacks the artefact columns.
+    """
+    if audit_csv is None:
+        audit_csv = str(Path(run_dir) / "audit.csv")
+        if not Path(audit_csv).is_file():
+            audit_dataset(data_dir, audit_csv, workers=workers, hash_pairs=False)
+    flags = read_audit_flags(audit_csv)
+    return flags["colour_disc"] | flags["ink"], audit_csv

@@ -35,7 +35,7 @@ def _peak_rss_mb() -> float:
 
 
 def _split_paths(run: Path, split: str) -> tuple[list[str], np.ndarray]:
-    from skinfusion.data.index import index_dataset
+    from skinfusion.data.layouts import index_dataset
     from skinfusion.data.splits import load_split
 
     assign, info = load_split(run)

@@ -9,21 +9,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import VIEWS
-from ensemble import make_fusion, save_ensemble
+from colorspaces import DEFAULT_VIEWS
+from ensemble.bundle import save_ensemble, sha256_file
+from ensemble.fusion import fusion_class, make_fusion, methods_that
 from ensemble.metadata import clean_age, clean_text, parse_fields
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
 from models.store import read_branch_info
-from skinfusion.data.index import index_dataset
+from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.oof import oof_member_proba
+from skinfusion.workflows.runlock import run_lock
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
+SPLIT_FILE = "splits.csv"
 
 
 def read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
+    """A branch's validation predictions, ``{image_id: (label, melanoma_proba)}``.
+
+    Raises:
+        FileNotFoundError: if the branch has no ``val_predictions.csv``.
+    """
     path = branch_dir / "val_predictions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; train this branch with `skinfusion train` first")
@@ -31,33 +38,74 @@ def read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
         return {r["image_id"]: (int(r["label"]), float(r["melanoma_proba"])) for r in csv.DictReader(fh)}
 
 
-def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VIEWS), folds: int = 0,
+def check_same_split(run: Path, views: Sequence[str], metas: Sequence[dict[str, Any]],
+                     preds: Sequence[dict[str, tuple[int, float]]]) -> None:
+    """Refuse branches that were not trained on one split, the run's own.
+
+    A branch records the SHA-256 of ``RUN/splits.csv`` it trained on (``split_sha256``;
+    branches from before that record none); its validation images are those of
+    ``val_predictions.csv``. A fusion fitted on part of one branch's validation images
+    could sit on another branch's training images, and the test split may be one of them.
+
+    Raises:
+        ValueError: naming the branches whose split differs, or that were trained on another
+            split than the run's ``splits.csv``.
+    """
+    split_file = run / SPLIT_FILE
+    current = sha256_file(split_file) if split_file.is_file() else None
+    stale = [v for v, m in zip(views, metas) if current and m.get("split_sha256") not in (None, current)]
+    if stale:
+        raise ValueError(f"{run}: branches {', '.join(stale)} were trained on another split than {split_file}; "
+                         "retrain them in one run")
+    groups: dict[tuple, list[str]] = {}
+    for v, m, p in zip(views, metas, preds):
+        groups.setdefault((m.get("split_sha256") or current, frozenset(p)), []).append(v)
+    if len(groups) > 1:
+        sides = " vs ".join(f"{'+'.join(vs)} ({len(key[1])} validation images)" for key, vs in groups.items())
+        raise ValueError(f"{run}: branches were trained on different splits: {sides}; retrain them in one run")
+
+
+def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = None, folds: int = 0,
              jobs: int | None = None, metadata: Sequence[str] | str = ()) -> dict[str, Any]:
     """Fit the fusion on the branches' validation probabilities and write ``RUN/ensemble/``.
 
-    The decision threshold is chosen on validation data: on the fused probabilities for
-    ``mean``, and on the stacker's out-of-fold probabilities for ``stack`` (so the threshold
-    is not chosen on the very predictions the stacker was fitted to).
+    ``method`` names an estimator of ``ensemble.fusion.FUSION_METHODS``, and what it can do
+    decides the rest. The decision threshold is chosen on validation data, on the fusion's
+    ``held_out_proba_`` (the mean's own output; the stacker's cross-validated one, so the
+    threshold is not chosen on the very predictions the stacker was fitted to).
 
-    With ``folds`` K >= 2 (``stack`` only), the stacker is instead fitted on out-of-fold
-    probabilities of the training split (each branch trained K more times, see
-    :mod:`skinfusion.workflows.oof`), and the threshold is chosen on the validation split, which the
-    stacker then never saw. ``jobs`` parallel training processes per fold (default one per branch).
+    With ``folds`` K >= 2 (methods that ``supports_folds``), the fusion is instead fitted on
+    out-of-fold probabilities of the training split (each branch trained K more times, see
+    :mod:`skinfusion.workflows.oof`), and the threshold is chosen on the validation split, which
+    the fusion then never saw. ``jobs`` parallel training processes per fold (default one per branch).
 
-    With ``metadata`` fields (``stack`` only; "age", "sex", "site"), the stacker also takes
-    each image's metadata from the run's dataset, and every later prediction needs it.
+    With ``metadata`` fields (methods that ``supports_metadata``; "age", "sex", "site"), the
+    fusion also takes each image's metadata from the run's dataset, and every later
+    prediction needs it.
 
     Raises:
+        KeyError: if ``method`` is not a registered fusion method.
         FileNotFoundError: if a branch is missing.
-        ValueError: if branches were trained on different splits or settings.
+        ValueError: if the method cannot use ``folds`` or ``metadata``, or the branches were
+            trained on different splits or settings.
     """
-    if folds and method != "stack":
-        raise ValueError(f"--folds only applies to --method stack (got --method {method})")
+    if folds and not fusion_class(method).supports_folds:
+        raise ValueError(f"--folds only applies to --method {' or '.join(methods_that('supports_folds'))} "
+                         f"(got --method {method})")
     metadata = parse_fields(metadata)
-    make_fusion(method, metadata)  # refuse metadata with mean before reading anything
+    make_fusion(method, metadata)  # refuse metadata the method cannot use before reading anything
     if folds and folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
+    views = tuple(DEFAULT_VIEWS if views is None else views)
     run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--run {run}: no such run directory; train its branches with `skinfusion train` first")
+    with run_lock(run, f"skinfusion fuse --method {method}"):
+        return _fuse_locked(run, method, views, folds, jobs, metadata)
+
+
+def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs: int | None,
+                 metadata: tuple[str, ...]) -> dict[str, Any]:
     branch_dirs = [run / "branches" / v for v in views]
     infos = [read_branch_info(b) for b in branch_dirs]
     for bdir, (config, _) in zip(branch_dirs, infos):
@@ -72,47 +120,49 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] = tuple(VI
         raise ValueError(f"{run}: branches were trained at different image sizes or crop settings "
                          f"(image_size, load_size, crop_stride) = {sorted(sizes)}; retrain them alike")
     preds = [read_val_predictions(b) for b in branch_dirs]
-    ids = sorted(set.intersection(*(set(p) for p in preds)))
-    if len(ids) != len(preds[0]):
-        logger.warning("branches share %d of %d validation images; fusing on the shared ones", len(ids), len(preds[0]))
+    check_same_split(run, views, [m for _, m in infos], preds)
+    ids = sorted(preds[0])
     y = np.array([preds[0][i][0] for i in ids])
     P = np.array([[p[i][1] for p in preds] for i in ids])
     meta_of = _dataset_metadata(run, metadata) if metadata else {}
     M = [meta_of.get(i) for i in ids] if metadata else None
-    stack_fit: dict[str, Any] = {}
+    fit_record: dict[str, Any] = {}
     if folds:
         oof_ids, y_oof, P_oof = oof_member_proba(run, views, folds, jobs=jobs)
         M_oof = [meta_of.get(i) for i in oof_ids] if metadata else None
         fusion = make_fusion(method, metadata).fit(P_oof, y_oof, M_oof)
-        fused = fusion.predict_proba(P, M)[:, 1]  # validation: unseen by the stacker and by every branch
-        val_only = make_fusion(method, metadata).fit(P, y, M).oof_proba_
-        stack_fit = {"stack_fit": {"on": "train out-of-fold", "folds": folds, "n_images": len(oof_ids),
-                                   "oof_member_auc": {v: float(roc_auc_ci(y_oof, P_oof[:, j], n_boot=0)[0])
-                                                      for j, v in enumerate(views)},
-                                   "val_auc_oof_stacker": float(roc_auc_ci(y, fused, n_boot=0)[0]),
-                                   "val_auc_val_stacker_cv": float(roc_auc_ci(y, val_only, n_boot=0)[0])}}
-        logger.info("stacker fitted on %d out-of-fold training images: validation AUC %.4f "
-                    "(stacker fitted on validation itself, cross-validated: %.4f)", len(oof_ids),
-                    stack_fit["stack_fit"]["val_auc_oof_stacker"], stack_fit["stack_fit"]["val_auc_val_stacker_cv"])
+        fused = fusion.predict_proba(P, M)[:, 1]  # validation: unseen by the fusion and by every branch
+        val_only = make_fusion(method, metadata).fit(P, y, M).held_out_proba_
+        fit_record = {"on": "train out-of-fold", "folds": folds, "n_images": len(oof_ids),
+                      "oof_member_auc": {v: float(roc_auc_ci(y_oof, P_oof[:, j], n_boot=0)[0])
+                                         for j, v in enumerate(views)},
+                      "val_auc_oof_stacker": float(roc_auc_ci(y, fused, n_boot=0)[0]),
+                      "val_auc_val_stacker_cv": float(roc_auc_ci(y, val_only, n_boot=0)[0])}
+        logger.info("fusion fitted on %d out-of-fold training images: validation AUC %.4f "
+                    "(fitted on validation itself, cross-validated: %.4f)", len(oof_ids),
+                    fit_record["val_auc_oof_stacker"], fit_record["val_auc_val_stacker_cv"])
     else:
-        fusion = make_fusion(method, metadata).fit(P, y, M) if metadata else make_fusion(method).fit(P, y)
-        fused = fusion.oof_proba_ if method == "stack" else fusion.predict_proba(P)[:, 1]
-        if method == "stack":
-            stack_fit = {"stack_fit": {"on": "validation", "folds": 0, "n_images": int(len(y))}}
+        fusion = make_fusion(method, metadata).fit(P, y, M)
+        fused = fusion.held_out_proba_
+        if fusion.supports_folds:
+            fit_record = {"on": "validation", "folds": 0, "n_images": int(len(y))}
+    # "stack_fit" (the manifest key readers know) records where a label-learning fusion was fitted.
+    stack_fit = {"stack_fit": fit_record} if fit_record else {}
     threshold = choose_threshold(y, fused)
     val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
     val["fused"] = binary_report(y, fused, threshold)
+    weights = fusion.describe(views)
     save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, extra={
         "validation_metrics": val,
         "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
         "split_seed": infos[0][1].get("split_seed"),
         "n_validation": int(len(y)),
+        "fusion_weights": weights,
         **stack_fit,
     })
-    if method == "stack":
-        logger.info("stacker log-odds weights %s", fusion.weights(views))
+    logger.info("%s fusion weights %s", method, weights)
     return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble"),
-            "metadata": list(metadata), **stack_fit}
+            "metadata": list(metadata), "fusion_weights": weights, **stack_fit}
 
 
 def _dataset_metadata(run: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_curve,
+)
 
 from colorspaces.files import atomic_open, atomic_path
 
@@ -40,17 +47,13 @@ def write_curves(y: np.ndarray, columns: dict[str, np.ndarray], out_dir: str | o
     Returns:
         The file names written.
     """
+    # Imported here, not at module level: matplotlib takes about half a second to import and only
+    # plotting needs it (`evaluate --no-plots`, the ISIC CSV and report.html do not), and the
+    # Agg backend must be chosen before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
-    from sklearn.metrics import (
-        auc,
-        average_precision_score,
-        precision_recall_curve,
-        roc_curve,
-    )
 
     out_dir = Path(out_dir)
     y = np.asarray(y).astype(int)

@@ -6,17 +6,18 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from skinfusion.data.index import DatasetIndex, index_dataset
+from skinfusion.data.dedup import find_near_duplicates
+from skinfusion.data.index import DatasetIndex
+from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import (
     check_split,
     load_split,
     load_split_groups,
     make_split,
+    merge_near_duplicate_groups,
     save_split,
     subset,
 )
-
-logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,6 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
     else:
         records = index.records
         if dedup:
-            from skinfusion.data.dedup import find_near_duplicates
-            from skinfusion.data.splits import merge_near_duplicate_groups
-
             found = find_near_duplicates([r.path for r in records])
             records = merge_near_duplicate_groups(records, [(records[i].image_id, records[j].image_id) for i, j, _ in found])
             logger.info("perceptual hash: %d near-duplicate pairs merged into shared groups", len(found))
@@ -80,5 +78,3 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
 def _counts(records, assign, split) -> dict[str, int]:
     labels = [r.label for r in records if assign[r.image_id] == split]
     return {"images": len(labels), "melanoma": int(sum(labels))}
-
-

@@ -7,8 +7,6 @@ from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
-
 
 def format_table(reports: dict[str, dict]) -> str:
     """A plain-text table of AUC (95% CI), balanced accuracy, sensitivity and specificity per row."""
@@ -30,5 +28,3 @@ def format_source_table(per_source: dict[str, dict], views: Sequence[str]) -> st
         aucs = " ".join(f"{row[c]['auc']:6.3f}" for c in cols)
         lines.append(f"{source:16} {row['n']:5d} {row['n_melanoma']:4d} {aucs}")
     return "\n".join(lines)
-
-

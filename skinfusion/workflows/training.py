@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import os
@@ -10,17 +11,22 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+import keras
 import numpy as np
+from joblib import Parallel, delayed
 
 from colorspaces.files import atomic_open
+from ensemble.bundle import sha256_file
 from ensemble.metrics import binary_report, choose_threshold
 from models import BranchConfig, predict_images_proba, save_branch
 from models.store import read_branch_info
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
-from skinfusion.data.index import index_dataset, write_skip_report
+from skinfusion.data.index import write_skip_report
+from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.resources import bound_allocator, peak_rss_mb
+from skinfusion.workflows.runlock import run_lock
 from skinfusion.workflows.runsplit import prepare_split
 
 logger = logging.getLogger(__name__)
@@ -46,7 +52,17 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
 
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
+
+    Raises:
+        RunLockedError: if another process is writing the run.
     """
+    with run_lock(run_dir, f"skinfusion train --view {config.view}"):
+        return _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup,
+                                 cache_dir, resume)
+
+
+def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup, cache_dir,
+                      resume) -> dict[str, Any]:
     bound_allocator()
     index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit, dedup=dedup)
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
@@ -96,6 +112,8 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         w.writerows((r.image_id, r.label, f"{p:.6f}") for r, p in zip(val_recs, proba))
     save_branch(branch_dir, model, config, {
         "split_seed": info.get("split_seed"),
+        # Which split exactly: fuse refuses branches whose splits differ (seed and data alone can agree).
+        "split_sha256": sha256_file(Path(run_dir) / "splits.csv"),
         "dataset_fingerprint": info.get("dataset_fingerprint"),
         "data_dir": info.get("data_dir"),
         "validation_metrics": val_metrics,
@@ -138,23 +156,27 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
 
     Returns:
         The summaries of :func:`train_branch_run`, in ``configs`` order.
+
+    Raises:
+        RunLockedError: if another process is writing the run (the lock is held throughout,
+            and the worker processes inherit it).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    views = "+".join(c.view for c in configs)
+    with run_lock(run_dir, f"skinfusion train --view {views}"):
+        return _train_branches(data_dir, run_dir, configs, jobs, **kwargs)
+
+
+def _train_branches(data_dir, run_dir, configs, jobs, **kwargs) -> list[dict[str, Any]]:
     if jobs == 1 or len(configs) == 1:
         summaries = []
         for c in configs:
             summaries.append(train_branch_run(data_dir, run_dir, c, **kwargs))
             # Free the finished branch's graph and datasets before the next one is built.
-            import gc
-
-            import keras
-
             keras.backend.clear_session()
             gc.collect()
         return summaries
-    from joblib import Parallel, delayed
-
     index, assign, _ = prepare_split(data_dir, run_dir, kwargs.get("split_seed", 0), kwargs.get("limit"),
                                      dedup=kwargs.get("dedup", False))
     for size in sorted({c.load_size for c in configs}):

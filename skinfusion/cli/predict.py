@@ -1,0 +1,91 @@
+"""Fused melanoma probability per image, as a CSV, for image files, folders or lists.
+
+``skinfusion predict`` streams: images are decoded, scored and written in batches, so folders of
+any size fit in memory. The work is ``skinfusion.workflows.predicting``; this module is its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from colorspaces.image import IMAGE_SUFFIXES
+from ensemble import load
+from skinfusion.cli.common import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    Progress,
+    add_quiet,
+    new_parser,
+    positive_int,
+    run_command,
+)
+from skinfusion.workflows.predicting import (
+    check_output_path,
+    input_paths,
+    predict_to_csv,
+    read_metadata_csv,
+    skip_report_path,
+    write_predictions,
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``skinfusion predict`` parser."""
+    p = new_parser("predict", __doc__)
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--input", metavar="DIR_OR_LIST",
+                   help=f"a folder (searched recursively for {'/'.join(IMAGE_SUFFIXES)} files, in sorted order) "
+                        "or a text file listing one image path per line (relative paths are relative to that file)")
+    p.add_argument("--out", metavar="CSV",
+                   help="write path,melanoma_proba here instead of stdout (through a temporary file beside it, "
+                        "renamed when complete); skipped files go to CSV.skipped.csv")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="image decoding threads, overlapped with inference (default 2)")
+    p.add_argument("--tta", action="store_true", help="average each image over its 8 rotations and flips (8x the compute)")
+    p.add_argument("--metadata", metavar="CSV",
+                   help="for an ensemble fused with metadata (fuse --metadata): a CSV with an image_id column (the "
+                        "file name without extension) or a path column, and the fused fields (age, sex, site); "
+                        "empty cells and images it does not list are scored with those fields unknown")
+    add_quiet(p)
+    return p
+
+
+def _predict(args: argparse.Namespace) -> int:
+    paths = list(args.images) + (input_paths(args.input) if args.input else [])
+    if not paths:
+        raise ValueError("no images given: pass image files and/or --input DIR_OR_LIST")
+    if args.out:
+        check_output_path(args.out)  # before the minutes of loading and scoring, not after
+    ens = load(args.run)
+    metadata = None
+    if ens.metadata_fields:
+        if not args.metadata:
+            raise ValueError(f"{args.run}: this ensemble fuses metadata ({', '.join(ens.metadata_fields)}); pass "
+                             "--metadata CSV with image_id (or path) and those columns")
+        metadata = read_metadata_csv(args.metadata, paths, ens.metadata_fields)
+    elif args.metadata:
+        print(f"skinfusion: {args.run} was fused without metadata; --metadata {args.metadata} is ignored", file=sys.stderr)
+    progress = Progress(len(paths), enabled=not args.quiet and (bool(args.out) or len(paths) > args.batch_size))
+    options = dict(batch_size=args.batch_size, workers=args.workers, tta=args.tta, metadata=metadata,
+                   on_batch=progress.update)
+    if not args.out:
+        skipped = write_predictions(ens, paths, sys.stdout, **options)
+        return EXIT_SKIPPED if skipped else EXIT_OK
+    skipped = predict_to_csv(ens, paths, args.out, **options)
+    report = f" (listed in {skip_report_path(args.out)})" if skipped else ""
+    print(f"scored {len(paths) - len(skipped)} images -> {args.out}; {len(skipped)} skipped{report}", file=sys.stderr)
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion predict``: write path,melanoma_proba rows to stdout or ``--out``.
+
+    Returns:
+        0, or 1 if any image was unreadable, 2 on a reported error, 130 after Ctrl-C.
+    """
+    # The output is data (stdout): keep the log to warnings, whatever -q says.
+    return run_command(parser(), _predict, argv, quiet=True)

@@ -1,0 +1,165 @@
+"""The predict workflow: find the images to score, match their metadata, and stream predictions to a CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+from colorspaces.files import atomic_open
+from colorspaces.image import IMAGE_SUFFIXES
+from ensemble.engine import Ensemble
+from skinfusion.data.index import read_csv_rows, write_skip_report
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("path", "melanoma_proba")
+
+
+def input_paths(spec: str) -> list[str]:
+    """The image files named by ``predict --input``: a folder (recursive, sorted) or a list file.
+
+    Args:
+        spec: a folder, or a text file with one image path per line (relative paths are
+            relative to that file; blank lines and ``#`` comments are skipped).
+
+    Returns:
+        The image paths, in order.
+
+    Raises:
+        FileNotFoundError: if ``spec`` is neither a folder nor a file.
+        ValueError: if ``spec`` is an image itself rather than a folder or a list.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(str(f) for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"--input {spec} is an image; give it as a positional argument, "
+                             "or give a folder or a list file")
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        return [str(Path(ln) if Path(ln).is_absolute() else path.parent / ln)
+                for ln in lines if ln and not ln.startswith("#")]
+    raise FileNotFoundError(f"--input {spec}: no such folder or list file")
+
+
+def read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per-image metadata for ``predict --metadata``, matched by ``image_id`` (file stem) or ``path``.
+
+    Args:
+        spec: the CSV, with an ``image_id`` or a ``path`` column and one column per field.
+        paths: the images being scored.
+        fields: the metadata fields the ensemble fuses.
+
+    Returns:
+        ``{path: {field: value}}`` for the images the CSV lists; the others are left out and
+        scored with every field unknown (a warning counts them).
+
+    Raises:
+        FileNotFoundError: if the CSV is missing.
+        ValueError: if it has no key column or lacks a fused field.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--metadata {spec}: no such file")
+    rows = read_csv_rows(path)
+    columns = set(rows[0]) if rows else set()
+    key = "image_id" if "image_id" in columns else "path" if "path" in columns else None
+    if key is None:
+        raise ValueError(f"--metadata {spec}: needs an image_id or a path column, has {sorted(columns)}")
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise ValueError(f"--metadata {spec}: the ensemble fuses {list(fields)} but the CSV lacks {missing}")
+    by_key = {r[key]: {f: r.get(f, "") for f in fields} for r in rows}
+    out = {p: by_key.get(Path(p).stem if key == "image_id" else p) for p in paths}
+    unmatched = sum(v is None for v in out.values())
+    if unmatched:
+        logger.warning("%d of %d images are not in %s; scored with %s unknown", unmatched, len(paths), spec,
+                       ", ".join(fields))
+    return {p: m for p, m in out.items() if m is not None}
+
+
+def write_predictions(ens: Ensemble, paths: Sequence[str], fh: TextIO, batch_size: int = 64, workers: int = 2,
+                      tta: bool = False, metadata: dict[str, dict] | None = None,
+                      on_batch: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
+    """Score image files in streamed batches and write ``path,melanoma_proba`` rows to ``fh``.
+
+    Rows go through the ``csv`` module, so a path with a comma, quote or newline reads back
+    intact. Memory holds two batches whatever the number of files (see ``Ensemble.iter_files``).
+
+    Args:
+        ens: the loaded ensemble.
+        paths: image files, scored and written in this order.
+        fh: a text stream opened with ``newline=""`` (or ``sys.stdout``).
+        batch_size: images per batch.
+        workers: decoding threads.
+        tta: average over the 8 rotations and flips.
+        metadata: path → metadata dict, for an ensemble fused with metadata.
+        on_batch: called after each batch with (files done in it, files skipped so far).
+
+    Returns:
+        ``(path, reason)`` for every file that could not be scored.
+    """
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    skipped: list[tuple[str, str]] = []
+    for batch in ens.iter_files(paths, batch_size=batch_size, workers=workers, tta=tta, metadata=metadata):
+        writer.writerows((p, f"{q:.6f}") for p, q in zip(batch.paths, batch.fused))
+        for _, reason in batch.failures:
+            logger.warning("skipped %s", reason)
+        skipped += batch.failures
+        if on_batch is not None:
+            on_batch(len(batch.paths) + len(batch.failures), len(skipped))
+    return skipped
+
+
+def skip_report_path(out_csv: str | os.PathLike) -> Path:
+    """Where ``predict_to_csv`` lists the skipped files: ``OUT.skipped.csv``."""
+    out = Path(out_csv)
+    return out.with_name(out.name + ".skipped.csv")
+
+
+def check_output_path(out_csv: str | os.PathLike) -> Path:
+    """Refuse an output CSV path that cannot be written, before any scoring starts.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: if it names a directory.
+        FileNotFoundError: if its folder does not exist.
+    """
+    out = Path(out_csv)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a CSV file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def predict_to_csv(ens: Ensemble, paths: Sequence[str], out_csv: str | os.PathLike,
+                   **kwargs) -> list[tuple[str, str]]:
+    """``write_predictions`` into a file that appears only when complete, plus its skip report.
+
+    The rows go to a temporary file beside ``out_csv`` that is renamed into place at the end,
+    so an interrupted run leaves the old file (or none), never a truncated one.
+
+    Args:
+        ens: the loaded ensemble.
+        paths: image files.
+        out_csv: the CSV to write; skipped files are listed in ``skip_report_path(out_csv)``.
+        **kwargs: passed to ``write_predictions``.
+
+    Returns:
+        ``(path, reason)`` for every file that could not be scored.
+
+    Raises:
+        FileNotFoundError, ValueError: see ``check_output_path``.
+    """
+    out = check_output_path(out_csv)
+    with atomic_open(out, "w", newline="") as fh:
+        skipped = write_predictions(ens, paths, fh, **kwargs)
+    write_skip_report(skip_report_path(out), skipped)
+    return skipped
