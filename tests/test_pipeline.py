@@ -180,6 +180,9 @@ def test_run_refuses_other_data_and_cli_reports_errors(trained_run, tmp_path, ca
     other = make_synthetic_dataset(tmp_path / "other", n_images=60, size=32, seed=9)
     rc = train_main(["--view", "rgb", "--data", str(other), "--run", str(trained_run), "--epochs", "1", "-q"])
     assert rc == 2 and "fingerprint" in capsys.readouterr().err
+    assert main(["fuse", "--run", str(tmp_path / "missing"), "-q"]) == 2
+    assert "missing: no such run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     assert main(["fuse", "--run", str(tmp_path / "empty"), "-q"]) == 2
     assert "lacks model.keras" in capsys.readouterr().err
     assert main(["nosuch"]) == 2
