@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
+import math
+import numbers
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
 import joblib
 
+from colorspaces import DEFAULT_VIEWS
+from colorspaces.files import atomic_path, library_versions, read_json_object, write_json_atomic
+from colorspaces.labels import LABEL_MAP
 from ensemble.engine import Ensemble
 from ensemble.fusion import FUSION_METHODS, fusion_class
-from colorspaces.files import atomic_path, library_versions, write_json_atomic
-from colorspaces.labels import LABEL_MAP
-from models.store import load_branch, read_branch_info
+from models.branch import BranchConfig
+from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, load_branch
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +37,38 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+BRANCH_FILES = (MODEL_FILE, CONFIG_FILE, METADATA_FILE)
+
+
 def _branch_files(branch_dir: Path) -> dict[str, str]:
-    return {name: sha256_file(branch_dir / name) for name in ("model.keras", "config.json", "metadata.json")}
+    return {name: sha256_file(branch_dir / name) for name in BRANCH_FILES}
+
+
+def retrain_hint(branch_dir: str | os.PathLike) -> str:
+    """What to do about a damaged branch: the ``skinfusion train`` command that rewrites it.
+
+    A branch of a run lives in ``RUN/branches/VIEW`` (the layout ``skinfusion train`` writes);
+    elsewhere the hint cannot name the run.
+    """
+    branch_dir = Path(os.path.normpath(branch_dir))
+    if branch_dir.parent.name == "branches":
+        return f"retrain this branch (skinfusion train --view {branch_dir.name} --run {branch_dir.parent.parent})"
+    return "retrain this branch"
+
+
+def check_branch(branch_dir: str | os.PathLike) -> tuple[BranchConfig, dict[str, Any]]:
+    """Load a branch exactly as ``load_ensemble`` will, so that a damaged one is never signed.
+
+    Returns:
+        The branch's ``(config, metadata)``.
+
+    Raises:
+        FileNotFoundError: if a branch file is missing.
+        ValueError: "cannot load FILE: REASON; retrain this branch (...)" for a damaged
+            ``model.keras``, or naming the damaged ``config.json`` or ``metadata.json``.
+    """
+    _, config, meta = load_branch(branch_dir, hint=retrain_hint(branch_dir))
+    return config, meta
 
 
 def save_ensemble(
@@ -65,11 +99,13 @@ def save_ensemble(
     """
     if type(fusion) is not fusion_class(method):
         raise ValueError(f"fusion method {method!r} is {fusion_class(method).__name__}, got a {type(fusion).__name__}")
+    if not _is_number(threshold) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     branches, views = [], []
     for bdir in map(Path, branch_dirs):
-        config, meta = read_branch_info(bdir)
+        # Every file is loaded before it is hashed: the manifest signs what load_ensemble can load.
+        config, _ = check_branch(bdir)
         views.append(config.view)
         branches.append({
             "view": config.view,
@@ -88,6 +124,7 @@ def save_ensemble(
         raise ValueError(f"branches were trained with different crop settings (load size, stride) {sorted(crops)}; "
                          "retrain them alike")
     load_size, crop_stride = crops.pop()
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / FUSION_FILE) as tmp:
         joblib.dump(fusion, tmp)
     manifest = {
@@ -148,6 +185,116 @@ def check_versions(saved: dict[str, str], where: str) -> list[str]:
     return warnings_out
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def fuse_command(run: str | os.PathLike, manifest: dict[str, Any] | None = None) -> str:
+    """The ``skinfusion fuse`` command that rewrites a run's bundle with the settings ``manifest`` records."""
+    cmd = f"skinfusion fuse --run {run}"
+    if not manifest:
+        return cmd
+    views = [b["view"] for b in manifest["branches"]]
+    if tuple(views) != DEFAULT_VIEWS:
+        cmd += f" --views {','.join(views)}"
+    if manifest["method"] != "mean":
+        cmd += f" --method {manifest['method']}"
+    if manifest.get("metadata"):
+        cmd += f" --metadata {','.join(manifest['metadata'])}"
+    fit = manifest.get("stack_fit")
+    folds = fit.get("folds") if isinstance(fit, dict) else None
+    if isinstance(folds, int) and folds > 1:
+        cmd += f" --folds {folds}"
+    return cmd
+
+
+_MANIFEST_KEYS = ("format_version", "method", "branches", "fusion", "image_size", "threshold", "label_map")
+
+
+def read_manifest(manifest_path: str | os.PathLike, run: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a bundle's ``manifest.json``: every key the loader and the engine use, with its type.
+
+    Args:
+        manifest_path: the file.
+        run: the run it belongs to, for the ``skinfusion fuse --run RUN`` that rewrites it.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        FileNotFoundError: if it is missing.
+        ValueError: naming the file and the damaged key, or an unsupported format, method or label map.
+    """
+    hint = f"re-run `{fuse_command(run)}` to rewrite it"
+    m = read_json_object(manifest_path, required=_MANIFEST_KEYS, hint=hint)
+
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"{manifest_path}: damaged, {what}; {hint}")
+
+    if m["format_version"] != BUNDLE_FORMAT:
+        raise ValueError(f"{manifest_path}: bundle format {m['format_version']!r} is not supported "
+                         f"(expected {BUNDLE_FORMAT}); {hint}")
+    if not isinstance(m["method"], str) or m["method"] not in FUSION_METHODS:
+        raise ValueError(f"{manifest_path}: unknown fusion method {m['method']!r} (known: "
+                         f"{', '.join(FUSION_METHODS)}); {hint}")
+    if m["label_map"] != LABEL_MAP:
+        raise ValueError(f"{manifest_path}: label map {m['label_map']} differs from {LABEL_MAP}; {hint}")
+    branches = m["branches"]
+    if not isinstance(branches, list) or not branches:
+        raise damaged(f"'branches' must be a non-empty list, got {branches!r}")
+    for k, b in enumerate(branches):
+        files = b.get("files") if isinstance(b, dict) else None
+        if not (isinstance(b, dict) and isinstance(b.get("view"), str) and isinstance(b.get("path"), str)
+                and isinstance(files, dict) and sorted(files) == sorted(BRANCH_FILES)
+                and all(isinstance(v, str) for v in files.values())):
+            raise damaged(f"branches[{k}] must hold 'view', 'path' and the SHA-256 'files' {list(BRANCH_FILES)}")
+    fusion = m["fusion"]
+    if not (isinstance(fusion, dict) and isinstance(fusion.get("file"), str) and isinstance(fusion.get("sha256"), str)):
+        raise damaged(f"'fusion' must hold 'file' and 'sha256', got {fusion!r}")
+    for key in ("image_size", "load_size"):
+        value = m.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise damaged(f"{key!r} must be a whole number >= 1, got {value!r}")
+    if not _is_number(m["threshold"]) or not 0.0 <= m["threshold"] <= 1.0:
+        raise damaged(f"'threshold' must be a number in [0, 1], got {m['threshold']!r}")
+    if not _is_str_list(m.get("metadata", [])):
+        raise damaged(f"'metadata' must be a list of field names, got {m.get('metadata')!r}")
+    versions = m.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise damaged(f"'versions' must map library names to version strings, got {versions!r}")
+    if "branch_order" in m and m["branch_order"] != [b["view"] for b in branches]:
+        raise damaged(f"'branch_order' {m['branch_order']!r} differs from the branches' views")
+    if not isinstance(m.get("dataset_fingerprint"), (str, type(None))):
+        raise damaged(f"'dataset_fingerprint' must be a string, got {m['dataset_fingerprint']!r}")
+    val = m.get("validation_metrics", {})  # evaluate reads each branch's validation threshold from it
+    if not isinstance(val, dict) or (val and not all(
+            isinstance(val.get(b["view"]), dict) and _is_number(val[b["view"]].get("threshold")) for b in branches)):
+        raise damaged("'validation_metrics' must hold each branch's validation 'threshold'")
+    return m
+
+
+def _find_bundle(path: Path) -> Path:
+    """The ensemble directory of a run directory (or the ensemble directory itself)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run directory; check the path, or train and fuse a run there first")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a run directory (it is a file)")
+    for ens_dir in (path / "ensemble", path):
+        if (ens_dir / MANIFEST_FILE).is_file():
+            return ens_dir
+    run = path.parent if path.name == "ensemble" and not (path / "ensemble").exists() else path
+    raise FileNotFoundError(f"no ensemble in {path}; run `{fuse_command(run)}` first")
+
+
+# What unpickling a damaged or foreign joblib file raises (a class it names may no longer exist).
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError,
+                    AttributeError, ImportError)
+
+
 def load_ensemble(path: str | os.PathLike) -> Ensemble:
     """Load a bundle after checking every file against the manifest's SHA-256.
 
@@ -160,52 +307,59 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         The loaded ``Ensemble``.
 
     Raises:
-        FileNotFoundError: if the manifest or a bundle file is missing.
-        ValueError: if a file's hash differs from the manifest or the format is unsupported.
+        FileNotFoundError: if the run, its manifest or a bundle file is missing ("RUN: no such
+            run directory", "no ensemble in RUN; run `skinfusion fuse --run RUN` first").
+        ValueError: if the manifest is damaged, a file's hash differs from the manifest, the format
+            is unsupported, or a file cannot be loaded ("cannot load FILE: REASON"); every message
+            names the file and says what to do.
     """
     path = Path(path)
-    ens_dir = path / "ensemble" if (path / "ensemble" / MANIFEST_FILE).is_file() else path
+    ens_dir = _find_bundle(path)
+    run = ens_dir.parent if ens_dir.name == "ensemble" else path
     manifest_path = ens_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{path}: no ensemble manifest found (run `skinfusion fuse --run RUN` first)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") != BUNDLE_FORMAT:
-        raise ValueError(f"{manifest_path}: bundle format {manifest.get('format_version')!r} is not supported (expected {BUNDLE_FORMAT})")
-    if manifest.get("method") not in FUSION_METHODS:
-        raise ValueError(f"{manifest_path}: unknown fusion method {manifest.get('method')!r}")
-    if manifest.get("label_map") != LABEL_MAP:
-        raise ValueError(f"{manifest_path}: label map {manifest.get('label_map')} differs from {LABEL_MAP}")
+    manifest = read_manifest(manifest_path, run)
     check_versions(manifest.get("versions", {}), str(manifest_path))
+    refuse = f"re-run `{fuse_command(run, manifest)}`"
 
-    checks = [(ens_dir / manifest["fusion"]["file"], manifest["fusion"]["sha256"])]
+    fusion_file = ens_dir / manifest["fusion"]["file"]
+    checks = [(fusion_file, manifest["fusion"]["sha256"], None)]
     for b in manifest["branches"]:
-        for name, digest in b["files"].items():
-            checks.append((ens_dir / b["path"] / name, digest))
-    for file, digest in checks:
+        bdir = Path(os.path.normpath(ens_dir / b["path"]))
+        checks += [(bdir / name, digest, bdir) for name, digest in b["files"].items()]
+    for file, digest, bdir in checks:
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: bundle file listed in {manifest_path} is missing")
+            todo = f"{retrain_hint(bdir)}, then {refuse}" if bdir else refuse
+            raise FileNotFoundError(f"{file}: bundle file listed in {manifest_path} is missing; {todo}")
         if sha256_file(file) != digest:
-            raise ValueError(f"{file}: SHA-256 differs from {manifest_path}; the bundle was modified, refusing to load it")
+            todo = (f"if you retrained a branch, {refuse} to re-sign the bundle" if bdir
+                    else f"{refuse} to rewrite it")
+            raise ValueError(f"{file}: SHA-256 differs from {manifest_path}; the bundle was modified, "
+                             f"refusing to load it ({todo})")
 
     models, configs = [], []
     for b in manifest["branches"]:
-        model, config, meta = load_branch(ens_dir / b["path"])
+        bdir = Path(os.path.normpath(ens_dir / b["path"]))
+        model, config, meta = load_branch(bdir, hint=f"{retrain_hint(bdir)}, then {refuse}")
         if config.view != b["view"] or config.image_size != manifest["image_size"]:
-            raise ValueError(f"{ens_dir / b['path']}: branch ({config.view}, {config.image_size}px) does not match "
-                             f"the manifest ({b['view']}, {manifest['image_size']}px); refusing to load it")
+            raise ValueError(f"{bdir}: branch ({config.view}, {config.image_size}px) does not match "
+                             f"the manifest ({b['view']}, {manifest['image_size']}px); refusing to load it; {refuse}")
         if manifest.get("dataset_fingerprint") and meta.get("dataset_fingerprint") != manifest["dataset_fingerprint"]:
-            raise ValueError(f"{ens_dir / b['path']}: branch was trained on dataset {meta.get('dataset_fingerprint')}, "
-                             f"the ensemble on {manifest['dataset_fingerprint']}; refusing to load it")
+            raise ValueError(f"{bdir}: branch was trained on dataset {meta.get('dataset_fingerprint')}, "
+                             f"the ensemble on {manifest['dataset_fingerprint']}; refusing to load it; {refuse}")
         models.append(model)
         configs.append(config)
-    fusion = joblib.load(ens_dir / manifest["fusion"]["file"])
+    try:
+        fusion = joblib.load(fusion_file)
+    except _UNPICKLE_ERRORS as exc:
+        raise ValueError(f"cannot load {fusion_file}: {type(exc).__name__}: {exc}; {refuse}") from None
     expected = FUSION_METHODS[manifest["method"]]
     if type(fusion) is not expected or getattr(fusion, "n_features_in_", None) != len(models):
-        raise ValueError(f"{ens_dir / FUSION_FILE}: holds {type(fusion).__name__} for "
+        raise ValueError(f"{fusion_file}: holds {type(fusion).__name__} for "
                          f"{getattr(fusion, 'n_features_in_', '?')} members, but the manifest says "
-                         f"{manifest['method']} over {len(models)} branches")
+                         f"{manifest['method']} over {len(models)} branches; {refuse}")
     if tuple(fusion.metadata_) != tuple(manifest.get("metadata", ())):
-        raise ValueError(f"{ens_dir / FUSION_FILE}: fuses metadata {list(fusion.metadata_)}, but the "
-                         f"manifest says {manifest.get('metadata', [])}; refusing to load it")
-    logger.info("loaded ensemble %s (%s fusion of %s)", ens_dir, manifest["method"], "+".join(manifest["branch_order"]))
+        raise ValueError(f"{fusion_file}: fuses metadata {list(fusion.metadata_)}, but the "
+                         f"manifest says {manifest.get('metadata', [])}; refusing to load it; {refuse}")
+    logger.info("loaded ensemble %s (%s fusion of %s)", ens_dir, manifest["method"],
+                "+".join(b["view"] for b in manifest["branches"]))
     return Ensemble(manifest, models, configs, fusion)

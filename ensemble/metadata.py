@@ -18,6 +18,11 @@ METADATA_FIELDS = ("age", "sex", "site")
 # column fitted on a handful of images is noise the stacker would overfit.
 MIN_SITE_COUNT = 10
 _UNKNOWN = {"", "unknown", "nan", "none", "na", "n/a"}
+SEXES = ("male", "female")
+#: What a value of each field must look like to be read; named when one is not.
+FIELD_FORMATS = {"age": "a number of years from 0 to 120", "sex": "male or female (any case)",
+                 "site": "an anatomical site"}
+_EXAMPLES = 3
 
 
 def parse_fields(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -52,6 +57,51 @@ def clean_text(value: Any) -> str:
     """A lower-case category, ``""`` for any spelling of unknown."""
     text = "" if value is None else str(value).strip().lower()
     return "" if text in _UNKNOWN else text
+
+
+def unreadable_values(meta: Sequence[Mapping[str, Any] | None], fields: Sequence[str],
+                      sites: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """The filled-in values that are nevertheless encoded as unknown, per field.
+
+    A blank cell or a spelling of unknown ("unknown", "NA", ...) is unknown on purpose and is not
+    listed. Listed are: an age that is not a number of years in 0–120 ("sixty", "-1"), a sex
+    other than male/female ("F"), and, when ``sites`` is given, a site outside it (a site the
+    fusion never saw, or saw too rarely). This only reports; ``MetadataEncoder`` encodes the
+    same values exactly as before.
+
+    Args:
+        meta: one metadata dict per image (``None`` = every field unknown).
+        fields: the fields to check.
+        sites: the sites the fusion knows (``MetadataEncoder.sites_``); ``None`` skips that check.
+
+    Returns:
+        ``{field: [raw value, ...]}`` in input order, for the fields with at least one.
+    """
+    out: dict[str, list[str]] = {}
+    for m in _checked(meta):
+        for f in fields:
+            raw = m.get(f)
+            text = clean_text(raw)
+            if not text:
+                continue
+            bad = (clean_age(raw) is None if f == "age" else text not in SEXES if f == "sex"
+                   else sites is not None and text not in sites)
+            if bad:
+                out.setdefault(f, []).append(str(raw).strip())
+    return out
+
+
+def describe_unreadable(unreadable: Mapping[str, Sequence[str]], sites: Sequence[str] | None = None) -> list[str]:
+    """One message per field of ``unreadable_values``: the count, a few examples and what is expected."""
+    messages = []
+    for f, values in unreadable.items():
+        distinct = list(dict.fromkeys(values))
+        shown = ", ".join(repr(v) for v in distinct[:_EXAMPLES]) + (", ..." if len(distinct) > _EXAMPLES else "")
+        expected = (f"one of the sites the fusion was fitted on ({', '.join(sites) or 'none'})"
+                    if f == "site" and sites is not None else FIELD_FORMATS[f])
+        messages.append(f"{f}: {len(values)} value{'s' if len(values) != 1 else ''} not understood ({shown}), "
+                        f"scored as unknown; write {expected}, or leave the cell empty for unknown")
+    return messages
 
 
 def _checked(meta: Sequence[Mapping[str, Any] | None]) -> list[Mapping[str, Any]]:

@@ -5,7 +5,6 @@ The augmentation itself lives in ``models.augment``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,11 +17,15 @@ import numpy as np
 import tensorflow as tf
 
 from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
-from colorspaces.files import atomic_path, write_json_atomic
+from colorspaces.files import atomic_path, read_json_object, write_json_atomic
 from models.augment import augment_batch
 from models.branch import BranchConfig, build_branch
 
 logger = logging.getLogger(__name__)
+
+# What a checkpoint's state.json must hold for --resume to continue it.
+_STATE_KEYS = ("epoch", "best", "best_epoch", "wait", "stopped", "history", "config", "seconds")
+
 # "plateau" schedule: halve the learning rate after this many epochs without a better val AUC.
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 2, 0.5
 
@@ -353,8 +356,15 @@ class _BestKeeper(keras.callbacks.Callback):
         if state_file is None or not state_file.is_file():
             logger.info("[%s] no checkpoint to resume from; training from the start", self.config.view)
             return None, 0
-        state = json.loads(state_file.read_text())
-        if not self.config.matches(state["config"]):
+        fresh = "train without --resume to start again"
+        state = read_json_object(state_file, required=_STATE_KEYS, hint=fresh)
+        if not isinstance(state["config"], dict):
+            raise ValueError(f"{state_file}: damaged, 'config' is not an object; {fresh}")
+        try:
+            same = self.config.matches(state["config"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{state_file}: damaged, its config is invalid ({exc}); {fresh}") from None
+        if not same:
             raise ValueError(f"{self.dir}: the checkpoint was made with another config ({state['config']}); "
                              "resume with the same settings, or train without --resume")
         model = keras.saving.load_model(self.dir / "last.keras", compile=True)

@@ -147,7 +147,7 @@ def test_metadata_fusion_end_to_end(meta_run, tmp_path, capsys):
     from skinfusion.cli import evaluate_main, fuse_main, predict_main
 
     run, data = meta_run
-    assert evaluate_main(["--run", str(run), "--bootstrap", "1", "--no-plots", "--no-audit", "-q"]) == 0
+    assert evaluate_main(["--run", str(run), "--bootstrap", "100", "--no-plots", "--no-audit", "-q"]) == 0
     image_only = json.loads((run / "metrics.json").read_text())
     assert image_only["metadata"] == []
 
@@ -156,7 +156,7 @@ def test_metadata_fusion_end_to_end(meta_run, tmp_path, capsys):
     assert fuse_main(["--run", str(run), "--method", "stack", "--metadata", "age,sex", "-q"]) == 0
     manifest = json.loads((run / "ensemble" / "manifest.json").read_text())
     assert manifest["metadata"] == ["age", "sex"]
-    assert evaluate_main(["--run", str(run), "--bootstrap", "1", "--no-plots", "--no-audit", "-q"]) == 0
+    assert evaluate_main(["--run", str(run), "--bootstrap", "100", "--no-plots", "--no-audit", "-q"]) == 0
     with_meta = json.loads((run / "metrics.json").read_text())
     assert with_meta["metadata"] == ["age", "sex"]
     # The synthetic branches already separate almost perfectly, so the AUC has no room to rise;

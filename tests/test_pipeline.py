@@ -258,7 +258,7 @@ def test_evaluate_reports_artefact_subsets_from_an_audit_file(trained_run, tmp_p
             fh.write(f"{r['image_id']},{'TRUE' if r['image_id'] in disc else 'FALSE'},{'1' if r['image_id'] in ink else '0'}\n")
     out = tmp_path / "eval"
     assert evaluate_main(["--run", str(trained_run), "--out", str(out), "--audit", str(audit),
-                          "--bootstrap", "50", "--no-plots", "-q"]) == 0
+                          "--bootstrap", "100", "--no-plots", "-q"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     sub = m["per_subset"]
     assert sub["colour_disc"]["n"] == 3 and sub["colour_disc"]["n_melanoma"] == 0

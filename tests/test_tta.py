@@ -46,7 +46,7 @@ def test_tta_is_the_mean_over_the_transforms_and_rotation_invariant(trained_run,
 @pytest.mark.slow
 def test_evaluate_tta_records_it(trained_run, synthetic_data, tmp_path):
     rc = evaluate_main(["--run", str(trained_run), "--out", str(tmp_path), "--tta", "--no-plots", "--no-audit",
-                        "--bootstrap", "20", "-q"])
+                        "--bootstrap", "100", "-q"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert rc == 0 and metrics["tta"] is True
     with open(tmp_path / "predictions.csv", newline="") as fh:

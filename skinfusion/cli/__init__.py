@@ -80,9 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         The subcommand's exit status; 0 for ``--help``/``--version``, 2 for no or an unknown command.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(f"skinfusion: error: no command given\n\n{usage()}", file=sys.stderr)
+        return EXIT_ERROR
+    if argv[0] in ("-h", "--help"):
         print(usage())
-        return EXIT_OK if argv else EXIT_ERROR
+        return EXIT_OK
     if argv[0] == "--version":
         print(f"skinfusion {_version()}")
         return EXIT_OK

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from skinfusion.data.layouts import LAYOUTS
 
@@ -16,6 +21,16 @@ from skinfusion.data.layouts import LAYOUTS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# The fewest bootstrap resamples a 95% CI may rest on. Its bounds are the 2.5th and 97.5th
+# percentiles of the resampled AUCs: below 40 resamples a tail holds less than one resample and
+# the "CI" is just their min and max; at 100 each bound rests on 2-3 resamples, coarse but a CI
+# (quick runs). The default, 1000, is the usual recommendation for percentile intervals.
+MIN_BOOTSTRAP = 100
+
+# What Ctrl-C tells the user: a hint after "interrupted; ", or a function of the parsed arguments
+# that returns the whole line.
+InterruptedHint = str | Callable[[argparse.Namespace], str]
 
 
 def exit_for_skipped(n_skipped: int, where: str) -> int:
@@ -68,36 +83,181 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bootstrap_resamples(text: str) -> int:
+    """argparse type: a number of bootstrap resamples, at least ``MIN_BOOTSTRAP``."""
+    value = positive_int(text)
+    if value < MIN_BOOTSTRAP:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_BOOTSTRAP} (the 95% CI bounds are the 2.5th and 97.5th percentiles of the "
+            f"resamples; fewer leave them resting on one or two values), got {value}")
+    return value
+
+
+def at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``; ``why`` is added to the refusal."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{f' ({why})' if why else ''}, got {value}")
+        return value
+    return parse
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> Path:
+    """Refuse an output file path that cannot be written, before any work starts.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: if it names a directory.
+        FileNotFoundError: if its folder does not exist.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {out}: folder {out.parent} does not exist; create it or choose another")
+    return out
+
+
+def check_output_dir(flag: str, path: str | os.PathLike) -> Path:
+    """Refuse an output folder path that names an existing file (a missing folder is created later).
+
+    Raises:
+        ValueError: if it, or a folder above it, is a file.
+    """
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "exists and is not a directory" if p == out else f"{p} is a file, not a folder"
+            raise ValueError(f"{flag} {out}: {what}; give a folder")
+    return out
+
+
+@contextlib.contextmanager
+def reading(flag: str, path: str | os.PathLike) -> Iterator[None]:
+    """Name ``flag PATH`` when the file read in the block is not UTF-8 text (UTF-16, Latin-1, binary).
+
+    A ``UnicodeDecodeError`` says which byte failed but not in which file.
+
+    Raises:
+        ValueError: naming the flag, the file and the fix.
+    """
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {os.fspath(path)}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "save it as UTF-8") from None
+
+
+# What an OSError means for the path it names, in the user's words.
+_OS_REASONS = {
+    errno.EISDIR: "is a directory, where a file is expected",
+    errno.ENOTDIR: "is (or lies under) a file, where a folder is expected",
+    errno.EEXIST: "exists and is not a directory",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "is on a read-only file system",
+    errno.ENOSPC: "no space left on the device",
+}
+
+
+def _flag_for(path: Path, args: argparse.Namespace | None, parser: argparse.ArgumentParser | None) -> str | None:
+    """``--flag VALUE`` if ``path`` is that flag's path or its temporary file; ``--flag VALUE: PATH`` if it lies under it."""
+    if args is None or parser is None:
+        return None
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or not isinstance(value, (str, os.PathLike)):
+            continue
+        flag, given = f"{action.option_strings[-1]} {os.fspath(value)}", Path(os.path.abspath(value))
+        if path == given or (path.parent == given.parent and path.name.startswith(f".{given.name}.")):
+            return flag
+        if given in path.parents:
+            return f"{flag}: {path}"
+    return None
+
+
+def describe_os_error(exc: OSError, args: argparse.Namespace | None = None,
+                      parser: argparse.ArgumentParser | None = None) -> str:
+    """One line for an ``OSError``: the flag (or else the file) it concerns, and what is wrong with it."""
+    reason = _OS_REASONS.get(exc.errno, exc.strerror or str(exc))
+    # an atomic write's rename names the temporary file first and the real target second
+    name = exc.filename2 if exc.filename2 is not None else exc.filename
+    if name is None:
+        return reason
+    path = Path(os.path.abspath(os.fsdecode(name)))
+    return f"{_flag_for(path, args, parser) or path}: {reason}"
+
+
 def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-                interrupted_hint: str = "") -> int:
+                interrupted_hint: InterruptedHint = "", parser: argparse.ArgumentParser | None = None) -> int:
     """Run a subcommand body, turning a user's mistake into one ``skinfusion: error:`` line.
 
     Library code raises ``ValueError``, ``KeyError`` or ``FileNotFoundError`` with the file or
     the allowed values in the message; those are the user's to fix, so they get the message and
-    exit status 2, not a traceback. Anything else is a bug and keeps its traceback.
+    exit status 2, not a traceback. So does any other ``OSError`` (a directory where a file
+    belongs, no permission, a full disk): the file system is the user's, and the message names
+    the path and, when a flag gave it, the flag. Anything else is a bug and keeps its traceback.
 
     Args:
         fn: the subcommand body, returning an exit status.
         args: its parsed arguments.
-        interrupted_hint: what to tell the user after Ctrl-C (e.g. "rerun with --resume").
+        interrupted_hint: what to tell the user after Ctrl-C, after "interrupted; " (e.g. "rerun
+            with --resume"); or a function of ``args`` that returns the whole line (e.g.
+            "interrupted after epoch 3 of 30 (rgb); rerun with --resume").
+        parser: the parser of ``args``, to name the flag an ``OSError``'s path came from.
 
     Returns:
         ``fn``'s exit status; 2 for a reported error, 130 after Ctrl-C.
     """
+    interrupts: list[int] = []
+    restore = _note_sigint(interrupts)
     try:
         return fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        # str(KeyError) quotes its message; the first argument is the message itself.
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"skinfusion: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("\nskinfusion: interrupted" + (f"; {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as exc:
+        # TensorFlow runs Python callbacks from C++: a KeyboardInterrupt raised in one can come out
+        # as an unrelated SystemError or AttributeError. After Ctrl-C, any error is the interrupt.
+        if interrupts or isinstance(exc, KeyboardInterrupt):
+            if callable(interrupted_hint):
+                message = interrupted_hint(args)
+            else:
+                message = "interrupted" + (f"; {interrupted_hint}" if interrupted_hint else "")
+            print(f"\nskinfusion: {message}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
+            # str(KeyError) quotes its message; the first argument is the message itself.
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"skinfusion: error: {msg}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(exc, OSError):
+            print(f"skinfusion: error: {describe_os_error(exc, args, parser)}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+    finally:
+        restore()
+
+
+def _note_sigint(interrupts: list[int]) -> Callable[[], None]:
+    """Make Ctrl-C raise KeyboardInterrupt as usual, and also note it in ``interrupts``.
+
+    Returns:
+        A function that puts the previous handler back (a no-op outside the main thread, where
+        Python allows no handler to be set).
+    """
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, on_sigint)
+    return lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
-                argv: Sequence[str] | None, quiet: bool | None = None, interrupted_hint: str = "") -> int:
+                argv: Sequence[str] | None, quiet: bool | None = None, interrupted_hint: InterruptedHint = "") -> int:
     """Parse ``argv``, set up logging and run ``body`` guarded: the whole of a subcommand's ``main``.
 
     Args:
@@ -112,7 +272,7 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     """
     args = parser.parse_args(argv)
     setup_logging(args.quiet if quiet is None else quiet)
-    return run_guarded(body, args, interrupted_hint)
+    return run_guarded(body, args, interrupted_hint, parser)
 
 
 class Progress:

@@ -9,7 +9,9 @@ import argparse
 from typing import Sequence
 
 from skinfusion.cli.common import (
+    MIN_BOOTSTRAP,
     add_quiet,
+    bootstrap_resamples,
     data_help,
     exit_for_skipped,
     new_parser,
@@ -25,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p = new_parser("evaluate", __doc__)
     p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
     p.add_argument("--data", metavar="DIR", help=data_help("score every image of this labelled folder instead of the test split"))
+    p.add_argument("--data-root", metavar="DIR",
+                   help="where the run's dataset is now, if it moved since the run was split (default: the folder "
+                        "RUN/split.json records); it must hold the same images, or evaluate refuses")
     p.add_argument("--out", metavar="DIR",
                    help="where to write metrics.json and predictions.csv (default RUN, or RUN/eval-<folder> with --data)")
     p.add_argument("--audit", metavar="FILE",
@@ -34,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also write the fused predictions in ISIC challenge format (image,MEL,NV)")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="skip the ROC/PR/reliability PNGs and report.html")
-    p.add_argument("--bootstrap", type=positive_int, default=1000,
-                   help="bootstrap resamples for the AUC 95%% CI (default 1000)")
+    p.add_argument("--bootstrap", type=bootstrap_resamples, default=1000, metavar="N",
+                   help=f"bootstrap resamples for the AUC 95%% CI, at least {MIN_BOOTSTRAP} (default 1000)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=positive_int, default=2, help="image decoding threads (default 2)")
     p.add_argument("--tta", action="store_true",
@@ -47,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 def _evaluate(args: argparse.Namespace) -> int:
     options = EvaluateOptions(n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size, tta=args.tta,
                               audit=args.run_audit, audit_csv=args.audit, isic_csv=args.isic_csv, plots=args.plots)
-    m = evaluate(args.run, args.data, args.out, options)
+    m = evaluate(args.run, args.data, args.out, options, data_root=args.data_root)
     print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion"
           + (" with test-time averaging over 8 rotations/flips" if args.tta else ""))
     print(format_table({**m["members"], "fused": m["fused"]}))
@@ -55,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_source_table(m["per_source"], list(m["members"])))
     if m["per_subset"]:
         print("\nAUC per artefact subset (a shortcut shows up as a gap; spec = fused specificity on its nevi):")
-        print(format_source_table(m["per_subset"], list(m["members"])))
+        print(format_source_table(m["per_subset"], list(m["members"]), header="subset"))
         print("  " + ", ".join(f"{k}: spec {v['fused_specificity']:.3f}" for k, v in m["per_subset"].items() if v["n"]))
     print(f"\nwrote {m['out_dir']}/metrics.json, predictions.csv" + (", report.html and curve PNGs" if args.plots else ""))
     if args.isic_csv:

@@ -86,4 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0, or 2 on a reported error (130 after Ctrl-C).
     """
-    return run_command(parser(), _fuse, argv)
+    return run_command(parser(), _fuse, argv, interrupted_hint=_interrupted_message)
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    # The ensemble is written atomically at the end: an interrupted fuse leaves the previous one.
+    if args.folds:
+        return (f"interrupted; {args.run}/ensemble was not written. Rerun the same command: the fold branches "
+                f"already trained in {args.run}/oof/ are reused, and an interrupted one resumes")
+    return f"interrupted; {args.run}/ensemble was not written (rerun the command)"

@@ -7,6 +7,7 @@ any size fit in memory. The work is ``skinfusion.workflows.predicting``; this mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -19,6 +20,7 @@ from skinfusion.cli.common import (
     add_quiet,
     new_parser,
     positive_int,
+    reading,
     run_command,
 )
 from skinfusion.workflows.predicting import (
@@ -55,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    paths = list(args.images) + (input_paths(args.input) if args.input else [])
+    folders = [p for p in args.images if os.path.isdir(p)]
+    if folders:
+        raise ValueError(f"{folders[0]} is a directory; score a folder with --input {folders[0]}")
+    with reading("--input", args.input or ""):
+        paths = list(args.images) + (input_paths(args.input) if args.input else [])
     if not paths:
         raise ValueError("no images given: pass image files and/or --input DIR_OR_LIST")
     if args.out:
@@ -66,7 +72,8 @@ def _predict(args: argparse.Namespace) -> int:
         if not args.metadata:
             raise ValueError(f"{args.run}: this ensemble fuses metadata ({', '.join(ens.metadata_fields)}); pass "
                              "--metadata CSV with image_id (or path) and those columns")
-        metadata = read_metadata_csv(args.metadata, paths, ens.metadata_fields)
+        with reading("--metadata", args.metadata):
+            metadata = read_metadata_csv(args.metadata, paths, ens.metadata_fields)
     elif args.metadata:
         print(f"skinfusion: {args.run} was fused without metadata; --metadata {args.metadata} is ignored", file=sys.stderr)
     progress = Progress(len(paths), enabled=not args.quiet and (bool(args.out) or len(paths) > args.batch_size))
@@ -88,4 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         0, or 1 if any image was unreadable, 2 on a reported error, 130 after Ctrl-C.
     """
     # The output is data (stdout): keep the log to warnings, whatever -q says.
-    return run_command(parser(), _predict, argv, quiet=True)
+    return run_command(parser(), _predict, argv, quiet=True, interrupted_hint=_interrupted_message)
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    # --out is written through a temporary file that is removed on the way out: nothing half-written.
+    if args.out:
+        return f"interrupted; {args.out} was not written (rerun the command to score the images)"
+    return "interrupted; the CSV written to stdout so far is incomplete"

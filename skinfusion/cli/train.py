@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
@@ -19,6 +21,7 @@ from skinfusion.cli.common import (
     exit_for_skipped,
     new_parser,
     positive_int,
+    reading,
     run_command,
 )
 from skinfusion.workflows.auditing import artefact_exclusions
@@ -105,9 +108,57 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args: argparse.Namespace) -> int:
-    base = read_config_file(args.config) if args.config else {}
+def _flag_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def resolve_configs(args: argparse.Namespace, views: Sequence[str]) -> list[BranchConfig]:
+    """One ``BranchConfig`` per view: ``--config`` file values, overridden by the flags given.
+
+    A bad value is blamed on where it came from: the ``--config`` file (checked on its own, so a
+    wrong value there is refused even when a flag overrides it) or the flag.
+
+    Raises:
+        ValueError: naming ``--config FILE`` or ``--flag VALUE`` and what is wrong.
+        FileNotFoundError: if the ``--config`` file is missing.
+    """
+    base: dict[str, Any] = {}
+    if args.config:
+        with reading("--config", args.config):
+            base = read_config_file(args.config)
+        try:
+            BranchConfig.from_dict({**base, "view": views[0]})
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"--config {args.config}: {exc.args[0] if exc.args else exc}") from None
+    overrides = config_overrides(args)
+    for f in dataclasses.fields(BranchConfig):
+        if f.name in overrides:
+            try:
+                BranchConfig.from_dict({**base, f.name: overrides[f.name], "view": views[0]})
+            except ValueError as exc:
+                raise ValueError(f"{_flag_name(f)} {_default_text(overrides[f.name])}: {exc}") from None
+    return [BranchConfig.from_dict({**base, **overrides, "view": view}) for view in views]
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What Ctrl-C during ``train`` says: the last completed epoch of each interrupted branch, and --resume."""
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
+    done = []
+    for view in views:
+        state = Path(args.run, "branches", view, ".checkpoint", "state.json")
+        try:
+            saved = json.loads(state.read_text(encoding="utf-8"))
+            done.append(f"epoch {int(saved['epoch'])} of {int(saved['config']['epochs'])} ({view})")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not started, finished, or unreadable: nothing to say about this branch
+    where = f" after {', '.join(done)}" if done else " before the first epoch was checkpointed"
+    return (f"interrupted{where}; rerun with --resume to continue from the last completed epoch "
+            "(branches already saved are kept)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
+    configs = resolve_configs(args, views)
     if args.limit is not None and args.limit < 40:
         raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
     exclude = None
@@ -116,7 +167,6 @@ def _train(args: argparse.Namespace) -> int:
         print(f"excluding up to {len(exclude)} artefact-flagged images from training ({audit_csv})")
     elif args.audit:
         raise ValueError("--audit is only used with --exclude-artefacts")
-    configs = [BranchConfig.from_dict({**base, **config_overrides(args), "view": view}) for view in views]
     jobs = args.jobs if args.jobs is not None else len(configs)
     summaries = train_branches(args.data, args.run, configs, jobs=jobs, split_seed=args.split_seed,
                                limit=args.limit, workers=args.workers, dedup=args.dedup_split,
@@ -136,5 +186,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0, or 1 if unreadable images were skipped, 2 on a reported error, 130 after Ctrl-C.
     """
-    return run_command(parser(), _train, argv,
-                       interrupted_hint="rerun the same command with --resume to continue from the last completed epoch")
+    return run_command(parser(), _train, argv, interrupted_hint=interrupted_message)

@@ -14,6 +14,7 @@ from skinfusion.cli.common import (
     add_quiet,
     data_help,
     new_parser,
+    reading,
     run_command,
 )
 from skinfusion.data.dedup import find_near_duplicates, read_near_duplicate_pairs
@@ -40,7 +41,8 @@ def _verify_split(args: argparse.Namespace) -> int:
     if not data:
         raise ValueError(f"{args.run}: split.json names no data folder; pass --data")
     records = [r for r in index_dataset(data).records if r.image_id in assign]
-    pairs = list(read_near_duplicate_pairs(args.pairs)) if args.pairs else []
+    with reading("--pairs", args.pairs or ""):
+        pairs = list(read_near_duplicate_pairs(args.pairs)) if args.pairs else []
     if args.hash:
         found = find_near_duplicates([r.path for r in records], max_distance=args.max_distance)
         pairs += [(records[i].image_id, records[j].image_id) for i, j, _ in found]

@@ -18,12 +18,13 @@ import numpy as np
 from colorspaces import ImageError, read_image, resize_image
 from colorspaces.files import atomic_open
 from colorspaces.image import IMAGE_SUFFIXES
-from colorspaces.labels import LABELS
+from colorspaces.labels import LABEL_NAMES, LABELS
 
 logger = logging.getLogger(__name__)
 
 
 UNGROUPED_WARNING = "no group_id/lesion_id: images of one lesion may straddle the split"
+_SHOWN_MISSING = 3  # how many looked-for paths the summary names
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,10 @@ class DatasetIndex:
     records: list[Record]
     skipped_labels: Counter = field(default_factory=Counter)
     missing_files: list[str] = field(default_factory=list)
+    missing_ids: list[str] = field(default_factory=list)  # the ids of missing_files, in the same order
     grouped: bool = False
+    accepted_labels: str = ""  # how the layout spells the labels it uses, named when others are skipped
+    label_file: str = ""  # the file the labels come from ("" for class folders), named in errors
 
     def fingerprint(self) -> str:
         """A short hash of (image id, label, file size) over all records; changes when the data does."""
@@ -69,34 +73,109 @@ class DatasetIndex:
         return h.hexdigest()[:16]
 
     def summary(self) -> str:
-        """One line: format, counts per class, skipped labels and missing files."""
+        """One line: format, counts per class, skipped labels and missing files (with the paths looked for)."""
         n_mel = sum(r.label for r in self.records)
         parts = [f"{self.root}: format '{self.format}', {len(self.records)} images "
                  f"({n_mel} melanoma, {len(self.records) - n_mel} nevus)"]
         if self.skipped_labels:
-            parts.append("skipped other labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped_labels.items())))
+            accepted = f" (accepted: {self.accepted_labels})" if self.accepted_labels else ""
+            parts.append("skipped other labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped_labels.items()))
+                         + accepted)
         if self.missing_files:
-            parts.append(f"{len(self.missing_files)} listed images missing")
+            parts.append(self.missing_summary())
         if not self.grouped:
             parts.append(UNGROUPED_WARNING)
         return "; ".join(parts)
 
+    def missing_summary(self) -> str:
+        """``"N listed images missing (looked for A, B, ...)"``, with a hint when the ids carry an image suffix."""
+        shown = ", ".join(self.missing_files[:_SHOWN_MISSING]) + (", ..." if len(self.missing_files) > _SHOWN_MISSING else "")
+        text = f"{len(self.missing_files)} listed images missing (looked for {shown})"
+        # "ISIC_1.png" listed while the file is ISIC_1.jpg (or absent): an id is the file stem.
+        suffixed = [i for i in self.missing_ids if os.path.splitext(i)[1].lower() in IMAGE_SUFFIXES]
+        if suffixed:
+            text += (f"; {len(suffixed)} of these image ids end in a file suffix (e.g. {suffixed[0]}): write each id "
+                     "as the file name without its suffix, or make the file it names exist")
+        return text
+
+    def class_problem(self) -> str | None:
+        """Why this index cannot train a melanoma-vs-nevus model (one class only), or ``None``."""
+        present = {r.label for r in self.records}
+        if len(present) != 1:
+            return None
+        (have,) = present
+        lacking = LABEL_NAMES[1 - have]
+        found = {**{LABEL_NAMES[have]: len(self.records)}, **self.skipped_labels}
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(found.items()))
+        accepted = f" (accepted: {self.accepted_labels})" if self.accepted_labels else ""
+        return (f"{self.root}: only {LABEL_NAMES[have]} images ({len(self.records)}), no {lacking}; "
+                f"a melanoma-vs-nevus model needs both classes. Labels found: {listed}{accepted}. "
+                f"Add {lacking} images" + (", or correct the labels that were not accepted" if self.skipped_labels else ""))
+
+    def check_both_classes(self) -> None:
+        """Refuse an index that lacks melanoma or nevus images, naming what was found and what to do.
+
+        Raises:
+            ValueError: if every usable image has the same label.
+        """
+        problem = self.class_problem()
+        if problem:
+            raise ValueError(problem)
+
+
+def _csv_error(path: Path, exc: Exception | None) -> ValueError:
+    """A ``ValueError`` naming the file, the encoding it seems to be in and how to re-save it."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff") or exc is None:
+        found = "UTF-16 (Excel's 'Unicode Text')"
+    elif isinstance(exc, UnicodeDecodeError):
+        found = f"Latin-1, Windows-1252 or another 8-bit encoding (byte 0x{exc.object[exc.start]:02x} is not UTF-8)"
+    else:
+        return ValueError(f"{path}: not a readable CSV file ({exc}); save it as comma-separated UTF-8 text")
+    return ValueError(f"{path}: cannot read it as UTF-8 text; it looks like {found}. Re-save it as UTF-8 "
+                      "(Excel: 'CSV UTF-8 (comma delimited)'; or `iconv -f LATIN1 -t UTF-8 OLD > NEW`)")
+
+
+def _open_csv(path: Path):
+    # utf-8-sig: a CSV re-saved by Excel starts with a BOM that would otherwise glue itself to the
+    # first column name.
+    return open(path, newline="", encoding="utf-8-sig")
+
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV as dicts with stripped keys and values (BOM and over-long rows tolerated)."""
-    # utf-8-sig: a CSV re-saved by Excel starts with a BOM that would otherwise glue itself
-    # to the first column name.
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        # restkey collects the cells of rows longer than the header (e.g. a trailing comma);
-        # they belong to no column and are dropped.
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k != "_extra" and isinstance(v, (str, type(None)))}
-                for row in csv.DictReader(fh, restkey="_extra")]
+    """Rows of a CSV as dicts with stripped keys and values (BOM and over-long rows tolerated).
+
+    Raises:
+        ValueError: naming the file and the encoding expected, if it is not UTF-8 text or not CSV.
+    """
+    try:
+        with _open_csv(path) as fh:
+            reader = csv.DictReader(fh, restkey="_extra")
+            if any("\x00" in name for name in reader.fieldnames or ()):
+                raise _csv_error(path, None)  # UTF-16 without a byte-order mark decodes as NUL-riddled "UTF-8"
+            # restkey collects the cells of rows longer than the header (e.g. a trailing comma);
+            # they belong to no column and are dropped.
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k != "_extra" and isinstance(v, (str, type(None)))}
+                    for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _csv_error(path, exc) from None
 
 
 def read_csv_header(path: Path) -> list[str]:
-    """The stripped column names of a CSV (``[]`` for an empty file)."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return [c.strip() for c in next(csv.reader(fh), [])]
+    """The stripped column names of a CSV (``[]`` for an empty file).
+
+    Raises:
+        ValueError: naming the file and the encoding expected, if it is not UTF-8 text or not CSV.
+    """
+    try:
+        with _open_csv(path) as fh:
+            header = [c.strip() for c in next(csv.reader(fh), [])]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _csv_error(path, exc) from None
+    if any("\x00" in c for c in header):
+        raise _csv_error(path, None)
+    return header
 
 
 def find_image_files(folders: Sequence[Path], recursive: bool = False) -> dict[str, str]:
@@ -143,7 +222,7 @@ class RecordBuilder:
     """
 
     def __init__(self, root: Path, label_file: Path | None = None):
-        self.index = DatasetIndex(root=str(root), format="", records=[])
+        self.index = DatasetIndex(root=str(root), format="", records=[], label_file=str(label_file or ""))
         self.label_file = label_file
         self.seen: set[str] = set()
 
@@ -174,6 +253,7 @@ class RecordBuilder:
         self.seen.add(image_id)
         if path is None:
             self.index.missing_files.append(str(expected))
+            self.index.missing_ids.append(image_id)
             return
         meta = meta or {}
         self.index.records.append(Record(image_id=image_id, path=path, label=LABELS[label],

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from colorspaces.image import IMAGE_SUFFIXES
 from colorspaces.labels import CLASSES, LABELS
 from skinfusion.data.index import (
-    UNGROUPED_WARNING,
     DatasetIndex,
     RecordBuilder,
     find_image_files,
@@ -36,6 +36,8 @@ class Layout:
         index: ``index(root) -> DatasetIndex`` of a folder that ``detect`` accepted.
         near_miss: optional ``near_miss(root) -> str | None``: a hint for a folder that almost
             is in this layout (shown when no layout matches).
+        labels: the labels this layout accepts, as a user writes them; named next to the
+            labels it skipped, so that "MEL" or "benign" can be corrected.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Layout:
     detect: Callable[[Path], bool]
     index: Callable[[Path], DatasetIndex]
     near_miss: Callable[[Path], str | None] | None = None
+    labels: str = ""
 
 
 # --- labels.csv + images/ ---------------------------------------------------------------------
@@ -55,11 +58,31 @@ def _labels_csv_near_miss(root: Path) -> str | None:
     return "found labels.csv but no images/ folder" if (root / "labels.csv").is_file() else None
 
 
+def _image_file(files: dict[str, str], images_dir: Path, image_id: str) -> tuple[str, str | None, Path]:
+    """``(id, file or None, path looked for)`` of one labels.csv id.
+
+    An id is the file name without its suffix. An id written with one (``ISIC_1.jpg``) is
+    accepted when exactly that file exists, and becomes its stem: the file it names is
+    unambiguous, and the stem is the id every other layout, ``predict --metadata`` and the ISIC
+    challenge CSV use. An id whose suffix names no file (``ISIC_1.png`` beside ``ISIC_1.jpg``)
+    is not guessed at; it is reported missing, as written, with a hint.
+    """
+    if image_id in files:
+        return image_id, files[image_id], images_dir / f"{image_id}.jpg"
+    stem, suffix = os.path.splitext(image_id)
+    named = images_dir / image_id
+    if suffix.lower() in IMAGE_SUFFIXES and named.is_file():
+        return stem, str(named), named
+    return image_id, None, named if suffix.lower() in IMAGE_SUFFIXES else images_dir / f"{image_id}.jpg"
+
+
 def _index_labels_csv(root: Path) -> DatasetIndex:
     labels_path, images_dir = root / "labels.csv", root / "images"
     rows = read_csv_rows(labels_path)
     if not rows or not {"image_id", "label"} <= set(rows[0]):
-        raise ValueError(f"{labels_path}: needs columns image_id,label")
+        found = sorted(rows[0]) if rows else read_csv_header(labels_path)
+        raise ValueError(f"{labels_path}: needs columns image_id,label (found {found or 'no rows'}); "
+                         "write a header line image_id,label[,source] and one row per image")
     groups, sources, metas = {}, {}, {}
     meta_path = root / "metadata.csv"
     if meta_path.is_file():
@@ -76,10 +99,13 @@ def _index_labels_csv(root: Path) -> DatasetIndex:
     b = RecordBuilder(root, labels_path)
     b.index.grouped = bool(groups)
     for row in rows:
-        image_id, raw = row["image_id"], row["label"].lower()
-        b.add(image_id, raw if raw in LABELS else None, raw, files.get(image_id), images_dir / f"{image_id}.jpg",
-              groups.get(image_id, image_id), row.get("source") or sources.get(image_id) or "unknown",
-              {**metas.get(image_id, {}), **{k: v for k, v in row_metadata(row).items() if v}})
+        raw = row["label"].lower()
+        image_id, path, expected = _image_file(files, images_dir, row["image_id"])
+        # metadata.csv may spell the id either way, like labels.csv.
+        key = row["image_id"] if row["image_id"] in groups or row["image_id"] in metas else image_id
+        b.add(image_id, raw if raw in LABELS else None, row["label"], path, expected,
+              groups.get(key, image_id), row.get("source") or sources.get(key) or "unknown",
+              {**metas.get(key, {}), **{k: v for k, v in row_metadata(row).items() if v}})
     return b.index
 
 
@@ -146,6 +172,44 @@ def isic_label(row: dict[str, str]) -> tuple[str | None, str]:
     return None, raw
 
 
+def _isic_groups(rows: list[dict[str, str]]) -> dict[str, str]:
+    """``{isic_id: group}``: images that share a patient_id or a lesion_id, directly or through a chain.
+
+    A lesion belongs to one patient, so grouping by patient_id is coarser than by lesion_id and
+    also keeps a patient's other lesions (same skin, same camera) on one side of the split.
+    Neither id alone is enough: an archive row may carry a lesion_id without a patient_id, so
+    grouping row by row on "patient_id, else lesion_id" would put such an image in another group
+    than its sibling that carries both, and the two photos of one lesion could straddle the
+    split. Linking both ids (union-find) closes that gap. A group is named after its patient (the smallest, should ids ever
+    conflict), else its lesion, else the image.
+    """
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:  # the better name (see _root_rank) becomes the root, so it names the group
+            parent[max(ra, rb, key=_root_rank)] = min(ra, rb, key=_root_rank)
+
+    for row in rows:
+        keys = [f"{kind}:{row[col]}" for kind, col in (("p", "patient_id"), ("l", "lesion_id")) if row.get(col)]
+        if row.get("isic_id"):
+            keys.append(f"i:{row['isic_id']}")
+        for k in keys[1:]:
+            union(keys[0], k)
+    return {k[2:]: find(k)[2:] for k in list(parent) if k.startswith("i:")}
+
+
+def _root_rank(key: str) -> tuple[int, str]:
+    # A patient names a group before a lesion, a lesion before an image; ties go to the smaller id.
+    return ("pli".index(key[0]), key[2:])
+
+
 def _index_isic_cli(root: Path) -> DatasetIndex:
     meta_path = root / "metadata.csv"
     rows = read_csv_rows(meta_path)
@@ -154,10 +218,9 @@ def _index_isic_cli(root: Path) -> DatasetIndex:
         raise ValueError(f"{meta_path}: needs a diagnosis column (diagnosis, or diagnosis_1/diagnosis_2/diagnosis_3)")
     files = find_image_files([root, root / "images"])
     b = RecordBuilder(root, meta_path)
-    # patient_id first: it is coarser than lesion_id but leak-free even when only some of a
-    # patient's images carry a lesion_id (grouping row by row on "lesion_id or patient_id"
-    # would split such a patient across groups).
     b.index.grouped = any(r.get("lesion_id") or r.get("patient_id") for r in rows)
+    # Patient first, lesion ids linked in: the safest grouping against leakage (see _isic_groups).
+    groups = _isic_groups(rows)
     for row in rows:
         image_id = row["isic_id"]
         if not image_id:
@@ -165,8 +228,7 @@ def _index_isic_cli(root: Path) -> DatasetIndex:
             continue
         label, raw = isic_label(row)
         b.add(image_id, label, raw, files.get(image_id), root / f"{image_id}.jpg",
-              row.get("patient_id") or row.get("lesion_id") or image_id, row.get("attribution") or "isic-cli",
-              row_metadata(row))
+              groups.get(image_id, image_id), row.get("attribution") or "isic-cli", row_metadata(row))
     return b.index
 
 
@@ -235,16 +297,18 @@ def _index_class_folders(root: Path) -> DatasetIndex:
 LAYOUTS: tuple[Layout, ...] = (
     Layout("labels.csv",
            "labels.csv (image_id,label[,source]) + images/, optional metadata.csv with group_id or lesion_id",
-           _is_labels_csv, _index_labels_csv, _labels_csv_near_miss),
+           _is_labels_csv, _index_labels_csv, _labels_csv_near_miss,
+           labels="label melanoma or nevus, in any case"),
     Layout("isic-cli",
            "an `isic image download` folder: metadata.csv with an isic_id column + <isic_id>.jpg (here or in images/)",
-           _is_isic_cli, _index_isic_cli, _isic_cli_near_miss),
+           _is_isic_cli, _index_isic_cli, _isic_cli_near_miss,
+           labels="melanoma and nevus diagnoses, as skinfusion.data.layouts.isic_label maps them"),
     Layout("ham10000",
            "HAM10000_metadata.csv (image_id,dx,lesion_id) + the images in this folder or any sub-folder",
-           _is_ham10000, _index_ham10000),
+           _is_ham10000, _index_ham10000, labels="dx mel or nv"),
     Layout("class-folders",
            "sub-folders melanoma/ and nevus/ holding the images (no lesion grouping)",
-           _is_class_folders, _index_class_folders),
+           _is_class_folders, _index_class_folders, labels="folders melanoma/ and nevus/"),
 )
 
 
@@ -290,33 +354,54 @@ def detect_format(root: str | os.PathLike) -> str:
     return find_layout(root).name
 
 
-def index_dataset(root: str | os.PathLike) -> DatasetIndex:
+# (folder, fingerprint) pairs whose summary this process has logged: a command that indexes its
+# dataset in several places (the split, each branch, the fusion) reports it once.
+_SUMMARISED: set[tuple[str, str]] = set()
+
+
+def index_dataset(root: str | os.PathLike, log: bool = True) -> DatasetIndex:
     """Index a labelled image folder with the first registered layout that accepts it.
 
     Every layout yields melanoma (label 1) and nevus (label 0) records; other diagnoses are
     counted in ``skipped_labels`` and listed images that are absent go to ``missing_files``.
     Files that exist but cannot be decoded are found later, by ``load_images``. When the
-    layout has no lesion or patient ids, ``grouped`` is False and a warning is logged: images
-    of one lesion may then land on both sides of the split.
+    layout has no lesion or patient ids, ``grouped`` is False: images of one lesion may then
+    land on both sides of the split.
+
+    The summary (``DatasetIndex.summary``) is logged once per folder and content per process,
+    as a warning when it reports missing files or no grouping. A folder with one class only is
+    indexed (it can be audited or scored); ``DatasetIndex.check_both_classes`` refuses it where
+    both classes are needed.
 
     Args:
         root: the dataset folder.
+        log: log the summary (off for a look-up that is not the command's dataset).
 
     Returns:
         A ``DatasetIndex`` whose ``format`` names the layout.
 
     Raises:
         FileNotFoundError: if the folder is missing or matches no registered layout.
-        ValueError: if a label file lacks its columns, lists an image twice, or no usable
-            melanoma/nevus image remains.
+        ValueError: if a label file is not UTF-8 CSV or lacks its columns, lists an image
+            twice, or no usable melanoma/nevus image remains.
     """
     root = Path(root)
     layout = find_layout(root)
     index = layout.index(root)
     index.format = layout.name  # the registry entry names the layout; its indexer need not repeat it
+    index.accepted_labels = layout.labels
     if not index.records:
-        raise ValueError(f"{root}: no usable melanoma/nevus images found (format '{layout.name}'; {index.summary()})")
-    if not index.grouped:
-        logger.warning("%s: %s", root, UNGROUPED_WARNING)
-    logger.info("%s", index.summary())
+        what = []
+        if index.skipped_labels:
+            what.append(f"use the accepted labels ({layout.labels})")
+        if index.missing_files:
+            what.append("put the listed images where they were looked for")
+        raise ValueError(f"{index.label_file or root}: no usable melanoma/nevus images found "
+                         f"(format '{layout.name}'; {index.summary()})"
+                         + (f"; {' and '.join(what)}" if what else ""))
+    key = (str(root.resolve()), index.fingerprint())
+    if log and key not in _SUMMARISED:
+        _SUMMARISED.add(key)
+        worrying = index.missing_files or not index.grouped or index.class_problem()
+        logger.log(logging.WARNING if worrying else logging.INFO, "%s", index.summary())
     return index

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from dataclasses import replace
@@ -13,11 +12,16 @@ from typing import Iterable, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from colorspaces.files import atomic_open, write_json_atomic
+from colorspaces.files import atomic_open, read_json_object, write_json_atomic
+from colorspaces.labels import LABEL_NAMES
 from skinfusion.data.index import Record
 
 N_FOLDS = 20  # 5% granularity: 3 folds test, 3 folds validation, 14 train
 SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ("image_id", "label", "group_id", "source", "split")
+SPLIT_FILE, SPLIT_INFO_FILE = "splits.csv", "split.json"
+# A run's split cannot be repaired by hand: the branches trained on the one that was saved.
+DAMAGED_SPLIT_HINT = "the run's split is damaged; start a new --run"
 
 
 def _strata(records: Sequence[Record]) -> np.ndarray:
@@ -104,7 +108,11 @@ def check_split(records: Sequence[Record], assign: dict[str, str]) -> None:
     for s in SPLITS:
         labels = {r.label for r in records if assign[r.image_id] == s}
         if labels != {0, 1}:
-            raise ValueError(f"split '{s}' lacks a class (has labels {sorted(labels)}); use more images")
+            names = ", ".join(LABEL_NAMES[v] for v in sorted(labels)) or "no images"
+            counts = {LABEL_NAMES[c]: sum(r.label == c for r in records) for c in LABEL_NAMES}
+            raise ValueError(f"the {s} split has {names} only: the dataset has too few lesion groups of one class "
+                             f"to put both classes in train, val and test ({counts}); add images of the rarer "
+                             "class, or drop --limit if you set one")
 
 
 def verify_split(records: Sequence[Record], assign: dict[str, str],
@@ -186,31 +194,125 @@ def save_split(run_dir: str | os.PathLike, records: Sequence[Record], assign: di
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # split.json first: splits.csv is what marks a run as split, so it must land last.
-    write_json_atomic(run_dir / "split.json", info)
-    with atomic_open(run_dir / "splits.csv", "w", newline="") as fh:
+    write_json_atomic(run_dir / SPLIT_INFO_FILE, info)
+    with atomic_open(run_dir / SPLIT_FILE, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["image_id", "label", "group_id", "source", "split"])
+        w.writerow(SPLIT_COLUMNS)
         for r in sorted(records, key=lambda r: r.image_id):
             w.writerow([r.image_id, r.label, r.group_id, r.source, assign[r.image_id]])
 
 
-def load_split(run_dir: str | os.PathLike) -> tuple[dict[str, str], dict]:
-    """Read a saved split: ``({image_id: split}, info)``.
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path}: damaged, {what}; {DAMAGED_SPLIT_HINT}")
+
+
+def read_split_rows(run_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of ``RUN/splits.csv``, checked: every column, a known split and a 0/1 label on every
+    row, each image once, and no split empty.
 
     Raises:
         FileNotFoundError: if the run has no split yet.
+        ValueError: naming the file (and line) if it is empty, not UTF-8 CSV, lacks a column,
+            has a malformed row, or leaves a split without images.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / "splits.csv"
+    path = Path(run_dir) / SPLIT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: run has no split yet (train a branch first)")
-    with open(path, newline="") as fh:
-        assign = {row["image_id"]: row["split"] for row in csv.DictReader(fh)}
-    info = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").is_file() else {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None:
+                raise _damaged(path, "the file is empty")
+            missing = [c for c in SPLIT_COLUMNS if c not in reader.fieldnames]
+            if missing:
+                raise _damaged(path, f"lacks column(s) {', '.join(missing)} (header: {','.join(reader.fieldnames)})")
+            rows, seen = [], set()
+            for row in reader:
+                if None in row or None in row.values():
+                    raise _damaged(path, f"line {reader.line_num} does not have the header's "
+                                         f"{len(reader.fieldnames)} fields")
+                if row["split"] not in SPLITS:
+                    raise _damaged(path, f"line {reader.line_num}: unknown split {row['split']!r} "
+                                         f"(expected one of {', '.join(SPLITS)})")
+                if row["label"] not in ("0", "1") or not row["image_id"]:
+                    raise _damaged(path, f"line {reader.line_num}: expected an image id and a label 0 or 1, "
+                                         f"got {row['image_id']!r}, {row['label']!r}")
+                if row["image_id"] in seen:
+                    raise _damaged(path, f"line {reader.line_num}: image {row['image_id']!r} is listed twice")
+                seen.add(row["image_id"])
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, f"not UTF-8 text ({exc})") from None
+    except csv.Error as exc:
+        raise _damaged(path, f"not CSV ({exc})") from None
+    empty = [s for s in SPLITS if not any(row["split"] == s for row in rows)]
+    if empty:
+        raise _damaged(path, f"the {', '.join(empty)} split{'s' if len(empty) > 1 else ''} ha"
+                             f"{'ve' if len(empty) > 1 else 's'} no images")
+    return rows
+
+
+def load_split(run_dir: str | os.PathLike) -> tuple[dict[str, str], dict]:
+    """Read a saved split: ``({image_id: split}, info)``, both checked (see ``read_split_rows``).
+
+    ``info`` holds the ``dataset_fingerprint`` and, normally, the ``data_dir`` the run was split on
+    (a caller that needs the folder and finds none asks for it, as ``verify-split --data`` does).
+
+    Raises:
+        FileNotFoundError: if the run has no split yet, or its ``split.json`` is missing.
+        ValueError: naming the file, if ``splits.csv`` or ``split.json`` is damaged.
+    """
+    run_dir = Path(run_dir)
+    assign = {row["image_id"]: row["split"] for row in read_split_rows(run_dir)}
+    path = run_dir / SPLIT_INFO_FILE
+    info = read_json_object(path, required=("dataset_fingerprint",), hint=DAMAGED_SPLIT_HINT)
+    if not isinstance(info["dataset_fingerprint"], str):
+        raise _damaged(path, f"'dataset_fingerprint' must be a string, got {info['dataset_fingerprint']!r}")
+    if not isinstance(info.get("data_dir", ""), str):
+        raise _damaged(path, f"'data_dir' must be a folder name, got {info['data_dir']!r}")
+    seed = info.get("split_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _damaged(path, f"'split_seed' must be a whole number, got {seed!r}")
+    limit = info.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+        raise _damaged(path, f"'limit' must be a whole number or null, got {limit!r}")
+    _check_counts(run_dir, assign, info)
     return assign, info
+
+
+def _recorded_images(counts, split: str) -> int | None:
+    entry = counts.get(split) if isinstance(counts, dict) else None
+    n = entry.get("images") if isinstance(entry, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _check_counts(run_dir: Path, assign: dict[str, str], info: dict) -> None:
+    # split.json records how many images each split got; a splits.csv cut at a line end
+    # (an interrupted copy) is still valid CSV, and only these counts show the rows it lost.
+    counts = info.get("counts")
+    if counts is None:
+        return
+    recorded = {s: _recorded_images(counts, s) for s in SPLITS}
+    if None in recorded.values():
+        raise _damaged(run_dir / SPLIT_INFO_FILE, f"'counts' must give each split's number of 'images', got {counts!r}")
+    held = {s: sum(v == s for v in assign.values()) for s in SPLITS}
+    if held != recorded:
+        raise _damaged(run_dir / SPLIT_FILE, f"it holds {held} images per split, but {SPLIT_INFO_FILE} recorded {recorded}")
+
+
+def recorded_data_dir(run_dir: str | os.PathLike, info: dict) -> str:
+    """The dataset folder a run was split on, as ``split.json`` records it.
+
+    Raises:
+        ValueError: naming ``split.json`` when it records no folder.
+    """
+    data_dir = info.get("data_dir")
+    if not data_dir:
+        raise ValueError(f"{Path(run_dir) / 'split.json'}: records no data_dir, so the run's dataset is unknown; "
+                         "pass the dataset folder with --data (or --data-root for evaluate)")
+    return str(data_dir)
 
 
 def load_split_groups(run_dir: str | os.PathLike) -> dict[str, str]:
     """``{image_id: group_id}`` as saved in ``RUN/splits.csv`` (merged near-duplicates included)."""
-    with open(Path(run_dir) / "splits.csv", newline="") as fh:
-        return {row["image_id"]: row["group_id"] for row in csv.DictReader(fh)}
+    return {row["image_id"]: row["group_id"] for row in read_split_rows(run_dir)}

@@ -31,8 +31,7 @@ def audit_dataset(data_dir: str, out_csv: str, workers: int = 2, hash_pairs: boo
         The summary: the per-class figures of ``skinfusion.data.audit.summarise_audit`` plus the
         dataset format, skipped labels, missing files and near-duplicate pair count.
     """
-    index = index_dataset(data_dir)
-    logger.info("%s", index.summary())
+    index = index_dataset(data_dir)  # logs its summary, once per process
     records = index.records
     logger.info("auditing %d images for colour discs and ink", len(records))
     rows = audit_images(records, workers=workers)

@@ -36,10 +36,10 @@ def _peak_rss_mb() -> float:
 
 def _split_paths(run: Path, split: str) -> tuple[list[str], np.ndarray]:
     from skinfusion.data.layouts import index_dataset
-    from skinfusion.data.splits import load_split
+    from skinfusion.data.splits import load_split, recorded_data_dir
 
     assign, info = load_split(run)
-    index = index_dataset(info["data_dir"])
+    index = index_dataset(recorded_data_dir(run, info))
     recs = [r for r in index.records if assign.get(r.image_id) == split]
     return [r.path for r in recs], np.array([r.label for r in recs])
 

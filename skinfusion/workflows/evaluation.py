@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from colorspaces.files import atomic_open, write_json_atomic
-from ensemble.bundle import load_ensemble
+from ensemble.bundle import load_ensemble, sha256_file
 from ensemble.engine import Ensemble
+from ensemble.metadata import describe_unreadable, unreadable_values
 from ensemble.metrics import binary_report, roc_auc_ci
 from skinfusion.data.audit import ARTEFACTS, audit_images
-from skinfusion.data.index import Record, write_skip_report
+from skinfusion.data.index import DatasetIndex, Record, write_skip_report
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.auditing import read_audit_flags
@@ -104,6 +106,20 @@ class Evaluator:
         y = np.array([r.label for r in scored.records], dtype=int)
         P, fused = scored.P, scored.fused
         sources = np.array([r.source for r in scored.records], dtype=object)
+        # Every AUC is bootstrapped n_boot times: on thousands of images this phase takes as long
+        # as the scoring, so it reports its progress too.
+        progress = _Steps(len(self.views) + 2 + (flags is not None), self.n_boot, len(y))
+        members = {}
+        for j, v in enumerate(self.views):
+            members[v] = binary_report(y, P[:, j], self.branch_thresholds[v], n_boot=self.n_boot)
+            progress.done(f"branch {v}")
+        fused_report = binary_report(y, fused, self.threshold, n_boot=self.n_boot)
+        progress.done("fused")
+        per_source = {s: self._auc_row(y, P, fused, sources == s) for s in sorted(set(sources))}
+        progress.done(f"AUC per source ({len(per_source)})")
+        per_subset = self._per_subset(y, P, fused, [r.image_id for r in scored.records], flags)
+        if flags is not None:
+            progress.done("AUC per artefact subset")
         return {
             "schema_version": METRICS_SCHEMA_VERSION,
             "run": info.run,
@@ -112,11 +128,10 @@ class Evaluator:
             "metadata": list(info.metadata),
             "n_images": int(len(y)),
             "n_skipped": len(scored.failures),
-            "members": {v: binary_report(y, P[:, j], self.branch_thresholds[v], n_boot=self.n_boot)
-                        for j, v in enumerate(self.views)},
-            "fused": binary_report(y, fused, self.threshold, n_boot=self.n_boot),
-            "per_source": {s: self._auc_row(y, P, fused, sources == s) for s in sorted(set(sources))},
-            "per_subset": self._per_subset(y, P, fused, [r.image_id for r in scored.records], flags),
+            "members": members,
+            "fused": fused_report,
+            "per_source": per_source,
+            "per_subset": per_subset,
             "inference_seconds": round(scored.seconds, 3),
             "tta": scored.tta,
         }
@@ -165,6 +180,18 @@ class Evaluator:
         return out
 
 
+class _Steps:
+    """Logs the metrics phase: one line when it starts, then one per finished step."""
+
+    def __init__(self, n_steps: int, n_boot: int, n_images: int):
+        self.n_steps, self.k, self.t0 = n_steps, 0, time.perf_counter()
+        logger.info("computing metrics on %d images: %d steps, %d bootstrap resamples per AUC", n_images, n_steps, n_boot)
+
+    def done(self, what: str) -> None:
+        self.k += 1
+        logger.info("metrics %d/%d: %s done (%.0fs)", self.k, self.n_steps, what, time.perf_counter() - self.t0)
+
+
 @dataclass(frozen=True)
 class EvaluateOptions:
     """How ``evaluate`` scores a run; the defaults are ``skinfusion evaluate``'s."""
@@ -191,23 +218,102 @@ class _Target:
     out: Path
 
 
-def _select_images(run: Path, data_dir: str | None, out_dir: str | None) -> _Target:
-    """The run's test split, or every image of ``data_dir``, and where the results go."""
-    if data_dir is None:
-        assign, info = load_split(run)
-        index = index_dataset(info["data_dir"])
-        if index.fingerprint() != info.get("dataset_fingerprint"):
-            raise ValueError(f"{info['data_dir']} changed since {run} was split; its test split cannot be re-scored")
-        records = [r for r in index.records if assign.get(r.image_id) == "test"]
-        return _Target(records, index.missing_files, "test split", Path(out_dir) if out_dir else run)
+def _run_dataset(run: Path, info: Mapping[str, Any], data_root: str | None) -> Path:
+    """Where the run's dataset is now: ``data_root`` when given, else the folder split.json recorded."""
+    if data_root is not None:
+        if not Path(data_root).is_dir():
+            raise FileNotFoundError(f"--data-root {data_root}: no such folder")
+        return Path(data_root)
+    recorded = info.get("data_dir")
+    if not recorded:
+        raise ValueError(f"{run / 'split.json'}: records no data_dir; pass --data-root DIR, "
+                         f"the dataset folder {run} was split on")
+    if not Path(recorded).is_dir():
+        raise FileNotFoundError(f"{recorded}: the dataset {run} was split on (recorded in {run / 'split.json'}) is "
+                                "not there; if it moved, pass --data-root NEW_FOLDER")
+    return Path(recorded)
+
+
+def _test_split(run: Path, out_dir: str | None, data_root: str | None) -> _Target:
+    assign, info = load_split(run)
+    root = _run_dataset(run, info, data_root)
+    index = index_dataset(root)
+    recorded, found = info.get("dataset_fingerprint"), index.fingerprint()
+    if found != recorded:
+        # The test split is a list of image ids: scored on other data, its "test" images may
+        # have been trained on. Only the same images (ids, labels and file sizes) will do.
+        if data_root is not None:
+            raise ValueError(f"--data-root {root} does not hold the dataset {run} was split on "
+                             f"({info.get('data_dir')}, fingerprint {recorded}; {root} has {found}); point "
+                             f"--data-root at an unchanged copy of it")
+        raise ValueError(f"{root} changed since {run} was split (fingerprint {found}, {run / 'split.json'} "
+                         f"records {recorded}); its test split cannot be re-scored on changed data: restore the "
+                         "folder, or give an unchanged copy with --data-root")
+    if data_root is not None and Path(info.get("data_dir") or root).resolve() != root.resolve():
+        logger.info("scoring the test split from %s (the run was split on %s, which has moved)", root, info.get("data_dir"))
+    records = [r for r in index.records if assign.get(r.image_id) == "test"]
+    if not records:
+        raise ValueError(f"{run / 'splits.csv'}: none of the {len(index.records)} images of {root} is in its test "
+                         "split; the file may be damaged: restore it, or train a new run")
+    return _Target(records, index.missing_files, "test split", Path(out_dir) if out_dir else run)
+
+
+def _other_folder(run: Path, data_dir: str, out_dir: str | None, data_root: str | None) -> _Target:
     index = index_dataset(data_dir)
-    trained_on = load_split(run)[1].get("dataset_fingerprint") if (run / "splits.csv").is_file() else None
-    if index.fingerprint() == trained_on:
-        logger.warning("%s is the dataset this run trained on: its scores include training and "
-                       "validation images and are optimistic; omit --data to score the test split", data_dir)
+    if index.class_problem():
+        logger.warning("%s holds %s images only: its AUCs are undefined (written as null); only sensitivity or "
+                       "specificity is measured", data_dir, "melanoma" if index.records[0].label else "nevus")
+    _warn_training_overlap(run, index, data_dir, data_root)
     folder = Path(data_dir).resolve()
     return _Target(index.records, index.missing_files, f"all images of {folder}",
                    Path(out_dir) if out_dir else run / f"eval-{folder.name}")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def _same_content(records: Sequence[Record], trained_paths: Sequence[str]) -> set[str]:
+    """Ids of ``records`` whose file bytes equal one of ``trained_paths`` (only equal sizes are hashed)."""
+    sizes = {_size(r.path) for r in records} - {-1}
+    candidates = [p for p in trained_paths if _size(p) in sizes]
+    if not candidates:
+        return set()
+    logger.info("comparing %d images with %d same-size training/validation images by content", len(records), len(candidates))
+    hashes = {sha256_file(p) for p in candidates}
+    same = {_size(p) for p in candidates}
+    return {r.image_id for r in records if _size(r.path) in same and sha256_file(r.path) in hashes}
+
+
+def _warn_training_overlap(run: Path, index: DatasetIndex, data_dir: str, data_root: str | None) -> None:
+    """Warn when images of ``data_dir`` are among the run's training or validation images (by id or bytes)."""
+    if not (run / "splits.csv").is_file():
+        logger.warning("%s has no splits.csv: cannot check whether %s overlaps its training images", run, data_dir)
+        return
+    assign, info = load_split(run)
+    trained = {i for i, s in assign.items() if s in ("train", "val")}
+    by_id = {r.image_id for r in index.records if r.image_id in trained}
+    by_content: set[str] = set()
+    try:
+        # The run's own images, to compare bytes: a copy renamed or re-listed under other ids is
+        # still an image the model has seen.
+        run_root = _run_dataset(run, info, data_root)
+        trained_paths = [r.path for r in index_dataset(run_root, log=False).records if r.image_id in trained]
+        by_content = _same_content([r for r in index.records if r.image_id not in by_id], trained_paths)
+    except (OSError, ValueError) as exc:  # the run's folder gone or unreadable: ids are still compared
+        logger.warning("%s was compared with the run's training images by image id only, not by content (%s)",
+                       data_dir, exc)
+    n = len(by_id) + len(by_content)
+    if n:
+        same = index.fingerprint() == info.get("dataset_fingerprint")
+        logger.warning("%d of %d images of %s are in this run's training or validation split (%d by image id, %d more "
+                       "by identical content; e.g. %s); their scores are optimistic: %s", n, len(index.records),
+                       data_dir, len(by_id), len(by_content), ", ".join(sorted(by_id | by_content)[:3]),
+                       "omit --data to score the run's test split" if same
+                       else "remove them from the folder for an unbiased score")
 
 
 def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOptions) -> Scored:
@@ -225,6 +331,10 @@ def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOpt
     """
     by_path = {r.path: r for r in records}
     meta = {p: r.metadata() for p, r in by_path.items()} if ens.metadata_fields else None
+    if meta:
+        sites = getattr(getattr(ens.fusion, "encoder_", None), "sites_", None)
+        for message in describe_unreadable(unreadable_values(list(meta.values()), ens.metadata_fields, sites), sites):
+            logger.warning("metadata of the scored images: %s", message)
     kept, P_parts, fused_parts, failures = [], [], [], []
     t0, step = time.perf_counter(), max(1, len(by_path) // 10)
     for batch in ens.iter_files(list(by_path), batch_size=options.batch_size, workers=options.workers,
@@ -254,31 +364,36 @@ def _artefact_flags(records: Sequence[Record], options: EvaluateOptions) -> dict
 
 
 def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
-             options: EvaluateOptions = EvaluateOptions()) -> dict[str, Any]:
+             options: EvaluateOptions = EvaluateOptions(), data_root: str | None = None) -> dict[str, Any]:
     """Score the run's test split (or every image of ``data_dir``) and write the results.
 
     Writes ``metrics.json`` (see ``Evaluator``), ``predictions.csv`` and ``skipped.csv``; with
     ``options.plots`` the ROC / precision-recall / reliability PNGs and ``report.html``; with
     ``options.isic_csv`` the predictions in ISIC challenge format. With ``options.audit``, AUC
     is also reported on the artefact-free images and on each artefact subset (flags from
-    ``options.audit_csv``, or detected on the scored images).
+    ``options.audit_csv``, or detected on the scored images). With ``data_dir``, images that
+    the run trained or validated on (same image id, or same file bytes) are counted in a warning.
 
     Args:
         run_dir: a run with a fused ensemble.
         data_dir: score every image of this labelled folder instead of the test split.
         out_dir: where to write (default: the run, or ``RUN/eval-<folder>`` with ``data_dir``).
         options: see ``EvaluateOptions``.
+        data_root: where the run's dataset is now, when it moved since the run was split
+            (default: the ``data_dir`` its ``split.json`` recorded); it must hold the same images.
 
     Returns:
         The metrics written to ``metrics.json``, plus ``out_dir``.
 
     Raises:
-        FileNotFoundError: if the run, its bundle or split, or the folder is missing.
-        ValueError: if the run's dataset changed since it was split.
+        FileNotFoundError: if the run, its bundle or split, the folder or the run's dataset is missing.
+        ValueError: if the run's dataset (or ``data_root``) differs from the one it was split on,
+            or the split lists no test image of it.
     """
     run = Path(run_dir)
-    ens = load_ensemble(run)
-    target = _select_images(run, data_dir, out_dir)
+    ens = load_ensemble(run)  # first: it names a missing run or bundle best
+    target = (_test_split(run, out_dir, data_root) if data_dir is None
+              else _other_folder(run, data_dir, out_dir, data_root))
     target.out.mkdir(parents=True, exist_ok=True)
     scored = score_records(ens, target.records, options)
     write_skip_report(target.out / "skipped.csv", scored.failures + [
@@ -290,6 +405,7 @@ def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = No
     if options.isic_csv:
         write_isic_csv(options.isic_csv, [r.image_id for r in scored.records], scored.fused)
     if options.plots:
+        logger.info("drawing the curves and report.html")
         y = np.array([r.label for r in scored.records], dtype=int)
         columns = {**{v: scored.P[:, j] for j, v in enumerate(evaluator.views)}, "fused": scored.fused}
         write_html(metrics, target.out, write_curves(y, columns, target.out, title=f"({target.scope})"[:60]))

@@ -10,11 +10,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from colorspaces import DEFAULT_VIEWS
-from ensemble.bundle import save_ensemble, sha256_file
+from ensemble.bundle import check_branch, retrain_hint, save_ensemble, sha256_file
 from ensemble.fusion import fusion_class, make_fusion, methods_that
 from ensemble.metadata import clean_age, clean_text, parse_fields
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
-from models.store import read_branch_info
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.oof import oof_member_proba
@@ -30,12 +29,17 @@ def read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
 
     Raises:
         FileNotFoundError: if the branch has no ``val_predictions.csv``.
+        ValueError: naming the file, if it is not UTF-8 CSV with those three columns.
     """
     path = branch_dir / "val_predictions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; train this branch with `skinfusion train` first")
-    with open(path, newline="") as fh:
-        return {r["image_id"]: (int(r["label"]), float(r["melanoma_proba"])) for r in csv.DictReader(fh)}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return {r["image_id"]: (int(r["label"]), float(r["melanoma_proba"])) for r in csv.DictReader(fh)}
+    except (KeyError, ValueError, TypeError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        reason = f"lacks column {exc}" if isinstance(exc, KeyError) else exc
+        raise ValueError(f"{path}: damaged ({reason}); {retrain_hint(branch_dir)}") from None
 
 
 def check_same_split(run: Path, views: Sequence[str], metas: Sequence[dict[str, Any]],
@@ -107,7 +111,8 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = N
 def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs: int | None,
                  metadata: tuple[str, ...]) -> dict[str, Any]:
     branch_dirs = [run / "branches" / v for v in views]
-    infos = [read_branch_info(b) for b in branch_dirs]
+    # Each branch is loaded as load_ensemble will load it, before minutes of fitting, not after.
+    infos = [check_branch(b) for b in branch_dirs]
     for bdir, (config, _) in zip(branch_dirs, infos):
         if config.view != bdir.name:
             raise ValueError(f"{bdir}: holds a {config.view!r} branch, not {bdir.name!r}; refusing to fuse it")
@@ -168,6 +173,9 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
 def _dataset_metadata(run: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:
     """image_id → metadata dict for the run's dataset; logs how much of each field is known."""
     _, info = load_split(run)
+    if not info.get("data_dir"):
+        raise ValueError(f"{run / 'split.json'}: names no data folder, so the metadata cannot be read; "
+                         "the run's split is damaged; start a new --run")
     records = index_dataset(info["data_dir"]).records
     known = {f: sum((clean_age(r.age) is not None) if f == "age" else bool(clean_text(getattr(r, f))) for r in records)
              for f in fields}

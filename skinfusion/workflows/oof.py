@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from models.store import read_branch_info
-from skinfusion.data.splits import grouped_folds, load_split, save_split
+from skinfusion.data.splits import grouped_folds, load_split, recorded_data_dir, save_split
 from skinfusion.workflows.runsplit import prepare_split
 from skinfusion.workflows.training import score_branch, train_branches
 
@@ -48,7 +48,7 @@ def make_fold_splits(run_dir: str | Path, folds: int) -> list[Path]:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     run = Path(run_dir)
     _, saved_info = load_split(run)  # only for the data folder and seed the run was split with
-    index, assign, info = prepare_split(saved_info["data_dir"], str(run), saved_info.get("split_seed", 0))
+    index, assign, info = prepare_split(recorded_data_dir(run, saved_info), str(run), saved_info.get("split_seed", 0))
     train = [r for r in index.records if assign[r.image_id] == "train"]
     val = [r for r in index.records if assign[r.image_id] == "val"]
     fold_of = grouped_folds(train, folds, info.get("split_seed", 0) + 1)
@@ -99,7 +99,7 @@ def oof_member_proba(run_dir: str | Path, views: Sequence[str], folds: int, jobs
     dirs = make_fold_splits(run, folds)
     for i, d in enumerate(dirs):
         logger.info("out-of-fold stacking: fold %d of %d in %s", i + 1, folds, d)
-        train_branches(info["data_dir"], str(d), configs, jobs=jobs or len(configs), resume=True,
+        train_branches(recorded_data_dir(run, info), str(d), configs, jobs=jobs or len(configs), resume=True,
                        split_seed=info.get("split_seed", 0), workers=workers)
         cols, fold_ids, fold_y = [], None, None
         for v in views:

@@ -11,6 +11,7 @@ from typing import Callable, Sequence, TextIO
 from colorspaces.files import atomic_open
 from colorspaces.image import IMAGE_SUFFIXES
 from ensemble.engine import Ensemble
+from ensemble.metadata import describe_unreadable, unreadable_values
 from skinfusion.data.index import read_csv_rows, write_skip_report
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,18 @@ def input_paths(spec: str) -> list[str]:
     raise FileNotFoundError(f"--input {spec}: no such folder or list file")
 
 
-def read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, str]]:
+def read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str],
+                      sites: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
     """Per-image metadata for ``predict --metadata``, matched by ``image_id`` (file stem) or ``path``.
+
+    Values that are filled in but cannot be read (``sex=F``, ``age=sixty``) are scored as
+    unknown, as always; a warning per field gives their count, examples and what to write.
 
     Args:
         spec: the CSV, with an ``image_id`` or a ``path`` column and one column per field.
         paths: the images being scored.
         fields: the metadata fields the ensemble fuses.
+        sites: the sites the fusion knows; given, a site outside them is warned about too.
 
     Returns:
         ``{path: {field: value}}`` for the images the CSV lists; the others are left out and
@@ -78,7 +84,10 @@ def read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str]) ->
     if unmatched:
         logger.warning("%d of %d images are not in %s; scored with %s unknown", unmatched, len(paths), spec,
                        ", ".join(fields))
-    return {p: m for p, m in out.items() if m is not None}
+    matched = {p: m for p, m in out.items() if m is not None}
+    for message in describe_unreadable(unreadable_values(list(matched.values()), fields, sites), sites):
+        logger.warning("--metadata %s: %s", spec, message)
+    return matched
 
 
 def write_predictions(ens: Ensemble, paths: Sequence[str], fh: TextIO, batch_size: int = 64, workers: int = 2,

@@ -9,14 +9,19 @@ from pathlib import Path
 from skinfusion.data.dedup import find_near_duplicates
 from skinfusion.data.index import DatasetIndex
 from skinfusion.data.layouts import index_dataset
+from skinfusion.data.index import Record
 from skinfusion.data.splits import (
+    DAMAGED_SPLIT_HINT,
+    SPLIT_FILE,
+    SPLITS,
     check_split,
     load_split,
-    load_split_groups,
     make_split,
     merge_near_duplicate_groups,
+    read_split_rows,
     save_split,
     subset,
+    verify_split,
 )
 
 logger = logging.getLogger(__name__)
@@ -32,10 +37,10 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
     the dataset's own group ids miss.
 
     Raises:
-        ValueError: if the run was split on a different dataset.
+        ValueError: if the run was split on a different dataset, or the data has one class only.
     """
-    index = index_dataset(data_dir)
-    logger.info("%s", index.summary())
+    index = index_dataset(data_dir)  # logs its summary, once per process
+    index.check_both_classes()  # before the split, which would only say that a split lacks a class
     fingerprint = index.fingerprint()
     run = Path(run_dir)
     if (run / "splits.csv").is_file():
@@ -47,10 +52,8 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
             )
         if limit is not None and info.get("limit") != limit:
             logger.warning("reusing the run's saved split (limit=%s); --limit %s is ignored", info.get("limit"), limit)
-        # The saved group ids (which may include merged near-duplicates) are authoritative.
-        groups = load_split_groups(run)
-        records = [dataclasses.replace(r, group_id=groups[r.image_id]) for r in index.records if r.image_id in assign]
-        logger.info("reusing split %s", run / "splits.csv")
+        records = _saved_records(run, index.records)
+        logger.info("reusing split %s", run / SPLIT_FILE)
     else:
         records = index.records
         if dedup:
@@ -70,9 +73,38 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
         }
         save_split(run, records, assign, info)
         logger.info("new split saved to %s: %s", run / "splits.csv", info["counts"])
-    check_split(records, assign)
+        check_split(records, assign)
     index.records = records
     return index, assign, info
+
+
+def _saved_records(run: Path, records: list[Record]) -> list[Record]:
+    """The dataset's records in the run's saved split, with its group ids, checked against the dataset.
+
+    The dataset fingerprint already matched, so a split that names images the dataset lacks, gives
+    them other labels, or lets a group or a class cross splits was changed after it was saved.
+    """
+    path = run / SPLIT_FILE
+    rows = {row["image_id"]: row for row in read_split_rows(run)}
+    by_id = {r.image_id: r for r in records}
+    unknown = sorted(set(rows) - set(by_id))
+    if unknown:
+        raise ValueError(f"{path}: damaged, {len(unknown)} image ids are not in the dataset "
+                         f"(e.g. {unknown[0]!r}); {DAMAGED_SPLIT_HINT}")
+    relabelled = sorted(i for i, row in rows.items() if int(row["label"]) != by_id[i].label)
+    if relabelled:
+        raise ValueError(f"{path}: damaged, {len(relabelled)} labels differ from the dataset's "
+                         f"(e.g. {relabelled[0]!r}); {DAMAGED_SPLIT_HINT}")
+    # The saved group ids (which may include merged near-duplicates) are authoritative.
+    saved = [dataclasses.replace(r, group_id=rows[r.image_id]["group_id"]) for r in records if r.image_id in rows]
+    assign = {i: row["split"] for i, row in rows.items()}
+    problems = verify_split(saved, assign)
+    problems += [f"split '{s}' lacks a class" for s in SPLITS
+                 if {r.label for r in saved if assign[r.image_id] == s} != {0, 1}]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{path}: damaged, {problems[0]}{more}; {DAMAGED_SPLIT_HINT}")
+    return saved
 
 
 def _counts(records, assign, split) -> dict[str, int]:

@@ -20,10 +20,11 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def format_source_table(per_source: dict[str, dict], views: Sequence[str]) -> str:
-    """A plain-text table of AUC per source, per branch and fused."""
+def format_source_table(per_source: dict[str, dict], views: Sequence[str], header: str = "source") -> str:
+    """A plain-text table of AUC per row (a source, or an artefact subset with ``header="subset"``),
+    per branch and fused."""
     cols = [*views, "fused"]
-    lines = [f"{'source':16} {'n':>5} {'mel':>4} " + " ".join(f"{c:>6}" for c in cols)]
+    lines = [f"{header:16} {'n':>5} {'mel':>4} " + " ".join(f"{c:>6}" for c in cols)]
     for source, row in per_source.items():
         aucs = " ".join(f"{row[c]['auc']:6.3f}" for c in cols)
         lines.append(f"{source:16} {row['n']:5d} {row['n_melanoma']:4d} {aucs}")

@@ -18,13 +18,13 @@ from joblib import Parallel, delayed
 from colorspaces.files import atomic_open
 from ensemble.bundle import sha256_file
 from ensemble.metrics import binary_report, choose_threshold
-from models import BranchConfig, predict_images_proba, save_branch
+from models import BranchConfig, load_branch, predict_images_proba, save_branch
 from models.store import read_branch_info
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import write_skip_report
 from skinfusion.data.layouts import index_dataset
-from skinfusion.data.splits import load_split
+from skinfusion.data.splits import load_split, recorded_data_dir
 from skinfusion.workflows.resources import bound_allocator, peak_rss_mb
 from skinfusion.workflows.runlock import run_lock
 from skinfusion.workflows.runsplit import prepare_split
@@ -198,11 +198,9 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     Returns:
         ``(records, proba)`` for the readable images of that split.
     """
-    from models import load_branch
-
     run = Path(run_dir)
     assign, info = load_split(run)
-    index = index_dataset(info["data_dir"])
+    index = index_dataset(recorded_data_dir(run, info))
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(run / "branches" / view)
     imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images")
