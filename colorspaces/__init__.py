@@ -1,9 +1,23 @@
 """Image reading and the three deterministic views (RGB, HSV, FFT); pure NumPy and OpenCV."""
 
-from colorspaces.crops import centre_crop, random_crops, sliding_windows, window_offsets
 from colorspaces.constancy import CONSTANCY, apply_constancy, shades_of_gray
-from colorspaces.image import ImageError, MissingImageError, read_image, resize_image, validate_image
-from colorspaces.views import DEFAULT_VIEWS, VIEWS, ViewSpec, apply_view, to_fft, to_hsv, to_rgb
+from colorspaces.crops import centre_crop, random_crops, sliding_windows, window_offsets
+from colorspaces.image import (
+    ImageError,
+    MissingImageError,
+    read_image,
+    resize_image,
+    validate_image,
+)
+from colorspaces.views import (
+    DEFAULT_VIEWS,
+    VIEWS,
+    ViewSpec,
+    apply_view,
+    to_fft,
+    to_hsv,
+    to_rgb,
+)
 
 __all__ = [
     "CONSTANCY",

@@ -100,3 +100,21 @@ def read_json_object(path: str | os.PathLike, required: tuple[str, ...] = (), hi
     if missing:
         raise ValueError(f"{path}: damaged, lacks {', '.join(map(repr, missing))}{tail}")
     return value
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> Path:
+    """Refuse an output file path that cannot be written, before any work starts.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: if it names a directory.
+        FileNotFoundError: if its folder does not exist.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {out}: folder {out.parent} does not exist; create it or choose another")
+    return out

@@ -105,6 +105,11 @@ class Ensemble:
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.models)), np.float64)
 
+    @property
+    def known_sites(self) -> list[str] | None:
+        """The body sites a metadata fusion was fitted on (others count as unknown); None without site metadata."""
+        return getattr(getattr(self.fusion, "encoder_", None), "sites_", None)
+
     def fuse(self, P: np.ndarray, meta=None) -> np.ndarray:
         """Fused melanoma probabilities for a member-probability matrix.
 

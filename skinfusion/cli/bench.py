@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from skinfusion.cli.common import check_output_file, run_guarded
+from colorspaces.files import check_output_file
+from skinfusion.cli.common import run_guarded
 from skinfusion.workflows import bench
 
 # bench's counts: each must be at least 1

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Sequence
 
+from colorspaces.files import check_output_file
 from colorspaces.image import IMAGE_SUFFIXES
 from ensemble import load
 from skinfusion.cli.common import (
@@ -24,7 +25,6 @@ from skinfusion.cli.common import (
     run_command,
 )
 from skinfusion.workflows.predicting import (
-    check_output_path,
     input_paths,
     predict_to_csv,
     read_metadata_csv,
@@ -65,7 +65,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no images given: pass image files and/or --input DIR_OR_LIST")
     if args.out:
-        check_output_path(args.out)  # before the minutes of loading and scoring, not after
+        check_output_file("--out", args.out)  # before the minutes of loading and scoring, not after
     ens = load(args.run)
     metadata = None
     if ens.metadata_fields:
@@ -73,7 +73,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.run}: this ensemble fuses metadata ({', '.join(ens.metadata_fields)}); pass "
                              "--metadata CSV with image_id (or path) and those columns")
         with reading("--metadata", args.metadata):
-            metadata = read_metadata_csv(args.metadata, paths, ens.metadata_fields)
+            metadata = read_metadata_csv(args.metadata, paths, ens.metadata_fields, sites=ens.known_sites)
     elif args.metadata:
         print(f"skinfusion: {args.run} was fused without metadata; --metadata {args.metadata} is ignored", file=sys.stderr)
     progress = Progress(len(paths), enabled=not args.quiet and (bool(args.out) or len(paths) > args.batch_size))

@@ -332,7 +332,7 @@ def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOpt
     by_path = {r.path: r for r in records}
     meta = {p: r.metadata() for p, r in by_path.items()} if ens.metadata_fields else None
     if meta:
-        sites = getattr(getattr(ens.fusion, "encoder_", None), "sites_", None)
+        sites = ens.known_sites
         for message in describe_unreadable(unreadable_values(list(meta.values()), ens.metadata_fields, sites), sites):
             logger.warning("metadata of the scored images: %s", message)
     kept, P_parts, fused_parts, failures = [], [], [], []

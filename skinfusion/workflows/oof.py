@@ -21,7 +21,12 @@ from typing import Sequence
 import numpy as np
 
 from models.store import read_branch_info
-from skinfusion.data.splits import grouped_folds, load_split, recorded_data_dir, save_split
+from skinfusion.data.splits import (
+    grouped_folds,
+    load_split,
+    recorded_data_dir,
+    save_split,
+)
 from skinfusion.workflows.runsplit import prepare_split
 from skinfusion.workflows.training import score_branch, train_branches
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from colorspaces.files import atomic_open
+from colorspaces.files import atomic_open, check_output_file
 from colorspaces.image import IMAGE_SUFFIXES
 from ensemble.engine import Ensemble
 from ensemble.metadata import describe_unreadable, unreadable_values
@@ -130,24 +130,6 @@ def skip_report_path(out_csv: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".skipped.csv")
 
 
-def check_output_path(out_csv: str | os.PathLike) -> Path:
-    """Refuse an output CSV path that cannot be written, before any scoring starts.
-
-    Returns:
-        The path.
-
-    Raises:
-        ValueError: if it names a directory.
-        FileNotFoundError: if its folder does not exist.
-    """
-    out = Path(out_csv)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a CSV file name")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    return out
-
-
 def predict_to_csv(ens: Ensemble, paths: Sequence[str], out_csv: str | os.PathLike,
                    **kwargs) -> list[tuple[str, str]]:
     """``write_predictions`` into a file that appears only when complete, plus its skip report.
@@ -165,9 +147,9 @@ def predict_to_csv(ens: Ensemble, paths: Sequence[str], out_csv: str | os.PathLi
         ``(path, reason)`` for every file that could not be scored.
 
     Raises:
-        FileNotFoundError, ValueError: see ``check_output_path``.
+        FileNotFoundError, ValueError: see ``colorspaces.files.check_output_file``.
     """
-    out = check_output_path(out_csv)
+    out = check_output_file("--out", out_csv)
     with atomic_open(out, "w", newline="") as fh:
         skipped = write_predictions(ens, paths, fh, **kwargs)
     write_skip_report(skip_report_path(out), skipped)

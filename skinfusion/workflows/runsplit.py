@@ -7,9 +7,8 @@ import logging
 from pathlib import Path
 
 from skinfusion.data.dedup import find_near_duplicates
-from skinfusion.data.index import DatasetIndex
+from skinfusion.data.index import DatasetIndex, Record
 from skinfusion.data.layouts import index_dataset
-from skinfusion.data.index import Record
 from skinfusion.data.splits import (
     DAMAGED_SPLIT_HINT,
     SPLIT_FILE,
