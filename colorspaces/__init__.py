@@ -1,4 +1,5 @@
-"""Image reading and the three deterministic views (RGB, HSV, FFT); pure NumPy and OpenCV."""
+"""Layer 0: image reading, the deterministic views (RGB, HSV, FFT; LAB and YCrCb as options), crops,
+the label table and file helpers; pure NumPy and OpenCV."""
 
 from colorspaces.constancy import CONSTANCY, apply_constancy, shades_of_gray
 from colorspaces.crops import centre_crop, random_crops, sliding_windows, window_offsets
@@ -16,7 +17,9 @@ from colorspaces.views import (
     apply_view,
     to_fft,
     to_hsv,
+    to_lab,
     to_rgb,
+    to_ycrcb,
 )
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "resize_image",
     "to_fft",
     "to_hsv",
+    "to_lab",
     "to_rgb",
+    "to_ycrcb",
     "validate_image",
 ]

@@ -1,4 +1,5 @@
-"""The three views of an image, as deterministic, vectorised functions shared by training and inference."""
+"""The views of an image (RGB, HSV, FFT by default; LAB and YCrCb as options), as deterministic,
+vectorised functions shared by training and inference."""
 
 from __future__ import annotations
 
@@ -49,12 +50,45 @@ def to_hsv(images: np.ndarray) -> np.ndarray:
     Returns:
         float32 array of the same shape, channels (H, S, V).
     """
+    return _opencv_view(images, cv2.COLOR_RGB2HSV, (1.0 / 180.0, 1.0 / 255.0, 1.0 / 255.0))
+
+
+def to_lab(images: np.ndarray) -> np.ndarray:
+    """LAB view (an option, not a default): OpenCV's 8-bit RGB→CIE L*a*b*, every channel / 255.
+
+    OpenCV's 8-bit LAB stores L* × 255/100 and a*, b* + 128, so after / 255 white is
+    (1, 0.502, 0.502) and black (0, 0.502, 0.502): a* and b* are centred on 128/255.
+
+    Args:
+        images: RGB uint8, (H, W, 3) or (N, H, W, 3).
+
+    Returns:
+        float32 array of the same shape, channels (L, a, b).
+    """
+    return _opencv_view(images, cv2.COLOR_RGB2LAB, (1.0 / 255.0,) * 3)
+
+
+def to_ycrcb(images: np.ndarray) -> np.ndarray:
+    """YCrCb view (an option, not a default): OpenCV's 8-bit RGB→YCrCb (BT.601), every channel / 255.
+
+    Y = 0.299 R + 0.587 G + 0.114 B; Cr and Cb are centred on 128/255 (grey has no chroma).
+
+    Args:
+        images: RGB uint8, (H, W, 3) or (N, H, W, 3).
+
+    Returns:
+        float32 array of the same shape, channels (Y, Cr, Cb).
+    """
+    return _opencv_view(images, cv2.COLOR_RGB2YCrCb, (1.0 / 255.0,) * 3)
+
+
+def _opencv_view(images: np.ndarray, code: int, scale: tuple[float, float, float]) -> np.ndarray:
     batch, single = _as_batch(images)
     n, h, w, _ = batch.shape
     # cvtColor works on 2-D images only; stacking the batch vertically keeps it one call.
-    hsv = cv2.cvtColor(np.ascontiguousarray(batch.reshape(n * h, w, 3)), cv2.COLOR_RGB2HSV)
-    out = hsv.reshape(n, h, w, 3).astype(np.float32)
-    out *= np.array([1.0 / 180.0, 1.0 / 255.0, 1.0 / 255.0], dtype=np.float32)
+    converted = cv2.cvtColor(np.ascontiguousarray(batch.reshape(n * h, w, 3)), code)
+    out = converted.reshape(n, h, w, 3).astype(np.float32)
+    out *= np.array(scale, dtype=np.float32)
     return out[0] if single else out
 
 
@@ -117,6 +151,9 @@ VIEWS: dict[str, ViewSpec] = {
     "rgb": ViewSpec("rgb", 3, to_rgb, "RGB scaled to [0, 1]"),
     "hsv": ViewSpec("hsv", 3, to_hsv, "OpenCV HSV, hue/180, saturation/255, value/255"),
     "fft": ViewSpec("fft", 3, to_fft, "per-channel centred log-magnitude spectrum, z-scored per image"),
+    # Options, not defaults: unmeasured on this data until experiments/RESULTS.md has their rows.
+    "lab": ViewSpec("lab", 3, to_lab, "OpenCV CIE L*a*b* (8-bit), every channel / 255"),
+    "ycrcb": ViewSpec("ycrcb", 3, to_ycrcb, "OpenCV YCrCb (BT.601, 8-bit), every channel / 255"),
 }
 # The design's three views: what `train --view all` trains and `fuse` fuses unless told otherwise.
 # Views added to VIEWS later are options until a measured win puts them here.

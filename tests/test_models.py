@@ -31,7 +31,7 @@ def test_config_round_trip_and_validation():
     with pytest.raises(KeyError, match="unknown branch config keys"):
         BranchConfig.from_dict({"view": "rgb", "imagesize": 32})
     with pytest.raises(KeyError, match="choose one of"):
-        BranchConfig(view="lab")
+        BranchConfig(view="xyz")
     with pytest.raises(ValueError, match="class_weight"):
         BranchConfig(class_weight="oversample")
 

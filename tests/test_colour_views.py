@@ -1,0 +1,48 @@
+"""The optional LAB and YCrCb views: known colours, RGB (not BGR) order, and one VIEWS entry each."""
+
+import numpy as np
+import pytest
+
+from colorspaces import DEFAULT_VIEWS, VIEWS, apply_view, to_lab, to_ycrcb
+
+
+def solid(rgb, shape=(4, 5)):
+    return np.full((*shape, 3), rgb, dtype=np.uint8)
+
+
+# Expected 8-bit values (before / 255) from the definitions: CIE L*a*b* of sRGB with L* x 255/100 and
+# a*, b* + 128 (red: L* 53.24, a* 80.09, b* 67.20); YCrCb BT.601: Y = .299 R + .587 G + .114 B,
+# Cr = (R - Y) .713 + 128, Cb = (B - Y) .564 + 128.
+@pytest.mark.parametrize("rgb, lab, ycrcb", [
+    ((255, 255, 255), (255, 128, 128), (255, 128, 128)),
+    ((0, 0, 0), (0, 128, 128), (0, 128, 128)),
+    ((255, 0, 0), (136, 208, 195), (76, 255, 85)),
+    ((0, 0, 255), (82, 207, 20), (29, 107, 255)),
+])
+def test_known_colours(rgb, lab, ycrcb):
+    np.testing.assert_allclose(to_lab(solid(rgb)) * 255, np.broadcast_to(lab, (4, 5, 3)), atol=1.01)
+    np.testing.assert_allclose(to_ycrcb(solid(rgb)) * 255, np.broadcast_to(ycrcb, (4, 5, 3)), atol=1.01)
+
+
+def test_grey_has_no_chroma_in_either_view():
+    grey = solid((90, 90, 90))
+    for view in (to_lab(grey), to_ycrcb(grey)):
+        np.testing.assert_allclose(view[..., 1:], 128 / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("view", ["lab", "ycrcb"])
+def test_batch_equals_single_images_and_values_are_in_0_1(view, rng):
+    batch = rng.integers(0, 256, (3, 7, 9, 3), dtype=np.uint8)
+    out = apply_view(view, batch)
+    assert out.dtype == np.float32 and out.shape == (3, 7, 9, 3) and out.min() >= 0 and out.max() <= 1
+    for i in range(3):
+        np.testing.assert_array_equal(out[i], apply_view(view, batch[i]))
+
+
+def test_they_are_options_trainable_by_name_but_not_defaults():
+    from skinfusion.cli.train import parser
+
+    assert {"lab", "ycrcb"} <= set(VIEWS) and DEFAULT_VIEWS == ("rgb", "hsv", "fft")
+    for view in ("lab", "ycrcb"):
+        args = parser().parse_args(["--view", view, "--data", "d", "--run", "r"])
+        assert args.view == view
