@@ -277,3 +277,24 @@ def test_cli_predict_writes_a_path_with_a_comma_that_csv_reads_back(trained_run,
     assert predict.main(["--run", str(trained_run), str(odd)]) == 0
     (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
     assert row["path"] == str(odd)
+
+
+def test_predict_piped_into_head_stops_quietly(tmp_path):
+    """`skinfusion predict ... | head -1`: no traceback and no error line when the reader goes away."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
+    image = fixture / "images" / "gen0.png"
+    images = []
+    for i in range(400):  # enough output to outlast the pipe buffer once head has gone
+        images.append(tmp_path / f"img{i}.png")
+        shutil.copy(image, images[-1])
+    cmd = f"{sys.executable} -m skinfusion predict --run {fixture / 'ensemble-mean'} --batch-size 400 " + " ".join(
+        map(str, images)) + " | head -1"
+    out = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=300)
+    assert out.stdout == "path,melanoma_proba\n"
+    assert "Traceback" not in out.stderr and "skinfusion: error" not in out.stderr and "Broken pipe" not in out.stderr, out.stderr
+    assert out.returncode == 141, (out.returncode, out.stderr)

@@ -21,6 +21,7 @@ from skinfusion.data.layouts import LAYOUTS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool killed by SIGPIPE reports (git, coreutils)
 
 # The fewest bootstrap resamples a 95% CI may rest on. Its bounds are the 2.5th and 97.5th
 # percentiles of the resampled AUCs: below 40 resamples a tail holds less than one resample and
@@ -207,6 +208,11 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
                 message = "interrupted" + (f"; {interrupted_hint}" if interrupted_hint else "")
             print(f"\nskinfusion: {message}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        if isinstance(exc, BrokenPipeError):
+            # The reader went away (`| head`): stop quietly, as a C tool would. Point stdout at
+            # /dev/null so the interpreter's final flush does not fail on the closed pipe again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         if isinstance(exc, (ValueError, KeyError, FileNotFoundError)):
             # str(KeyError) quotes its message; the first argument is the message itself.
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
