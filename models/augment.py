@@ -14,7 +14,8 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchCo
 
     Always: random 90° rotations and horizontal flips (a lesion has no canonical orientation).
     With a config that asks for them: a small random rotation and zoom (``rotate_degrees``,
-    ``scale_jitter``) and brightness, contrast and hue jitter (``color_jitter``). They are
+    ``scale_jitter``), brightness, contrast and hue jitter (``color_jitter``) and the camera
+    and pipeline changes of another clinic (``acquisition``, see :func:`acquisition_shift`). They are
     applied to the RGB image before the view, so each view sees the change it would see in a
     real photograph.
 
@@ -37,6 +38,8 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchCo
         out = _affine(out, rng, config.rotate_degrees, config.scale_jitter)
     if config is not None and config.color_jitter > 0:
         out = _color_jitter(out, rng, config.color_jitter)
+    if config is not None and config.acquisition > 0:
+        out = acquisition_shift(out, rng, config.acquisition)
     return out
 
 
@@ -67,3 +70,69 @@ def _color_jitter(images: np.ndarray, rng: np.random.Generator, j: float) -> np.
         hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + hue[i]) % 180).astype(np.uint8)
         out[i] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     return out
+
+
+def acquisition_shift(images: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random changes a different camera, clinic or image pipeline makes, each image on its own.
+
+    What differs between dermoscopy sources is mostly acquisition, not anatomy: compression,
+    optics and resampling, tone curve, white balance, and how images were resized (HAM10000 is
+    4:3, ISIC 2017 was squashed to 1:1). With ``strength`` s in (0, 1], each image gets, with
+    probability 1/2 each:
+
+    * JPEG re-encoding at quality uniform in [95 - 65 s, 95];
+    * a Gaussian blur (sigma up to 1.5 s px) or, as often, downscaling by up to 1 - 0.6 s and back;
+    * gamma exp(u), u uniform in ±0.35 s;
+    * white balance: per-channel gains exp(N(0, 0.08 s)), then a colour temperature shift t
+      uniform in ±0.15 s (red × (1 + t), blue × (1 - t));
+    * an aspect squash: a central band of 1 - 0.25 s to 1 of the width (or height) stretched back
+      to the square, as a 4:3 image squashed to 1:1 looks.
+
+    Args:
+        images: RGB uint8 (N, S, S, 3).
+        rng: the batch's random generator.
+        strength: s in (0, 1].
+
+    Returns:
+        RGB uint8 of the same shape.
+    """
+    n, h, w = images.shape[:3]
+    out = images.copy()
+    for i in range(n):
+        img = out[i]
+        if rng.random() < 0.5:
+            img = _squash(img, rng, strength)
+        if rng.random() < 0.5:
+            if rng.random() < 0.5:
+                img = cv2.GaussianBlur(img, (0, 0), sigmaX=float(rng.uniform(0.3, 0.3 + 1.2 * strength)))
+            else:
+                f = float(rng.uniform(1 - 0.6 * strength, 1.0))
+                small = cv2.resize(img, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
+                img = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+        x = img.astype(np.float32) / 255.0
+        if rng.random() < 0.5:
+            x = x ** np.exp(rng.uniform(-0.35 * strength, 0.35 * strength))
+        if rng.random() < 0.5:
+            gains = np.exp(rng.normal(0.0, 0.08 * strength, 3))
+            t = rng.uniform(-0.15 * strength, 0.15 * strength)
+            x = x * (gains * np.array([1 + t, 1.0, 1 - t]))
+        img = np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if rng.random() < 0.5:
+            quality = int(rng.uniform(95 - 65 * strength, 95))
+            ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok:
+                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+        out[i] = img
+    return out
+
+
+def _squash(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    keep = float(rng.uniform(1 - 0.25 * strength, 1.0))
+    if rng.random() < 0.5:
+        k = max(1, round(w * keep))
+        band = img[:, (w - k) // 2 : (w - k) // 2 + k]
+    else:
+        k = max(1, round(h * keep))
+        band = img[(h - k) // 2 : (h - k) // 2 + k]
+    return cv2.resize(band, (w, h), interpolation=cv2.INTER_LINEAR)

@@ -58,6 +58,12 @@ class BranchConfig:
                                          "(every melanoma plus as many random nevi: most nevi unseen per epoch) "
                                          "or oversample (every nevus plus melanomas drawn with replacement to the "
                                          "same count)", choices=("none", "undersample", "oversample"))
+    # Off by default until measured on the leave-one-source-out proxy (experiments/RESULTS.md).
+    source_balance: float = _param(0.0, "per-epoch source balancing on top of the class sampling: each source "
+                                         "(the dataset's source column, split suffixes such as _train/_val "
+                                         "merged) gets a share of each class proportional to its image count "
+                                         "to the power 1 - this; 0 = as the data are, 1 = every source equally",
+                                    metavar="ALPHA")
     augment: bool = _param(True, "random flips and 90-degree rotations of training batches",
                            flag="--no-augment")
     rotate_degrees: float = _param(0.0, "augmentation: also a random rotation by up to +/- this many degrees "
@@ -66,6 +72,10 @@ class BranchConfig:
     # Hue turns on the colour circle (OpenCV hue is 0-179) so the HSV view stays meaningful.
     color_jitter: float = _param(0.0, "augmentation: brightness +/- 64J grey levels, contrast x(1 +/- J), hue "
                                       "+/- 30J OpenCV units (60J degrees); 0 = off", metavar="J")
+    acquisition: float = _param(0.0, "augmentation: random acquisition changes of strength A: JPEG "
+                                     "re-encoding, blur or down-then-up scaling, gamma, white balance and "
+                                     "colour temperature, aspect squash (see models.augment); 0 = off",
+                                 metavar="A")
     color_constancy: str = _param("none", "preprocessing of every image before its view, in training and "
                                           "inference alike (shades_of_gray: p = 6)", choices=CONSTANCY)
     crop_scale: float = _param(1.0, "sliding-window crops when > 1: resize images to round(image size x this) "
@@ -105,6 +115,9 @@ class BranchConfig:
             raise ValueError(f"crop_scale must be in [1, 2], got {self.crop_scale}")
         if int(self.crop_stride) < 0:
             raise ValueError(f"crop_stride must be >= 0, got {self.crop_stride}")
+        for name in ("source_balance", "acquisition"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("scale_jitter", "color_jitter"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -54,16 +54,22 @@ def class_weights(y: np.ndarray, mode: str) -> dict[int, float]:
     raise ValueError(f"class_weight mode must be 'balanced' or 'none', got {mode!r}")
 
 
-def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.ndarray:
+def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator, sources: np.ndarray | None = None,
+                source_balance: float = 0.0) -> np.ndarray:
     """Indices of the training images to visit in one epoch, shuffled.
 
     Args:
         y: binary labels (1 = melanoma).
         sampling: "none", "undersample" or "oversample" (see ``BranchConfig.sampling``).
         rng: the epoch's random generator.
+        sources: each image's source (any hashable labels), for ``source_balance``.
+        source_balance: 0 leaves the class sampling as it is; above 0, each class's images per
+            epoch are shared out among the sources in proportion to ``n_source ** (1 - alpha)``
+            (1: every source equally), drawn without replacement while a source has enough.
 
     Returns:
-        An index array; its length depends only on the class counts, not on the epoch.
+        An index array; its length depends only on the class counts, not on the epoch or the
+        source balance (so an epoch keeps its number of steps).
     """
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     if sampling == "none":
@@ -74,7 +80,30 @@ def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator) -> np.nd
         idx = np.concatenate([neg, rng.choice(pos, size=len(neg), replace=True)])
     else:
         raise ValueError(f"sampling must be none, undersample or oversample, got {sampling!r}")
+    if source_balance > 0 and sources is not None and len(set(np.asarray(sources).tolist())) > 1:
+        idx = _balance_sources(idx, np.asarray(y), np.asarray(sources), source_balance, rng)
     return rng.permutation(idx)
+
+
+def _balance_sources(idx: np.ndarray, y: np.ndarray, sources: np.ndarray, alpha: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    # Keep how many images of each class the class sampling chose; redistribute them over the
+    # sources. Weights n_s ** (1 - alpha): alpha = 0 is each source's natural share, alpha = 1
+    # gives a 94-image source as many draws as a 7,800-image one (repeated, so an option to
+    # measure, not a default).
+    out = []
+    for c in (0, 1):
+        total = int(np.sum(y[idx] == c))
+        members = [np.flatnonzero((y == c) & (sources == s)) for s in np.unique(sources)]
+        members = [m for m in members if len(m)]
+        if not total or not members:
+            continue
+        w = np.array([len(m) for m in members], dtype=float) ** (1.0 - alpha)
+        counts = np.floor(total * w / w.sum()).astype(int)
+        counts[np.argsort(-(total * w / w.sum() - counts))[: total - counts.sum()]] += 1  # largest remainders
+        for m, k in zip(members, counts):
+            out.append(rng.choice(m, size=k, replace=k > len(m)))
+    return np.concatenate(out)
 
 
 def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
@@ -102,7 +131,8 @@ def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
 
 
 def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
-                     epochs: int | None = None, start_epoch: int = 0) -> tuple[Any, int]:
+                     epochs: int | None = None, start_epoch: int = 0,
+                     sources: np.ndarray | None = None) -> tuple[Any, int]:
     """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
 
     Args:
@@ -114,6 +144,7 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         weights: per-class loss weights.
         epochs: epochs the dataset spans (default ``config.epochs``).
         start_epoch: first epoch to produce (a resumed run starts where it stopped).
+        sources: each training image's source, for ``config.source_balance``.
 
     Returns:
         ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
@@ -129,7 +160,8 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         # Called from tf.data's threads: a lost race only recomputes the same seeded order.
         found = orders.get(epoch)
         if found is None:
-            found = orders[epoch] = epoch_order(y, config.sampling, np.random.default_rng([config.seed, epoch]))
+            found = orders[epoch] = epoch_order(y, config.sampling, np.random.default_rng([config.seed, epoch]),
+                                                sources, config.source_balance)
             orders.pop(epoch - 3, None)
         return found
 
@@ -211,6 +243,7 @@ def fit_branch(
     resume: bool = False,
     build: Callable[[BranchConfig], keras.Model] = build_branch,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    train_sources: Sequence[str] | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
 
@@ -228,6 +261,7 @@ def fit_branch(
             epoch, with the optimizer and early-stopping state), if there is one.
         build: the model builder (another architecture for a baseline; default the branch CNN).
         callbacks: extra Keras callbacks (e.g. a time budget).
+        train_sources: each training image's source, needed when ``config.source_balance`` > 0.
 
     Returns:
         ``(model, history)``; history holds per-epoch metrics, the best epoch, the class
@@ -254,7 +288,13 @@ def fit_branch(
     keras.utils.set_random_seed(config.seed)
     keeper = _BestKeeper(config, checkpoint_dir, build)
     model, initial_epoch = keeper.restore() if resume else (None, 0)
-    train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch)
+    if config.source_balance > 0 and train_sources is None:
+        raise ValueError("source_balance needs each training image's source (train_sources)")
+    sources = None if train_sources is None else np.asarray(train_sources)
+    if sources is not None and len(sources) != len(y_train):
+        raise ValueError(f"train_sources has {len(sources)} entries for {len(y_train)} training images")
+    train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
+                                       sources=sources)
     if model is None:
         model = build(config)
         model.compile(

@@ -3,6 +3,8 @@ the CSV and image-file scanners they share, and loading the images (skipping bad
 
 from __future__ import annotations
 
+import re
+
 import csv
 import hashlib
 import logging
@@ -48,6 +50,18 @@ class Record:
     def metadata(self) -> dict[str, Any]:
         """``{"age", "sex", "site"}`` of this image, the form metadata fusion takes."""
         return {"age": self.age, "sex": self.sex, "site": self.site}
+
+
+_SPLIT_SUFFIX = re.compile(r"[_-](train|training|val|valid|validation|test)$", re.IGNORECASE)
+
+
+def source_family(source: str) -> str:
+    """The clinic or collection a source names, without a split suffix: ``ISIC2017_val`` → ``ISIC2017``.
+
+    A challenge's train and validation parts come from the same acquisition, so source balancing
+    and leave-one-source-out treat them as one source.
+    """
+    return _SPLIT_SUFFIX.sub("", source.strip()) or source
 
 
 @dataclass

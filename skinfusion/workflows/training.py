@@ -22,7 +22,7 @@ from models import BranchConfig, load_branch, predict_images_proba, save_branch
 from models.store import read_branch_info
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
-from skinfusion.data.index import write_skip_report
+from skinfusion.data.index import source_family, write_skip_report
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
 from skinfusion.workflows.resources import bound_allocator, peak_rss_mb
@@ -31,13 +31,12 @@ from skinfusion.workflows.runsplit import prepare_split
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
-
 
 def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
                      limit: int | None = None, workers: int = 2,
                      exclude_ids: set[str] | None = None, dedup: bool = False,
-                     cache_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
+                     cache_dir: str | None = None, resume: bool = False,
+                     holdout_ids: set[str] | None = None) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
@@ -58,15 +57,21 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     """
     with run_lock(run_dir, f"skinfusion train --view {config.view}"):
         return _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup,
-                                 cache_dir, resume)
+                                 cache_dir, resume, holdout_ids)
 
 
 def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup, cache_dir,
-                      resume) -> dict[str, Any]:
+                      resume, holdout_ids=None) -> dict[str, Any]:
     bound_allocator()
     index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit, dedup=dedup)
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
-    n_excluded = 0
+    n_excluded = n_held_out = 0
+    if holdout_ids:
+        for s in recs:
+            kept = [r for r in recs[s] if r.image_id not in holdout_ids]
+            n_held_out += len(recs[s]) - len(kept)
+            recs[s] = kept
+        logger.info("[%s] held out %d images from training and validation", config.view, n_held_out)
     if exclude_ids:
         kept = [r for r in recs["train"] if r.image_id not in exclude_ids]
         n_excluded = len(recs["train"]) - len(kept)
@@ -99,7 +104,8 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
     model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0], loaded["val"][1],
-                                checkpoint_dir=checkpoint, resume=resume)
+                                checkpoint_dir=checkpoint, resume=resume,
+                                train_sources=[source_family(r.source) for r in loaded["train"][2]])
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
     proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy,
@@ -121,6 +127,7 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
         "history": history["per_epoch"],
         "skipped_images": len(failures),
         "excluded_from_training": n_excluded,
+        "held_out_from_training_and_validation": n_held_out,
     })
     shutil.rmtree(checkpoint, ignore_errors=True)  # the branch is saved; nothing left to resume
     logger.info("[%s] saved to %s; validation AUC %.4f; peak RSS %.0f MB", config.view, branch_dir,
@@ -182,6 +189,7 @@ def _train_branches(data_dir, run_dir, configs, jobs, **kwargs) -> list[dict[str
     for size in sorted({c.load_size for c in configs}):
         for split in ("train", "val"):
             cached_images([r.path for r in index.records if assign[r.image_id] == split
+                           and r.image_id not in (kwargs.get("holdout_ids") or ())
                            and not (split == "train" and r.image_id in (kwargs.get("exclude_ids") or ()))],
                           size, cache_dir=kwargs.get("cache_dir"), workers=kwargs.get("workers", 2),
                           desc=f"{split} images")

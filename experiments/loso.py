@@ -1,0 +1,208 @@
+"""Leave-one-source-out: a measurable proxy for "a clinic the model has never seen".
+
+For a held-out source family (``ISIC2017`` = ISIC2017_train + ISIC2017_val, or ``HAM10000``),
+train the branches on the other sources only (the held-out images leave both training and
+validation, so nothing about them steers a branch), then score the held-out source's own part
+of the run's grouped split: choices (levers, ensemble selection, adaptation settings) are made
+on its **validation** images, results are reported on its **test** images. The grouped split is
+the default one (split seed 0 over the whole dataset), so the ISIC 2017 test images here are the
+ISIC 2017 subset of the grouped test split.
+
+    python -m experiments.loso train --data DIR --out runs/loso --holdout ISIC2017 --name baseline \\
+        --set epochs=12
+    python -m experiments.loso report --out runs/loso
+
+``train`` writes ``OUT/<holdout>/<name>/`` (a normal run directory: branches, split) plus
+``scores.csv`` (every branch's probability on the held-out val/test images and the
+in-distribution test images) and ``result.json``; ``report`` prints one Markdown table of every
+result. A finished branch with the same config is reused, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from colorspaces import DEFAULT_VIEWS, VIEWS
+from colorspaces.files import atomic_open, write_json_atomic
+from ensemble.metrics import roc_auc_ci
+from ensemble.selection import greedy_selection
+from models import BranchConfig, load_branch, predict_images_proba
+from skinfusion.data.cache import cached_images
+from skinfusion.data.index import source_family
+from skinfusion.data.layouts import index_dataset
+from skinfusion.data.splits import load_split
+from skinfusion.workflows.training import train_branches
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("holdout_val", "holdout_test", "indist_test")
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` branch config overrides; values are JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(BranchConfig)}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _roles(records, assign: dict[str, str], holdout: str) -> dict[str, list]:
+    by_role: dict[str, list] = {r: [] for r in ROLES}
+    for r in records:
+        split, held = assign.get(r.image_id), source_family(r.source) == holdout
+        if held and split in ("val", "test"):
+            by_role[f"holdout_{split}"].append(r)
+        elif not held and split == "test":
+            by_role["indist_test"].append(r)
+    return by_role
+
+
+def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str],
+          jobs: int) -> dict[str, Any]:
+    """Train ``views`` without the ``holdout`` source and score its val and test images."""
+    index = index_dataset(data)
+    families = sorted({source_family(r.source) for r in index.records})
+    if holdout not in families:
+        raise SystemExit(f"--holdout {holdout!r}: not a source family of {data}; choose one of {families}")
+    held = {r.image_id for r in index.records if source_family(r.source) == holdout}
+    run = Path(out) / holdout / name
+    configs = [BranchConfig.from_dict({**overrides, "view": v}) for v in views]
+    train_branches(data, str(run), configs, jobs=jobs, holdout_ids=held, resume=True)
+    assign, _ = load_split(run)
+    by_role = _roles(index.records, assign, holdout)
+    rows: dict[str, dict[str, Any]] = {}
+    for role, recs in by_role.items():
+        for r in recs:
+            rows[r.image_id] = {"image_id": r.image_id, "label": r.label, "source": r.source, "role": role}
+    for v in views:
+        model, config, _ = load_branch(run / "branches" / v)
+        for role, recs in by_role.items():
+            imgs, ok, _ = cached_images([r.path for r in recs], config.load_size, desc=f"{role} images")
+            proba = predict_images_proba(model, v, imgs, constancy=config.color_constancy,
+                                         crop_stride=config.crop_stride)
+            for i, p in zip(ok, proba):
+                rows[recs[i].image_id][v] = float(p)
+    kept = [row for row in rows.values() if all(v in row for v in views)]
+    with atomic_open(run / "scores.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["image_id", "label", "source", "role", *views], lineterminator="\n")
+        w.writeheader()
+        w.writerows(kept)
+    result = summarise(run, holdout, name, overrides, views)
+    write_json_atomic(run / "result.json", result)
+    return result
+
+
+def read_scores(run: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """The rows of ``RUN/scores.csv`` and the view columns it holds."""
+    with open(run / "scores.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    return rows, [c for c in reader.fieldnames or () if c in VIEWS]
+
+
+def _arrays(rows, role: str, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    sel = [r for r in rows if r["role"] == role]
+    return (np.array([int(r["label"]) for r in sel]),
+            np.array([[float(r[v]) for v in views] for r in sel]).reshape(len(sel), len(views)))
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    auc, lo, hi = roc_auc_ci(y, p, n_boot=1000)
+    return {"auc": round(auc, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
+
+
+def summarise(run: Path, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str]) -> dict[str, Any]:
+    """Per-branch, mean-fused and validation-selected AUCs of one LOSO run, from its ``scores.csv``."""
+    rows, have = read_scores(run)
+    views = [v for v in views if v in have]
+    default = [v for v in DEFAULT_VIEWS if v in views]
+    yv, Pv = _arrays(rows, "holdout_val", views)
+    # Caruana et al. (2004): greedy forward selection, with replacement, on the held-out source's
+    # validation images only; the test images never take part in a choice.
+    weights = greedy_selection(Pv, yv)
+    result: dict[str, Any] = {"holdout": holdout, "name": name, "overrides": overrides, "views": views,
+                              "selected_weights": dict(zip(views, map(float, weights)))}
+    for role in ROLES:
+        y, P = _arrays(rows, role, views)
+        if len(y) == 0 or len(set(y.tolist())) < 2:
+            continue
+        entry: dict[str, Any] = {"n": int(len(y)), "n_melanoma": int(y.sum())}
+        for j, v in enumerate(views):
+            entry[v] = _auc(y, P[:, j])
+        if default:
+            entry["mean_default"] = _auc(y, P[:, [views.index(v) for v in default]].mean(axis=1))
+        entry["mean_all"] = _auc(y, P.mean(axis=1))
+        entry["selected"] = _auc(y, P @ weights)
+        result[role] = entry
+    return result
+
+
+def report(out: str) -> str:
+    """A Markdown table of every ``OUT/*/*/result.json``."""
+    lines = ["| held out | run | views | rgb | hsv | fft | lab | ycrcb | mean (default views) | mean (all) | "
+             "selected on val | holdout val mean | in-dist test mean |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |"]
+    for path in sorted(Path(out).glob("*/*/result.json")):
+        res = json.loads(path.read_text())
+        t = res.get("holdout_test", {})
+
+        def cell(key, t=t):
+            e = t.get(key)
+            return "" if e is None else f"{e['auc']:.3f} ({e['lo']:.3f}–{e['hi']:.3f})"
+
+        branch = [f"{t[v]['auc']:.3f}" if v in t else "" for v in ("rgb", "hsv", "fft", "lab", "ycrcb")]
+        sel = ", ".join(f"{v} {w:.2f}" for v, w in res["selected_weights"].items() if w > 0)
+        hv = res.get("holdout_val", {}).get("mean_default", {}).get("auc", float("nan"))
+        it = res.get("indist_test", {}).get("mean_default", {}).get("auc", float("nan"))
+        lines.append(f"| {res['holdout']} (n={t.get('n', 0)}, {t.get('n_melanoma', 0)} mel) | {res['name']} | "
+                     f"{','.join(res['views'])} | {' | '.join(branch)} | {cell('mean_default')} | {cell('mean_all')} | "
+                     f"{cell('selected')} [{sel}] | {hv:.3f} | {it:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``train`` one LOSO run, or ``report`` all of them."""
+    p = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one configuration with one source held out, and score it")
+    t.add_argument("--data", required=True, metavar="DIR", help="the labelled dataset (with a source column)")
+    t.add_argument("--out", required=True, metavar="DIR", help="where LOSO runs live (OUT/<holdout>/<name>)")
+    t.add_argument("--holdout", required=True, metavar="SOURCE", help="source family to hold out, e.g. ISIC2017")
+    t.add_argument("--name", required=True, help="name of this configuration (a folder under OUT/<holdout>)")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="branch config overrides")
+    t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help="comma-separated views (default rgb,hsv,fft)")
+    t.add_argument("--jobs", type=int, default=2, help="branches trained in parallel (default 2)")
+    r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")
+    r.add_argument("--out", required=True, metavar="DIR")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.cmd == "report":
+        print(report(args.out))
+        return 0
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise SystemExit(f"--views: unknown {unknown}; choose from {sorted(VIEWS)}")
+    res = train(args.data, args.out, args.holdout, args.name, _parse_set(args.set), views, args.jobs)
+    print(json.dumps(res.get("holdout_test", {}), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
