@@ -1,4 +1,4 @@
-"""Training one branch: seeding, class imbalance, streamed (augmented) batches, early stopping on validation AUC.
+"""Training one branch: seeding, class imbalance (models.sampling), streamed (augmented) batches, early stopping on validation AUC.
 
 The augmentation itself lives in ``models.augment``.
 """
@@ -20,6 +20,7 @@ from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_
 from colorspaces.files import atomic_path, read_json_object, write_json_atomic
 from models.augment import augment_batch
 from models.branch import BranchConfig, build_branch
+from models.sampling import class_weights, epoch_order
 
 logger = logging.getLogger(__name__)
 
@@ -28,82 +29,6 @@ _STATE_KEYS = ("epoch", "best", "best_epoch", "wait", "stopped", "history", "con
 
 # "plateau" schedule: halve the learning rate after this many epochs without a better val AUC.
 PLATEAU_PATIENCE, PLATEAU_FACTOR = 2, 0.5
-
-
-def class_weights(y: np.ndarray, mode: str) -> dict[int, float]:
-    """Per-class loss weights.
-
-    Args:
-        y: binary labels (1 = melanoma).
-        mode: "balanced" (n / (2 · n_class), so both classes carry equal total weight) or "none".
-
-    Returns:
-        A dict {0: w0, 1: w1}.
-
-    Raises:
-        ValueError: if ``y`` lacks a class or ``mode`` is unknown.
-    """
-    y = np.asarray(y).astype(int)
-    counts = np.bincount(y, minlength=2)
-    if counts.min() == 0:
-        raise ValueError(f"training labels need both classes, got counts nevus={counts[0]} melanoma={counts[1]}")
-    if mode == "none":
-        return {0: 1.0, 1: 1.0}
-    if mode == "balanced":
-        return {c: float(len(y) / (2.0 * counts[c])) for c in (0, 1)}
-    raise ValueError(f"class_weight mode must be 'balanced' or 'none', got {mode!r}")
-
-
-def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator, sources: np.ndarray | None = None,
-                source_balance: float = 0.0) -> np.ndarray:
-    """Indices of the training images to visit in one epoch, shuffled.
-
-    Args:
-        y: binary labels (1 = melanoma).
-        sampling: "none", "undersample" or "oversample" (see ``BranchConfig.sampling``).
-        rng: the epoch's random generator.
-        sources: each image's source (any hashable labels), for ``source_balance``.
-        source_balance: 0 leaves the class sampling as it is; above 0, each class's images per
-            epoch are shared out among the sources in proportion to ``n_source ** (1 - alpha)``
-            (1: every source equally), drawn without replacement while a source has enough.
-
-    Returns:
-        An index array; its length depends only on the class counts, not on the epoch or the
-        source balance (so an epoch keeps its number of steps).
-    """
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if sampling == "none":
-        idx = np.arange(len(y))
-    elif sampling == "undersample":
-        idx = np.concatenate([pos, rng.choice(neg, size=min(len(pos), len(neg)), replace=False)])
-    elif sampling == "oversample":
-        idx = np.concatenate([neg, rng.choice(pos, size=len(neg), replace=True)])
-    else:
-        raise ValueError(f"sampling must be none, undersample or oversample, got {sampling!r}")
-    if source_balance > 0 and sources is not None and len(set(np.asarray(sources).tolist())) > 1:
-        idx = _balance_sources(idx, np.asarray(y), np.asarray(sources), source_balance, rng)
-    return rng.permutation(idx)
-
-
-def _balance_sources(idx: np.ndarray, y: np.ndarray, sources: np.ndarray, alpha: float,
-                     rng: np.random.Generator) -> np.ndarray:
-    # Keep how many images of each class the class sampling chose; redistribute them over the
-    # sources. Weights n_s ** (1 - alpha): alpha = 0 is each source's natural share, alpha = 1
-    # gives a 94-image source as many draws as a 7,800-image one (repeated, so an option to
-    # measure, not a default).
-    out = []
-    for c in (0, 1):
-        total = int(np.sum(y[idx] == c))
-        members = [np.flatnonzero((y == c) & (sources == s)) for s in np.unique(sources)]
-        members = [m for m in members if len(m)]
-        if not total or not members:
-            continue
-        w = np.array([len(m) for m in members], dtype=float) ** (1.0 - alpha)
-        counts = np.floor(total * w / w.sum()).astype(int)
-        counts[np.argsort(-(total * w / w.sum() - counts))[: total - counts.sum()]] += 1  # largest remainders
-        for m, k in zip(members, counts):
-            out.append(rng.choice(m, size=k, replace=k > len(m)))
-    return np.concatenate(out)
 
 
 def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
