@@ -16,12 +16,16 @@ _EXPORTS = {
     "fusion_class": "ensemble.fusion",
     "make_fusion": "ensemble.fusion",
     "Ensemble": "ensemble.engine",
+    "OODGate": "ensemble.ood",
     "load_ensemble": "ensemble.bundle",
     "save_ensemble": "ensemble.bundle",
     "clear_cache": "ensemble.api",
     "load": "ensemble.api",
     "predict": "ensemble.api",
     "predict_proba": "ensemble.api",
+    "predict_details": "ensemble.api",
+    "predict_details_batch": "ensemble.api",
+    "PredictionDetails": "ensemble.engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The public prediction API: ``predict(image)`` and ``predict_proba(images)`` over a cached bundle."""
+"""The public prediction API over a cached bundle: ``predict``, ``predict_proba`` and ``predict_details``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ensemble.bundle import load_ensemble
-from ensemble.engine import Ensemble
+from ensemble.engine import Ensemble, PredictionDetails
 
 _CACHE: dict[str, Ensemble] = {}
 _LOCK = threading.Lock()
@@ -90,3 +90,39 @@ def predict(image: Any, run: str | os.PathLike | None = None, tta: bool = False,
         ValueError: if the run fuses metadata and ``metadata`` is not given.
     """
     return float(load(run).predict_proba([image], tta=tta, metadata=None if metadata is None else [metadata])[0])
+
+
+def predict_details(image: Any, run: str | os.PathLike | None = None, tta: bool = False,
+                    metadata: dict | None = None) -> PredictionDetails:
+    """Everything the ensemble says about one image, including whether it looks like its training data.
+
+    Args:
+        image, run, tta, metadata: as for ``predict``.
+
+    Returns:
+        A ``PredictionDetails``: ``melanoma_probability`` (what ``predict`` returns),
+        ``branch_probabilities``, ``decision`` ("melanoma"/"nevus" at the validation threshold),
+        ``in_distribution_score`` (the share of in-distribution validation images at least as
+        atypical, 1 = most typical; None for a run fused without a gate), ``out_of_distribution``
+        (True, False, or None when unknown), ``ood_reasons`` and ``ood_distance``. ``as_dict()``
+        gives it as JSON-ready data.
+
+    Raises:
+        colorspaces.ImageError: if the image cannot be read.
+        ValueError: if the run fuses metadata and ``metadata`` is not given.
+    """
+    return load(run).details([image], tta=tta, metadata=None if metadata is None else [metadata])[0]
+
+
+def predict_details_batch(images: Sequence[Any], run: str | os.PathLike | None = None, batch_size: int = 64,
+                          tta: bool = False, metadata: Sequence[dict | None] | None = None) -> list[PredictionDetails]:
+    """``predict_details`` for a sequence of images, in input order (arguments as for ``predict_proba``).
+
+    Raises:
+        colorspaces.ImageError: naming the first image that cannot be read.
+        ValueError: if the run fuses metadata and ``metadata`` is missing or its length differs.
+    """
+    if isinstance(images, (str, os.PathLike, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+        raise TypeError("predict_details_batch takes a sequence of images; use predict_details(image) for one image")
+    return load(run).details(list(images), batch_size=batch_size, tta=tta,
+                             metadata=None if metadata is None else list(metadata))

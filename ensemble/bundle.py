@@ -1,4 +1,4 @@
-"""Saving and loading the ensemble bundle: manifest.json + fusion.joblib + branch directories, hash-checked."""
+"""Saving and loading the ensemble bundle: manifest.json + fusion.joblib (+ ood.npz) + branch directories, hash-checked."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from colorspaces.files import atomic_path, library_versions, read_json_object, w
 from colorspaces.labels import LABEL_MAP
 from ensemble.engine import Ensemble
 from ensemble.fusion import FUSION_METHODS, fusion_class
+from ensemble.ood import DEFAULT_PERCENTILE, OOD_FILE, OODGate, check_percentile, embedding_layer
 from models.branch import BranchConfig
 from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, load_branch
 
@@ -78,8 +79,9 @@ def save_ensemble(
     threshold: float,
     branch_dirs: Sequence[str | os.PathLike],
     extra: dict[str, Any] | None = None,
+    gate: OODGate | None = None,
 ) -> Path:
-    """Write ``manifest.json`` and ``fusion.joblib`` into ``out_dir``.
+    """Write ``manifest.json`` and ``fusion.joblib`` (and ``ood.npz`` with a gate) into ``out_dir``.
 
     Args:
         out_dir: the ensemble directory (usually ``RUN/ensemble``).
@@ -88,6 +90,8 @@ def save_ensemble(
         threshold: decision threshold chosen on validation data.
         branch_dirs: branch directories, in member order.
         extra: more facts for the manifest (validation metrics, dataset fingerprint, ...).
+        gate: the fitted out-of-distribution gate, recorded under the manifest's ``ood`` key;
+            None writes a bundle without one.
 
     Returns:
         The ensemble directory.
@@ -127,6 +131,11 @@ def save_ensemble(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / FUSION_FILE) as tmp:
         joblib.dump(fusion, tmp)
+    ood = {}
+    if gate is not None:
+        ood = {"ood": gate.manifest_entry(sha256_file(gate.save(out_dir / OOD_FILE)))}
+    else:
+        (out_dir / OOD_FILE).unlink(missing_ok=True)  # a previous fuse's gate does not belong to this fusion
     manifest = {
         "format_version": BUNDLE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -144,6 +153,7 @@ def save_ensemble(
         "metadata": list(fusion.metadata_),
         "fusion": {"file": FUSION_FILE, "sha256": sha256_file(out_dir / FUSION_FILE)},
         **(extra or {}),
+        **ood,  # after extra: the gate written here is the one the manifest signs, whatever extra carried
     }
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)
     return out_dir
@@ -209,6 +219,10 @@ def fuse_command(run: str | os.PathLike, manifest: dict[str, Any] | None = None)
     folds = fit.get("folds") if isinstance(fit, dict) else None
     if isinstance(folds, int) and folds > 1:
         cmd += f" --folds {folds}"
+    ood = manifest.get("ood")
+    percentile = ood.get("percentile") if isinstance(ood, dict) else None
+    if _is_number(percentile) and percentile != DEFAULT_PERCENTILE:
+        cmd += f" --ood-percentile {percentile:g}"
     return cmd
 
 
@@ -268,6 +282,9 @@ def read_manifest(manifest_path: str | os.PathLike, run: str | os.PathLike) -> d
         raise damaged(f"'versions' must map library names to version strings, got {versions!r}")
     if "branch_order" in m and m["branch_order"] != [b["view"] for b in branches]:
         raise damaged(f"'branch_order' {m['branch_order']!r} differs from the branches' views")
+    ood = m.get("ood")
+    if ood is not None:
+        _check_ood_entry(ood, damaged)
     if not isinstance(m.get("dataset_fingerprint"), (str, type(None))):
         raise damaged(f"'dataset_fingerprint' must be a string, got {m['dataset_fingerprint']!r}")
     val = m.get("validation_metrics", {})  # evaluate reads each branch's validation threshold from it
@@ -275,6 +292,17 @@ def read_manifest(manifest_path: str | os.PathLike, run: str | os.PathLike) -> d
             isinstance(val.get(b["view"]), dict) and _is_number(val[b["view"]].get("threshold")) for b in branches)):
         raise damaged("'validation_metrics' must hold each branch's validation 'threshold'")
     return m
+
+
+def _check_ood_entry(ood: Any, damaged) -> None:
+    """Refuse a damaged ``ood`` record (the gate is optional; a record that is there must be whole)."""
+    if not (isinstance(ood, dict) and isinstance(ood.get("file"), str) and isinstance(ood.get("sha256"), str)
+            and _is_number(ood.get("threshold")) and isinstance(ood.get("layer"), str)):
+        raise damaged(f"'ood' must hold 'file', 'sha256', 'layer' and a numeric 'threshold', got {ood!r}")
+    try:
+        check_percentile(ood.get("percentile"))
+    except ValueError:
+        raise damaged(f"'ood' percentile must be a number from 50 to 100, got {ood.get('percentile')!r}") from None
 
 
 def _find_bundle(path: Path) -> Path:
@@ -323,6 +351,9 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
 
     fusion_file = ens_dir / manifest["fusion"]["file"]
     checks = [(fusion_file, manifest["fusion"]["sha256"], None)]
+    ood = manifest.get("ood")
+    if ood is not None:  # bundles fused before the gate existed have none, and load without it
+        checks.append((ens_dir / ood["file"], ood["sha256"], None))
     for b in manifest["branches"]:
         bdir = Path(os.path.normpath(ens_dir / b["path"]))
         checks += [(bdir / name, digest, bdir) for name, digest in b["files"].items()]
@@ -360,6 +391,18 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
     if tuple(fusion.metadata_) != tuple(manifest.get("metadata", ())):
         raise ValueError(f"{fusion_file}: fuses metadata {list(fusion.metadata_)}, but the "
                          f"manifest says {manifest.get('metadata', [])}; refusing to load it; {refuse}")
-    logger.info("loaded ensemble %s (%s fusion of %s)", ens_dir, manifest["method"],
-                "+".join(b["view"] for b in manifest["branches"]))
-    return Ensemble(manifest, models, configs, fusion)
+    gate = _load_gate(ens_dir, ood, models, refuse) if ood is not None else None
+    logger.info("loaded ensemble %s (%s fusion of %s%s)", ens_dir, manifest["method"],
+                "+".join(b["view"] for b in manifest["branches"]), ", with an OOD gate" if gate else "")
+    return Ensemble(manifest, models, configs, fusion, gate)
+
+
+def _load_gate(ens_dir: Path, ood: dict[str, Any], models: list, refuse: str) -> OODGate:
+    """The bundle's gate, after its hash matched; refused if it does not fit the loaded branches."""
+    path = ens_dir / ood["file"]
+    layers = {embedding_layer(m) for m in models}
+    if layers != {ood["layer"]}:
+        raise ValueError(f"{path}: the gate was fitted on layer {ood['layer']!r}, but the branches' embedding "
+                         f"layer is {sorted(layers)}; refusing to load it; {refuse}")
+    dims = [int(m.get_layer(ood["layer"]).output.shape[-1]) for m in models]
+    return OODGate.load(path, ood, dims, refuse)

@@ -1,4 +1,5 @@
-"""The inference engine: a loaded ensemble that scores images in batches, with TTA and streaming from files."""
+"""The inference engine: a loaded ensemble that scores images in batches, with TTA, streaming from files
+and the out-of-distribution gate."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+import keras
+
 from colorspaces import ImageError, read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral
+from colorspaces.labels import LABEL_NAMES
+from colorspaces.quality import image_checks
+from ensemble.ood import OODGate, OODScores, embedding_layer, judge
 from models.branch import branch_inputs, mean_over_windows
 
 logger = logging.getLogger(__name__)
@@ -25,13 +31,21 @@ class Ensemble:
     at load time), so neither single images nor batches pay for graph retracing. Branches
     trained with sliding-window crops see each image resized to ``load_size``, as a grid of
     windows whose probabilities are averaged per branch before the fusion.
+
+    The same pass returns each branch's penultimate embedding (``embedding_layer``), which the
+    out-of-distribution ``gate`` scores (None for a bundle fused without one). With TTA the
+    gate scores the un-augmented image only: it was fitted on un-augmented images, and the
+    mean embedding over 8 symmetries is a different, less spread statistic. With sliding-window
+    crops the embeddings are averaged over the windows, as the probabilities are.
     """
 
-    def __init__(self, manifest: dict[str, Any], models: list, configs: list, fusion):
+    def __init__(self, manifest: dict[str, Any], models: list, configs: list, fusion, gate: OODGate | None = None):
         self.manifest = manifest
         self.models = models
         self.configs = configs
         self.fusion = fusion
+        self.gate = gate
+        self._noted = False
         self.views = [c.view for c in configs]
         self.image_size = int(manifest["image_size"])
         # Bundles written before crops existed have no load size: no crops. The windows
@@ -42,15 +56,33 @@ class Ensemble:
         self.metadata_fields = tuple(manifest.get("metadata", ()))
         self._forward = self._compile_forward()
 
+    @property
+    def embedding_dims(self) -> list[int]:
+        """Width of each branch's embedding, in member order."""
+        return [int(m.get_layer(embedding_layer(m)).output.shape[-1]) for m in self.models]
+
+    @property
+    def ood_note(self) -> str | None:
+        """Why this bundle has no feature-level gate (one line), or None when it has one."""
+        if self.gate is not None:
+            return None
+        return ("this ensemble has no out-of-distribution gate (fused before skinfusion had one, or without its "
+                "training images): in_distribution_score is empty and only the image-level checks run; "
+                "re-run `skinfusion fuse` to fit one")
+
     def _compile_forward(self):
-        models, s = self.models, self.image_size
+        s = self.image_size
+        # One functional model per branch sharing its weights, with the probability and the
+        # embedding as outputs: the gate costs no second pass.
+        heads = [keras.Model(m.input, [m.output, m.get_layer(embedding_layer(m)).output]) for m in self.models]
         signature = [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in self.configs]
 
-        # training=False: BatchNorm uses its moving statistics, so an image's probability
-        # does not depend on the rest of the batch.
+        # training=False: BatchNorm uses its moving statistics, so an image's probability and
+        # embedding do not depend on the rest of the batch.
         @tf.function(input_signature=signature)
         def forward(*xs):
-            return tf.concat([tf.reshape(m(x, training=False), [-1, 1]) for m, x in zip(models, xs)], axis=1)
+            outs = [h(x, training=False) for h, x in zip(heads, xs)]
+            return tf.concat([tf.reshape(p, [-1, 1]) for p, _ in outs], axis=1), tuple(e for _, e in outs)
 
         forward.get_concrete_function()  # trace now, not on the first prediction
         return forward
@@ -65,26 +97,63 @@ class Ensemble:
             return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
         return np.stack([resize_image(read_image(img), self.load_size) for img in images])
 
+    def prepare_checked(self, images: Sequence[Any]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+        """``prepare`` plus the image-level OOD reasons of each image, checked before resizing.
+
+        Raises:
+            ImageError: naming the first image that cannot be read.
+        """
+        decoded = [read_image(img) for img in images]
+        reasons = [image_checks(img) for img in decoded]
+        batch = (np.stack([resize_image(img, self.load_size) for img in decoded]) if decoded
+                 else np.zeros((0, self.load_size, self.load_size, 3), np.uint8))
+        return batch, reasons
+
+    def member_outputs_batch(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(P, embeddings)`` for RGB uint8 images at ``load_size``, in one forward pass.
+
+        ``P`` is n × branches; ``embeddings`` holds one n × d_j array per branch. Both are
+        averaged over the sliding windows of a branch trained with crops.
+        """
+        if len(batch) == 0:
+            return np.zeros((0, len(self.models)), np.float64), [np.zeros((0, d)) for d in self.embedding_dims]
+        inputs = [branch_inputs(c, batch) for c in self.configs]
+        # Every branch cuts the same k windows: save_ensemble refuses branches with different crop settings.
+        k = inputs[0][1]
+        P, E = self._forward(*(x for x, _ in inputs))
+        return (mean_over_windows(P.numpy().astype(np.float64), k),
+                [mean_over_windows(e.numpy().astype(np.float64), k) for e in E])
+
     def member_proba_batch(self, batch: np.ndarray) -> np.ndarray:
         """``P`` (n × branches) for RGB uint8 images already at ``load_size``, in one forward pass.
 
         Each branch's inputs come from ``models.branch.branch_inputs``, the same preprocessing
         ``predict_images_proba`` scores a lone branch with; only the forward pass is shared.
         """
-        if len(batch) == 0:
-            return np.zeros((0, len(self.models)), np.float64)
-        inputs = [branch_inputs(c, batch) for c in self.configs]
-        # Every branch cuts the same k windows: save_ensemble refuses branches with different crop settings.
-        k = inputs[0][1]
-        P = self._forward(*(x for x, _ in inputs)).numpy().astype(np.float64)
-        return mean_over_windows(P, k)
+        return self.member_outputs_batch(batch)[0]
+
+    def embed(self, images, batch_size: int = 64) -> list[np.ndarray]:
+        """Per-branch embeddings (each n × d_j) of RGB uint8 images at ``load_size`` (an array or an
+        array-like such as an on-disk image cache), as the gate sees them."""
+        parts = [self.member_outputs_batch(np.asarray(images[np.arange(i, min(len(images), i + batch_size))]))[1]
+                 for i in range(0, len(images), batch_size)]
+        if not parts:
+            return [np.zeros((0, d)) for d in self.embedding_dims]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(self.models))]
+
+    def _variant_outputs(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``P`` per variant (v × n × branches) and the un-augmented images' embeddings, in one pass."""
+        if not tta or len(batch) == 0:
+            P, E = self.member_outputs_batch(batch)
+            return P[None], E
+        variants = np.concatenate([dihedral(batch, k) for k in range(len(DIHEDRAL))])
+        P, E = self.member_outputs_batch(variants)
+        # Variant 0 is the identity: the first len(batch) rows are the images as given.
+        return P.reshape(len(DIHEDRAL), len(batch), -1), [e[: len(batch)] for e in E]
 
     def _variant_proba(self, batch: np.ndarray, tta: bool) -> np.ndarray:
         """``P`` per variant (v × n × branches): the images alone, or under the 8 symmetries in one pass."""
-        if not tta or len(batch) == 0:
-            return self.member_proba_batch(batch)[None]
-        variants = np.concatenate([dihedral(batch, k) for k in range(len(DIHEDRAL))])
-        return self.member_proba_batch(variants).reshape(len(DIHEDRAL), len(batch), -1)
+        return self._variant_outputs(batch, tta)[0]
 
     def score_batch(self, batch: np.ndarray, tta: bool = False, meta=None) -> tuple[np.ndarray, np.ndarray]:
         """``(P, fused)`` for RGB uint8 images at the bundle's size (``meta``: see ``fuse``).
@@ -93,8 +162,24 @@ class Ensemble:
         transformations training augments with) in one forward pass; ``fused`` is the mean of
         the 8 fused probabilities and ``P`` the mean member matrix.
         """
-        Ps = self._variant_proba(batch, tta)
-        return Ps.mean(axis=0), np.mean([self.fuse(P, meta) for P in Ps], axis=0)
+        scores = self.score_details(batch, tta, meta)
+        return scores.P, scores.fused
+
+    def score_details(self, batch: np.ndarray, tta: bool = False, meta=None,
+                      reasons: Sequence[tuple[str, ...]] | None = None) -> BatchScores:
+        """``score_batch`` plus the out-of-distribution verdict, from the same forward pass.
+
+        Args:
+            batch: RGB uint8 images at ``load_size``.
+            tta, meta: as for ``score_batch`` (the gate scores the un-augmented images).
+            reasons: the image-level check results of the original images
+                (``colorspaces.quality.image_checks``, as ``prepare_checked`` returns them);
+                None: not checked.
+        """
+        Ps, E = self._variant_outputs(batch, tta)
+        fused = np.mean([self.fuse(P, meta) for P in Ps], axis=0) if len(batch) else np.zeros(0, np.float64)
+        ood = judge(self.gate, E, list(reasons) if reasons is not None else [()] * len(batch))
+        return BatchScores(Ps.mean(axis=0), fused, ood)
 
     def member_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
         """Per-branch melanoma probabilities ``P`` (n × branches), decoding ``batch_size`` images at a time.
@@ -138,11 +223,36 @@ class Ensemble:
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0, np.float64)
 
+    def details(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False,
+                metadata: Sequence[dict | None] | None = None) -> list[PredictionDetails]:
+        """Everything known about each image: probabilities, decision and OOD verdict, in input order.
+
+        Args:
+            images: paths, RGB uint8 arrays or PIL images.
+            batch_size, tta, metadata: as for ``predict_proba``.
+
+        Raises:
+            colorspaces.ImageError: naming the first image that cannot be read.
+            ValueError: if the bundle needs metadata and it is missing or the wrong length.
+        """
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"got {len(metadata)} metadata entries for {len(images)} images")
+        if self.gate is None and not self._noted:
+            logger.warning("%s", self.ood_note)
+            self._noted = True
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch, reasons = self.prepare_checked(images[i : i + batch_size])
+            s = self.score_details(batch, tta, None if metadata is None else metadata[i : i + batch_size], reasons)
+            out += [s.row(j, self.views, self.threshold) for j in range(len(batch))]
+        return out
+
     def _load_file(self, path: str):
         try:
-            return resize_image(read_image(path), self.load_size), None
+            img = read_image(path)
+            return resize_image(img, self.load_size), image_checks(img), None
         except ImageError as exc:
-            return None, str(exc)
+            return None, (), str(exc)
 
     def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2,
                    tta: bool = False, metadata: dict[str, dict] | None = None) -> Iterator[FileBatch]:
@@ -169,26 +279,83 @@ class Ensemble:
             for ci, chunk in enumerate(chunks):
                 current = pending
                 pending = [pool.submit(self._load_file, p) for p in chunks[ci + 1]] if ci + 1 < len(chunks) else []
-                ok, imgs, failures = [], [], []
+                ok, imgs, reasons, failures = [], [], [], []
                 for path, fut in zip(chunk, current):
-                    img, err = fut.result()
+                    img, why, err = fut.result()
                     if err is None:
                         ok.append(path)
                         imgs.append(img)
+                        reasons.append(why)
                     else:
                         failures.append((path, err))
                 meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
-                P, fused = self.score_batch(np.stack(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8), tta, meta)
-                yield FileBatch(ok, P, fused, failures)
+                batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+                s = self.score_details(batch, tta, meta, reasons)
+                yield FileBatch(ok, s.P, s.fused, failures, s.ood)
 
 
 @dataclasses.dataclass
 class FileBatch:
-    """One streamed batch of ``Ensemble.iter_files``."""
+    """One streamed batch of ``Ensemble.iter_files``; ``ood`` is the gate's verdict on ``paths``."""
 
     paths: list[str]
     P: np.ndarray
     fused: np.ndarray
     failures: list[tuple[str, str]]
+    ood: OODScores | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchScores:
+    """What ``Ensemble.score_details`` returns: ``P`` (n × branches), the fused probabilities and the OOD verdict."""
+
+    P: np.ndarray
+    fused: np.ndarray
+    ood: OODScores
+
+    def row(self, j: int, views: Sequence[str], threshold: float) -> PredictionDetails:
+        """Image ``j`` as a ``PredictionDetails``."""
+        idx, flag, dist = (float(v[j]) for v in (self.ood.in_distribution_score, self.ood.out_of_distribution,
+                                                 self.ood.distance))
+        return PredictionDetails(
+            melanoma_probability=float(self.fused[j]),
+            branch_probabilities={v: float(p) for v, p in zip(views, self.P[j])},
+            decision=LABEL_NAMES[int(self.fused[j] >= threshold)],
+            in_distribution_score=None if np.isnan(idx) else idx,
+            out_of_distribution=None if np.isnan(flag) else bool(flag),
+            ood_reasons=list(self.ood.reasons[j]),
+            ood_distance=None if np.isnan(dist) else dist)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionDetails:
+    """One image's prediction with the out-of-distribution verdict (``predict_details``).
+
+    Attributes:
+        melanoma_probability: the fused probability, as ``predict`` returns it.
+        branch_probabilities: each branch's probability, by view.
+        decision: "melanoma" or "nevus" at the bundle's validation threshold (also given for an
+            out-of-distribution image, where it should not be trusted).
+        in_distribution_score: the fraction of in-distribution validation images at least as
+            atypical (1 = most typical, 0 = beyond them all or failing an image-level check);
+            None for a bundle without a gate.
+        out_of_distribution: True if an image-level check failed or the feature score is above
+            the gate's threshold; None when unknown (no gate and no failed check).
+        ood_reasons: failed image-level checks (``colorspaces.quality.REASONS``) and
+            ``atypical_features`` when the gate flagged the image.
+        ood_distance: the gate's combined feature score (higher = less typical), or None.
+    """
+
+    melanoma_probability: float
+    branch_probabilities: dict[str, float]
+    decision: str
+    in_distribution_score: float | None
+    out_of_distribution: bool | None
+    ood_reasons: list[str]
+    ood_distance: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
 
 

@@ -21,7 +21,13 @@ from ensemble.fusion import FUSION_METHODS, AverageFusion
 from models import BranchConfig
 from skinfusion.cli import common, fuse, predict, synth, train
 from skinfusion.workflows.auditing import artefact_exclusions
-from skinfusion.workflows.predicting import input_paths, predict_to_csv, read_metadata_csv, write_predictions
+from skinfusion.workflows.predicting import (
+    PREDICTION_COLUMNS,
+    input_paths,
+    predict_to_csv,
+    read_metadata_csv,
+    write_predictions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,8 +191,9 @@ def test_predictions_csv_round_trips_awkward_paths(tmp_path):
     buf = io.StringIO(newline="")
     skipped = write_predictions(_StubEnsemble(), AWKWARD_PATHS, buf, batch_size=2)
     rows = list(csv.reader(io.StringIO(buf.getvalue(), newline="")))
-    assert rows[0] == ["path", "melanoma_proba"]
-    assert rows[1:] == [[p, "0.250000"] for p in AWKWARD_PATHS if "bad" not in p]
+    assert rows[0] == list(PREDICTION_COLUMNS) and rows[0][:2] == ["path", "melanoma_proba"]
+    # The stub has no OOD gate: its OOD cells are empty, never made up.
+    assert rows[1:] == [[p, "0.250000", "", "", ""] for p in AWKWARD_PATHS if "bad" not in p]
     assert [p for p, _ in skipped] == ["bad,one.jpg"]
 
     out = tmp_path / "pred.csv"
@@ -295,6 +302,6 @@ def test_predict_piped_into_head_stops_quietly(tmp_path):
     cmd = f"{sys.executable} -m skinfusion predict --run {fixture / 'ensemble-mean'} --batch-size 400 " + " ".join(
         map(str, images)) + " | head -1"
     out = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=300)
-    assert out.stdout == "path,melanoma_proba\n"
+    assert out.stdout == ",".join(PREDICTION_COLUMNS) + "\n"
     assert "Traceback" not in out.stderr and "skinfusion: error" not in out.stderr and "Broken pipe" not in out.stderr, out.stderr
     assert out.returncode == 141, (out.returncode, out.stderr)

@@ -169,8 +169,12 @@ def test_cli_predict_prints_csv_and_flags_bad_files(trained_run, synthetic_data,
     rc = predict_main(["--run", str(trained_run), *paths, str(bad)])
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
-    assert rc == 1 and lines[0] == "path,melanoma_proba" and len(lines) == 3
-    assert lines[1].split(",")[0] == paths[0] and 0 <= float(lines[1].split(",")[1]) <= 1
+    assert rc == 1 and lines[0] == "path,melanoma_proba,in_distribution_score,out_of_distribution,ood_reason"
+    assert len(lines) == 3
+    cells = lines[1].split(",")
+    assert cells[0] == paths[0] and 0 <= float(cells[1]) <= 1
+    # The run was fused with a gate: every image gets a score and a verdict.
+    assert 0 <= float(cells[2]) <= 1 and cells[3] in ("0", "1")
     assert "bad.jpg" in captured.err
 
 

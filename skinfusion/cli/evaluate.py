@@ -1,12 +1,13 @@
 """Score the test split (or another folder): AUC with 95% CI, sensitivity, specificity.
 
-``skinfusion evaluate`` writes metrics.json and predictions.csv and prints the results tables.
+``skinfusion evaluate`` writes metrics.json, predictions.csv and subgroups.csv (and risk_coverage.csv
+when the bundle scores how typical each image is) and prints the results tables.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from skinfusion.cli.common import (
     MIN_BOOTSTRAP,
@@ -19,7 +20,12 @@ from skinfusion.cli.common import (
     run_command,
 )
 from skinfusion.workflows.evaluation import EvaluateOptions, evaluate
-from skinfusion.workflows.tables import format_source_table, format_table
+from skinfusion.workflows.tables import (
+    format_risk_coverage_table,
+    format_source_table,
+    format_subgroup_table,
+    format_table,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--isic-csv", metavar="FILE",
                    help="also write the fused predictions in ISIC challenge format (image,MEL,NV)")
     p.add_argument("--no-plots", dest="plots", action="store_false",
-                   help="skip the ROC/PR/reliability PNGs and report.html")
+                   help="skip the ROC/PR/reliability/risk-coverage PNGs and report.html")
     p.add_argument("--bootstrap", type=bootstrap_resamples, default=1000, metavar="N",
                    help=f"bootstrap resamples for the AUC 95%% CI, at least {MIN_BOOTSTRAP} (default 1000)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
@@ -62,7 +68,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("\nAUC per artefact subset (a shortcut shows up as a gap; spec = fused specificity on its nevi):")
         print(format_source_table(m["per_subset"], list(m["members"]), header="subset"))
         print("  " + ", ".join(f"{k}: spec {v['fused_specificity']:.3f}" for k, v in m["per_subset"].items() if v["n"]))
-    print(f"\nwrote {m['out_dir']}/metrics.json, predictions.csv" + (", report.html and curve PNGs" if args.plots else ""))
+    print(f"\nFused AUC per subgroup (not scored with fewer than {m['subgroups']['min_per_class']} melanomas or nevi):")
+    print(format_subgroup_table(m["subgroups"]))
+    rc = m["risk_coverage"]
+    if rc:
+        print(f"\nRisk-coverage: images accepted most typical first (in-distribution score) or most confident first "
+              f"(|p - {rc['threshold']:.3f}|); error = {rc['risk']}"
+              + ("; gate_verdict: the images the bundle's out-of-distribution gate passed" if rc.get("gate") else ""))
+        print(format_risk_coverage_table(rc))
+    written = ["metrics.json", "predictions.csv", "subgroups.csv"] + (["risk_coverage.csv"] if rc else [])
+    print(f"\nwrote {m['out_dir']}/" + ", ".join(written) + (", report.html and curve PNGs" if args.plots else ""))
     if args.isic_csv:
         print(f"wrote ISIC challenge CSV {args.isic_csv}")
     return exit_for_skipped(m["n_skipped"], f"{m['out_dir']}/skipped.csv")

@@ -1,6 +1,7 @@
 """Fit the fusion of a run's branches on their validation probabilities.
 
-``skinfusion fuse`` writes ``RUN/ensemble/`` (manifest.json + fusion.joblib). Fusion methods come
+``skinfusion fuse`` writes ``RUN/ensemble/`` (manifest.json + fusion.joblib + ood.npz, the
+out-of-distribution gate fitted on the run's training images). Fusion methods come
 from ``ensemble.fusion.FUSION_METHODS`` and views from ``colorspaces.VIEWS``, read when the
 parser is built, so a method or view registered there is a choice here with no change.
 """
@@ -12,6 +13,7 @@ from typing import Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from ensemble.fusion import FUSION_METHODS
+from ensemble.ood import DEFAULT_PERCENTILE
 from skinfusion.cli.common import (
     EXIT_OK,
     add_quiet,
@@ -60,13 +62,19 @@ def parser() -> argparse.ArgumentParser:
                         "age, sex, site, read from the run's dataset (metadata.csv, isic-cli or HAM10000 columns); "
                         "unknown values are allowed. Every prediction then takes them (predict --metadata CSV, "
                         "predict(image, metadata={...})). Default: images only")
+    p.add_argument("--ood-percentile", type=float, default=DEFAULT_PERCENTILE, metavar="P",
+                   help="out-of-distribution gate: flag images whose feature score is above the P-th percentile of "
+                        "the validation images' scores, so about P%% of in-distribution images pass (50-100; "
+                        f"default {DEFAULT_PERCENTILE:g}). Higher P flags fewer images of other clinics but lets "
+                        "more unusual inputs through; 99 still caught every non-dermoscopic image in a probe. "
+                        "The gate is fitted on up to 2,000 training images of the run's dataset")
     add_quiet(p)
     return p
 
 
 def _fuse(args: argparse.Namespace) -> int:
     result = fuse_run(args.run, args.method, parse_views(args.views), folds=args.folds, jobs=args.jobs,
-                      metadata=args.metadata)
+                      metadata=args.metadata, ood_percentile=args.ood_percentile)
     with_meta = f" with metadata {', '.join(result['metadata'])}" if result["metadata"] else ""
     print(f"fusion '{args.method}'{with_meta} written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} "
           "(chosen on validation)")
@@ -75,6 +83,12 @@ def _fuse(args: argparse.Namespace) -> int:
         print(f"stacker fitted on {fit['n_images']} out-of-fold training images ({fit['folds']} folds); validation AUC "
               f"{fit['val_auc_oof_stacker']:.4f} vs {fit['val_auc_val_stacker_cv']:.4f} for a stacker fitted on "
               f"validation (cross-validated)")
+    ood = result.get("ood")
+    if ood:
+        print(f"OOD gate fitted on {ood['n_fit']} training images; threshold {ood['threshold']:.3f}, the "
+              f"{ood['percentile']:g}th percentile of {ood['n_val']} validation scores")
+    else:
+        print("no OOD gate (see the warning): predictions carry only the image-level checks")
     print("validation metrics (not a test result):")
     print(format_table(result["validation"]))
     return EXIT_OK

@@ -1,4 +1,8 @@
-"""Fused melanoma probability per image, as a CSV, for image files, folders or lists.
+"""Fused melanoma probability and out-of-distribution verdict per image, as a CSV, for files, folders or lists.
+
+Next to ``path,melanoma_proba`` each row says whether the image looks like the dermoscopic images
+the run was trained on: ``in_distribution_score`` (1 = most typical), ``out_of_distribution``
+(1/0) and ``ood_reason`` (see ``skinfusion.workflows.predicting.write_predictions``).
 
 ``skinfusion predict`` streams: images are decoded, scored and written in batches, so folders of
 any size fit in memory. The work is ``skinfusion.workflows.predicting``; this module is its flags.
@@ -42,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"a folder (searched recursively for {'/'.join(IMAGE_SUFFIXES)} files, in sorted order) "
                         "or a text file listing one image path per line (relative paths are relative to that file)")
     p.add_argument("--out", metavar="CSV",
-                   help="write path,melanoma_proba here instead of stdout (through a temporary file beside it, "
-                        "renamed when complete); skipped files go to CSV.skipped.csv")
+                   help="write the CSV (path, melanoma_proba, in_distribution_score, out_of_distribution, "
+                        "ood_reason) here instead of stdout (through a temporary file beside it, renamed when "
+                        "complete); skipped files go to CSV.skipped.csv")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="image decoding threads, overlapped with inference (default 2)")
@@ -89,7 +94,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``skinfusion predict``: write path,melanoma_proba rows to stdout or ``--out``.
+    """``skinfusion predict``: write path, melanoma_proba and OOD columns to stdout or ``--out``.
 
     Returns:
         0, or 1 if any image was unreadable, 2 on a reported error, 130 after Ctrl-C.

@@ -25,7 +25,9 @@ from skinfusion.data.index import DatasetIndex, Record, write_skip_report
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.auditing import read_audit_flags
+from skinfusion.workflows.coverage import scored_risk_coverage, write_risk_coverage
 from skinfusion.workflows.report import write_curves, write_html, write_isic_csv
+from skinfusion.workflows.subgroups import records_subgroups, write_subgroups_csv
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,12 @@ METRICS_SCHEMA_VERSION = 2
 @dataclass(frozen=True)
 class Scored:
     """What a run scored: the images that loaded, their member matrix ``P`` (n × views) and fused
-    probabilities, the files skipped as ``(path, reason)``, the inference time and whether TTA was on."""
+    probabilities, the files skipped as ``(path, reason)``, the inference time and whether TTA was on.
+
+    ``in_distribution_score`` (n,) is the OOD gate's score (``ensemble.ood``: the share of validation
+    images at least as atypical, 1 = most typical, 0 = failed an image-level check; NaN for a bundle
+    without a gate) and ``out_of_distribution`` (n,) its verdict (1.0, 0.0, or NaN when unknown);
+    None when not scored."""
 
     records: list[Record]
     P: np.ndarray
@@ -44,6 +51,8 @@ class Scored:
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     tta: bool = False
+    in_distribution_score: np.ndarray | None = None
+    out_of_distribution: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +344,7 @@ def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOpt
         sites = ens.known_sites
         for message in describe_unreadable(unreadable_values(list(meta.values()), ens.metadata_fields, sites), sites):
             logger.warning("metadata of the scored images: %s", message)
-    kept, P_parts, fused_parts, failures = [], [], [], []
+    kept, P_parts, fused_parts, failures, ood_parts = [], [], [], [], []
     t0, step = time.perf_counter(), max(1, len(by_path) // 10)
     for batch in ens.iter_files(list(by_path), batch_size=options.batch_size, workers=options.workers,
                                 tta=options.tta, metadata=meta):
@@ -343,6 +352,7 @@ def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOpt
         kept += [by_path[p] for p in batch.paths]
         P_parts.append(batch.P)
         fused_parts.append(batch.fused)
+        ood_parts.append(batch.ood)
         failures += batch.failures
         for _path, reason in batch.failures:
             logger.warning("skipping %s", reason)
@@ -351,7 +361,9 @@ def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOpt
             logger.info("scored %d/%d images (%.0fs)", done, len(by_path), time.perf_counter() - t0)
     P = np.concatenate(P_parts) if P_parts else np.zeros((0, len(ens.views)))
     fused = np.concatenate(fused_parts) if fused_parts else np.zeros(0)
-    return Scored(kept, P, fused, failures, time.perf_counter() - t0, options.tta)
+    idx = np.concatenate([o.in_distribution_score for o in ood_parts]) if ood_parts else np.zeros(0)
+    flag = np.concatenate([o.out_of_distribution for o in ood_parts]) if ood_parts else np.zeros(0)
+    return Scored(kept, P, fused, failures, time.perf_counter() - t0, options.tta, idx, flag)
 
 
 def _artefact_flags(records: Sequence[Record], options: EvaluateOptions) -> dict[str, set[str]] | None:
@@ -367,8 +379,10 @@ def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = No
              options: EvaluateOptions = EvaluateOptions(), data_root: str | None = None) -> dict[str, Any]:
     """Score the run's test split (or every image of ``data_dir``) and write the results.
 
-    Writes ``metrics.json`` (see ``Evaluator``), ``predictions.csv`` and ``skipped.csv``; with
-    ``options.plots`` the ROC / precision-recall / reliability PNGs and ``report.html``; with
+    Writes ``metrics.json`` (see ``Evaluator``, plus the ``subgroups`` and ``risk_coverage``
+    sections), ``predictions.csv``, ``subgroups.csv`` and ``skipped.csv``, and ``risk_coverage.csv``
+    when the images carry an in-distribution score; with ``options.plots`` the ROC /
+    precision-recall / reliability (and risk-coverage) PNGs and ``report.html``; with
     ``options.isic_csv`` the predictions in ISIC challenge format. With ``options.audit``, AUC
     is also reported on the artefact-free images and on each artefact subset (flags from
     ``options.audit_csv``, or detected on the scored images). With ``data_dir``, images that
@@ -400,13 +414,17 @@ def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = No
         (p, "listed in the labels but the file is missing") for p in target.missing])
     evaluator = Evaluator.for_ensemble(ens, options.n_boot)
     info = RunInfo(str(run.resolve()), target.scope, ens.manifest["method"], tuple(ens.metadata_fields))
-    metrics = evaluator.evaluate(scored, info, _artefact_flags(scored.records, options))
+    metrics = {**evaluator.evaluate(scored, info, _artefact_flags(scored.records, options)),
+               "subgroups": records_subgroups(scored.records, scored.fused, options.n_boot),
+               "risk_coverage": scored_risk_coverage(scored, evaluator.threshold, options.n_boot)}
     evaluator.write(target.out, metrics, scored)
+    write_subgroups_csv(target.out / "subgroups.csv", metrics["subgroups"])
+    pngs = write_risk_coverage(target.out, metrics["risk_coverage"], scored, options.plots)
     if options.isic_csv:
         write_isic_csv(options.isic_csv, [r.image_id for r in scored.records], scored.fused)
     if options.plots:
         logger.info("drawing the curves and report.html")
         y = np.array([r.label for r in scored.records], dtype=int)
         columns = {**{v: scored.P[:, j] for j, v in enumerate(evaluator.views)}, "fused": scored.fused}
-        write_html(metrics, target.out, write_curves(y, columns, target.out, title=f"({target.scope})"[:60]))
+        write_html(metrics, target.out, write_curves(y, columns, target.out, title=f"({target.scope})"[:60]) + pngs)
     return {**metrics, "out_dir": str(target.out)}

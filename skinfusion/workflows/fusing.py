@@ -11,17 +11,22 @@ import numpy as np
 
 from colorspaces import DEFAULT_VIEWS
 from ensemble.bundle import check_branch, retrain_hint, save_ensemble, sha256_file
+from ensemble.engine import Ensemble
 from ensemble.fusion import fusion_class, make_fusion, methods_that
 from ensemble.metadata import clean_age, clean_text, parse_fields
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
+from ensemble.ood import DEFAULT_PERCENTILE, MIN_IMAGES, OODGate, check_percentile, embedding_layer, fit_gate
+from models.store import load_branch
+from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
-from skinfusion.data.splits import load_split
+from skinfusion.data.splits import load_split, recorded_data_dir
 from skinfusion.workflows.oof import oof_member_proba
 from skinfusion.workflows.runlock import run_lock
 
 logger = logging.getLogger(__name__)
 
 SPLIT_FILE = "splits.csv"
+GATE_MAX_TRAIN = 2000  # training images the OOD gate is fitted on (a seeded subsample): enough for a 128-d covariance
 
 
 def read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
@@ -70,7 +75,8 @@ def check_same_split(run: Path, views: Sequence[str], metas: Sequence[dict[str, 
 
 
 def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = None, folds: int = 0,
-             jobs: int | None = None, metadata: Sequence[str] | str = ()) -> dict[str, Any]:
+             jobs: int | None = None, metadata: Sequence[str] | str = (),
+             ood_percentile: float | None = DEFAULT_PERCENTILE) -> dict[str, Any]:
     """Fit the fusion on the branches' validation probabilities and write ``RUN/ensemble/``.
 
     ``method`` names an estimator of ``ensemble.fusion.FUSION_METHODS``, and what it can do
@@ -87,6 +93,11 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = N
     fusion also takes each image's metadata from the run's dataset, and every later
     prediction needs it.
 
+    The out-of-distribution gate (``ensemble.ood``) is fitted on the embeddings of up to
+    ``GATE_MAX_TRAIN`` training images of the run's dataset, and its threshold set at the
+    ``ood_percentile``-th percentile of the validation images' scores (None: no gate). Without
+    the run's dataset at hand the bundle is written without a gate, with a warning.
+
     Raises:
         KeyError: if ``method`` is not a registered fusion method.
         FileNotFoundError: if a branch is missing.
@@ -100,16 +111,18 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = N
     make_fusion(method, metadata)  # refuse metadata the method cannot use before reading anything
     if folds and folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
+    if ood_percentile is not None:
+        ood_percentile = check_percentile(ood_percentile)
     views = tuple(DEFAULT_VIEWS if views is None else views)
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"--run {run}: no such run directory; train its branches with `skinfusion train` first")
     with run_lock(run, f"skinfusion fuse --method {method}"):
-        return _fuse_locked(run, method, views, folds, jobs, metadata)
+        return _fuse_locked(run, method, views, folds, jobs, metadata, ood_percentile)
 
 
 def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs: int | None,
-                 metadata: tuple[str, ...]) -> dict[str, Any]:
+                 metadata: tuple[str, ...], ood_percentile: float | None) -> dict[str, Any]:
     branch_dirs = [run / "branches" / v for v in views]
     # Each branch is loaded as load_ensemble will load it, before minutes of fitting, not after.
     infos = [check_branch(b) for b in branch_dirs]
@@ -157,7 +170,8 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
     val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
     val["fused"] = binary_report(y, fused, threshold)
     weights = fusion.describe(views)
-    save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, extra={
+    gate = fit_run_gate(run, branch_dirs, ood_percentile) if ood_percentile is not None else None
+    save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, gate=gate, extra={
         "validation_metrics": val,
         "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
         "split_seed": infos[0][1].get("split_seed"),
@@ -166,8 +180,61 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
         **stack_fit,
     })
     logger.info("%s fusion weights %s", method, weights)
+    ood = None if gate is None else {"threshold": gate.threshold, "percentile": gate.percentile,
+                                     "n_fit": gate.n_fit, "n_val": len(gate.val_scores)}
     return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble"),
-            "metadata": list(metadata), "fusion_weights": weights, **stack_fit}
+            "metadata": list(metadata), "fusion_weights": weights, "ood": ood, **stack_fit}
+
+
+def fit_run_gate(run: Path, branch_dirs: Sequence[Path], percentile: float, seed: int = 0,
+                 workers: int = 2) -> OODGate | None:
+    """Fit the OOD gate of a run: on a seeded subsample of its training images, thresholded on its validation images.
+
+    The embeddings come from the same forward pass the bundle will run (``Ensemble.embed``).
+
+    Returns:
+        The gate, or None (with a warning saying why) when the run's dataset cannot be read,
+        has changed since the split, or holds fewer than ``MIN_IMAGES`` training or validation images.
+    """
+    try:
+        assign, info = load_split(run)
+        data_dir = recorded_data_dir(run, info)
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"{data_dir}: the run's dataset (recorded in {run / 'split.json'}) is not there")
+        index = index_dataset(data_dir, log=False)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.warning("fusing without an OOD gate: its training images cannot be read (%s)", exc)
+        return None
+    if index.fingerprint() != info.get("dataset_fingerprint"):
+        logger.warning("fusing without an OOD gate: %s changed since %s was split", data_dir, run)
+        return None
+    train = [r.path for r in index.records if assign.get(r.image_id) == "train"]
+    val = [r.path for r in index.records if assign.get(r.image_id) == "val"]
+    if min(len(train), len(val)) < MIN_IMAGES:
+        logger.warning("fusing without an OOD gate: it needs %d training and validation images, the run has %d and %d",
+                       MIN_IMAGES, len(train), len(val))
+        return None
+    if len(train) > GATE_MAX_TRAIN:
+        keep = np.random.default_rng(seed).choice(len(train), GATE_MAX_TRAIN, replace=False)
+        train = [train[i] for i in sorted(keep)]  # in dataset order: the cache key stays the same per seed
+    models, configs = zip(*(load_branch(b)[:2] for b in branch_dirs))
+    shape = {"image_size": configs[0].image_size, "load_size": configs[0].load_size, "threshold": 0.5}
+    ens = Ensemble(shape, list(models), list(configs), fusion=None)  # only its forward pass is used
+    logger.info("fitting the OOD gate on %d training images, thresholded on %d validation images", len(train), len(val))
+    embeddings = []
+    for paths, what in ((train, "OOD gate training images"), (val, "validation images")):
+        # Same lists and size as training decoded (when the subsample is the whole split): the cache is reused.
+        imgs, _, _ = cached_images(paths, configs[0].load_size, workers=workers, desc=what)
+        embeddings.append(ens.embed(imgs))
+    n_fit, n_val = len(embeddings[0][0]), len(embeddings[1][0])  # unreadable files were skipped
+    if min(n_fit, n_val) < MIN_IMAGES:
+        logger.warning("fusing without an OOD gate: only %d training and %d validation images could be read",
+                       n_fit, n_val)
+        return None
+    gate = fit_gate(embeddings[0], embeddings[1], percentile, embedding_layer(models[0]))
+    logger.info("OOD gate: threshold %.3f (%gth percentile of %d validation scores)", gate.threshold, percentile,
+                len(gate.val_scores))
+    return gate
 
 
 def _dataset_metadata(run: Path, fields: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
@@ -16,7 +17,8 @@ from skinfusion.data.index import read_csv_rows, write_skip_report
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("path", "melanoma_proba")
+# The first two are the original columns, kept first and in order for readers that index them.
+PREDICTION_COLUMNS = ("path", "melanoma_proba", "in_distribution_score", "out_of_distribution", "ood_reason")
 
 
 def input_paths(spec: str) -> list[str]:
@@ -93,10 +95,17 @@ def read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str],
 def write_predictions(ens: Ensemble, paths: Sequence[str], fh: TextIO, batch_size: int = 64, workers: int = 2,
                       tta: bool = False, metadata: dict[str, dict] | None = None,
                       on_batch: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
-    """Score image files in streamed batches and write ``path,melanoma_proba`` rows to ``fh``.
+    """Score image files in streamed batches and write ``PREDICTION_COLUMNS`` rows to ``fh``.
 
     Rows go through the ``csv`` module, so a path with a comma, quote or newline reads back
     intact. Memory holds two batches whatever the number of files (see ``Ensemble.iter_files``).
+
+    The out-of-distribution columns (``ensemble.ood``): ``in_distribution_score`` is the share of
+    in-distribution validation images at least as atypical (1 = most typical; 0 when an image-level
+    check failed); ``out_of_distribution`` is 1 or 0; ``ood_reason`` lists the failed checks
+    (``too_small``, ``extreme_aspect_ratio``, ``not_colour``, ``nearly_uniform``) and
+    ``atypical_features``, separated by ``;``. A bundle without a gate leaves the score empty, and
+    the flag empty unless an image-level check failed (a warning says so once).
 
     Args:
         ens: the loaded ensemble.
@@ -113,15 +122,28 @@ def write_predictions(ens: Ensemble, paths: Sequence[str], fh: TextIO, batch_siz
     """
     writer = csv.writer(fh, lineterminator="\n")
     writer.writerow(PREDICTION_COLUMNS)
+    note = getattr(ens, "ood_note", None)
+    if note:
+        logger.warning("%s", note)
     skipped: list[tuple[str, str]] = []
     for batch in ens.iter_files(paths, batch_size=batch_size, workers=workers, tta=tta, metadata=metadata):
-        writer.writerows((p, f"{q:.6f}") for p, q in zip(batch.paths, batch.fused))
+        writer.writerows((p, f"{q:.6f}", *_ood_cells(getattr(batch, "ood", None), j))
+                         for j, (p, q) in enumerate(zip(batch.paths, batch.fused)))
         for _, reason in batch.failures:
             logger.warning("skipped %s", reason)
         skipped += batch.failures
         if on_batch is not None:
             on_batch(len(batch.paths) + len(batch.failures), len(skipped))
     return skipped
+
+
+def _ood_cells(ood, j: int) -> tuple[str, str, str]:
+    """The ``in_distribution_score, out_of_distribution, ood_reason`` cells of row ``j`` (empty when unknown)."""
+    if ood is None:
+        return "", "", ""
+    score, flag = ood.in_distribution_score[j], ood.out_of_distribution[j]
+    return ("" if math.isnan(score) else f"{score:.4f}", "" if math.isnan(flag) else str(int(flag)),
+            ";".join(ood.reasons[j]))
 
 
 def skip_report_path(out_csv: str | os.PathLike) -> Path:

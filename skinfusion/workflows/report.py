@@ -6,8 +6,9 @@ import csv
 import html
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.calibration import calibration_curve
@@ -19,6 +20,7 @@ from sklearn.metrics import (
 )
 
 from colorspaces.files import atomic_open, atomic_path
+from skinfusion.workflows.coverage import result_rows
 
 CURVES = ("roc.png", "pr.png", "reliability.png")
 
@@ -59,10 +61,10 @@ def write_curves(y: np.ndarray, columns: dict[str, np.ndarray], out_dir: str | o
     y = np.asarray(y).astype(int)
     if len(np.unique(y)) < 2:
         return []
-    styles = {"fused": dict(color="black", lw=2.2)}
+    styles = {"fused": {"color": "black", "lw": 2.2}}
     figs = {name: plt.subplots(figsize=(5.2, 5.0), dpi=110) for name in CURVES}
     for name, proba in columns.items():
-        style = styles.get(name, dict(lw=1.3))
+        style = styles.get(name, {"lw": 1.3})
         fpr, tpr, _ = roc_curve(y, proba)
         figs["roc.png"][1].plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})", **style)
         prec, rec, _ = precision_recall_curve(y, proba)
@@ -94,6 +96,44 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "–" if math.isnan(v) else f"{v:.3f}"
     return html.escape(str(v))
+
+
+def _auc_cells(row: dict[str, Any]) -> str:
+    """AUC and CI cells, or one cell spanning both with the reason there is no AUC ("too few ...")."""
+    if row["note"]:
+        return f'<td colspan="2">{html.escape(row["note"])}</td>'
+    return f"<td>{_fmt(row['auc'])}</td><td>{_fmt(row['auc_ci95'][0])}–{_fmt(row['auc_ci95'][1])}</td>"
+
+
+def _subgroup_section(sub: dict[str, Any] | None) -> str:
+    """The "AUC per subgroup" heading and table (``subgroups.subgroup_report``), or ``""``."""
+    if not sub:
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(field)}</th><td>{html.escape(group)}</td><td>{r['n']}</td><td>{r['n_melanoma']}</td>"
+        f"<td>{r['n_nevus']}</td>{_auc_cells(r)}</tr>"
+        for field, groups in sub["groups"].items() for group, r in groups.items())
+    missing = [f for f, groups in sub["groups"].items() if not groups]
+    note = f" Not recorded for these images: {html.escape(', '.join(missing))}." if missing else ""
+    return (f"<h2>Fused AUC per subgroup</h2><p>No AUC is given for a group with fewer than {sub['min_per_class']} "
+            f"melanomas or nevi: its CI would be too wide to read.{note}</p><table><tr><th>field</th><th>group</th>"
+            f"<th>n</th><th>melanoma</th><th>nevus</th><th>AUC</th><th>95% CI</th></tr>{rows}</table>")
+
+
+def _coverage_section(rc: dict[str, Any] | None) -> str:
+    """The risk-coverage heading and table (``coverage.risk_coverage``), or ``""``."""
+    if not rc:
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(ranking)}</th><td>{r['coverage']:.3f}</td><td>{r['n']}</td><td>{r['n_melanoma']}</td>"
+        f"<td>{_fmt(r['error_rate'])}</td>{_auc_cells(r)}</tr>"
+        for ranking, r in result_rows(rc))
+    gate = " gate_verdict: the images the bundle's out-of-distribution gate passed." if rc.get("gate") else ""
+    return (f"<h2>Risk against coverage</h2><p>Images accepted most typical first (in-distribution score) or most "
+            f"confident first (|p − {rc['threshold']:.3f}|); error = {html.escape(rc['risk'])}.{gate}</p>"
+            f"<table><tr>"
+            f"<th>accepted by</th><th>coverage</th><th>n</th><th>melanoma</th><th>error</th><th>AUC</th><th>95% CI</th>"
+            f"</tr>{rows}</table>")
 
 
 def write_html(metrics: dict[str, Any], out_dir: str | os.PathLike, images: Sequence[str]) -> Path:
@@ -135,6 +175,8 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th:first-child{{t
 <h2>Per branch and fused</h2><table>{head}{''.join(body)}</table>
 <h2>AUC per source</h2><table>{src_head}{src_rows}</table>
 {f'<h2>AUC per artefact subset</h2><table>{src_head}{subset_rows}</table>' if subset_rows else ''}
+{_subgroup_section(metrics.get("subgroups"))}
+{_coverage_section(metrics.get("risk_coverage"))}
 <h2>Curves</h2>{imgs}
 <p>Full numbers: <a href="metrics.json">metrics.json</a>, per-image: <a href="predictions.csv">predictions.csv</a>.</p>
 </body></html>

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
+
+from skinfusion.workflows.coverage import result_rows
 
 logger = logging.getLogger(__name__)
 
@@ -28,4 +30,34 @@ def format_source_table(per_source: dict[str, dict], views: Sequence[str], heade
     for source, row in per_source.items():
         aucs = " ".join(f"{row[c]['auc']:6.3f}" for c in cols)
         lines.append(f"{source:16} {row['n']:5d} {row['n_melanoma']:4d} {aucs}")
+    return "\n".join(lines)
+
+
+def _auc_cells(row: dict) -> str:
+    """``AUC [low, high]`` of a row, or its note (``too few melanomas (n=3)``) when it has no AUC."""
+    if row["note"]:
+        return row["note"]
+    lo, hi = row["auc_ci95"]
+    return f"{row['auc']:6.3f} {f'[{lo:.3f}, {hi:.3f}]':>15}"
+
+
+def format_subgroup_table(report: dict) -> str:
+    """A plain-text table of the fused AUC (95% CI) per age band, sex and site (``subgroup_report``)."""
+    lines = [f"{'field':5} {'group':18} {'n':>5} {'mel':>4} {'nev':>5} {'AUC':>6} {'95% CI':>15}"]
+    for field, rows in report["groups"].items():
+        if not rows:
+            lines.append(f"{field:5} {'(not recorded)':18}")
+        for group, r in rows.items():
+            lines.append(f"{field:5} {group:18} {r['n']:5d} {r['n_melanoma']:4d} {r['n_nevus']:5d} {_auc_cells(r)}")
+    return "\n".join(lines)
+
+
+def format_risk_coverage_table(result: dict) -> str:
+    """A plain-text table of AUC (95% CI) and error rate against coverage, per ranking (``risk_coverage``)."""
+    lines = [f"{'accepted by':16} {'coverage':>8} {'n':>5} {'mel':>4} {'error':>6}  {'AUC':>6} {'95% CI':>15}"]
+    for ranking, r in result_rows(result):
+        lines.append(f"{ranking:16} {r['coverage']:8.3f} {r['n']:5d} {r['n_melanoma']:4d} {r['error_rate']:6.3f}  "
+                     f"{_auc_cells(r)}")
+    lines.append("mean error rate over all coverages (AURC, lower = errors rejected first): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in result["aurc"].items()))
     return "\n".join(lines)
