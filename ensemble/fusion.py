@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
@@ -9,6 +11,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.utils.validation import check_is_fitted
 
 from ensemble.metadata import MetadataEncoder, parse_fields
+from ensemble.priors import shift_proba
 
 _CLIP = 1e-6
 
@@ -57,12 +60,35 @@ class FusionEstimator(ClassifierMixin, BaseEstimator):
     parameter was chosen on, on which the decision threshold is chosen. ``predict_proba(P,
     meta=None)`` returns (n, 2) [nevus, melanoma] and ``describe(views)`` what the fit
     learnt, per feature, for logs and the manifest.
+
+    ``logit_offset_`` (0 unless set by ``with_logit_offset``) is added to the fused log-odds in
+    ``predict_proba``: the label-shift correction of ``skinfusion adapt``.
     """
 
     supports_metadata = False
     supports_folds = False
-    # A class attribute, so fusions pickled before metadata existed read as images only.
+    # Class attributes, so fusions pickled before metadata or adaptation existed read as images
+    # only and unshifted.
     metadata_: tuple[str, ...] = ()
+    logit_offset_: float = 0.0
+
+    def with_logit_offset(self, offset: float) -> FusionEstimator:
+        """A copy whose fused probability is ``sigmoid(logit p + offset)``: a prior correction.
+
+        The shift is monotone, so rankings and AUC are unchanged; only calibration and the
+        meaning of a fixed threshold move. ``held_out_proba_`` (the source validation fit) is kept.
+        """
+        new = copy.deepcopy(self)
+        new.logit_offset_ = float(offset)
+        return new
+
+    def _shifted(self, proba: np.ndarray) -> np.ndarray:
+        """(n, 2) class probabilities with ``logit_offset_`` applied to the melanoma column."""
+        offset = float(getattr(self, "logit_offset_", 0.0))
+        if offset == 0.0:
+            return proba  # bit-identical to fusions from before the offset existed
+        p = shift_proba(proba[:, 1], offset)
+        return np.column_stack([1.0 - p, p])
 
     def predict(self, P, threshold: float = 0.5, meta=None) -> np.ndarray:
         """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
@@ -102,7 +128,7 @@ class AverageFusion(FusionEstimator):
         """Return (n, 2) class probabilities [nevus, melanoma]; ``meta`` is ignored (images only)."""
         check_is_fitted(self, "weights_")
         p = check_member_proba(P, self.n_features_in_) @ self.weights_
-        return np.column_stack([1.0 - p, p])
+        return self._shifted(np.column_stack([1.0 - p, p]))
 
     def describe(self, views) -> dict[str, float]:
         """The normalised weight of each member."""
@@ -180,7 +206,8 @@ class StackingFusion(FusionEstimator):
     def predict_proba(self, P, meta=None) -> np.ndarray:
         """Return (n, 2) class probabilities [nevus, melanoma]; ``meta`` is needed when fitted with metadata."""
         check_is_fitted(self, "final_estimator_")
-        return self.final_estimator_.predict_proba(self._features(check_member_proba(P, self.n_features_in_), meta))
+        Z = self._features(check_member_proba(P, self.n_features_in_), meta)
+        return self._shifted(self.final_estimator_.predict_proba(Z))
 
     def weights(self, views) -> dict[str, float]:
         """The fitted log-odds weight of each feature (the members named by ``views``, then metadata)."""

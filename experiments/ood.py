@@ -161,7 +161,9 @@ def evaluate_gate(run: str, data: str, holdout_ids: str | None = None, n_far: in
         raise SystemExit(f"{run}: this ensemble has no OOD gate; re-run `skinfusion fuse --run {run}` first")
     assign, _ = load_split(run)
     records = index_dataset(data, log=False).records
-    test = [r for r in records if assign.get(r.image_id) == "test"]
+    ids = set() if not holdout_ids else {ln.strip() for ln in Path(holdout_ids).read_text().splitlines() if ln.strip()}
+    # A held-out source's test images are not in-distribution: they are reported on their own.
+    test = [r for r in records if assign.get(r.image_id) == "test" and r.image_id not in ids]
     if not test:
         raise SystemExit(f"{data}: none of its images is in the test split of {run}; is it the run's dataset?")
     logger.info("scoring %d in-distribution test images", len(test))
@@ -183,13 +185,21 @@ def evaluate_gate(run: str, data: str, holdout_ids: str | None = None, n_far: in
         near = _score(ens, near_paths, batch_size)
         result["near_ood"] = {"n": len(near_paths), "flagged": float(near["flagged"].mean()),
                               **detection(near["score"], ind["score"])}
+    sets = {"in_distribution_test": ind["score"], "far_ood": far_s["score"]}
+    if near_paths:
+        sets["near_ood"] = near["score"]
     if holdout_ids:
-        ids = {ln.strip() for ln in Path(holdout_ids).read_text().splitlines() if ln.strip()}
         held = [r for r in records if r.image_id in ids]
         logger.info("scoring %d held-out images of %d listed", len(held), len(ids))
         h = _score(ens, [r.path for r in held], batch_size)
         result["holdout"] = {"n": len(held), "flagged": float(h["flagged"].mean()) if held else float("nan"),
                              "per_source": _by([r.source for r in held], h["flagged"])}
+        sets["holdout"] = h["score"]
+    # What other percentiles of the validation scores would flag: the default is chosen from this
+    # table (a held-out source's dermoscopy must not be rejected wholesale).
+    result["by_percentile"] = {
+        f"{q:g}": {name: float((sc > np.percentile(ens.gate.val_scores, q)).mean()) for name, sc in sets.items()}
+        for q in (90, 95, 97.5, 99, 99.5, 99.9)}
     return result
 
 
@@ -218,6 +228,11 @@ def markdown(result: dict[str, Any]) -> str:
         row("held-out ids", result["holdout"])
         for src, r in result["holdout"]["per_source"].items():
             row(f"  held-out source {src}", r)
+    names = list(next(iter(result["by_percentile"].values())))
+    lines += ["", "| validation percentile | " + " | ".join(f"{n} flagged" for n in names) + " |",
+              "| ---: | " + " | ".join("---:" for _ in names) + " |"]
+    for q, shares in result["by_percentile"].items():
+        lines.append(f"| {q} | " + " | ".join(f"{shares[n]:.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 

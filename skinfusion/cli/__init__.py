@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "fuse": "skinfusion.cli.fuse",
     "evaluate": "skinfusion.cli.evaluate",
     "predict": "skinfusion.cli.predict",
+    "adapt": "skinfusion.cli.adapt",
     "audit": "skinfusion.cli.audit",
     "verify-split": "skinfusion.cli.verify_split",
     "synth": "skinfusion.cli.synth",
