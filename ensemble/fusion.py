@@ -220,8 +220,50 @@ class StackingFusion(FusionEstimator):
         return self.weights(views)
 
 
+class SelectionFusion(AverageFusion):
+    """Greedy forward ensemble selection (Caruana et al. 2004): a weighted mean of the members that earn their place.
+
+    ``fit`` picks members with replacement by validation AUC (``ensemble.selection``); a member
+    never picked gets weight 0, one picked twice counts twice. The selection learns from labels,
+    so the threshold's probabilities (``held_out_proba_``) are cross-fitted: each fold's images
+    are fused with weights selected on the other folds.
+
+    Args:
+        rounds: additions after the first member.
+        cv: folds for ``held_out_proba_``.
+        random_state: seed of the fold assignment.
+    """
+
+    supports_folds = True
+
+    def __init__(self, rounds: int = 20, cv: int = 5, random_state: int = 0):
+        self.rounds = rounds
+        self.cv = cv
+        self.random_state = random_state
+
+    def fit(self, P, y, meta=None):
+        """Select member weights on ``P`` and labels ``y`` (``meta`` is ignored). Returns self."""
+        from ensemble.selection import greedy_selection
+
+        P = check_member_proba(P)
+        y = np.asarray(y).astype(int)
+        counts = np.bincount(y, minlength=2)
+        if y.shape != (P.shape[0],) or len(counts) > 2 or counts.min() < 2:
+            raise ValueError(f"selection needs binary labels with at least 2 of each class, got counts {counts.tolist()}")
+        self.n_features_in_ = P.shape[1]
+        self.classes_ = np.array([0, 1])
+        self.weights_ = greedy_selection(P, y, self.rounds)
+        held = np.empty(len(y))
+        folds = StratifiedKFold(n_splits=min(self.cv, int(counts.min())), shuffle=True, random_state=self.random_state)
+        for fit_rows, out_rows in folds.split(P, y):
+            held[out_rows] = P[out_rows] @ greedy_selection(P[fit_rows], y[fit_rows], self.rounds)
+        self.held_out_proba_ = held
+        return self
+
+
 # The one table of fusion methods: a new method is a FusionEstimator subclass added here.
-FUSION_METHODS: dict[str, type[FusionEstimator]] = {"mean": AverageFusion, "stack": StackingFusion}
+FUSION_METHODS: dict[str, type[FusionEstimator]] = {"mean": AverageFusion, "stack": StackingFusion,
+                                                    "select": SelectionFusion}
 
 
 def fusion_class(method: str) -> type[FusionEstimator]:

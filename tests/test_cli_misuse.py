@@ -236,7 +236,7 @@ CASES = [
     C("synth-size-too-small", "synth --out {tmp}/syn --size 4", 2, r"argument --size: must be at least 16"),
     C("fuse-views-unknown", "fuse --run {run} --views rgb,xyz", 2, r"--views takes comma-separated names from"),
     C("fuse-views-duplicate", "fuse --run {run} --views rgb,rgb", 2, r"--views names a branch twice"),
-    C("fuse-folds-with-mean", "fuse --run {run} --folds 3", 2, r"--folds only applies to --method stack"),
+    C("fuse-folds-with-mean", "fuse --run {run} --folds 3", 2, r"--folds only applies to --method select or stack"),
     C("fuse-folds-one", "fuse --run {run} --method stack --folds 1", 2, r"--folds must be at least 2, got 1"),
     C("fuse-metadata-with-mean", "fuse --run {run} --metadata age", 2, r"metadata fusion needs --method stack"),
     C("fuse-metadata-unknown-field", "fuse --run {run} --method stack --metadata height", 2, r"height.*age"),

@@ -230,7 +230,7 @@ def test_a_registered_fusion_method_fuses_a_run_with_no_other_code_change(tmp_pa
     np.testing.assert_allclose(ens.predict_proba(images), ens.member_proba(images).max(axis=1), atol=1e-12)
     # its capabilities, not its name, decide what it may do
     assert make_fusion("max", "age").metadata == ("age",)
-    with pytest.raises(ValueError, match="--folds only applies to --method stack"):
+    with pytest.raises(ValueError, match="--folds only applies to --method select or stack"):
         fuse_run(str(run), "max", VIEWS3, folds=3)
     monkeypatch.setattr(ToyMaxFusion, "supports_metadata", False)
     with pytest.raises(ValueError, match="metadata fusion needs --method stack"):

@@ -150,3 +150,19 @@ def test_greedy_selection_refuses_one_class():
                                             ("ISIC_archive", "ISIC_archive"), ("train", "train")])
 def test_source_family_merges_split_suffixes(source, family):
     assert source_family(source) == family
+
+
+def test_select_fusion_weights_the_members_that_earn_their_place(rng):
+    from ensemble.fusion import FUSION_METHODS, make_fusion
+
+    y = rng.integers(0, 2, 400)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    P = np.c_[sig(2 * y - 1 + rng.normal(0, 1, 400)), sig(rng.normal(0, 1, 400)), sig(2 * y - 1 + rng.normal(0, 1, 400))]
+    fusion = make_fusion("select").fit(P, y)
+    assert "select" in FUSION_METHODS and fusion.supports_folds
+    assert fusion.weights_[1] == 0 and fusion.weights_[0] > 0 and fusion.weights_[2] > 0
+    np.testing.assert_allclose(fusion.predict_proba(P)[:, 1], P @ fusion.weights_)
+    # The threshold's probabilities are cross-fitted, not the in-sample fused ones.
+    assert fusion.held_out_proba_.shape == (400,)
+    assert not np.allclose(fusion.held_out_proba_, P @ fusion.weights_)
+    assert fusion.describe(["rgb", "noise", "hsv"])["noise"] == 0
