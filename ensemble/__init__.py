@@ -25,6 +25,8 @@ _EXPORTS = {
     "predict_proba": "ensemble.api",
     "predict_details": "ensemble.api",
     "predict_details_batch": "ensemble.api",
+    "explain": "ensemble.api",
+    "Explanation": "ensemble.api",
     "PredictionDetails": "ensemble.engine",
 }
 

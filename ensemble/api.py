@@ -1,7 +1,8 @@
-"""The public prediction API over a cached bundle: ``predict``, ``predict_proba`` and ``predict_details``."""
+"""The public prediction API over a cached bundle: ``predict``, ``predict_proba``, ``predict_details`` and ``explain``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 
 from ensemble.bundle import load_ensemble
 from ensemble.engine import Ensemble, PredictionDetails
+from models.gradcam import FREQUENCY_VIEWS, explain_branch
 
 _CACHE: dict[str, Ensemble] = {}
 _LOCK = threading.Lock()
@@ -126,3 +128,72 @@ def predict_details_batch(images: Sequence[Any], run: str | os.PathLike | None =
         raise TypeError("predict_details_batch takes a sequence of images; use predict_details(image) for one image")
     return load(run).details(list(images), batch_size=batch_size, tta=tta,
                              metadata=None if metadata is None else list(metadata))
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What ``explain`` returns: one image's prediction and a Grad-CAM heat map per branch.
+
+    Attributes:
+        details: the prediction, as ``predict_details`` gives it (``melanoma_probability`` is
+            what ``predict`` returns; ``branch_probabilities`` what ``Ensemble.member_proba_batch`` gives).
+        threshold: the bundle's decision threshold.
+        image: the RGB uint8 image as the branches saw it (resized to the bundle's ``load_size``).
+        heatmaps: view → float64 map in [0, 1] (1 = the strongest melanoma evidence; all 0 when
+            nothing raised that branch's melanoma logit). A spatial view's map lies over ``image``;
+            a frequency view's (fft) over its spectrum, ``views[view]`` (centre = low frequencies).
+        views: view → the float32 view array the map lies over (H × W × C).
+        frequency_views: the views whose axes are frequencies, not positions.
+    """
+
+    details: PredictionDetails
+    threshold: float
+    image: np.ndarray
+    heatmaps: dict[str, np.ndarray]
+    views: dict[str, np.ndarray]
+    frequency_views: tuple[str, ...]
+
+    @property
+    def melanoma_probability(self) -> float:
+        """The fused melanoma probability, as ``predict`` returns it."""
+        return self.details.melanoma_probability
+
+    @property
+    def branch_probabilities(self) -> dict[str, float]:
+        """Each branch's melanoma probability, by view."""
+        return self.details.branch_probabilities
+
+
+def explain_with(ens: Ensemble, image: Any, metadata: dict | None = None) -> Explanation:
+    """``explain`` with an already loaded ensemble (arguments as for ``explain``)."""
+    batch, reasons = ens.prepare_checked([image])
+    # The same scoring call predict() makes (no TTA), so the numbers are predict's own.
+    scores = ens.score_details(batch, meta=None if metadata is None else [metadata], reasons=reasons)
+    heatmaps, views = {}, {}
+    for model, config in zip(ens.models, ens.configs):
+        heat, view = explain_branch(config, model, batch)
+        heatmaps[config.view], views[config.view] = heat[0], view[0]
+    return Explanation(scores.row(0, ens.views, ens.threshold), ens.threshold, batch[0], heatmaps, views,
+                       tuple(v for v in ens.views if v in FREQUENCY_VIEWS))
+
+
+def explain(image: Any, run: str | os.PathLike | None = None, metadata: dict | None = None) -> Explanation:
+    """Grad-CAM of every branch for one image, with the probabilities ``predict`` gives.
+
+    Each branch's map is taken at its last convolution, for the gradient of its melanoma logit,
+    with BatchNorm in inference mode; with sliding-window crops the windows' maps are averaged
+    back into the image (see ``models.gradcam``). No TTA: the map explains the image as given.
+
+    Args:
+        image: a path, an RGB uint8 H×W×3 array, or a PIL image.
+        run: run directory; defaults to ``$SKINFUSION_RUN``.
+        metadata: as for ``predict``.
+
+    Returns:
+        An ``Explanation`` (``heatmaps``, ``views``, ``melanoma_probability``, ``branch_probabilities``).
+
+    Raises:
+        colorspaces.ImageError: if the image cannot be read.
+        ValueError: if the run fuses metadata and ``metadata`` is not given.
+    """
+    return explain_with(load(run), image, metadata)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "fuse": "skinfusion.cli.fuse",
     "evaluate": "skinfusion.cli.evaluate",
     "predict": "skinfusion.cli.predict",
+    "explain": "skinfusion.cli.explain",
     "adapt": "skinfusion.cli.adapt",
     "audit": "skinfusion.cli.audit",
     "verify-split": "skinfusion.cli.verify_split",

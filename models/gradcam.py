@@ -1,0 +1,147 @@
+"""Grad-CAM for a branch CNN: where, in the branch's own input, its melanoma evidence lies.
+
+Grad-CAM (Selvaraju et al., 2017) weights each feature map ``A_k`` of a convolution by the mean
+gradient of a class score over that map, ``alpha_k = mean_ij d score / d A_k[i, j]``, and keeps
+the positive part of ``sum_k alpha_k A_k``, upsampled to the input. Here:
+
+* the layer is the branch's last ``Conv2D``, found by type (``last_conv_layer``), not by name:
+  its maps are the coarsest and the most class-specific the branch has;
+* the score is the melanoma **logit**, the input of the branch's final sigmoid unit, not the
+  probability. ``d p = p (1 - p) d logit``: the two maps point the same way, but the probability's
+  gradient vanishes (in float32, to exactly 0) for a confident branch, and with sliding windows
+  a window's weight in the average should follow its evidence, not how close it sits to 0.5;
+* BatchNorm runs in inference mode (``training=False``), as in ``predict``;
+* with sliding-window crops each window is explained on its own and the maps are averaged back
+  into the coordinates of the image the windows were cut from (overlaps averaged). For a view
+  whose axes are frequencies (``FREQUENCY_VIEWS``: fft) a window's position means nothing in
+  its spectrum, so its windows' maps are averaged in frequency space instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from colorspaces.crops import window_offsets
+from models.branch import BranchConfig, branch_inputs, mean_over_windows
+
+# Views whose image axes are frequencies, not positions (fft: centred spectrum, zero frequency
+# in the middle). Their heat maps stay in the branch's input (frequency) coordinates and are
+# drawn over the spectrum, never over the photo. Kept here rather than on colorspaces.ViewSpec
+# until a second consumer needs it.
+FREQUENCY_VIEWS = frozenset({"fft"})
+
+# One gradient model per loaded branch (building a keras.Model costs more than explaining an image).
+_GRAD_MODELS: weakref.WeakKeyDictionary[keras.Model, tuple[keras.Model, keras.layers.Dense]] = (
+    weakref.WeakKeyDictionary())
+
+
+def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
+    """The branch's last ``Conv2D`` layer, found by type in the model's (topological) layer order.
+
+    Raises:
+        ValueError: if the model has no ``Conv2D`` layer.
+    """
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    if not convs:
+        raise ValueError(f"model {model.name!r} has no Conv2D layer; Grad-CAM needs a convolutional branch")
+    return convs[-1]
+
+
+def _melanoma_head(model: keras.Model) -> keras.layers.Dense:
+    """The branch's output layer, which must be one sigmoid unit: its input times its kernel is the logit."""
+    head = model.layers[-1]
+    if not (isinstance(head, keras.layers.Dense) and head.units == 1
+            and head.activation is keras.activations.sigmoid):
+        raise ValueError(f"model {model.name!r} does not end in one sigmoid unit (got {head.name!r}); "
+                         "Grad-CAM explains the melanoma logit of a branch built by models.branch.build_branch")
+    return head
+
+
+def _grad_model(model: keras.Model) -> tuple[keras.Model, keras.layers.Dense]:
+    """``(model: input -> [last conv maps, the head's input], head)``, cached per branch."""
+    if model not in _GRAD_MODELS:
+        head = _melanoma_head(model)
+        conv = last_conv_layer(model)
+        _GRAD_MODELS[model] = (keras.Model(model.inputs, [conv.output, head.input]), head)
+    return _GRAD_MODELS[model]
+
+
+def gradcam(model: keras.Model, x: np.ndarray, sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Raw Grad-CAM maps of a batch of branch inputs, at the input resolution.
+
+    Args:
+        model: a branch model (``build_branch``).
+        x: float32 view arrays (N, S, S, C), as ``branch_inputs`` makes them.
+        sign: +1 explains melanoma (the logit); -1 explains nevus (the negative logit).
+
+    Returns:
+        ``(maps, logits)``: float64 (N, S, S), non-negative and not normalised, and the
+        melanoma logits (N,) (``sigmoid(logits)`` is the branch's probability).
+    """
+    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    if x.shape[0] == 0:
+        return np.zeros((0, *x.shape[1:3])), np.zeros(0)
+    grad_model, head = _grad_model(model)
+    with tf.GradientTape() as tape:
+        maps, features = grad_model(x, training=False)  # BatchNorm on its moving statistics; dropout off
+        logits = tf.matmul(features, head.kernel)[:, 0] + (head.bias[0] if head.use_bias else 0.0)
+        # Images do not interact in inference mode, so the gradient of the sum is each image's own.
+        score = tf.reduce_sum(sign * logits)
+    grads = tape.gradient(score, maps)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1, keepdims=True))
+    # Bilinear with half-pixel centres: conv cell i covers input pixels [i*s, (i+1)*s).
+    up = tf.image.resize(cam, x.shape[1:3], method="bilinear")[..., 0]
+    return np.asarray(up, np.float64), np.asarray(logits, np.float64)
+
+
+def normalise_maps(maps: np.ndarray) -> np.ndarray:
+    """Scale each map (N, H, W) to [0, 1] by its maximum; a map with no positive evidence stays 0."""
+    peak = maps.reshape(len(maps), -1).max(axis=1) if maps.size else np.zeros(len(maps))
+    return np.where(peak[:, None, None] > 0, maps / np.where(peak > 0, peak, 1.0)[:, None, None], 0.0)
+
+
+def explain_branch(config: BranchConfig, model: keras.Model, images: np.ndarray,
+                   sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heat maps of a branch for RGB images, with the view arrays they belong to.
+
+    The inputs are made by ``branch_inputs``, the inference preprocessing. Without crops the
+    maps are in the branch's input coordinates (S × S, S = ``config.image_size``). With
+    sliding-window crops, a spatial view's window maps are averaged back into the image's
+    coordinates (L × L, L = ``images`` side) and its view is re-assembled from its windows; a
+    frequency view (``FREQUENCY_VIEWS``) keeps S × S, the mean over its windows.
+
+    Args:
+        config: the branch config.
+        model: the branch model.
+        images: RGB uint8 (N, L, L, 3), L >= ``config.image_size`` (the bundle's ``load_size``).
+        sign: +1 for melanoma (default), -1 for nevus.
+
+    Returns:
+        ``(heatmaps, views)``: float64 (N, H, W) in [0, 1] (1 = the strongest melanoma
+        evidence in that image; all 0 when nothing raises the logit), and the float32 view
+        arrays (N, H, W, C) the maps lie over.
+    """
+    images = np.asarray(images)
+    x, k = branch_inputs(config, images)
+    maps, _ = gradcam(model, x, sign)
+    if k == 1:
+        return normalise_maps(maps), x
+    if config.view in FREQUENCY_VIEWS:
+        return normalise_maps(mean_over_windows(maps, k)), mean_over_windows(x, k)
+    n, side, size = len(images), images.shape[1], config.image_size
+    offsets = window_offsets(side, size, config.crop_stride)
+    total = np.zeros((n, side, side))
+    count = np.zeros((side, side))
+    views = np.zeros((n, side, side, x.shape[-1]), np.float32)
+    # branch_inputs is window-major, rows of windows first: window w of every image is x[w*n:(w+1)*n].
+    for w, (r, c) in enumerate((r, c) for r in offsets for c in offsets):
+        total[:, r : r + size, c : c + size] += maps[w * n : (w + 1) * n]
+        count[r : r + size, c : c + size] += 1
+        # A spatial view is per pixel (after the whole-image colour constancy): windows agree on overlaps.
+        views[:, r : r + size, c : c + size] = x[w * n : (w + 1) * n]
+    return normalise_maps(total / count), views
