@@ -319,3 +319,22 @@ def test_public_predict_details_names(trained_run):
     assert len(batch) == 2 and batch[0].ood_reasons == one.ood_reasons
     assert batch[0].melanoma_probability == pytest.approx(one.melanoma_probability, abs=1e-6)
     assert batch[0].ood_distance == pytest.approx(one.ood_distance, rel=1e-5)
+
+
+def test_held_out_images_shape_neither_the_gate_fit_nor_its_threshold(trained_run, tmp_path):
+    # A leave-one-source-out run lists the held-out source in RUN/held_out_ids.txt: the gate must be
+    # fitted and thresholded on the images the branches saw, or it would call that source typical.
+    from skinfusion.data.layouts import index_dataset
+    from skinfusion.data.splits import load_split
+    from skinfusion.workflows.fusing import HELD_OUT_FILE, fit_run_gate
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    assign, info = load_split(run)
+    records = index_dataset(info["data_dir"], log=False).records
+    train_ids = [r.image_id for r in records if assign.get(r.image_id) == "train"]
+    val_ids = [r.image_id for r in records if assign.get(r.image_id) == "val"]
+    held = train_ids[:7] + val_ids[:3]
+    (run / HELD_OUT_FILE).write_text("\n".join(held) + "\n")
+    gate = fit_run_gate(run, [run / "branches" / v for v in ("rgb", "hsv", "fft")], 95)
+    assert gate.n_fit == len(train_ids) - 7
+    assert len(gate.val_scores) == len(val_ids) - 3

@@ -186,6 +186,17 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
             "metadata": list(metadata), "fusion_weights": weights, "ood": ood, **stack_fit}
 
 
+HELD_OUT_FILE = "held_out_ids.txt"
+
+
+def held_out_ids(run: Path) -> set[str]:
+    """Image ids kept out of the run's training and validation (``RUN/held_out_ids.txt``; empty if none)."""
+    path = Path(run) / HELD_OUT_FILE
+    if not path.is_file():
+        return set()
+    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
 def fit_run_gate(run: Path, branch_dirs: Sequence[Path], percentile: float, seed: int = 0,
                  workers: int = 2) -> OODGate | None:
     """Fit the OOD gate of a run: on a seeded subsample of its training images, thresholded on its validation images.
@@ -208,8 +219,16 @@ def fit_run_gate(run: Path, branch_dirs: Sequence[Path], percentile: float, seed
     if index.fingerprint() != info.get("dataset_fingerprint"):
         logger.warning("fusing without an OOD gate: %s changed since %s was split", data_dir, run)
         return None
-    train = [r.path for r in index.records if assign.get(r.image_id) == "train"]
-    val = [r.path for r in index.records if assign.get(r.image_id) == "val"]
+    # Exactly the images the branches saw: a source held out of training (leave-one-source-out)
+    # must not shape the gate, or the gate would call that source typical.
+    held = held_out_ids(run)
+    try:
+        val_ids = set(read_val_predictions(Path(branch_dirs[0])))
+    except (FileNotFoundError, ValueError):
+        val_ids = None  # an adapted run keeps no val_predictions.csv: its split's validation images
+    train = [r.path for r in index.records if assign.get(r.image_id) == "train" and r.image_id not in held]
+    val = [r.path for r in index.records if assign.get(r.image_id) == "val" and r.image_id not in held
+           and (val_ids is None or r.image_id in val_ids)]
     if min(len(train), len(val)) < MIN_IMAGES:
         logger.warning("fusing without an OOD gate: it needs %d training and validation images, the run has %d and %d",
                        MIN_IMAGES, len(train), len(val))

@@ -72,6 +72,9 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
             n_held_out += len(recs[s]) - len(kept)
             recs[s] = kept
         logger.info("[%s] held out %d images from training and validation", config.view, n_held_out)
+        # Recorded for the run, so fuse fits the OOD gate on the same images the branches saw.
+        with atomic_open(Path(run_dir) / "held_out_ids.txt", "w") as fh:
+            fh.write("".join(f"{i}\n" for i in sorted(holdout_ids)))
     if exclude_ids:
         kept = [r for r in recs["train"] if r.image_id not in exclude_ids]
         n_excluded = len(recs["train"]) - len(kept)
