@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "verify-split": "skinfusion.cli.verify_split",
     "synth": "skinfusion.cli.synth",
     "bench": "skinfusion.cli.bench",
+    "serve": "skinfusion.cli.serve",
 }
 
 _MAINS = {f"{name.replace('-', '_')}_main": module for name, module in COMMANDS.items()}

@@ -1,0 +1,163 @@
+"""Serve a run's ensemble over HTTP: a JSON API (predict, explain, model, health, metrics) and a web page.
+
+``skinfusion serve --run RUN`` loads the bundle, warms it up and listens on 127.0.0.1:8000 by
+default. The work is ``skinfusion.workflows.serving``; this module is its flags. SIGTERM or
+Ctrl-C stops accepting connections and lets the requests in flight finish before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Sequence
+
+from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, positive_int, run_command
+
+SETTINGS_ENV = "SKINFUSION_SERVE_SETTINGS"  # how --workers N passes the flags to its worker processes
+GRACEFUL_S = 30  # the longest SIGTERM waits for in-flight requests
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of megabytes, got {text!r}") from None
+    if not 0 < value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1024 MB, got {value:g}")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000 ms, got {value:g}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``skinfusion serve`` parser."""
+    p = new_parser("serve", __doc__, epilog="Endpoints: POST /v1/predict, POST /v1/explain (multipart field 'files'), "
+                   "GET /v1/model, /healthz, /readyz, /metrics, /docs, and the page at /. Research software, "
+                   "not a medical device.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 listens on every network)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require this key on every endpoint except /healthz, /readyz and the page, as the header "
+                        "'X-API-Key: KEY' or 'Authorization: Bearer KEY' (default: $SKINFUSION_API_KEY, else none)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="server processes, each with its own copy of the model and its own batcher (default 1)")
+    p.add_argument("--max-upload-mb", type=_megabytes, default=20.0,
+                   help="largest request body accepted, in MB; larger uploads get 413 (default 20)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. https://example.org) to call the API; repeatable; "
+                        "default: no cross-origin access")
+    p.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0,
+                   help="how long a request waits for others to share its forward pass (default 5 ms)")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="most images per forward pass (default 32)")
+    add_quiet(p)
+    return p
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds before minutes of loading, not after (uvicorn binds later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno == 98 else (exc.strerror or str(exc))
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
+
+
+def _settings(args: argparse.Namespace):
+    from skinfusion.workflows.serving import ServeSettings
+
+    return ServeSettings(api_key=args.api_key or os.environ.get("SKINFUSION_API_KEY") or None,
+                         max_upload_mb=args.max_upload_mb, cors_origins=tuple(args.cors_origin),
+                         batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch)
+
+
+def app_from_env():
+    """The app of one ``--workers`` process, built from the settings the parent put in ``$SKINFUSION_SERVE_SETTINGS``."""
+    from ensemble import load
+    from skinfusion.workflows.serving import ServeSettings, create_app
+    from skinfusion.workflows.serving_io import model_id
+
+    conf = json.loads(os.environ[SETTINGS_ENV])
+    settings = ServeSettings(**{**conf["settings"], "cors_origins": tuple(conf["settings"]["cors_origins"])})
+    return create_app(load(conf["run"]), model_id(conf["run"]), settings)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import uvicorn
+
+    from ensemble import load
+    from skinfusion.workflows.serving import create_app
+    from skinfusion.workflows.serving_io import model_id
+
+    _check_port_free(args.host, args.port)
+    settings = _settings(args)
+    ens = load(args.run)  # a missing or damaged run stops here, with one error line
+    mid = model_id(args.run)
+    local = _is_loopback(args.host)
+    print(f"skinfusion: serving {args.run} (model {mid[:12]}, {'+'.join(ens.views)}, {ens.manifest['method']}) on "
+          f"http://{args.host}:{args.port}/  API key: {'required' if settings.api_key else 'none'}", file=sys.stderr)
+    if not local and not settings.api_key:
+        print(f"skinfusion: warning: listening on {args.host} without --api-key: anyone who can reach this machine "
+              "can use the model", file=sys.stderr)
+    options = dict(host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                   timeout_graceful_shutdown=GRACEFUL_S, server_header=False, proxy_headers=False)
+    # uvicorn re-raises the signal that stopped it once it has drained; SIGTERM then ends here, quietly.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        if args.workers == 1:
+            uvicorn.run(create_app(ens, mid, settings), **options)
+        else:
+            os.environ[SETTINGS_ENV] = json.dumps({"run": os.path.abspath(args.run),
+                                                   "settings": dataclasses.asdict(settings)})
+            uvicorn.run("skinfusion.cli.serve:app_from_env", factory=True, workers=args.workers, **options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("skinfusion: server stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion serve``: run the HTTP service until SIGTERM or Ctrl-C.
+
+    Returns:
+        0 after a clean stop, 2 on a reported error (bad run, port in use), 130 after Ctrl-C.
+    """
+    return run_command(parser(), _serve, argv,
+                       interrupted_hint="server stopped; requests in flight were allowed to finish")

@@ -1,0 +1,150 @@
+// The skinfusion page: upload one image to /v1/explain and show what the model says. No libraries,
+// nothing loaded from elsewhere. Server data is only ever set as text, never as HTML.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let model = null;
+let apiKey = sessionStorage.getItem("skinfusion-key") || "";
+
+function headers() { return apiKey ? { "X-API-Key": apiKey } : {}; }
+function pct(p) { return p == null ? "n/a" : p.toFixed(3); }
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// An error answer as one readable sentence: the server's {"detail": ...}, or what went wrong.
+async function readError(res) {
+  let detail = "";
+  try { detail = (await res.json()).detail || ""; } catch (e) { /* not JSON */ }
+  if (res.status === 401) {
+    $("keybox").hidden = false;
+    return "This server needs an API key. Enter it above and try again.";
+  }
+  if (res.status === 413) return detail || "The image is too large for this server.";
+  if (res.status === 422 || res.status === 415) return "The image could not be used: " + (detail || "unreadable file");
+  return `The server answered ${res.status}` + (detail ? `: ${detail}` : ".");
+}
+
+async function loadModel() {
+  let res;
+  try { res = await fetch("/v1/model", { headers: headers() }); }
+  catch (e) { $("model").textContent = "server unreachable"; return; }
+  if (!res.ok) { $("model").textContent = "model: " + (res.status === 401 ? "API key needed" : res.status); await readError(res); return; }
+  model = await res.json();
+  $("model").textContent = `${model.views.join(" + ")} · ${model.method} fusion · threshold ${model.threshold.toFixed(3)}` +
+    (model.ood_gate.present ? " · OOD gate" : " · no OOD gate");
+  $("mid").textContent = "model " + model.model_id.slice(0, 12);
+  $("caveat").textContent = model.calibration_caveat;
+  const fields = model.metadata_fields || [];
+  $("meta").hidden = fields.length === 0;
+  for (const f of ["age", "sex", "site"]) $("f-" + f).hidden = !fields.includes(f);
+  const list = $("sites");
+  list.replaceChildren(...(model.known_sites || []).map((s) => Object.assign(document.createElement("option"), { value: s })));
+}
+
+function figure(src, title, caption) {
+  const fig = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + src;
+  img.alt = title;
+  const cap = document.createElement("figcaption");
+  const strong = document.createElement("strong");
+  strong.textContent = title;
+  cap.append(strong, document.createElement("br"), caption);
+  fig.append(img, cap);
+  return fig;
+}
+
+function render(r, file, warnings) {
+  $("photo").src = URL.createObjectURL(file);
+  $("fname").textContent = r.filename;
+  $("fused").textContent = pct(r.melanoma_probability);
+  const d = $("decision");
+  d.textContent = r.decision;
+  d.className = "pill " + r.decision;
+  $("fusedbar").style.width = (100 * r.melanoma_probability).toFixed(1) + "%";
+  $("thrmark").style.left = (100 * r.threshold).toFixed(1) + "%";
+  $("thr").textContent = r.threshold.toFixed(3);
+  const ood = $("ood");
+  if (r.out_of_distribution === true) {
+    ood.className = "ood out";
+    ood.textContent = "Out of distribution: this image looks unlike the training images (" +
+      r.ood_reason_text.join("; ") + "). Do not trust the probability.";
+  } else if (r.out_of_distribution === false) {
+    ood.className = "ood in";
+    ood.textContent = "In distribution: the image looks like the training images" +
+      (r.in_distribution_score == null ? "." : ` (typicality ${r.in_distribution_score.toFixed(2)}, 1 = most typical).`);
+  } else {
+    ood.className = "ood unknown";
+    ood.textContent = "Out-of-distribution check unavailable: this model has no feature-level gate; the image-level checks passed.";
+  }
+  const rows = Object.entries(r.branch_probabilities).map(([view, p]) => {
+    const tr = document.createElement("tr");
+    const bar = document.createElement("div");
+    bar.className = "mini";
+    const fill = document.createElement("div");
+    fill.className = "fill";
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    bar.append(fill);
+    const cells = [view, pct(p)].map((t) => Object.assign(document.createElement("td"), { textContent: t }));
+    cells[1].className = "num";
+    const last = document.createElement("td");
+    last.append(bar);
+    tr.append(...cells, last);
+    return tr;
+  });
+  $("branches").replaceChildren(...rows);
+  const views = [figure(r.image_png, "image", "as the branches see it (resized)")];
+  for (const [view, v] of Object.entries(r.views)) views.push(figure(v.png, view + " view", v.caption));
+  $("views").replaceChildren(...views);
+  $("heatmaps").replaceChildren(...Object.entries(r.heatmaps).map(([view, h]) =>
+    figure(h.png, `${view} branch · p = ${pct(r.branch_probabilities[view])}`,
+      (h.over === "spectrum" ? "over the spectrum (centre = low frequencies)" : "over the image") +
+      (h.empty ? " · no region raises the melanoma logit" : ""))));
+  $("warnings").textContent = (warnings || []).join(" ");
+  $("timing").textContent = `answered in ${Math.round(r.timing_ms.total)} ms · model ${r.model_id.slice(0, 12)}`;
+  $("result").hidden = false;
+}
+
+async function send(file) {
+  showError("");
+  if (!file) return;
+  $("result").hidden = true;  // an error must not sit above the previous image's result
+  const form = new FormData();
+  form.append("files", file, file.name);
+  for (const f of (model && model.metadata_fields) || []) {
+    const v = $(f).value.trim();
+    if (v) form.append(f, v);
+  }
+  $("busy").hidden = false;
+  try {
+    let res;
+    try { res = await fetch("/v1/explain", { method: "POST", body: form, headers: headers() }); }
+    catch (e) { showError("Cannot reach the skinfusion server. Is it still running?"); return; }
+    if (!res.ok) { showError(await readError(res)); return; }
+    const body = await res.json();
+    render(body.images[0], file, body.warnings);
+    if (!model) loadModel();
+  } finally {
+    $("busy").hidden = true;
+  }
+}
+
+const drop = $("drop");
+drop.addEventListener("click", () => $("file").click());
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); } });
+$("file").addEventListener("change", (e) => { send(e.target.files[0]); e.target.value = ""; });
+for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+drop.addEventListener("drop", (e) => {
+  send(e.dataTransfer.files[0]);  // one image at a time: the first of several
+});
+$("keysave").addEventListener("click", () => {
+  apiKey = $("key").value.trim();
+  sessionStorage.setItem("skinfusion-key", apiKey);
+  showError("");
+  loadModel();
+});
+loadModel();
