@@ -272,7 +272,8 @@ def test_metadata_form_fields_or_json_reach_the_fusion(mean_ens):
             want_each[0].melanoma_probability == pytest.approx(want_each[1].melanoma_probability)
         for data, words in [({"sex": "robot"}, "male or female"), ({"age": "old"}, "number of years"),
                             ({"age": "50", "metadata": "{}"}, "not both"), ({"metadata": "[{}]"}, "1 objects for 2"),
-                            ({"metadata": "{nope"}, "not valid JSON"), ({"metadata": '{"weight": 3}'}, "unknown field")]:
+                            ({"metadata": "{nope"}, "not valid JSON"), ({"metadata": '{"weight": 3}'}, "unknown field"),
+                            ({}, "fuses metadata (age, sex)")]:
             r = c.post("/v1/predict", files=files, data=data)
             assert r.status_code == 422 and words in r.json()["detail"], (data, r.text)
     with TestClient(create_app(mean_ens, "x")) as c:

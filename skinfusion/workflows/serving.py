@@ -276,6 +276,10 @@ class Service:
 
 
 def _form_metadata(ens: Ensemble, n: int, age, sex, site, metadata) -> tuple[list[dict], list[str]]:
+    if ens.metadata_fields and all(v is None for v in (age, sex, site, metadata)):
+        # As predict(): a model fused with metadata is never silently scored as "all unknown".
+        raise ValueError(f"this model fuses metadata ({', '.join(ens.metadata_fields)}): send them as form "
+                         "fields (an empty value means unknown) or as one JSON 'metadata' field")
     parsed = parse_metadata(n, {"age": age, "sex": sex, "site": site}, metadata)
     return parsed, metadata_warnings(ens, parsed)
 
