@@ -13,7 +13,7 @@ from skinfusion.data.splits import load_split, load_split_groups
 @pytest.mark.slow
 def test_folds_need_stacking_and_at_least_two(trained_run, tmp_path, capsys):
     assert fuse_main(["--run", str(trained_run), "--method", "mean", "--folds", "3", "-q"]) != 0
-    assert "--folds only applies to --method stack" in capsys.readouterr().err
+    assert "--folds only applies to --method select or stack" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 2"):
         fuse_run(str(trained_run), "stack", folds=1)
 
