@@ -31,7 +31,9 @@ def trained_run(synthetic_data, tmp_path_factory):
         rc = train_main(["--view", view, "--data", str(synthetic_data), "--run", str(run),
                          "--image-size", "32", "--epochs", "6", "--patience", "6", "-q"])
         assert rc == 0
-    assert fuse_main(["--run", str(run), "--method", "mean", "-q"]) == 0
+    # The gate's tests were written for the 95th percentile: with 60 validation images a 99.5th
+    # percentile is their maximum, too coarse to check a pass rate against.
+    assert fuse_main(["--run", str(run), "--method", "mean", "--ood-percentile", "95", "-q"]) == 0
     return run
 
 
