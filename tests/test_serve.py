@@ -30,7 +30,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from ensemble import load_ensemble  # noqa: E402
-from skinfusion.workflows.batching import MicroBatcher  # noqa: E402
+from skinfusion.workflows.batching import MicroBatcher, QueueFull  # noqa: E402
 from skinfusion.workflows.serving import ServeSettings, create_app  # noqa: E402
 from skinfusion.workflows.serving_io import model_id  # noqa: E402
 
@@ -330,6 +330,65 @@ def test_the_batcher_caps_batches_splits_big_jobs_and_hands_errors_to_each_reque
     assert results == [[10, 20], [30], [40, 50, 60, 70, 80, 90]]
     assert max(seen) <= 4 and sum(seen[:-1]) == 9
     assert isinstance(bad[0], ValueError) and isinstance(bad[1], ValueError)  # they shared the failing pass
+
+
+def test_a_full_queue_refuses_at_once_and_the_batcher_recovers():
+    release = threading.Event()
+
+    def score(items):
+        release.wait(10)  # the first pass holds the model until the test lets it go
+        return [x * 10 for x in items]
+
+    async def go():
+        b = MicroBatcher(score, max_batch=2, wait_ms=0, max_queue=3)
+        await b.start()
+        try:
+            first = asyncio.ensure_future(b.submit([1, 2]))
+            await asyncio.sleep(0.2)  # taken into the (blocked) pass: no longer waiting
+            assert b.waiting == 0
+            queued = [asyncio.ensure_future(b.submit([3, 4])), asyncio.ensure_future(b.submit([5]))]
+            await asyncio.sleep(0.05)
+            assert b.waiting == 3
+            with pytest.raises(QueueFull) as full:
+                await b.submit([6])
+            assert "--max-queue" in str(full.value) and full.value.retry_after_s >= 1 and b.rejected == 1
+            with pytest.raises(ValueError, match="send fewer images"):
+                await b.submit([1, 2, 3, 4])  # more than the whole queue: no retry would help
+            assert b.waiting == 3  # the refused work was not queued
+            release.set()
+            results = await asyncio.gather(first, *queued)
+            assert b.waiting == 0 and await b.submit([7]) == [70]
+            return results
+        finally:
+            release.set()
+            await b.stop()
+
+    assert asyncio.run(go()) == [[10, 20], [30, 40], [50]]
+
+
+def test_requests_beyond_the_queue_limit_get_503_with_retry_after(mean_ens):
+    app = create_app(mean_ens, "x", ServeSettings(max_queue=1, max_batch=1, batch_wait_ms=0))
+    imgs = [png(lesion(60 + i)) for i in range(4)]
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            batcher = app.state.service.batcher
+            real = batcher.score
+            batcher.score = lambda items: (time.sleep(0.5), real(items))[1]  # a slow model: the queue fills
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as ac:
+                rs = await asyncio.gather(*(ac.post("/v1/predict", files=upload(d)) for d in imgs))
+                after = await ac.post("/v1/predict", files=upload(imgs[0]))  # the burst is over: room again
+            return rs, after, batcher.waiting
+
+    responses, after, waiting = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503} and codes.count(200) <= 2, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["detail"], r.text
+            no_trace(r)
+    assert after.status_code == 200 and waiting == 0
 
 
 # ---------------------------------------------------------------- the real server

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "synth": "skinfusion.cli.synth",
     "bench": "skinfusion.cli.bench",
     "serve": "skinfusion.cli.serve",
+    "bench-serve": "skinfusion.cli.bench_serve",
 }
 
 _MAINS = {f"{name.replace('-', '_')}_main": module for name, module in COMMANDS.items()}

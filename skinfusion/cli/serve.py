@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0,
                    help="how long a request waits for others to share its forward pass (default 5 ms)")
     p.add_argument("--max-batch", type=positive_int, default=32, help="most images per forward pass (default 32)")
+    p.add_argument("--max-queue", type=positive_int, default=128,
+                   help="most images waiting for the model; requests beyond it get 503 with Retry-After at once, "
+                        "instead of queueing without bound (default 128)")
     add_quiet(p)
     return p
 
@@ -95,7 +98,7 @@ def _settings(args: argparse.Namespace):
 
     return ServeSettings(api_key=args.api_key or os.environ.get("SKINFUSION_API_KEY") or None,
                          max_upload_mb=args.max_upload_mb, cors_origins=tuple(args.cors_origin),
-                         batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch)
+                         batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, max_queue=args.max_queue)
 
 
 def app_from_env():

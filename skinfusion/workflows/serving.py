@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from colorspaces import ImageError
 from ensemble.api import explain_with
 from ensemble.engine import Ensemble
-from skinfusion.workflows.batching import MicroBatcher
+from skinfusion.workflows.batching import MicroBatcher, QueueFull
 from skinfusion.workflows.serving_io import (
     decode_upload,
     details_json,
@@ -70,6 +70,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     batch_wait_ms: float = 5.0
     max_batch: int = 32
+    max_queue: int | None = 128
 
     @property
     def max_upload_bytes(self) -> int:
@@ -215,6 +216,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_message(exc))
 
+    @app.exception_handler(QueueFull)
+    async def busy(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(ImageError)
     async def bad_image(request: Request, exc: ImageError) -> JSONResponse:
         return _error(422, str(exc))
@@ -235,7 +240,8 @@ class Service:
 
     def __init__(self, ens: Ensemble, mid: str, settings: ServeSettings, metrics: Metrics):
         self.ens, self.model_id, self.settings = ens, mid, settings
-        self.batcher = MicroBatcher(self._score, settings.max_batch, settings.batch_wait_ms, metrics.on_batch)
+        self.batcher = MicroBatcher(self._score, settings.max_batch, settings.batch_wait_ms, metrics.on_batch,
+                                    settings.max_queue)
         self.ready = False
 
     def _score(self, items: list[tuple[np.ndarray, tuple[str, ...], dict | None]]) -> list:
@@ -264,14 +270,25 @@ class Service:
         self.ready = False
         await self.batcher.stop()
 
-    async def decode(self, files: Sequence[UploadFile]) -> list[tuple[str, np.ndarray, float]]:
-        """``(name, RGB image, decode ms)`` per upload; decoding runs in threads, off the event loop."""
+    def _decode_one(self, data: bytes, name: str, prepare: bool) -> tuple:
+        image = decode_upload(data, name)
+        # Prepared, the original is dropped here: a request waiting for its batch holds only the
+        # small resized copy, not a full-size photo.
+        return (None, *prepare_upload(image, self.ens.load_size)) if prepare else (image,)
+
+    async def decode(self, files: Sequence[UploadFile], prepare: bool = False) -> list[tuple]:
+        """``(name, RGB image, decode ms)`` per upload; with ``prepare``, ``(name, None, decode and prepare ms,
+        resized, OOD reasons)``.
+
+        Decoding (and preparing) runs in a worker thread, off the event loop, in one hop per file:
+        under load every extra hand-over between the loop and a thread adds latency.
+        """
         out = []
         for f in files:
             t0 = time.perf_counter()
             name = display_name(f.filename)
-            image = await asyncio.to_thread(decode_upload, await f.read(), name)
-            out.append((name, image, elapsed_ms(t0)))
+            image, *prepared = await asyncio.to_thread(self._decode_one, await f.read(), name, prepare)
+            out.append((name, image, elapsed_ms(t0), *prepared))
         return out
 
 
@@ -348,17 +365,16 @@ def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -
                                                   "of objects, one per file in upload order")) -> dict:
         t0 = time.perf_counter()
         meta, warnings = _form_metadata(ens, len(files), age, sex, site, metadata)
-        decoded = await service.decode(files)
-        items = []
-        for (_, image, _), m in zip(decoded, meta):
-            resized, reasons = await asyncio.to_thread(prepare_upload, image, ens.load_size)
-            items.append((resized, reasons, (fusion_metadata(ens, [m]) or [None])[0]))
+        service.batcher.check_room(len(files))  # a full queue answers 503 before any decoding work
+        decoded = await service.decode(files, prepare=True)
+        items = [(resized, reasons, (fusion_metadata(ens, [m]) or [None])[0])
+                 for (_, _, _, resized, reasons), m in zip(decoded, meta)]
         t1 = time.perf_counter()
         rows = await service.batcher.submit(items)
         score_ms = elapsed_ms(t1)
         images = [details_json(d, name, ens.threshold, service.model_id,
                                {"decode": dec, "score": score_ms, "total": elapsed_ms(t0)})
-                  for d, (name, _, dec) in zip(rows, decoded)]
+                  for d, (name, _, dec, _, _) in zip(rows, decoded)]
         return {"model_id": service.model_id, "images": images, "warnings": warnings,
                 "timing_ms": {"total": round(elapsed_ms(t0), 2)}}
 
@@ -369,6 +385,7 @@ def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -
                       metadata: str | None = Form(None)) -> dict:
         t0 = time.perf_counter()
         meta, warnings = _form_metadata(ens, len(files), age, sex, site, metadata)
+        service.batcher.check_room(len(files))
         decoded = await service.decode(files)
         images = []
         for (name, image, dec), m in zip(decoded, meta):

@@ -57,8 +57,24 @@ function figure(src, title, caption) {
   return fig;
 }
 
+let photoUrl = null;
+
+// Hide and empty the previous result, so that a new error can never sit under (or beside) the old
+// image's probability, not even in the page's text that a screen reader or a copy would pick up.
+function clearResult() {
+  $("result").hidden = true;
+  for (const id of ["fname", "fused", "decision", "thr", "ood", "warnings", "timing"]) $(id).textContent = "";
+  $("decision").className = "pill";
+  $("fusedbar").style.width = "0";
+  for (const id of ["branches", "views", "heatmaps"]) $(id).replaceChildren();
+  $("photo").removeAttribute("src");
+  if (photoUrl) { URL.revokeObjectURL(photoUrl); photoUrl = null; }  // the old upload's blob is freed
+}
+
 function render(r, file, warnings) {
-  $("photo").src = URL.createObjectURL(file);
+  clearResult();
+  photoUrl = URL.createObjectURL(file);
+  $("photo").src = photoUrl;
   $("fname").textContent = r.filename;
   $("fused").textContent = pct(r.melanoma_probability);
   const d = $("decision");
@@ -111,7 +127,7 @@ function render(r, file, warnings) {
 async function send(file) {
   showError("");
   if (!file) return;
-  $("result").hidden = true;  // an error must not sit above the previous image's result
+  clearResult();  // from here on, only this request's answer (or its error) is on the page
   const form = new FormData();
   form.append("files", file, file.name);
   for (const f of (model && model.metadata_fields) || []) {
