@@ -27,7 +27,7 @@ _EXPORTS = {
     "predict_details_batch": "ensemble.api",
     "explain": "ensemble.api",
     "Explanation": "ensemble.api",
-    "PredictionDetails": "ensemble.engine",
+    "PredictionDetails": "ensemble.details",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,24 +6,29 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ensemble.bundle import load_ensemble
-from ensemble.engine import Ensemble, PredictionDetails
-from models.gradcam import FREQUENCY_VIEWS, explain_branch
+from ensemble.runtime import ExportedEnsemble, is_export_dir
 
-_CACHE: dict[str, Ensemble] = {}
+if TYPE_CHECKING:
+    from ensemble.engine import Ensemble, PredictionDetails
+
+# The Keras bundle (ensemble.bundle, ensemble.engine, models.gradcam) is imported when a run needs
+# it, not here: predicting with an ONNX or TFLite export (ensemble.runtime) must not load TensorFlow.
+_CACHE: dict[str, Ensemble | ExportedEnsemble] = {}
 _LOCK = threading.Lock()
 RUN_ENV = "SKINFUSION_RUN"
 
 
-def load(run: str | os.PathLike | None = None) -> Ensemble:
+def load(run: str | os.PathLike | None = None) -> Ensemble | ExportedEnsemble:
     """Load (once) and return the ensemble of a run; later calls reuse the cached bundle.
 
     Args:
-        run: run directory or ensemble directory; defaults to ``$SKINFUSION_RUN``.
+        run: run directory or ensemble directory, or an export directory written by
+            ``skinfusion export`` (loaded with onnxruntime or LiteRT, without TensorFlow);
+            defaults to ``$SKINFUSION_RUN``.
 
     Raises:
         ValueError: if no run is given and ``$SKINFUSION_RUN`` is unset.
@@ -36,7 +41,12 @@ def load(run: str | os.PathLike | None = None) -> Ensemble:
     key = str(Path(run).resolve())
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = load_ensemble(key)
+            if is_export_dir(key):
+                _CACHE[key] = ExportedEnsemble(key)
+            else:
+                from ensemble.bundle import load_ensemble
+
+                _CACHE[key] = load_ensemble(key)
         return _CACHE[key]
 
 
@@ -164,8 +174,18 @@ class Explanation:
         return self.details.branch_probabilities
 
 
+def _need_keras(ens, what: str) -> None:
+    """Refuse an exported bundle where only the Keras models can answer (Grad-CAM needs gradients)."""
+    if isinstance(ens, ExportedEnsemble):
+        raise ValueError(f"{ens.path}: an exported ({ens.format}) bundle has no gradients, so it cannot {what}; "
+                         f"use the run it was exported from ({ens.manifest['source']['run']})")
+
+
 def explain_with(ens: Ensemble, image: Any, metadata: dict | None = None) -> Explanation:
     """``explain`` with an already loaded ensemble (arguments as for ``explain``)."""
+    _need_keras(ens, "explain")
+    from models.gradcam import FREQUENCY_VIEWS, explain_branch
+
     batch, reasons = ens.prepare_checked([image])
     # The same scoring call predict() makes (no TTA), so the numbers are predict's own.
     scores = ens.score_details(batch, meta=None if metadata is None else [metadata], reasons=reasons)

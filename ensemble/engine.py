@@ -3,7 +3,6 @@ and the out-of-distribution gate."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
@@ -15,9 +14,9 @@ import keras
 
 from colorspaces import ImageError, read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral
-from colorspaces.labels import LABEL_NAMES
 from colorspaces.quality import image_checks
-from ensemble.ood import OODGate, OODScores, embedding_layer, judge
+from ensemble.details import BatchScores, FileBatch, PredictionDetails  # noqa: F401  (re-exported)
+from ensemble.ood import OODGate, embedding_layer, judge
 from models.branch import branch_inputs, mean_over_windows
 
 logger = logging.getLogger(__name__)
@@ -292,70 +291,3 @@ class Ensemble:
                 batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
                 s = self.score_details(batch, tta, meta, reasons)
                 yield FileBatch(ok, s.P, s.fused, failures, s.ood)
-
-
-@dataclasses.dataclass
-class FileBatch:
-    """One streamed batch of ``Ensemble.iter_files``; ``ood`` is the gate's verdict on ``paths``."""
-
-    paths: list[str]
-    P: np.ndarray
-    fused: np.ndarray
-    failures: list[tuple[str, str]]
-    ood: OODScores | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchScores:
-    """What ``Ensemble.score_details`` returns: ``P`` (n × branches), the fused probabilities and the OOD verdict."""
-
-    P: np.ndarray
-    fused: np.ndarray
-    ood: OODScores
-
-    def row(self, j: int, views: Sequence[str], threshold: float) -> PredictionDetails:
-        """Image ``j`` as a ``PredictionDetails``."""
-        idx, flag, dist = (float(v[j]) for v in (self.ood.in_distribution_score, self.ood.out_of_distribution,
-                                                 self.ood.distance))
-        return PredictionDetails(
-            melanoma_probability=float(self.fused[j]),
-            branch_probabilities={v: float(p) for v, p in zip(views, self.P[j])},
-            decision=LABEL_NAMES[int(self.fused[j] >= threshold)],
-            in_distribution_score=None if np.isnan(idx) else idx,
-            out_of_distribution=None if np.isnan(flag) else bool(flag),
-            ood_reasons=list(self.ood.reasons[j]),
-            ood_distance=None if np.isnan(dist) else dist)
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictionDetails:
-    """One image's prediction with the out-of-distribution verdict (``predict_details``).
-
-    Attributes:
-        melanoma_probability: the fused probability, as ``predict`` returns it.
-        branch_probabilities: each branch's probability, by view.
-        decision: "melanoma" or "nevus" at the bundle's validation threshold (also given for an
-            out-of-distribution image, where it should not be trusted).
-        in_distribution_score: the fraction of in-distribution validation images at least as
-            atypical (1 = most typical, 0 = beyond them all or failing an image-level check);
-            None for a bundle without a gate.
-        out_of_distribution: True if an image-level check failed or the feature score is above
-            the gate's threshold; None when unknown (no gate and no failed check).
-        ood_reasons: failed image-level checks (``colorspaces.quality.REASONS``) and
-            ``atypical_features`` when the gate flagged the image.
-        ood_distance: the gate's combined feature score (higher = less typical), or None.
-    """
-
-    melanoma_probability: float
-    branch_probabilities: dict[str, float]
-    decision: str
-    in_distribution_score: float | None
-    out_of_distribution: bool | None
-    ood_reasons: list[str]
-    ood_distance: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-

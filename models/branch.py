@@ -9,7 +9,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from colorspaces import CONSTANCY, VIEWS, apply_constancy, apply_view, sliding_windows, window_offsets
+from colorspaces import CONSTANCY, VIEWS, window_offsets
+from colorspaces.pipeline import mean_over_windows, view_inputs  # noqa: F401  (mean_over_windows: re-exported)
 
 
 def _param(default: Any, help: str, **cli: Any) -> Any:
@@ -249,17 +250,8 @@ def branch_inputs(config: BranchConfig, images: np.ndarray) -> tuple[np.ndarray,
         ``(x, k)``: float32 view arrays (k·N, S, S, C), window-major (the first N are window 0
         of every image), and k the number of windows per image (1 without crops).
     """
-    batch = apply_constancy(config.color_constancy, np.asarray(images))
-    if batch.shape[1] > config.image_size:
-        batch, k = sliding_windows(batch, config.image_size, config.crop_stride)
-    else:
-        k = 1
-    return np.asarray(apply_view(config.view, batch), dtype=np.float32), k
-
-
-def mean_over_windows(proba: np.ndarray, k: int) -> np.ndarray:
-    """Per-image mean of window-major scores: (k·N, ...) from ``branch_inputs`` → (N, ...)."""
-    return proba.reshape(k, len(proba) // k, *proba.shape[1:]).mean(axis=0)
+    # The NumPy recipe lives in colorspaces.pipeline, so the exported runtimes share it without Keras.
+    return view_inputs(images, config.view, config.image_size, config.color_constancy, config.crop_stride)
 
 
 def predict_images_proba(model: keras.Model, view: str, images, batch_size: int = 128,

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import keras
@@ -17,18 +16,12 @@ import numpy as np
 import tensorflow as tf
 
 from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
-from colorspaces.files import atomic_path, read_json_object, write_json_atomic
 from models.augment import augment_batch
 from models.branch import BranchConfig, build_branch
+from models.checkpoint import _BestKeeper
 from models.sampling import class_weights, epoch_order
 
 logger = logging.getLogger(__name__)
-
-# What a checkpoint's state.json must hold for --resume to continue it.
-_STATE_KEYS = ("epoch", "best", "best_epoch", "wait", "stopped", "history", "config", "seconds")
-
-# "plateau" schedule: halve the learning rate after this many epochs without a better val AUC.
-PLATEAU_PATIENCE, PLATEAU_FACTOR = 2, 0.5
 
 
 def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
@@ -57,7 +50,8 @@ def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
 
 def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
                      epochs: int | None = None, start_epoch: int = 0,
-                     sources: np.ndarray | None = None) -> tuple[Any, int]:
+                     sources: np.ndarray | None = None, replicas: int = 1,
+                     my_replicas: tuple[int, int] = (0, 1)) -> tuple[Any, int]:
     """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
 
     Args:
@@ -70,11 +64,18 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         epochs: epochs the dataset spans (default ``config.epochs``).
         start_epoch: first epoch to produce (a resumed run starts where it stopped).
         sources: each training image's source, for ``config.source_balance``.
+        replicas: replicas sharing each global batch of ``config.batch_size`` images (a
+            ``tf.distribute`` strategy's ``num_replicas_in_sync``); it must divide the batch size.
+        my_replicas: ``(first, count)``: the replicas this input pipeline feeds (a worker's).
 
     Returns:
         ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
         ``(epochs - start_epoch) * steps_per_epoch`` steps. Batch ``b`` of epoch ``e`` depends only on
-        ``(seed, e, b)``.
+        ``(seed, e, b)``. With ``replicas > 1`` it yields ``count`` per-replica batches per step,
+        replica ``r`` taking rows ``r * batch_size / replicas`` onwards of the global batch, which
+        is made (sampled, augmented) exactly as on one device; an epoch then has only full global
+        batches (the last partial one, different images each epoch, is left out), so that every
+        replica's share is equal and the summed update is the one-device update.
     """
     y = np.asarray(y).astype(np.float32)
     sample_weight = np.where(y > 0.5, weights[1], weights[0]).astype(np.float32)
@@ -90,8 +91,18 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
             orders.pop(epoch - 3, None)
         return found
 
+    if bs % replicas:
+        raise ValueError(f"batch size {bs} is not divisible by the {replicas} replicas")
+    per_replica = bs // replicas
+    first, count = my_replicas
     # The sampled order changes each epoch; its length does not.
-    steps = math.ceil(len(order(0)) / bs)
+    n = len(order(0))
+    steps = math.ceil(n / bs) if replicas == 1 else n // bs
+    if steps == 0:
+        raise ValueError(f"an epoch has {n} training images, fewer than the batch size {bs} the {replicas} replicas "
+                         "share; lower --batch-size")
+    # This pipeline's rows of each global batch (all of them on one device).
+    mine = slice(first * per_replica, (first + count) * per_replica) if replicas > 1 else slice(None)
 
     def load(k):
         epoch, b = divmod(int(k), steps)
@@ -101,32 +112,51 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
             # Its own generator, so switching crops on leaves the augmentation stream unchanged.
             batch = random_crops(batch, config.image_size, np.random.default_rng([config.seed, epoch, b, 1]))
         if config.augment:
+            # The whole global batch is augmented, from the generator of (seed, epoch, b), and
+            # then sliced: each replica's images are those it would see on one device.
             batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]), config)
+        idx, batch = idx[mine], batch[mine]
         return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
 
     size, ch = config.image_size, config.channels
     ds = _numpy_batches(load, epochs * steps, [(None, size, size, ch), (None,), (None,)], first=start_epoch * steps)
+    if count > 1 and replicas > 1:
+        # One element per local replica, in replica order: tf.distribute hands a pipeline's
+        # elements to its replicas round-robin.
+        ds = ds.rebatch(per_replica)
     return ds, steps
 
 
 def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None, constancy: str = "none",
-                 crop: int | None = None):
+                 crop: int | None = None, replicas: int = 1, my_replicas: tuple[int, int] = (0, 1)):
     """Streaming inference input: the view of ``images`` in order, ``batch_size`` at a time.
 
     No augmentation: only the preprocessing inference also applies (``constancy``). With
     ``crop``, each image's central ``crop``×``crop`` window (for validating a branch trained
     on crops while it trains; its saved validation scores average the full window grid).
 
-    Yields ``x`` batches, or ``(x, y)`` when labels are given (for Keras validation data).
+    Yields ``x`` batches, or ``(x, y)`` when labels are given (for Keras validation data). With
+    ``replicas > 1`` (validation under a ``tf.distribute`` strategy) the batch size is rounded
+    down to a multiple of ``replicas``, each batch is split in ``replicas`` consecutive slices
+    (equal but in the last batch) and this pipeline yields those of ``my_replicas`` (as in
+    ``training_batches``); every image is still seen once.
     """
     n = len(images)
+    batch_size = _validation_batch_size(n, batch_size, replicas)
     steps = math.ceil(n / batch_size)
+    first, count = my_replicas
     channels = VIEWS[view].channels
     size = crop or images.shape[1]
     y32 = None if y is None else np.asarray(y).astype(np.float32)
 
     def load(k):
-        sl = slice(int(k) * batch_size, min(n, (int(k) + 1) * batch_size))
+        step, r = divmod(int(k), count)
+        begin, m = step * batch_size, min(batch_size, n - step * batch_size)
+        r += first
+        sl = slice(begin + r * m // replicas, begin + (r + 1) * m // replicas)
+        if sl.start >= sl.stop:  # a replica past the end of the last batch: an empty share
+            x = np.zeros((0, size, size, channels), np.float32)
+            return (x,) if y32 is None else (x, y32[:0])
         batch = apply_constancy(constancy, images[np.arange(sl.start, sl.stop)])
         if batch.shape[1] > size:
             batch = centre_crop(batch, size)
@@ -134,8 +164,14 @@ def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None
         return (x,) if y32 is None else (x, y32[sl])
 
     shapes = [(None, size, size, channels)] + ([] if y32 is None else [(None,)])
-    ds = _numpy_batches(load, steps, shapes)
+    ds = _numpy_batches(load, steps * count, shapes)
     return ds.map(lambda x: x) if y32 is None else ds
+
+
+def _validation_batch_size(n: int, batch_size: int, replicas: int) -> int:
+    # Under several replicas Keras checks that the first batch's slices have one shape: make
+    # them equal by rounding the batch down to a multiple of the replicas.
+    return batch_size if replicas == 1 else replicas * max(1, min(batch_size, n) // replicas)
 
 
 class _EpochLogger(keras.callbacks.Callback):
@@ -169,6 +205,9 @@ def fit_branch(
     build: Callable[[BranchConfig], keras.Model] = build_branch,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     train_sources: Sequence[str] | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    mixed_precision: bool = False,
+    resume_dir: str | os.PathLike | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
 
@@ -187,13 +226,23 @@ def fit_branch(
         build: the model builder (another architecture for a baseline; default the branch CNN).
         callbacks: extra Keras callbacks (e.g. a time budget).
         train_sources: each training image's source, needed when ``config.source_balance`` > 0.
+        strategy: the ``tf.distribute`` strategy to train under (``models.distribute``); default
+            TensorFlow's default (one device). ``config.batch_size`` stays the global batch: each of
+            the strategy's replicas takes an equal slice of it, and BatchNorm layers compute their
+            batch statistics over the whole global batch (synchronised), as on one device.
+        mixed_precision: build the model under Keras' ``mixed_float16`` policy, its output layer in
+            float32 (probabilities and loss stay float32); the returned model is float32.
+        resume_dir: where to read the checkpoint to resume (default ``checkpoint_dir``): a
+            multi-worker run's non-chief workers read the chief's and write their own elsewhere.
 
     Returns:
         ``(model, history)``; history holds per-epoch metrics, the best epoch, the class
-        weights used and the training time in seconds.
+        weights used and the training time in seconds. Trained under several replicas or mixed
+        precision, the model is a plain float32 copy built outside the strategy.
 
     Raises:
-        ValueError: if shapes disagree with the config or a class is missing.
+        ValueError: if shapes disagree with the config, a class is missing, or the batch size
+            is not divisible by the strategy's replicas.
     """
     size = config.load_size
     for name, arr in (("train_images", train_images), ("val_images", val_images)):
@@ -210,23 +259,49 @@ def fit_branch(
                        "use --class-weight balanced --sampling none, or the default (oversample, no weights)",
                        config.view, config.sampling)
 
-    keras.utils.set_random_seed(config.seed)
-    keeper = _BestKeeper(config, checkpoint_dir, build)
-    model, initial_epoch = keeper.restore() if resume else (None, 0)
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"batch size {config.batch_size} is not divisible by the {replicas} replicas of "
+                         f"{type(strategy).__name__}; use a multiple of {replicas}")
     if config.source_balance > 0 and train_sources is None:
         raise ValueError("source_balance needs each training image's source (train_sources)")
     sources = None if train_sources is None else np.asarray(train_sources)
     if sources is not None and len(sources) != len(y_train):
         raise ValueError(f"train_sources has {len(sources)} entries for {len(y_train)} training images")
-    train_ds, steps = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
+
+    keras.utils.set_random_seed(config.seed)
+    keeper = _BestKeeper(config, checkpoint_dir, build, resume_dir=resume_dir, mixed_precision=mixed_precision)
+    with strategy.scope():  # variables (model, optimizer, metrics) are made as the strategy's
+        model, initial_epoch = keeper.restore() if resume else (None, 0)
+        _, steps = training_batches(train_images, y_train, config, weights, sources=sources, replicas=replicas)
+        if model is None:
+            model = _build_for_training(build, config, mixed_precision)
+            model.compile(
+                optimizer=make_optimizer(config, steps),
+                loss="binary_crossentropy",
+                metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
+            )
+        _synchronise_batchnorm(model, replicas > 1)
+    val_size = config.image_size
+    if replicas == 1:
+        train_ds, _ = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
                                        sources=sources)
-    if model is None:
-        model = build(config)
-        model.compile(
-            optimizer=make_optimizer(config, steps),
-            loss="binary_crossentropy",
-            metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
-        )
+        val_ds = view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy, crop=val_size)
+    else:
+        # Each worker's input pipeline feeds its own replicas (ctx names which): the data are
+        # sharded by batch slices, not by files, so every worker needs the whole training set.
+        def train_fn(ctx):
+            return training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
+                                    sources=sources, replicas=replicas, my_replicas=_my_replicas(ctx))[0]
+
+        def val_fn(ctx):
+            # Repeated: with validation_steps given, Keras keeps one iterator for all epochs.
+            return view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy,
+                                crop=val_size, replicas=replicas, my_replicas=_my_replicas(ctx)).repeat()
+
+        train_ds = strategy.distribute_datasets_from_function(train_fn)
+        val_ds = strategy.distribute_datasets_from_function(val_fn)
     logger.info(
         "[%s] training on %d images (%d melanoma), validating on %d; class weights %s",
         config.view, len(y_train), int(y_train.sum()), len(y_val),
@@ -238,14 +313,22 @@ def fit_branch(
             train_ds,
             steps_per_epoch=steps,
             shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
-            validation_data=view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy,
-                                         crop=config.image_size),
+            validation_data=val_ds,
+            # A distributed dataset's length is unknown to Keras: say it, or each epoch warns
+            # that the validation input "ran out of data".
+            validation_steps=None if replicas == 1 else math.ceil(
+                len(y_val) / _validation_batch_size(len(y_val), 128, replicas)),
             initial_epoch=initial_epoch,
             epochs=config.epochs,
             callbacks=[keeper, _EpochLogger(config.view, config.epochs), *callbacks],
             verbose=0,
         )
     keeper.restore_best(model)
+    if replicas > 1 or mixed_precision:
+        # The branch is stored as a one-device float32 model, whatever trained it: the same
+        # file as a one-device run's, loadable without the strategy or a GPU.
+        trained, model = model, build(config)
+        model.set_weights(trained.get_weights())
     seconds = time.perf_counter() - t0 + keeper.seconds_before
     per_epoch = keeper.history
     val_auc = per_epoch.get("val_auc", [])
@@ -263,20 +346,47 @@ def fit_branch(
     return model, history
 
 
-def _seed_generators(model: keras.Model) -> dict[str, Any]:
-    return {layer.name: layer.seed_generator for layer in model.layers if getattr(layer, "seed_generator", None) is not None}
+def _my_replicas(ctx: tf.distribute.InputContext) -> tuple[int, int]:
+    """``(first replica, replica count)`` of the input pipeline ``ctx`` describes (one per worker)."""
+    local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    return ctx.input_pipeline_id * local, local
 
 
-def _seed_states(model: keras.Model) -> dict[str, list[int]]:
-    # Dropout's random state is not part of a saved model; without it a resumed run would
-    # draw different dropout masks from the uninterrupted one.
-    return {name: np.asarray(keras.ops.convert_to_numpy(g.state.value)).tolist() for name, g in _seed_generators(model).items()}
+def _build_for_training(build: Callable[[BranchConfig], keras.Model], config: BranchConfig,
+                        mixed_precision: bool) -> keras.Model:
+    """``build(config)``, under the ``mixed_float16`` policy when asked, with its output layer in float32.
+
+    Keras' mixed-precision rule: the last layer computes in float32, so the sigmoid's
+    probabilities and the loss are not rounded to float16 (which saturates near 0 and 1).
+    """
+    if not mixed_precision:
+        return build(config)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build(config)
+        last = model.layers[-1]
+
+        def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+            layer_config = layer.get_config()
+            if layer is last:
+                layer_config["dtype"] = "float32"
+            return layer.__class__.from_config(layer_config)
+
+        mixed = keras.models.clone_model(model, clone_function=clone)
+        mixed.set_weights(model.get_weights())  # the seeded initial weights, not a second draw
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return mixed
 
 
-def _set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
-    for name, g in _seed_generators(model).items():
-        if name in states:
-            g.state.assign(np.asarray(states[name], dtype=keras.backend.standardize_dtype(g.state.dtype)))
+def _synchronise_batchnorm(model: keras.Model, on: bool) -> None:
+    # With several replicas, each would otherwise normalise by the mean and variance of its own
+    # slice (batch / replicas images): the global batch's statistics keep the one-device maths.
+    # Set on the layers (not in the builder) so the stored branch stays the same model.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = on
 
 
 def make_optimizer(config: BranchConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -291,106 +401,3 @@ def make_optimizer(config: BranchConfig, steps_per_epoch: int) -> keras.optimize
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay)
     return keras.optimizers.Adam(lr, weight_decay=decay)
-
-
-class _BestKeeper(keras.callbacks.Callback):
-    """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
-
-    It replaces Keras' ``EarlyStopping`` and ``ReduceLROnPlateau`` so that their state (best
-    AUC, best weights, epochs without improvement) can be saved with each epoch's checkpoint:
-    a resumed run then stops, halves its learning rate and restores exactly as an
-    uninterrupted one would. A checkpoint is ``last.keras`` (the
-    model with its optimizer state), ``best.weights.h5`` and ``state.json``, each written
-    atomically; ``state.json`` is written last, so it only ever names a complete epoch.
-    """
-
-    def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None,
-                 build: Callable[[BranchConfig], keras.Model] = build_branch):
-        super().__init__()
-        self.config = config
-        self.build = build  # the architecture the checkpoint's best weights belong to
-        self.dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.best, self.best_epoch, self.wait, self.best_weights = -math.inf, -1, 0, None
-        self.lr_wait = 0  # epochs without improvement since the last plateau halving
-        self.history: dict[str, list[float]] = {}
-        self.stopped, self.seconds_before, self._t0 = False, 0.0, time.perf_counter()
-
-    def restore(self) -> tuple[keras.Model | None, int]:
-        """Load the last complete epoch's checkpoint; ``(None, 0)`` if there is none to resume."""
-        state_file = self.dir / "state.json" if self.dir else None
-        if state_file is None or not state_file.is_file():
-            logger.info("[%s] no checkpoint to resume from; training from the start", self.config.view)
-            return None, 0
-        fresh = "train without --resume to start again"
-        state = read_json_object(state_file, required=_STATE_KEYS, hint=fresh)
-        if not isinstance(state["config"], dict):
-            raise ValueError(f"{state_file}: damaged, 'config' is not an object; {fresh}")
-        try:
-            same = self.config.matches(state["config"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"{state_file}: damaged, its config is invalid ({exc}); {fresh}") from None
-        if not same:
-            raise ValueError(f"{self.dir}: the checkpoint was made with another config ({state['config']}); "
-                             "resume with the same settings, or train without --resume")
-        model = keras.saving.load_model(self.dir / "last.keras", compile=True)
-        _set_seed_states(model, state.get("seed_states", {}))
-        best_model = self.build(self.config)
-        best_model.load_weights(self.dir / "best.weights.h5")
-        self.best_weights = best_model.get_weights()
-        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
-        self.lr_wait = state.get("lr_wait", 0)
-        self.history, self.stopped = state["history"], state["stopped"]
-        self.seconds_before = state["seconds"]
-        logger.info("[%s] resuming after epoch %d of %d (best val_auc %.4f at epoch %d)", self.config.view,
-                    state["epoch"], self.config.epochs, self.best, self.best_epoch + 1)
-        return model, int(state["epoch"])
-
-    def on_train_begin(self, logs=None):
-        self._t0 = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(float(v))
-        current = float(logs.get("val_auc", -math.inf))
-        self.wait += 1
-        if self.best_weights is None or current > self.best:
-            self.best, self.best_epoch, self.wait = current, epoch, 0
-            self.best_weights = self.model.get_weights()
-            improved = True
-        else:
-            improved = False
-        if self.config.lr_schedule == "plateau":
-            self.lr_wait = 0 if improved else self.lr_wait + 1
-            if self.lr_wait >= PLATEAU_PATIENCE:
-                lr = self.model.optimizer.learning_rate
-                lr.assign(lr * PLATEAU_FACTOR)
-                self.lr_wait = 0
-        if self.wait >= self.config.patience and epoch > 0:
-            self.model.stop_training = self.stopped = True
-        if self.dir:
-            self._save(epoch + 1, improved)
-
-    def _save(self, epochs_done: int, improved: bool) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for name, save in (("last.keras", self.model.save),
-                           *((("best.weights.h5", self.model.save_weights),) if improved else ())):
-            with atomic_path(self.dir / name) as tmp:
-                real = tmp.with_name(tmp.name + "." + name)  # Keras checks the suffix
-                try:
-                    save(real)
-                    os.replace(real, tmp)
-                finally:
-                    real.unlink(missing_ok=True)
-        write_json_atomic(self.dir / "state.json", {
-            "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
-            "lr_wait": self.lr_wait,
-            "stopped": self.stopped, "history": self.history, "config": self.config.to_dict(),
-            "seed_states": _seed_states(self.model),
-            "seconds": self.seconds_before + time.perf_counter() - self._t0,
-        })
-
-    def restore_best(self, model: keras.Model) -> None:
-        """Give ``model`` the weights of the best validation-AUC epoch."""
-        if self.best_weights is not None:
-            model.set_weights(self.best_weights)

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "verify-split": "skinfusion.cli.verify_split",
     "synth": "skinfusion.cli.synth",
     "bench": "skinfusion.cli.bench",
+    "export": "skinfusion.cli.export",
     "serve": "skinfusion.cli.serve",
     "bench-serve": "skinfusion.cli.bench_serve",
 }

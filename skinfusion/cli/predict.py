@@ -11,8 +11,10 @@ any size fit in memory. The work is ``skinfusion.workflows.predicting``; this mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from colorspaces.files import check_output_file
@@ -31,10 +33,12 @@ from skinfusion.cli.common import (
 from skinfusion.workflows.predicting import (
     input_paths,
     predict_to_csv,
+    predict_to_parquet,
     read_metadata_csv,
     skip_report_path,
     write_predictions,
 )
+from skinfusion.workflows.ray_scoring import INSTALL_HINT, RayEngine, is_uri, remote_input_paths, require_ray
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="CSV",
                    help="write the CSV (path, melanoma_proba, in_distribution_score, out_of_distribution, "
                         "ood_reason) here instead of stdout (through a temporary file beside it, renamed when "
-                        "complete); skipped files go to CSV.skipped.csv")
+                        "complete); skipped files go to CSV.skipped.csv. A name ending in .parquet writes "
+                        "Parquet instead: the same columns, numbers at full precision (needs pyarrow)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=positive_int, default=2,
                    help="image decoding threads, overlapped with inference (default 2)")
@@ -57,21 +62,43 @@ def parser() -> argparse.ArgumentParser:
                    help="for an ensemble fused with metadata (fuse --metadata): a CSV with an image_id column (the "
                         "file name without extension) or a path column, and the fused fields (age, sex, site); "
                         "empty cells and images it does not list are scored with those fields unknown")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: score on this machine (default); ray: score on a Ray cluster with Ray Data "
+                        f"({INSTALL_HINT}); every node must see --run and the images at the same paths, or give "
+                        "s3://, gs://, hdfs:// URIs (README 'Cluster guide')")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="--engine ray: the Ray cluster to use (default: $RAY_ADDRESS if set, else a Ray instance "
+                        "started on this machine for the run)")
+    p.add_argument("--num-workers", type=positive_int, metavar="N",
+                   help="--engine ray: scoring actors, each loads the bundle once and takes one CPU "
+                        "(default: one per CPU of the cluster)")
+    p.add_argument("--backend", choices=("keras", "onnx", "tflite"), default=None,
+                   help="keras: a run's bundle through TensorFlow; onnx or tflite: an export written by `skinfusion "
+                        "export` (onnxruntime or LiteRT, no TensorFlow). Default: what --run holds")
     add_quiet(p)
     return p
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        require_ray()  # before the images are listed and the bundle loaded
+    elif args.address or args.num_workers:
+        raise ValueError(f"{'--address' if args.address else '--num-workers'} applies to --engine ray only; "
+                         "add --engine ray or drop it")
     folders = [p for p in args.images if os.path.isdir(p)]
     if folders:
         raise ValueError(f"{folders[0]} is a directory; score a folder with --input {folders[0]}")
     with reading("--input", args.input or ""):
-        paths = list(args.images) + (input_paths(args.input) if args.input else [])
+        paths = list(args.images) + (_listed(args.input, args.engine) if args.input else [])
+    remote = next((p for p in paths if is_uri(p)), None)
+    if remote and args.engine == "local":
+        raise ValueError(f"{remote}: a URI; the local engine reads files on this machine only; score URIs "
+                         "with --engine ray (pyarrow.fs reads s3://, gs://, hdfs://) or copy the files here")
     if not paths:
         raise ValueError("no images given: pass image files and/or --input DIR_OR_LIST")
     if args.out:
         check_output_file("--out", args.out)  # before the minutes of loading and scoring, not after
-    ens = load(args.run)
+    ens = _load_backend(args.run, args.backend)
     metadata = None
     if ens.metadata_fields:
         if not args.metadata:
@@ -84,13 +111,42 @@ def _predict(args: argparse.Namespace) -> int:
     progress = Progress(len(paths), enabled=not args.quiet and (bool(args.out) or len(paths) > args.batch_size))
     options = dict(batch_size=args.batch_size, workers=args.workers, tta=args.tta, metadata=metadata,
                    on_batch=progress.update)
-    if not args.out:
-        skipped = write_predictions(ens, paths, sys.stdout, **options)
-        return EXIT_SKIPPED if skipped else EXIT_OK
-    skipped = predict_to_csv(ens, paths, args.out, **options)
+    with (RayEngine(ens, args.run, args.address, args.num_workers) if args.engine == "ray"
+          else contextlib.nullcontext(ens)) as scorer:
+        if not args.out:
+            skipped = write_predictions(scorer, paths, sys.stdout, **options)
+            return EXIT_SKIPPED if skipped else EXIT_OK
+        to_file = predict_to_parquet if args.out.lower().endswith(".parquet") else predict_to_csv
+        skipped = to_file(scorer, paths, args.out, **options)
     report = f" (listed in {skip_report_path(args.out)})" if skipped else ""
     print(f"scored {len(paths) - len(skipped)} images -> {args.out}; {len(skipped)} skipped{report}", file=sys.stderr)
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _load_backend(run: str, backend: str | None):
+    """The bundle in ``run``, refused when it is not of the ``--backend`` asked for (before anything loads)."""
+    from ensemble.runtime import is_export_dir
+
+    if is_export_dir(run):
+        from ensemble.runtime import read_export_manifest
+
+        held = read_export_manifest(Path(run) / "manifest.json")["format"]
+        if backend not in (None, held):
+            raise ValueError(f"--run {run} holds an export in {held} format; use --backend {held}, or give the "
+                             "run it was exported from for --backend keras")
+    elif backend not in (None, "keras"):
+        raise ValueError(f"--backend {backend} scores an export: write one with `skinfusion export --run {run} "
+                         f"--format {backend} --out DIR` and pass --run DIR")
+    return load(run)
+
+
+def _listed(spec: str, engine: str) -> list[str]:
+    """The images ``--input`` names; a URI (``s3://bucket/folder``) is listed through pyarrow for Ray."""
+    if is_uri(spec):
+        if engine != "ray":
+            raise ValueError(f"--input {spec}: a URI; list and score it with --engine ray, or copy the files here")
+        return remote_input_paths(spec)
+    return input_paths(spec)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

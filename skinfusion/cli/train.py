@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from models import BranchConfig
+from models.distribute import STRATEGIES, start_strategy
 from skinfusion.cli.common import (
     add_quiet,
     data_help,
@@ -102,6 +103,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: each branch resumes from its last completed epoch "
                         "(checkpointed in RUN/branches/<view>/.checkpoint); finished branches are kept")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="tf.distribute strategy: one-device; mirrored (every GPU here); multi-worker (across machines, "
+                        "from $TF_CONFIG; run the same command on each); auto = mirrored with more than one GPU, else "
+                        "one-device (default auto). --batch-size stays the global batch, split equally between the "
+                        "replicas; see the README's Cluster guide")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="train in mixed precision (Keras mixed_float16, output layer in float32) for GPUs; off by "
+                        "default, and slower on a CPU; the saved branch is float32 either way")
     p.add_argument("--cache-dir", metavar="DIR", help="where decoded, resized images are cached between branches and runs "
                                        "(default $SKINFUSION_CACHE or ~/.cache/skinfusion)")
     add_quiet(p)
@@ -159,6 +168,7 @@ def interrupted_message(args: argparse.Namespace) -> str:
 def _train(args: argparse.Namespace) -> int:
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
     configs = resolve_configs(args, views)
+    args.jobs = start_strategy(args.strategy, args.mixed_precision, args.jobs, [c.batch_size for c in configs])
     if args.limit is not None and args.limit < 40:
         raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
     exclude = None
@@ -170,7 +180,8 @@ def _train(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else len(configs)
     summaries = train_branches(args.data, args.run, configs, jobs=jobs, split_seed=args.split_seed,
                                limit=args.limit, workers=args.workers, dedup=args.dedup_split,
-                               exclude_ids=exclude, cache_dir=args.cache_dir, resume=args.resume)
+                               exclude_ids=exclude, cache_dir=args.cache_dir, resume=args.resume,
+                               strategy=args.strategy, mixed_precision=args.mixed_precision)
     skipped = 0
     for s in summaries:
         v = s["validation"]

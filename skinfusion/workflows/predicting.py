@@ -7,13 +7,17 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
-from colorspaces.files import atomic_open, check_output_file
+import numpy as np
+
+from colorspaces.files import atomic_open, atomic_path, check_output_file
 from colorspaces.image import IMAGE_SUFFIXES
-from ensemble.engine import Ensemble
 from ensemble.metadata import describe_unreadable, unreadable_values
 from skinfusion.data.index import read_csv_rows, write_skip_report
+
+if TYPE_CHECKING:  # an annotation only: an exported bundle (ensemble.runtime) is scored without TensorFlow
+    from ensemble.engine import Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -122,19 +126,31 @@ def write_predictions(ens: Ensemble, paths: Sequence[str], fh: TextIO, batch_siz
     """
     writer = csv.writer(fh, lineterminator="\n")
     writer.writerow(PREDICTION_COLUMNS)
+    skipped: list[tuple[str, str]] = []
+    for batch in _scored_batches(ens, paths, skipped, on_batch, batch_size=batch_size, workers=workers, tta=tta,
+                                 metadata=metadata):
+        writer.writerows((p, f"{q:.6f}", *_ood_cells(getattr(batch, "ood", None), j))
+                         for j, (p, q) in enumerate(zip(batch.paths, batch.fused)))
+    return skipped
+
+
+def _scored_batches(ens, paths: Sequence[str], skipped: list[tuple[str, str]],
+                    on_batch: Callable[[int, int], None] | None, **options):
+    """``ens.iter_files(paths, **options)``, warning about each skipped file and adding it to ``skipped``.
+
+    What every output format shares: the no-gate note once, a warning per skipped file, and the
+    progress callback after each batch (so CSV and Parquet, local and Ray engines, report alike).
+    """
     note = getattr(ens, "ood_note", None)
     if note:
         logger.warning("%s", note)
-    skipped: list[tuple[str, str]] = []
-    for batch in ens.iter_files(paths, batch_size=batch_size, workers=workers, tta=tta, metadata=metadata):
-        writer.writerows((p, f"{q:.6f}", *_ood_cells(getattr(batch, "ood", None), j))
-                         for j, (p, q) in enumerate(zip(batch.paths, batch.fused)))
+    for batch in ens.iter_files(paths, **options):
+        yield batch
         for _, reason in batch.failures:
             logger.warning("skipped %s", reason)
         skipped += batch.failures
         if on_batch is not None:
             on_batch(len(batch.paths) + len(batch.failures), len(skipped))
-    return skipped
 
 
 def _ood_cells(ood, j: int) -> tuple[str, str, str]:
@@ -174,5 +190,43 @@ def predict_to_csv(ens: Ensemble, paths: Sequence[str], out_csv: str | os.PathLi
     out = check_output_file("--out", out_csv)
     with atomic_open(out, "w", newline="") as fh:
         skipped = write_predictions(ens, paths, fh, **kwargs)
+    write_skip_report(skip_report_path(out), skipped)
+    return skipped
+
+
+def predict_to_parquet(ens: Ensemble, paths: Sequence[str], out_parquet: str | os.PathLike, batch_size: int = 64,
+                       workers: int = 2, tta: bool = False, metadata: dict[str, dict] | None = None,
+                       on_batch: Callable[[int, int], None] | None = None) -> list[tuple[str, str]]:
+    """``predict_to_csv`` into a Parquet file: the same columns in the same order, one row group per batch.
+
+    The numbers keep their full float64 precision (the CSV rounds to 6 and 4 decimals);
+    ``out_of_distribution`` is an int8 column and an unknown score or flag is null, where the
+    CSV leaves the cell empty. The skip report is the same CSV, ``OUT.skipped.csv``.
+
+    Raises:
+        ValueError: if pyarrow is not installed (naming the install command), or see ``predict_to_csv``.
+    """
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"--out {out_parquet}: writing Parquet needs pyarrow (pip install pyarrow, or "
+                         "pip install 'skinfusion[ray]'); or give a .csv file") from None
+    schema = pa.schema(list(zip(PREDICTION_COLUMNS, (pa.string(), pa.float64(), pa.float64(), pa.int8(), pa.string()))))
+    out = check_output_file("--out", out_parquet)
+    skipped: list[tuple[str, str]] = []
+    with atomic_path(out) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in _scored_batches(ens, paths, skipped, on_batch, batch_size=batch_size, workers=workers,
+                                         tta=tta, metadata=metadata):
+                ood, n = getattr(batch, "ood", None), len(batch.paths)
+                score = np.full(n, np.nan) if ood is None else np.asarray(ood.in_distribution_score, np.float64)
+                flag = np.full(n, np.nan) if ood is None else np.asarray(ood.out_of_distribution, np.float64)
+                columns = [pa.array(list(batch.paths), pa.string()), pa.array(np.asarray(batch.fused, np.float64)),
+                           pa.array(score, mask=np.isnan(score)),
+                           pa.array(np.nan_to_num(flag).astype(np.int8), mask=np.isnan(flag)),
+                           pa.array(["" if ood is None else ";".join(ood.reasons[j]) for j in range(n)], pa.string())]
+                if n:
+                    writer.write_table(pa.Table.from_arrays(columns, schema=schema))
     write_skip_report(skip_report_path(out), skipped)
     return skipped

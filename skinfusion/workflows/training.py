@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
 import logging
 import os
 import shutil
+import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +22,13 @@ from colorspaces.files import atomic_open
 from ensemble.bundle import sha256_file
 from ensemble.metrics import binary_report, choose_threshold
 from models import BranchConfig, load_branch, predict_images_proba, save_branch
+from models.distribute import (
+    is_chief_task,
+    make_strategy,
+    read_tf_config,
+    resolve,
+    worker_values,
+)
 from models.store import read_branch_info
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
@@ -36,7 +46,8 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
                      limit: int | None = None, workers: int = 2,
                      exclude_ids: set[str] | None = None, dedup: bool = False,
                      cache_dir: str | None = None, resume: bool = False,
-                     holdout_ids: set[str] | None = None) -> dict[str, Any]:
+                     holdout_ids: set[str] | None = None, strategy: str | None = None,
+                     mixed_precision: bool = False) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
@@ -49,21 +60,76 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
     branch is saved). With ``resume``, an interrupted branch continues from its last
     complete epoch, and a branch that already finished with the same config is kept as is.
 
+    ``strategy`` names a ``models.distribute`` strategy (``auto``, ``one-device``, ``mirrored``,
+    ``multi-worker``; default: TensorFlow's default device). Under ``multi-worker`` every
+    worker runs this with the same arguments; only the chief writes the run (and holds its
+    lock). The others read its split and, with ``resume``, its checkpoint, and write theirs to
+    a temporary directory that is removed at the end (Keras' pattern for multi-worker saving).
+
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
 
     Raises:
         RunLockedError: if another process is writing the run.
+        ValueError: if multi-worker workers disagree on the data or on where to resume.
     """
+    dist = make_strategy(strategy) if strategy else None
+    if not is_chief(strategy):
+        with tempfile.TemporaryDirectory(prefix="skinfusion-worker-") as scratch:
+            summary = _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup,
+                                        cache_dir, resume, holdout_ids, dist, mixed_precision, write_dir=scratch)
+        summary["branch_dir"] = f"{Path(run_dir) / 'branches' / config.view} (saved by the chief)"
+        return summary
     with run_lock(run_dir, f"skinfusion train --view {config.view}"):
         return _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup,
-                                 cache_dir, resume, holdout_ids)
+                                 cache_dir, resume, holdout_ids, dist, mixed_precision)
+
+
+def is_chief(strategy: str | None) -> bool:
+    """Whether this process writes the run: always, but for a non-chief worker of ``--strategy multi-worker``."""
+    return not strategy or resolve(strategy) != "multi-worker" or is_chief_task(read_tf_config())
+
+
+def _resume_point(branch_dir: Path, config: BranchConfig, resume: bool) -> int:
+    """Where a (re)started training begins: -1 if the branch is already trained, else the epoch."""
+    if not resume:
+        return 0
+    state = branch_dir / ".checkpoint" / "state.json"
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text(encoding="utf-8"))["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # damaged: fit_branch's restore reports it by name
+    if (branch_dir / "metadata.json").is_file() and read_branch_info(branch_dir)[0] == config:
+        return -1
+    return 0
+
+
+def _check_workers_agree(dist, branch_dir: Path, point: int, train_ids: list[str]) -> None:
+    # Workers that disagree on the data or the starting epoch would run different step counts
+    # and wait for each other forever: compare them first, with one collective.
+    crc = zlib.crc32("\n".join(train_ids).encode())
+    rows = worker_values(dist, [point, len(train_ids), crc])
+    if all(row == rows[0] for row in rows):
+        return
+    where = {-1: "already trained", 0: "epoch 0"}
+    seen = "; ".join(f"replica {i}: {where.get(r[0], f'epoch {r[0]}')}, {r[1]} training images"
+                     for i, r in enumerate(rows))
+    raise ValueError(f"the workers of --strategy multi-worker disagree ({seen}); every worker needs the same "
+                     f"--data and the same files, and with --resume must read the chief's checkpoint in "
+                     f"{branch_dir} (put the run on a filesystem all workers share, or copy it to each)")
 
 
 def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup, cache_dir,
-                      resume, holdout_ids=None) -> dict[str, Any]:
+                      resume, holdout_ids=None, dist=None, mixed_precision=False, write_dir=None) -> dict[str, Any]:
     bound_allocator()
-    index, assign, info = prepare_split(data_dir, run_dir, split_seed, limit, dedup=dedup)
+    read_run = Path(run_dir)
+    # A non-chief worker reads the chief's split and checkpoint and writes under write_dir.
+    # Before the chief has saved the split it makes its own there: the split is seeded, so
+    # it is the same one (the agreement check below makes sure).
+    split_run = run_dir if write_dir is None or (read_run / "splits.csv").is_file() else write_dir
+    index, assign, info = prepare_split(data_dir, split_run, split_seed, limit, dedup=dedup)
+    run_dir = write_dir or run_dir
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
     n_excluded = n_held_out = 0
     if holdout_ids:
@@ -83,13 +149,16 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     branch_dir = Path(run_dir) / "branches" / config.view
     branch_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = branch_dir / ".checkpoint"
-    if resume and not (checkpoint / "state.json").is_file() and (branch_dir / "metadata.json").is_file():
-        saved_config, meta = read_branch_info(branch_dir)
-        if saved_config == config:
-            logger.info("[%s] already trained in %s; nothing to resume", config.view, branch_dir)
-            return {"view": config.view, "branch_dir": str(branch_dir), "validation": meta["validation_metrics"],
-                    "train_seconds": meta["training"]["train_seconds"], "skipped": meta.get("skipped_images", 0),
-                    "peak_rss_mb": meta["training"].get("peak_rss_mb", float("nan"))}
+    chief_branch = read_run / "branches" / config.view  # the same as branch_dir, but on a non-chief worker
+    point = _resume_point(chief_branch, config, resume)
+    if dist is not None and isinstance(dist, _multi_worker_class()):
+        _check_workers_agree(dist, chief_branch, point, [r.image_id for r in recs["train"]])
+    if point == -1:
+        _, meta = read_branch_info(chief_branch)
+        logger.info("[%s] already trained in %s; nothing to resume", config.view, chief_branch)
+        return {"view": config.view, "branch_dir": str(chief_branch), "validation": meta["validation_metrics"],
+                "train_seconds": meta["training"]["train_seconds"], "skipped": meta.get("skipped_images", 0),
+                "peak_rss_mb": meta["training"].get("peak_rss_mb", float("nan"))}
     if not resume and (checkpoint / "state.json").is_file():
         logger.warning("[%s] %s holds an interrupted training; starting again (pass --resume to continue it)",
                        config.view, checkpoint)
@@ -106,9 +175,21 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     if failures:
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
-    model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0], loaded["val"][1],
-                                checkpoint_dir=checkpoint, resume=resume,
-                                train_sources=[source_family(r.source) for r in loaded["train"][2]])
+    try:
+        model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0],
+                                    loaded["val"][1], checkpoint_dir=checkpoint, resume=resume,
+                                    train_sources=[source_family(r.source) for r in loaded["train"][2]],
+                                    strategy=dist, mixed_precision=mixed_precision,
+                                    resume_dir=chief_branch / ".checkpoint")
+    except _peer_errors() as exc:
+        if dist is None or not isinstance(dist, _multi_worker_class()):
+            raise
+        # A worker died or its network went: the collectives are aborted on every survivor.
+        # A ConnectionError (an OSError) is reported in one line, as the user's to fix.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConnectionError(f"lost contact with another worker of --strategy multi-worker ({first}); the last "
+                              f"complete epoch is checkpointed in {chief_branch / '.checkpoint'}: restart every "
+                              "worker with --resume") from None
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
     proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy,
@@ -122,7 +203,7 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     save_branch(branch_dir, model, config, {
         "split_seed": info.get("split_seed"),
         # Which split exactly: fuse refuses branches whose splits differ (seed and data alone can agree).
-        "split_sha256": sha256_file(Path(run_dir) / "splits.csv"),
+        "split_sha256": sha256_file(Path(split_run) / "splits.csv"),
         "dataset_fingerprint": info.get("dataset_fingerprint"),
         "data_dir": info.get("data_dir"),
         "validation_metrics": val_metrics,
@@ -138,6 +219,18 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
             "train_seconds": history["train_seconds"], "skipped": len(failures),
             "peak_rss_mb": history["peak_rss_mb"]}
+
+
+def _peer_errors() -> tuple[type, ...]:
+    import tensorflow as tf
+
+    return (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+
+
+def _multi_worker_class() -> type:
+    import tensorflow as tf
+
+    return tf.distribute.MultiWorkerMirroredStrategy
 
 
 def _train_in_worker(threads: int, log_level: int, *args, **kwargs) -> dict[str, Any]:
@@ -162,7 +255,9 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
         data_dir, run_dir: as for :func:`train_branch_run`.
         configs: one config per branch (typically rgb, hsv, fft).
         jobs: parallel worker processes (joblib, loky backend).
-        **kwargs: passed to :func:`train_branch_run` (split_seed, limit, workers, exclude_ids, dedup, cache_dir).
+        **kwargs: passed to :func:`train_branch_run` (split_seed, limit, workers, exclude_ids, dedup, cache_dir,
+            resume, strategy, mixed_precision). A strategy of several replicas trains one branch at a
+            time in this process (it has the devices to itself): ``jobs`` must then be 1.
 
     Returns:
         The summaries of :func:`train_branch_run`, in ``configs`` order.
@@ -173,8 +268,15 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    strategy = kwargs.get("strategy")
+    if jobs > 1 and len(configs) > 1 and strategy and resolve(strategy) != "one-device":
+        raise ValueError(f"--jobs {jobs} trains branches in parallel processes, but --strategy {strategy} gives each "
+                         "branch all the devices; use --jobs 1 (branches one after another) or --strategy one-device")
     views = "+".join(c.view for c in configs)
-    with run_lock(run_dir, f"skinfusion train --view {views}"):
+    # A non-chief multi-worker task writes nothing in the run, so it does not lock it (the chief does).
+    lock = run_lock(run_dir, f"skinfusion train --view {views}") if is_chief(kwargs.get("strategy")) \
+        else contextlib.nullcontext()
+    with lock:
         return _train_branches(data_dir, run_dir, configs, jobs, **kwargs)
 
 

@@ -1,0 +1,349 @@
+"""Loading and running an exported bundle (``skinfusion export``) without TensorFlow.
+
+An export directory holds ``manifest.json`` (the SHA-256 of every other file), the branches'
+model file (``model.onnx`` or ``model.tflite``: the three branches in one graph, inputs named by
+view, outputs the member probabilities and each branch's embedding), ``fusion.json``,
+``preprocess.json`` and, when the source bundle had one, the pickle-free ``ood.npz`` gate.
+Nothing is pickled. ``ExportedEnsemble`` scores images with onnxruntime or the LiteRT
+interpreter; the views stay in NumPy (``colorspaces``), computed exactly as in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from colorspaces import ImageError, read_image, resize_image
+from colorspaces.crops import DIHEDRAL, dihedral, window_offsets
+from colorspaces.files import read_json_object
+from colorspaces.labels import LABEL_MAP
+from colorspaces.pipeline import mean_over_windows, view_inputs
+from colorspaces.quality import image_checks
+from colorspaces.views import VIEWS
+from ensemble.details import BatchScores, FileBatch, PredictionDetails
+from ensemble.fusion_json import JsonFusion, finite_number
+from ensemble.ood import OODGate, judge
+
+logger = logging.getLogger(__name__)
+
+EXPORT_KIND = "skinfusion-export"
+EXPORT_FORMAT = 1
+MANIFEST_FILE, FUSION_JSON, PREPROCESS_JSON = "manifest.json", "fusion.json", "preprocess.json"
+FORMATS = {"onnx": "model.onnx", "tflite": "model.tflite"}
+DEFAULT_THREADS = 2  # the project's reference machine has 2 cores
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding an export manifest (not a run or a Keras bundle)."""
+    manifest = Path(path) / MANIFEST_FILE
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("kind") == EXPORT_KIND
+    except (OSError, ValueError, AttributeError):
+        return False  # a damaged file is reported by whichever loader reads it for real
+
+
+
+
+class _OnnxBackend:
+    """The branches' graph in onnxruntime."""
+
+    def __init__(self, path: Path, names: dict[str, Any], threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # Idle threads sleep instead of spinning: on a machine shared with other processes (or with
+        # the decoding threads of `predict`), spinning threads took the cores from the work and cut
+        # batch throughput by half in our measurements.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs, self.outputs = names["inputs"], [names["proba"], *names["embeddings"]]
+
+    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.outputs, dict(zip(self.inputs, xs)))
+
+
+class _TfliteBackend:
+    """The branches' graph in the LiteRT interpreter (one per thread of use: interpreters are not thread-safe)."""
+
+    def __init__(self, path: Path, names: dict[str, Any], threads: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        by_name = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}
+        out = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
+        self.inputs = [by_name[n] for n in names["inputs"]]
+        self.outputs = [out[n] for n in (names["proba"], *names["embeddings"])]
+        self.rows = -1
+        self.lock = threading.Lock()
+
+    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            if len(xs[0]) != self.rows:  # resizing re-plans the graph: only when the batch size changes
+                for idx, x in zip(self.inputs, xs):
+                    self.interpreter.resize_tensor_input(idx, list(x.shape))
+                self.interpreter.allocate_tensors()
+                self.rows = len(xs[0])
+            for idx, x in zip(self.inputs, xs):
+                self.interpreter.set_tensor(idx, np.ascontiguousarray(x, np.float32))
+            self.interpreter.invoke()
+            return [self.interpreter.get_tensor(i).copy() for i in self.outputs]
+
+
+_BACKENDS = {"onnx": _OnnxBackend, "tflite": _TfliteBackend}
+
+
+def read_export_manifest(path: Path) -> dict[str, Any]:
+    """Read and check an export's ``manifest.json``; every error names the file and the key."""
+    hint = "re-export the run (skinfusion export --run RUN --out DIR)"
+    m = read_json_object(path, required=("kind", "export_format", "format", "files", "model", "threshold",
+                                         "views", "label_map"), hint=hint)
+
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"{path}: damaged, {what}; {hint}")
+
+    if m["kind"] != EXPORT_KIND:
+        raise damaged(f"'kind' must be {EXPORT_KIND!r}")
+    if m["export_format"] != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {m['export_format']!r} is not supported (expected {EXPORT_FORMAT}); "
+                         f"{hint}")
+    if m["format"] not in FORMATS:
+        raise damaged(f"'format' must be one of {sorted(FORMATS)}, got {m['format']!r}")
+    if m["label_map"] != LABEL_MAP:
+        raise damaged(f"label map {m['label_map']} differs from {LABEL_MAP}")
+    files = m["files"]
+    if not (isinstance(files, dict) and files and all(isinstance(k, str) and isinstance(v, str) and "/" not in k
+                                                      and k not in ("", ".", "..") for k, v in files.items())):
+        raise damaged("'files' must map each bundle file name to its SHA-256")
+    for needed in (m["model"].get("file") if isinstance(m["model"], dict) else None, FUSION_JSON, PREPROCESS_JSON):
+        if needed not in files:
+            raise damaged(f"'files' lacks {needed!r}")
+    views = m["views"]
+    if not (isinstance(views, list) and views and all(isinstance(v, str) and v in VIEWS for v in views)):
+        raise damaged(f"'views' must list known views, got {views!r}")
+    model = m["model"]
+    if not (isinstance(model.get("inputs"), list) and len(model["inputs"]) == len(views)
+            and isinstance(model.get("proba"), str) and isinstance(model.get("embeddings"), list)
+            and len(model["embeddings"]) == len(views)):
+        raise damaged("'model' must name one input and one embedding output per view, and the 'proba' output")
+    if not finite_number(m["threshold"]) or not 0.0 <= m["threshold"] <= 1.0:
+        raise damaged(f"'threshold' must be a number in [0, 1], got {m['threshold']!r}")
+    ood = m.get("ood")
+    if ood is not None and not (isinstance(ood, dict) and ood.get("file") in files and finite_number(ood.get("threshold"))
+                                and finite_number(ood.get("percentile"))):
+        raise damaged("'ood' must name a listed file and hold a numeric 'threshold' and 'percentile'")
+    return m
+
+
+def _check_preprocess(pre: dict[str, Any], views: list[str], where: Path) -> list[dict[str, Any]]:
+    """The per-branch recipe of ``preprocess.json``, checked against the manifest's views."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{where}: damaged, {what}; re-export the run (skinfusion export)")
+
+    for key in ("image_size", "load_size"):
+        if not isinstance(pre.get(key), int) or isinstance(pre.get(key), bool) or pre[key] < 16:
+            raise bad(f"{key!r} must be a whole number >= 16, got {pre.get(key)!r}")
+    if pre["load_size"] < pre["image_size"]:
+        raise bad("'load_size' is below 'image_size'")
+    branches = pre.get("branches")
+    if not (isinstance(branches, list) and [b.get("view") if isinstance(b, dict) else None for b in branches] == views):
+        raise bad(f"'branches' must describe the views {views} in order")
+    from colorspaces.constancy import CONSTANCY
+
+    for b in branches:
+        if b.get("color_constancy") not in CONSTANCY or not isinstance(b.get("crop_stride"), int) or b["crop_stride"] < 0:
+            raise bad(f"branch {b['view']!r} needs a known 'color_constancy' and a 'crop_stride' >= 0")
+    if len({len(window_offsets(pre["load_size"], pre["image_size"], b["crop_stride"])) for b in branches}) != 1:
+        raise bad("the branches cut different numbers of windows")
+    return branches
+
+
+class ExportedEnsemble:
+    """An exported bundle loaded for inference: the same scoring as ``ensemble.engine.Ensemble``, without TensorFlow.
+
+    Args:
+        path: the export directory.
+        threads: intra-op threads of onnxruntime / LiteRT.
+
+    Raises:
+        FileNotFoundError: if the directory, its manifest or a listed file is missing.
+        ValueError: if a file's SHA-256 differs from the manifest (checked before anything is
+            loaded), or a file is damaged or does not fit the others; every message names the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = DEFAULT_THREADS):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such export directory; check the path, or write one with "
+                                    "`skinfusion export --run RUN --out DIR`")
+        manifest_path = self.path / MANIFEST_FILE
+        self.manifest = m = read_export_manifest(manifest_path)
+        for name, digest in m["files"].items():  # every hash before any file is parsed
+            file = self.path / name
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: export file listed in {manifest_path} is missing; re-export the run")
+            if sha256_file(file) != digest:
+                raise ValueError(f"{file}: SHA-256 differs from {manifest_path}; the export was modified, refusing "
+                                 "to load it (re-export the run with `skinfusion export`)")
+        self.format = m["format"]
+        self.views = list(m["views"])
+        self.threshold = float(m["threshold"])
+        fusion_path, pre_path = self.path / FUSION_JSON, self.path / PREPROCESS_JSON
+        self.fusion = JsonFusion(read_json_object(fusion_path), len(self.views), str(fusion_path))
+        self.metadata_fields = self.fusion.fields
+        pre = read_json_object(pre_path)
+        self.recipe = _check_preprocess(pre, self.views, pre_path)
+        self.image_size, self.load_size = int(pre["image_size"]), int(pre["load_size"])
+        model_path = self.path / m["model"]["file"]
+        try:
+            self.backend = _BACKENDS[self.format](model_path, m["model"], threads)
+        except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a bad model file
+            raise ValueError(f"cannot load {model_path}: {type(exc).__name__}: {str(exc).strip()[:300]}; "
+                             "re-export the run (skinfusion export)") from None
+        self.embedding_dims = [int(d) for d in m["model"].get("embedding_dims", [])]
+        self.gate = None
+        if m.get("ood") is not None:
+            ood = m["ood"]
+            self.gate = OODGate.load(self.path / ood["file"], ood, self.embedding_dims,
+                                     "re-export the run (skinfusion export)")
+        self._noted = False
+
+    @property
+    def known_sites(self) -> list[str] | None:
+        """The body sites a metadata fusion was fitted on; None without site metadata."""
+        return self.fusion.sites
+
+    @property
+    def ood_note(self) -> str | None:
+        """Why this export has no feature-level gate (one line), or None when it has one."""
+        if self.gate is not None:
+            return None
+        return ("this export has no out-of-distribution gate (its source bundle had none): in_distribution_score "
+                "is empty and only the image-level checks run")
+
+    def prepare(self, images: Sequence[Any]) -> np.ndarray:
+        """Read and resize images into one RGB uint8 batch (N, L, L, 3), L = ``load_size``.
+
+        Raises:
+            ImageError: naming the first image that cannot be read.
+        """
+        if len(images) == 0:
+            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
+
+    def member_outputs_batch(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(P, embeddings)`` for RGB uint8 images at ``load_size``, averaged over the windows."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.views)), np.float64), [np.zeros((0, d)) for d in self.embedding_dims]
+        inputs = [view_inputs(batch, b["view"], self.image_size, b["color_constancy"], b["crop_stride"])
+                  for b in self.recipe]
+        k = inputs[0][1]
+        P, *E = self.backend([x for x, _ in inputs])
+        return (mean_over_windows(np.asarray(P, np.float64), k),
+                [mean_over_windows(np.asarray(e, np.float64), k) for e in E])
+
+    def _variant_outputs(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        if not tta or len(batch) == 0:
+            P, E = self.member_outputs_batch(batch)
+            return P[None], E
+        P, E = self.member_outputs_batch(np.concatenate([dihedral(batch, k) for k in range(len(DIHEDRAL))]))
+        return P.reshape(len(DIHEDRAL), len(batch), -1), [e[: len(batch)] for e in E]
+
+    def fuse(self, P: np.ndarray, meta=None) -> np.ndarray:
+        """Fused melanoma probabilities for a member-probability matrix (``meta``: one dict per row)."""
+        if len(P) == 0:
+            return np.zeros(0, np.float64)
+        return self.fusion(P, meta if self.metadata_fields else None)
+
+    def score_details(self, batch: np.ndarray, tta: bool = False, meta=None,
+                      reasons: Sequence[tuple[str, ...]] | None = None) -> BatchScores:
+        """``P``, fused probabilities and OOD verdict for RGB uint8 images at ``load_size`` (as ``Ensemble``)."""
+        Ps, E = self._variant_outputs(batch, tta)
+        fused = np.mean([self.fuse(P, meta) for P in Ps], axis=0) if len(batch) else np.zeros(0, np.float64)
+        ood = judge(self.gate, E if self.gate is not None else None,
+                    list(reasons) if reasons is not None else [()] * len(batch))
+        return BatchScores(Ps.mean(axis=0), fused, ood)
+
+    def details(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False,
+                metadata: Sequence[dict | None] | None = None) -> list[PredictionDetails]:
+        """Probabilities, decision and OOD verdict of each image, as ``Ensemble.details``."""
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"got {len(metadata)} metadata entries for {len(images)} images")
+        if self.gate is None and not self._noted:
+            logger.warning("%s", self.ood_note)
+            self._noted = True
+        out = []
+        for i in range(0, len(images), batch_size):
+            decoded = [read_image(img) for img in images[i : i + batch_size]]
+            batch = np.stack([resize_image(img, self.load_size) for img in decoded])
+            s = self.score_details(batch, tta, None if metadata is None else metadata[i : i + batch_size],
+                                   [image_checks(img) for img in decoded])
+            out += [s.row(j, self.views, self.threshold) for j in range(len(batch))]
+        return out
+
+    def member_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
+        """Per-branch melanoma probabilities (n × branches), ``batch_size`` images at a time."""
+        parts = [self._variant_outputs(self.prepare(images[i : i + batch_size]), tta)[0].mean(axis=0)
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.views)), np.float64)
+
+    def predict_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False,
+                      metadata: Sequence[dict | None] | None = None) -> np.ndarray:
+        """Fused melanoma probabilities, one per image, in input order."""
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"got {len(metadata)} metadata entries for {len(images)} images")
+        parts = [self.score_details(self.prepare(images[i : i + batch_size]), tta,
+                                    None if metadata is None else metadata[i : i + batch_size]).fused
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float64)
+
+    def _load_file(self, path: str):
+        try:
+            img = read_image(path)
+            return resize_image(img, self.load_size), image_checks(img), None
+        except ImageError as exc:
+            return None, (), str(exc)
+
+    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2, tta: bool = False,
+                   metadata: dict[str, dict] | None = None) -> Iterator[Any]:
+        """Score image files in streamed batches, as ``Ensemble.iter_files``; unreadable files are reported."""
+        chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = [pool.submit(self._load_file, p) for p in chunks[0]] if chunks else []
+            for ci, chunk in enumerate(chunks):
+                current = pending
+                pending = [pool.submit(self._load_file, p) for p in chunks[ci + 1]] if ci + 1 < len(chunks) else []
+                ok, imgs, reasons, failures = [], [], [], []
+                for path, fut in zip(chunk, current):
+                    img, why, err = fut.result()
+                    if err is None:
+                        ok.append(path)
+                        imgs.append(img)
+                        reasons.append(why)
+                    else:
+                        failures.append((path, err))
+                meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
+                batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+                s = self.score_details(batch, tta, meta, reasons)
+                yield FileBatch(ok, s.P, s.fused, failures, s.ood)

@@ -1,0 +1,155 @@
+"""Checkpoints of a training branch: keep the best validation-AUC weights, and resume after a kill.
+
+``_BestKeeper`` is the Keras callback ``fit_branch`` trains with: each epoch it writes the last
+model, the best weights and ``state.json`` atomically, so ``train --resume`` continues exactly
+where a killed run stopped (seed-generator states included).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from colorspaces.files import atomic_path, read_json_object, write_json_atomic
+from models.branch import BranchConfig, build_branch
+
+logger = logging.getLogger(__name__)
+
+# What a checkpoint's state.json must hold for --resume to continue it.
+_STATE_KEYS = ("epoch", "best", "best_epoch", "wait", "stopped", "history", "config", "seconds")
+
+# "plateau" schedule: halve the learning rate after this many epochs without a better val AUC.
+PLATEAU_PATIENCE, PLATEAU_FACTOR = 2, 0.5
+
+
+def _seed_generators(model: keras.Model) -> dict[str, Any]:
+    return {layer.name: layer.seed_generator for layer in model.layers if getattr(layer, "seed_generator", None) is not None}
+
+
+def _seed_states(model: keras.Model) -> dict[str, list[int]]:
+    # Dropout's random state is not part of a saved model; without it a resumed run would
+    # draw different dropout masks from the uninterrupted one.
+    return {name: np.asarray(keras.ops.convert_to_numpy(g.state.value)).tolist() for name, g in _seed_generators(model).items()}
+
+
+def _set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
+    for name, g in _seed_generators(model).items():
+        if name in states:
+            g.state.assign(np.asarray(states[name], dtype=keras.backend.standardize_dtype(g.state.dtype)))
+
+
+class _BestKeeper(keras.callbacks.Callback):
+    """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
+
+    It replaces Keras' ``EarlyStopping`` and ``ReduceLROnPlateau`` so that their state (best
+    AUC, best weights, epochs without improvement) can be saved with each epoch's checkpoint:
+    a resumed run then stops, halves its learning rate and restores exactly as an
+    uninterrupted one would. A checkpoint is ``last.keras`` (the
+    model with its optimizer state), ``best.weights.h5`` and ``state.json``, each written
+    atomically; ``state.json`` is written last, so it only ever names a complete epoch.
+    """
+
+    def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None,
+                 build: Callable[[BranchConfig], keras.Model] = build_branch,
+                 resume_dir: str | os.PathLike | None = None, mixed_precision: bool = False):
+        super().__init__()
+        self.config, self.mixed_precision = config, mixed_precision
+        self.build = build  # the architecture the checkpoint's best weights belong to
+        self.dir = Path(checkpoint_dir) if checkpoint_dir else None
+        # Where restore() reads: the chief's checkpoint, for a multi-worker run's other workers.
+        self.source = Path(resume_dir) if resume_dir else self.dir
+        self.best, self.best_epoch, self.wait, self.best_weights = -math.inf, -1, 0, None
+        self.lr_wait = 0  # epochs without improvement since the last plateau halving
+        self.history: dict[str, list[float]] = {}
+        self.stopped, self.seconds_before, self._t0 = False, 0.0, time.perf_counter()
+
+    def restore(self) -> tuple[keras.Model | None, int]:
+        """Load the last complete epoch's checkpoint; ``(None, 0)`` if there is none to resume."""
+        state_file = self.source / "state.json" if self.source else None
+        if state_file is None or not state_file.is_file():
+            logger.info("[%s] no checkpoint to resume from; training from the start", self.config.view)
+            return None, 0
+        fresh = "train without --resume to start again"
+        state = read_json_object(state_file, required=_STATE_KEYS, hint=fresh)
+        if not isinstance(state["config"], dict):
+            raise ValueError(f"{state_file}: damaged, 'config' is not an object; {fresh}")
+        try:
+            same = self.config.matches(state["config"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{state_file}: damaged, its config is invalid ({exc}); {fresh}") from None
+        if not same:
+            raise ValueError(f"{self.source}: the checkpoint was made with another config ({state['config']}); "
+                             "resume with the same settings, or train without --resume")
+        if bool(state.get("mixed_precision", False)) != self.mixed_precision:
+            was = "with" if state.get("mixed_precision") else "without"
+            raise ValueError(f"{self.source}: the checkpoint was trained {was} --mixed-precision; resume {was} it, "
+                             "or train without --resume")
+        model = keras.saving.load_model(self.source / "last.keras", compile=True)
+        _set_seed_states(model, state.get("seed_states", {}))
+        best_model = self.build(self.config)
+        best_model.load_weights(self.source / "best.weights.h5")
+        self.best_weights = best_model.get_weights()
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.lr_wait = state.get("lr_wait", 0)
+        self.history, self.stopped = state["history"], state["stopped"]
+        self.seconds_before = state["seconds"]
+        logger.info("[%s] resuming after epoch %d of %d (best val_auc %.4f at epoch %d)", self.config.view,
+                    state["epoch"], self.config.epochs, self.best, self.best_epoch + 1)
+        return model, int(state["epoch"])
+
+    def on_train_begin(self, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+        current = float(logs.get("val_auc", -math.inf))
+        self.wait += 1
+        if self.best_weights is None or current > self.best:
+            self.best, self.best_epoch, self.wait = current, epoch, 0
+            self.best_weights = self.model.get_weights()
+            improved = True
+        else:
+            improved = False
+        if self.config.lr_schedule == "plateau":
+            self.lr_wait = 0 if improved else self.lr_wait + 1
+            if self.lr_wait >= PLATEAU_PATIENCE:
+                lr = self.model.optimizer.learning_rate
+                lr.assign(lr * PLATEAU_FACTOR)
+                self.lr_wait = 0
+        if self.wait >= self.config.patience and epoch > 0:
+            self.model.stop_training = self.stopped = True
+        if self.dir:
+            self._save(epoch + 1, improved)
+
+    def _save(self, epochs_done: int, improved: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, save in (("last.keras", self.model.save),
+                           *((("best.weights.h5", self.model.save_weights),) if improved else ())):
+            with atomic_path(self.dir / name) as tmp:
+                real = tmp.with_name(tmp.name + "." + name)  # Keras checks the suffix
+                try:
+                    save(real)
+                    os.replace(real, tmp)
+                finally:
+                    real.unlink(missing_ok=True)
+        write_json_atomic(self.dir / "state.json", {
+            "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+            "lr_wait": self.lr_wait, "mixed_precision": self.mixed_precision,
+            "stopped": self.stopped, "history": self.history, "config": self.config.to_dict(),
+            "seed_states": _seed_states(self.model),
+            "seconds": self.seconds_before + time.perf_counter() - self._t0,
+        })
+
+    def restore_best(self, model: keras.Model) -> None:
+        """Give ``model`` the weights of the best validation-AUC epoch."""
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)

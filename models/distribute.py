@@ -1,0 +1,248 @@
+"""Which ``tf.distribute`` strategy trains a branch, read from ``--strategy`` and ``TF_CONFIG``.
+
+The strategy is a runtime choice, like the number of decoding threads: it is not a field of
+``BranchConfig``, so a branch trained on one device and on eight has the same config (and a
+run can be resumed under another strategy). What it must not change is the training stream:
+``models.train`` keeps the global batch equal to ``batch_size`` and gives each replica a fixed
+slice of it (see ``training_batches``).
+
+``TF_CONFIG`` is checked here, before TensorFlow starts its collective runtime, so a malformed
+one is reported by name instead of surfacing as a gRPC error or a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}')
+
+_cache: dict[str, Any] = {}  # one strategy per name and process: MultiWorkerMirroredStrategy may be made once
+
+
+def read_tf_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The checked ``TF_CONFIG`` of a multi-worker run.
+
+    Accepted: ``cluster`` with a ``worker`` list (and optionally a one-entry ``chief`` list) of
+    ``host:port`` addresses, and ``task`` with a ``type`` in the cluster and an ``index`` in range.
+
+    Raises:
+        ValueError: naming TF_CONFIG, what is wrong, and an example to copy.
+    """
+    env = os.environ if environ is None else environ
+    text = env.get("TF_CONFIG", "")
+    fix = f"set it on each machine, e.g. TF_CONFIG='{TF_CONFIG_EXAMPLE}' (index 1 on the second)"
+    if not text.strip():
+        raise ValueError(f"--strategy multi-worker needs the TF_CONFIG environment variable, which is not set; {fix}")
+    try:
+        tf_config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(tf_config, dict) or not isinstance(tf_config.get("cluster"), dict):
+        raise ValueError(f"TF_CONFIG needs a 'cluster' object; {fix}")
+    cluster = tf_config["cluster"]
+    unknown = sorted(set(cluster) - {"worker", "chief"})
+    if unknown:
+        raise ValueError(f"TF_CONFIG cluster has {unknown}: only 'worker' (and an optional 'chief') tasks train a "
+                         f"branch (no parameter servers or evaluators); {fix}")
+    if not cluster.get("worker") and not cluster.get("chief"):
+        raise ValueError(f"TF_CONFIG cluster lists no 'worker' addresses; {fix}")
+    for kind, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses:
+            raise ValueError(f"TF_CONFIG cluster {kind!r} must be a non-empty list of 'host:port' strings; {fix}")
+        for address in addresses:
+            host, _, port = str(address).rpartition(":") if isinstance(address, str) else ("", "", "")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"TF_CONFIG cluster {kind!r} has {address!r}, not a 'host:port' address; {fix}")
+    if len(cluster.get("chief", [])) > 1:
+        raise ValueError(f"TF_CONFIG cluster has {len(cluster['chief'])} chiefs; at most one; {fix}")
+    everyone = [a for kind in ("chief", "worker") for a in cluster.get(kind, [])]
+    if len(set(everyone)) != len(everyone):
+        raise ValueError(f"TF_CONFIG cluster lists an address twice ({everyone}); give each task its own port; {fix}")
+    task = tf_config.get("task")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ValueError(f"TF_CONFIG needs a 'task' object with 'type' and 'index' (which task this machine is); {fix}")
+    kind, index = task["type"], task["index"]
+    if kind not in cluster:
+        raise ValueError(f"TF_CONFIG task type {kind!r} is not in the cluster ({sorted(cluster)}); {fix}")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[kind]):
+        raise ValueError(f"TF_CONFIG task index {index!r} is out of range: cluster {kind!r} has "
+                         f"{len(cluster[kind])} entries (index 0 to {len(cluster[kind]) - 1}); {fix}")
+    return tf_config
+
+
+def is_chief_task(tf_config: Mapping[str, Any] | None) -> bool:
+    """Whether this task writes the run: the ``chief``, else worker 0 (TensorFlow's rule); always without a cluster."""
+    if not tf_config:
+        return True
+    task = tf_config["task"]
+    if task["type"] == "chief":
+        return True
+    return task["type"] == "worker" and task["index"] == 0 and "chief" not in tf_config["cluster"]
+
+
+def gpu_count() -> int:
+    """Physical GPUs TensorFlow sees (listing them does not initialise TensorFlow's devices)."""
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def resolve(name: str) -> str:
+    """The strategy ``name`` stands for: ``auto`` is ``mirrored`` with more than one GPU, else ``one-device``.
+
+    Raises:
+        ValueError: for an unknown name, or ``multi-worker`` with a missing or malformed TF_CONFIG.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    if name == "multi-worker":
+        read_tf_config()
+    elif os.environ.get("TF_CONFIG", "").strip() and not _cache.get("warned"):
+        _cache["warned"] = True  # once per process, not at every look-up
+        logger.warning("TF_CONFIG is set but --strategy is %s, which ignores it; pass --strategy multi-worker "
+                       "to train across machines", name)
+    if name == "auto":
+        return "mirrored" if gpu_count() > 1 else "one-device"
+    return name
+
+
+def make_strategy(name: str) -> Any:
+    """The ``tf.distribute`` strategy for ``--strategy name``, made once per process.
+
+    - ``one-device``: ``OneDeviceStrategy`` on the first GPU, else the CPU.
+    - ``mirrored``: ``MirroredStrategy`` over every GPU; without GPUs, over the logical CPU
+      devices (more than one only when the program split the CPU with
+      ``tf.config.set_logical_device_configuration``, as the tests do).
+    - ``multi-worker``: ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG`` (checked first).
+      It must be made before TensorFlow runs anything else in the process.
+
+    Raises:
+        ValueError: as :func:`resolve`.
+    """
+    resolved = resolve(name)
+    if resolved in _cache:
+        return _cache[resolved]
+    import tensorflow as tf
+
+    if resolved == "multi-worker":
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as exc:  # "Collective ops must be configured at program startup"
+            raise RuntimeError(f"--strategy multi-worker: TensorFlow was started before the strategy ({exc}); "
+                               "this is a bug in skinfusion, please report it") from exc
+        _keras_compatible_reduce(strategy)
+    elif resolved == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        if len(devices) == 1:
+            logger.warning("--strategy mirrored sees one device (%s); it trains as one-device would", devices[0])
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        gpus = tf.config.list_logical_devices("GPU")
+        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    logger.info("--strategy %s: %s with %d replica(s)", name, type(strategy).__name__, strategy.num_replicas_in_sync)
+    _cache[resolved] = strategy
+    return strategy
+
+
+def _keras_compatible_reduce(strategy: Any) -> None:
+    """Make this MultiWorkerMirroredStrategy's ``reduce`` accept what Keras 3's ``fit`` passes it.
+
+    Keras 3 (3.15 here) cannot ``fit`` under MultiWorkerMirroredStrategy as released
+    (keras-team/keras#20585, open): its TensorFlow trainer calls ``strategy.reduce`` with
+
+    - a nest, the first ``(x, y, sample_weight)`` batch (``Trainer._maybe_symbolic_build``);
+      MirroredStrategy maps over nests, this strategy's reduction does not ("Attempt to
+      convert a value (PerReplica ...) to a Tensor");
+    - ``axis=0`` on each step's scalar logs (``reduce_per_replica``, reduction "mean"), which
+      fails on a scalar ("Invalid reduction dimension 0 for input with 0 dimensions").
+
+    This wraps ``reduce`` on this strategy object only: it maps over nests, and reduces a
+    scalar across replicas (``axis=None``), the mean of the replicas' values that Keras
+    meant. Everything else is TensorFlow's own reduction. The epoch metrics early stopping
+    reads do not depend on it: Keras recomputes them from the metric variables, summed over
+    every replica of every worker.
+    """
+    import tensorflow as tf
+
+    reduce = strategy.reduce
+
+    def rank(value: Any) -> int | None:
+        first = value.values[0] if isinstance(value, tf.distribute.DistributedValues) else value
+        return getattr(getattr(first, "shape", None), "rank", None)
+
+    def compatible_reduce(reduce_op: Any, value: Any, axis: int | None = None) -> Any:
+        return tf.nest.map_structure(
+            lambda v: reduce(reduce_op, v, axis=None if rank(v) == 0 else axis), value)
+
+    strategy.reduce = compatible_reduce
+
+
+def check_batch_size(batch_size: int, replicas: int, strategy_name: str) -> None:
+    """Refuse a global batch size the replicas cannot share equally.
+
+    Raises:
+        ValueError: naming ``--batch-size`` and the nearest sizes that work.
+    """
+    if batch_size % replicas:
+        lower = batch_size // replicas * replicas
+        options = " or ".join(str(b) for b in (lower, lower + replicas) if b > 0)
+        raise ValueError(f"--batch-size {batch_size} is the global batch, shared equally by the {replicas} replicas "
+                         f"of --strategy {strategy_name}, and is not divisible by {replicas}; use {options}")
+
+
+def worker_values(strategy: Any, values: list[int]) -> list[list[int]]:
+    """Every worker's ``values`` (one list per replica, in replica order), gathered with a collective.
+
+    Used before training to check that the workers agree on what they train (data, resume
+    epoch): workers that disagree would otherwise run different step counts and hang.
+    """
+    import tensorflow as tf
+
+    @tf.function  # eagerly, TensorFlow warns that collectives have "significant overhead"
+    def gather() -> Any:
+        return strategy.gather(strategy.run(lambda: tf.constant([values], dtype=tf.int64)), axis=0)
+
+    return [list(map(int, row)) for row in gather().numpy()]
+
+
+def warn_mixed_precision_without_gpu() -> None:
+    """Log that ``--mixed-precision`` is meant for GPUs when none is visible (it still runs, slower)."""
+    if gpu_count() == 0:
+        logger.warning("--mixed-precision without a GPU: float16 is emulated on the CPU and slower than float32; "
+                       "the option is meant for GPUs (compute capability 7.0 or later)")
+
+
+def start_strategy(name: str, mixed_precision: bool, jobs: int | None, batch_sizes: Sequence[int]) -> int | None:
+    """Check ``--strategy`` (and TF_CONFIG) for ``skinfusion train`` and, for several replicas, make it now.
+
+    Now: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything else in the
+    process, and a batch size the replicas cannot share is refused before any data are read.
+
+    Returns:
+        the ``--jobs`` to use: 1 under a several-replica strategy, which gives each branch every device.
+
+    Raises:
+        ValueError: naming the flag, for a bad TF_CONFIG, parallel ``--jobs`` or a batch size the
+            replicas cannot share.
+    """
+    resolved = resolve(name)  # a bad TF_CONFIG is reported here, by name
+    if mixed_precision:
+        warn_mixed_precision_without_gpu()
+    if resolved == "one-device":
+        return jobs  # made where the branch trains (each --jobs worker process makes its own)
+    if jobs is not None and jobs > 1 and len(batch_sizes) > 1:
+        raise ValueError(f"--jobs {jobs} trains branches in parallel processes, but --strategy {name} "
+                         "gives each branch all the devices; use --jobs 1 or --strategy one-device")
+    replicas = make_strategy(name).num_replicas_in_sync
+    for batch_size in batch_sizes:
+        check_batch_size(batch_size, replicas, name)
+    return 1

@@ -1,0 +1,79 @@
+"""Export a fused run as a pickle-free ONNX or TFLite bundle that predicts without TensorFlow.
+
+``skinfusion export --run RUN --format onnx --out DIR`` writes ``DIR/model.onnx`` (the branches in
+one graph), ``fusion.json``, ``preprocess.json``, the OOD gate's ``ood.npz`` and a
+``manifest.json`` with every file's SHA-256. ``skinfusion predict --run DIR`` and
+``predict(image, run=DIR)`` then score with onnxruntime or LiteRT. The work is
+``skinfusion.workflows.exporting`` and ``ensemble.export``; this module is its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from ensemble.runtime import FORMATS
+from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, positive_int, run_command
+
+logger = logging.getLogger(__name__)
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``skinfusion export`` parser."""
+    p = new_parser("export", __doc__)
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
+    p.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="onnx (onnxruntime) or tflite (LiteRT) "
+                                                                            "(default onnx)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: post-training static quantisation calibrated on the run's training images "
+                        "(default: float32, checked against Keras to 1e-4)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="export directory: new, empty, or a previous export (rewritten)")
+    p.add_argument("--calibration-images", type=positive_int, default=256, metavar="N",
+                   help="--quantize int8: training images (a seeded subsample) to calibrate on (default 256)")
+    p.add_argument("--check-test", type=_count, default=0, metavar="N",
+                   help="score N test-split images with the Keras bundle and the export and print both AUCs "
+                        "(recorded in the manifest; default 0: skip)")
+    p.add_argument("--workers", type=positive_int, default=2, help="image decoding threads (default 2)")
+    add_quiet(p)
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from skinfusion.workflows.exporting import export_run
+
+    if args.quantize is None and args.calibration_images != 256:
+        raise ValueError("--calibration-images applies to --quantize int8 only; add --quantize int8 or drop it")
+    m = export_run(args.run, args.out, args.format, args.quantize, args.calibration_images, args.check_test,
+                   args.workers)
+    kind = f"{args.format}{'-' + args.quantize if args.quantize else ''}"
+    parity = m["parity"]
+    print(f"exported {args.run} -> {args.out} ({kind}); max |probability difference| vs Keras on "
+          f"{parity['probe_images']} probe images: {parity['max_abs_fused_proba']:.2g}", file=sys.stderr)
+    if "test_check" in m:
+        print("test split: " + json.dumps(m["test_check"]), file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion export``: write the export bundle.
+
+    Returns:
+        0, 2 on a reported error, 130 after Ctrl-C.
+    """
+    return run_command(parser(), _export, argv,
+                       interrupted_hint="interrupted; the export directory has no valid manifest, export again")

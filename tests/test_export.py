@@ -1,0 +1,269 @@
+"""Export to ONNX and TFLite: parity with the Keras bundle, TensorFlow-free prediction, refusal of tampered files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colorspaces import ImageError
+from ensemble.fusion import AverageFusion, FusionEstimator, SelectionFusion, StackingFusion
+from ensemble.fusion_json import JsonFusion
+from ensemble.runtime import ExportedEnsemble
+from helpers import write_rgb
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = os.environ.get("SKINFUSION_DATA")
+
+
+def generated_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth blobs on noisy backgrounds at assorted sizes (the resize runs too)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = 24 + 9 * (i % 5), 30 + 7 * (i % 4)
+        yy, xx = np.mgrid[0:h, 0:w]
+        blob = np.exp(-((yy - rng.random() * h) ** 2 + (xx - rng.random() * w) ** 2) / (0.05 * h * w))
+        img = rng.integers(60, 230, 3)[None, None] * (1 - 0.6 * blob[..., None]) + rng.normal(0, 15, (h, w, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(trained_run, tmp_path_factory):
+    """The trained run exported as float ONNX and float TFLite."""
+    from ensemble.export import export_bundle
+
+    root = tmp_path_factory.mktemp("exports")
+    for fmt in ("onnx", "tflite"):
+        export_bundle(trained_run, root / fmt, fmt)
+    return {fmt: root / fmt for fmt in ("onnx", "tflite")}
+
+
+@pytest.fixture(scope="module")
+def keras_ens(trained_run):
+    from ensemble.bundle import load_ensemble
+
+    return load_ensemble(trained_run)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_float_export_matches_the_keras_bundle(fmt, exports, keras_ens):
+    images = generated_images(24)
+    exp = ExportedEnsemble(exports[fmt])
+    want = keras_ens.details(images, batch_size=10)
+    got = exp.details(images, batch_size=7)
+    assert np.abs(np.array([d.melanoma_probability for d in want])
+                  - np.array([d.melanoma_probability for d in got])).max() <= 1e-5
+    for a, b in zip(want, got):
+        for v in keras_ens.views:
+            assert abs(a.branch_probabilities[v] - b.branch_probabilities[v]) <= 1e-5
+        assert a.decision == b.decision and a.ood_reasons == b.ood_reasons
+        assert a.in_distribution_score == pytest.approx(b.in_distribution_score, abs=0.02)  # the gate is exported
+    assert exp.gate is not None and json.loads((exports[fmt] / "manifest.json").read_text())["parity"][
+        "max_abs_fused_proba"] <= 1e-5
+    # TTA goes through the same graph
+    np.testing.assert_allclose(exp.predict_proba(images[:3], tta=True), keras_ens.predict_proba(images[:3], tta=True),
+                               atol=1e-5)
+
+
+def test_export_holds_no_pickle_and_records_the_recipe(exports, trained_run):
+    d = exports["onnx"]
+    m = json.loads((d / "manifest.json").read_text())
+    assert sorted(m["files"]) == sorted(p.name for p in d.iterdir() if p.name != "manifest.json")
+    assert not list(d.glob("*.joblib")) and not list(d.glob("*.pkl"))
+    src = Path(trained_run) / "ensemble" / "manifest.json"
+    from ensemble.runtime import sha256_file
+
+    assert m["source"]["manifest_sha256"] == sha256_file(src)
+    pre = json.loads((d / "preprocess.json").read_text())
+    assert [b["view"] for b in pre["branches"]] == ["rgb", "hsv", "fft"] and pre["image_size"] == 32
+    assert json.loads((d / "fusion.json").read_text())["kind"] == "weighted_mean"
+
+
+def test_onnx_prediction_never_imports_tensorflow(exports, tmp_path):
+    image = write_rgb(tmp_path / "a.png", generated_images(1)[0])
+    code = textwrap.dedent(f"""
+        import sys
+        import ensemble
+        from skinfusion.cli import main
+        p = ensemble.predict({str(image)!r}, run={str(exports['onnx'])!r})
+        d = ensemble.predict_details({str(image)!r}, run={str(exports['onnx'])!r})
+        rc = main(["predict", "--run", {str(exports['onnx'])!r}, "--backend", "onnx", {str(image)!r}])
+        assert 0 <= p <= 1 and d.melanoma_probability == p and rc == 0
+        print("TF", "tensorflow" in sys.modules, "keras" in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TF False False" in proc.stdout
+    assert proc.stdout.splitlines()[0] == "path,melanoma_proba,in_distribution_score,out_of_distribution,ood_reason"
+
+
+def test_api_recognises_an_export_and_keeps_the_input_contract(exports, keras_ens, tmp_path):
+    import ensemble
+
+    img = generated_images(1, seed=4)[0]
+    run = exports["onnx"]
+    assert ensemble.predict(img, run=run) == pytest.approx(keras_ens.predict_proba([img])[0], abs=1e-5)
+    with pytest.raises(ImageError, match="float"):
+        ensemble.predict(img.astype(np.float32), run=run)
+    with pytest.raises(FileNotFoundError):
+        ensemble.predict(tmp_path / "missing.jpg", run=run)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="bad.jpg"):
+        ensemble.predict(tmp_path / "bad.jpg", run=run)
+    with pytest.raises(ValueError, match="no gradients"):
+        ensemble.explain(img, run=run)
+
+
+@pytest.mark.parametrize("damage", ["fusion", "model", "ood", "missing", "manifest"])
+def test_tampered_exports_are_refused_naming_the_file(damage, exports, tmp_path):
+    d = tmp_path / "copy"
+    shutil.copytree(exports["onnx"], d)
+    if damage == "fusion":  # a changed weight, still valid JSON: only the hash can tell
+        spec = json.loads((d / "fusion.json").read_text())
+        spec["weights"] = [1.0, 0.0, 0.0]
+        (d / "fusion.json").write_text(json.dumps(spec))
+        target, err = "fusion.json", ValueError
+    elif damage == "model":
+        with open(d / "model.onnx", "r+b") as fh:
+            fh.seek(500)
+            fh.write(b"\x00\x01\x02")
+        target, err = "model.onnx", ValueError
+    elif damage == "ood":
+        (d / "ood.npz").write_bytes(b"PK")
+        target, err = "ood.npz", ValueError
+    elif damage == "missing":
+        (d / "preprocess.json").unlink()
+        target, err = "preprocess.json", FileNotFoundError
+    else:
+        (d / "manifest.json").write_text("{not json")
+        target, err = "manifest.json", ValueError
+    with pytest.raises(err, match=target):
+        ExportedEnsemble(d)
+
+
+def test_a_signed_but_mismatched_file_is_refused(exports, tmp_path):
+    """A preprocess.json re-signed by hand but describing other views is caught by the cross-checks."""
+    from ensemble.runtime import sha256_file
+
+    d = tmp_path / "copy"
+    shutil.copytree(exports["onnx"], d)
+    pre = json.loads((d / "preprocess.json").read_text())
+    pre["branches"] = pre["branches"][::-1]
+    (d / "preprocess.json").write_text(json.dumps(pre))
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["preprocess.json"] = sha256_file(d / "preprocess.json")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="preprocess.json.*views"):
+        ExportedEnsemble(d)
+
+
+def _meta(n, rng):
+    sites = ["back", "face", "leg", "arm"]
+    return [{"age": int(rng.integers(20, 90)), "sex": ["male", "female", None][i % 3], "site": sites[i % 4]}
+            for i in range(n)]
+
+
+def test_json_fusion_reproduces_every_estimator():
+    from ensemble.fusion_json import fusion_spec
+
+    rng = np.random.default_rng(0)
+    P = rng.random((120, 3))
+    y = (P.mean(axis=1) + 0.2 * rng.standard_normal(120) > 0.5).astype(int)
+    meta = _meta(120, rng)
+    fitted = [AverageFusion().fit(P), AverageFusion(weights=[1, 2, 3]).fit(P), SelectionFusion(rounds=5).fit(P, y),
+              StackingFusion().fit(P, y), StackingFusion(metadata=("age", "sex", "site")).fit(P, y, meta)]
+    fitted.append(fitted[-1].with_logit_offset(-0.7))
+    for f in fitted:
+        m = meta if f.metadata_ else None
+        spec = json.loads(json.dumps(fusion_spec(f, ["rgb", "hsv", "fft"])))
+        np.testing.assert_allclose(JsonFusion(spec, 3, "fusion.json")(P, m), f.predict_proba(P, m)[:, 1], atol=1e-12)
+
+    class Other(FusionEstimator):  # an estimator JSON cannot express
+        pass
+
+    with pytest.raises(ValueError, match="cannot export a Other fusion"):
+        fusion_spec(Other(), ["rgb"])
+    with pytest.raises(ValueError, match="fusion.json.*coef"):
+        JsonFusion({"kind": "logistic", "coef": [1.0], "intercept": 0.0}, 3, "fusion.json")
+
+
+def test_export_cli_and_backend_flags_refuse_mistakes(exports, trained_run, tmp_path, capsys):
+    from skinfusion.cli import main
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "full")]) == 2
+    assert "non-empty directory" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    img = write_rgb(tmp_path / "a.png", generated_images(1)[0])
+    assert main(["predict", "--run", str(exports["onnx"]), "--backend", "tflite", str(img)]) == 2
+    assert "--backend onnx" in capsys.readouterr().err
+    assert main(["predict", "--run", str(trained_run), "--backend", "onnx", str(img)]) == 2
+    assert "skinfusion export" in capsys.readouterr().err
+    assert main(["predict", "--run", str(exports["tflite"]), "--backend", "tflite", str(img)]) == 0
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+def test_int8_export_is_calibrated_on_the_training_split(trained_run, keras_ens, tmp_path, capsys):
+    from skinfusion.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["export", "--run", str(trained_run), "--quantize", "int8", "--calibration-images", "40",
+                 "--check-test", "60", "--out", str(out), "-q"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantize"] == "int8" and m["model"]["calibration_images"] == 40
+    assert 10 <= m["test_check"]["images"] <= 60 and abs(m["test_check"]["auc_export"] - m["test_check"]["auc_keras"]) < 0.1
+    images = generated_images(8)
+    assert np.abs(ExportedEnsemble(out).predict_proba(images) - keras_ens.predict_proba(images)).max() < 0.15
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not DATA or not os.path.isdir(DATA or ""), reason="SKINFUSION_DATA is not set: skipping the "
+                    "real-image export parity test")
+def test_float_exports_match_keras_on_real_images(exports, keras_ens):
+    paths = sorted(Path(DATA, "images").glob("*.jpg"))[::400][:24]
+    assert len(paths) >= 10
+    want = keras_ens.predict_proba([str(p) for p in paths])
+    for fmt in ("onnx", "tflite"):
+        np.testing.assert_allclose(ExportedEnsemble(exports[fmt]).predict_proba([str(p) for p in paths]), want,
+                                   atol=1e-5)
+
+
+def readme_example() -> str:
+    """The README's standalone example (the code block that defines ``class Bundle``)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python")]
+    found = [b for b in blocks if "class Bundle" in b]
+    assert len(found) == 1, "README: the Export section's standalone example is missing"
+    return found[0]
+
+
+def test_readme_example_needs_only_onnxruntime_numpy_and_pillow_and_matches(exports, tmp_path):
+    import ast
+
+    code = readme_example()
+    roots = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else n.module.split(".")[0]
+             for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    assert roots <= {"hashlib", "json", "math", "sys", "numpy", "onnxruntime", "PIL"}, roots
+    (tmp_path / "example.py").write_text(code)
+    images = [np.asarray(img) for img in generated_images(6, seed=7)]
+    paths = [str(write_rgb(tmp_path / f"g{i}.png", np.kron(img, np.ones((2, 2, 1), np.uint8))))
+             for i, img in enumerate(images)]  # at least load_size on each side: the example only shrinks
+    proc = subprocess.run([sys.executable, str(tmp_path / "example.py"), str(exports["onnx"]), *paths],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.array([float(line.split(",")[1]) for line in proc.stdout.splitlines()])
+    want = ExportedEnsemble(exports["onnx"]).predict_proba(paths)
+    # the example's numpy resize may differ from cv2.INTER_AREA by one grey level on a few pixels
+    assert np.abs(got - want).max() < 2e-3
