@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -254,16 +255,29 @@ def test_cli_on_a_ray_head_started_on_loopback(run, images, tmp_path, capsys):
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
     # --block keeps `ray start` in the foreground: terminating it stops exactly the processes it
     # started (`ray stop` would stop every Ray process of this user, the module's own instance too).
+    # The head's output goes to a file, not a pipe nobody reads (a full pipe would block it).
+    head_log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115  (closed in finally)
     head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--block"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=head_log, text=True)
     try:
+        # Wait for the head's port before the client tries it: on a busy 2-core machine the head
+        # can take tens of seconds, and the client's reachability check refuses at once.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert head.poll() is None, f"the Ray head exited: {Path(head_log.name).read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "the Ray head did not open its port within 120 s"
+                time.sleep(0.5)
         assert _predict(capsys, "--run", str(run), "--input", str(images), "--out", str(tmp_path / "local.csv"))[0] == 1
         cmd = [sys.executable, "-m", "skinfusion", "predict", "--run", str(run), "--input", str(images),
                "--out", str(tmp_path / "ray.csv"), "--engine", "ray", "--address", f"127.0.0.1:{port}",
                "--num-workers", "2", "--batch-size", "8"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert head.poll() is None, f"the Ray head exited: {head.stderr.read()}"
+        assert head.poll() is None, f"the Ray head exited: {Path(head_log.name).read_text()[-2000:]}"
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr and "scored 24 images" in done.stderr
         _same_predictions(tmp_path / "local.csv", tmp_path / "ray.csv")
@@ -274,4 +288,20 @@ def test_cli_on_a_ray_head_started_on_loopback(run, images, tmp_path, capsys):
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait()
+        head_log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_address_from_the_environment_is_checked_before_ray_waits_for_it(run, images, tmp_path):
+    # $RAY_ADDRESS is --address's default: a dead one must fail at once, naming the variable,
+    # not leave Ray retrying for minutes.
+    pytest.importorskip("ray")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run([sys.executable, "-m", "skinfusion", "predict", "--run", str(run), "--input", str(images),
+                           "--out", str(tmp_path / "p.csv"), "--engine", "ray"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert f"$RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -398,16 +399,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_log(proc: subprocess.Popen) -> str:
+    """What a server started by ``start_server`` printed so far (stdout and stderr)."""
+    return Path(proc.log_path).read_text(errors="replace")
+
+
 def start_server(*flags: str, run: Path = MEAN) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Output to a file, not a pipe: nobody reads a pipe while the server runs, and once its 64 KB
+    # fill up (uvicorn logs a line per request) the server blocks in its event loop.
+    fd, log_path = tempfile.mkstemp(prefix="skinfusion-serve-", suffix=".log")
     proc = subprocess.Popen([sys.executable, "-m", "skinfusion", "serve", "--run", str(run), "--port", str(port), *flags],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT, text=True)
+    os.close(fd)
+    proc.log_path = log_path
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+            raise AssertionError(f"server exited {proc.returncode}: {server_log(proc)}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return proc, url
@@ -488,7 +499,7 @@ def test_sigterm_lets_the_request_in_flight_finish_before_the_server_exits():
         assert b" 200 " in status, answer[:300]
         assert b"melanoma_probability" in rest
         assert proc.wait(30) == 0
-        err = proc.stderr.read()
+        err = server_log(proc)
         assert "Traceback" not in err and "server stopped" in err
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/healthz", timeout=2)  # new connections are refused after shutdown

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from test_serve import MEAN, lesion, png, start_server  # noqa: E402
+from test_serve import MEAN, lesion, png, server_log, start_server  # noqa: E402
 
 
 def _first_file(*candidates: str | None) -> str | None:
@@ -157,4 +157,4 @@ def test_the_page_scores_an_image_like_predict_shows_heatmaps_and_clears_the_res
         browser.save_screenshot(str(tmp_path / "page-error.png"))
     finally:
         _stop(proc)
-    assert proc.returncode == 0, proc.stderr.read()
+    assert proc.returncode == 0, server_log(proc)

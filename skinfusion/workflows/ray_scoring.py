@@ -216,7 +216,10 @@ class RayEngine:
         if not ray.is_initialized():
             where = f"--address {self.address}" if self.address else "a local Ray instance"
             kwargs = {} if self.address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
-            _check_reachable(self.address)
+            if self.address:
+                _check_reachable(self.address, "--address")
+            elif os.environ.get("RAY_ADDRESS"):
+                _check_reachable(os.environ["RAY_ADDRESS"], "$RAY_ADDRESS")
             try:
                 # Workers' own output stays in Ray's session logs: on the driver it would interleave
                 # with the CSV on stdout. Their errors still reach the driver, as exceptions.
@@ -228,6 +231,11 @@ class RayEngine:
                                  "on the head, then RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
             self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus == 0:
+            # Each scoring actor takes one CPU: Ray Data would wait forever for a node to offer one.
+            self.__exit__()
+            raise ValueError(f"--engine ray: the Ray cluster{' at ' + self.address if self.address else ''} has no "
+                             "CPUs; start worker nodes with `ray start --address HEAD:PORT`, or give the head CPUs")
         if self.num_workers is None:
             self.num_workers = max(1, cpus)
         elif self.num_workers > cpus:
@@ -252,7 +260,8 @@ class RayEngine:
         """
         import ray.data
 
-        from ensemble.engine import FileBatch
+        # From ensemble.details, not ensemble.engine: the driver of an export's scoring stays TensorFlow-free.
+        from ensemble.details import FileBatch
         from ensemble.ood import OODScores
 
         if not paths:
@@ -292,11 +301,11 @@ class RayEngine:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
-def _check_reachable(address: str | None) -> None:
+def _check_reachable(address: str | None, source: str = "--address") -> None:
     """Refuse a ``HOST:PORT`` where nothing listens at once: Ray itself retries for minutes before giving up.
 
     Raises:
-        ValueError: naming ``--address`` and what to do.
+        ValueError: naming ``source`` (``--address`` or ``$RAY_ADDRESS``) and what to do.
     """
     import socket
 
@@ -306,7 +315,7 @@ def _check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as exc:
-        raise ValueError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+        raise ValueError(f"{source} {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
                          f"with `ray start --head --port={port}` on {host}, or check the address") from None
 
 
