@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from colorspaces.files import check_output_file, write_json_atomic
-from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, positive_int, run_command
+from skinfusion.cli.common import EXIT_OK, add_quiet, batch_wait_ms, new_parser, port_number, positive_int, run_command
 
 
 def _seconds(text: str) -> float:
@@ -30,16 +30,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 (any free port) to 65535, got {value}")
-    return value
-
-
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -47,16 +37,6 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1000 ms, got {value:g}")
     return value
 
 
@@ -78,10 +58,10 @@ def parser() -> argparse.ArgumentParser:
                    "(default 64)")
     p.add_argument("--image-size", type=positive_int, default=256,
                    help="side in px of the generated images (default 256)")
-    p.add_argument("--port", type=_port, default=0, help="port for the server it starts (default 0: a free one)")
+    p.add_argument("--port", type=port_number(0), default=0, help="port for the server it starts (default 0: a free one)")
     p.add_argument("--api-key", metavar="KEY", help="send this key (and start the server with it); default "
                    "$SKINFUSION_API_KEY for --url")
-    p.add_argument("--batch-wait-ms", type=_milliseconds, help="passed to skinfusion serve (its default: 5)")
+    p.add_argument("--batch-wait-ms", type=batch_wait_ms, help="passed to skinfusion serve (its default: 5)")
     p.add_argument("--max-batch", type=positive_int, help="passed to skinfusion serve (its default: 32)")
     p.add_argument("--workers", type=positive_int, default=1, help="passed to skinfusion serve (default 1)")
     p.add_argument("--warmup-requests", type=_count, default=200,

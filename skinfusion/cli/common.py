@@ -84,6 +84,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(lowest: int = 1) -> Callable[[str], int]:
+    """argparse type: a TCP port from ``lowest`` to 65535 (``lowest=0``: 0 means any free port)."""
+    what = "0 (any free port)" if lowest == 0 else str(lowest)
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a port number from {what} to 65535, got {text!r}") from None
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"must be a port number from {what} to 65535, got {value}")
+        return value
+    return parse
+
+
+def batch_wait_ms(text: str) -> float:
+    """argparse type: a micro-batching wait, 0 to 1000 milliseconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000 ms, got {value:g}")
+    return value
+
+
 def bootstrap_resamples(text: str) -> int:
     """argparse type: a number of bootstrap resamples, at least ``MIN_BOOTSTRAP``."""
     value = positive_int(text)

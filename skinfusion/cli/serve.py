@@ -16,20 +16,10 @@ import socket
 import sys
 from typing import Sequence
 
-from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, positive_int, run_command
+from skinfusion.cli.common import EXIT_OK, add_quiet, batch_wait_ms, new_parser, port_number, positive_int, run_command
 
 SETTINGS_ENV = "SKINFUSION_SERVE_SETTINGS"  # how --workers N passes the flags to its worker processes
 GRACEFUL_S = 30  # the longest SIGTERM waits for in-flight requests
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
-    return value
 
 
 def _megabytes(text: str) -> float:
@@ -42,16 +32,6 @@ def _megabytes(text: str) -> float:
     return value
 
 
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1000 ms, got {value:g}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     """The ``skinfusion serve`` parser."""
     p = new_parser("serve", __doc__, epilog="Endpoints: POST /v1/predict, POST /v1/explain (multipart field 'files'), "
@@ -60,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 listens on every network)")
-    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=port_number(), default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require this key on every endpoint except /healthz, /readyz and the page, as the header "
                         "'X-API-Key: KEY' or 'Authorization: Bearer KEY' (default: $SKINFUSION_API_KEY, else none)")
@@ -71,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. https://example.org) to call the API; repeatable; "
                         "default: no cross-origin access")
-    p.add_argument("--batch-wait-ms", type=_milliseconds, default=5.0,
+    p.add_argument("--batch-wait-ms", type=batch_wait_ms, default=5.0,
                    help="how long a request waits for others to share its forward pass (default 5 ms)")
     p.add_argument("--max-batch", type=positive_int, default=32, help="most images per forward pass (default 32)")
     p.add_argument("--max-queue", type=positive_int, default=128,
