@@ -7,7 +7,10 @@ stay in NumPy and are recorded as a recipe (``preprocess.json``): the FFT view i
 preprocessing out of the graph lets ``ensemble.runtime`` share ``colorspaces.pipeline`` with
 training. The fusion becomes ``fusion.json`` (weights, or the stacker's coefficients, intercept
 and metadata encoding); ``fusion.joblib`` is never copied. Every export is scored against the
-Keras bundle before its manifest is written, and a float export that differs is refused.
+Keras bundle before its manifest is written: a float export that differs is refused, and so is
+an int8 one further than ``INT8_TOLERANCE``. An int8 graph's embeddings are not the float ones the
+run's OOD gate was fitted on, so an int8 export refits the gate on its own embeddings (the same
+images and percentile as ``skinfusion fuse``), or leaves it out when those images are not given.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from ensemble.runtime import (
     MANIFEST_FILE,
     PREPROCESS_JSON,
     ExportedEnsemble,
+    input_is_view,
+    require,
     sha256_file,
 )
 
@@ -42,6 +47,13 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE = ("int8",)
 FLOAT_TOLERANCE = 1e-4  # a float export further than this from Keras on the probe images is refused
+# An int8 export further than this (max |fused probability difference| on the probe images) is refused.
+# Measured (onnx int8): runs/loso/ISIC2017/baseline, 256 calibration images: 0.066 on the 16 probe
+# images, 0.10 over its 1,464 test images; the tests' 32 px run: 0.031 (all 168 training images),
+# 0.040 (40), but 0.27 with 20, where one branch's probability moved by 0.81: an under-calibrated
+# quantisation. 0.25 is 2.5x the worst sound export seen and refuses that one.
+INT8_TOLERANCE = 0.25
+DEFAULT_CALIBRATION = 256  # training images int8 calibration sees (a seeded subsample)
 OPSET = 17
 _PROBE_SEED = 20
 
@@ -78,7 +90,7 @@ def _branch_batches(ens, images: np.ndarray, batch_size: int = 32):
 
 
 def _to_onnx(ens, path: Path, quantize: str | None, calibration: np.ndarray | None) -> dict[str, Any]:
-    import tf2onnx
+    tf2onnx = require("tf2onnx", "--format onnx")
 
     forward, signature = _forward(ens)
     float_path = path if quantize is None else path.with_name("float-" + path.name)
@@ -125,7 +137,7 @@ def _to_tflite(ens, path: Path, quantize: str | None, calibration: np.ndarray | 
     inputs = {d["name"]: d for d in it.get_input_details()}
     names = {"inputs": [], "proba": None, "embeddings": []}
     for c in ens.configs:
-        match = [n for n in inputs if n == c.view or n.endswith(f"_{c.view}:0") or n.split(":")[0] == c.view]
+        match = [n for n in inputs if input_is_view(n, c.view)]
         if len(match) != 1:
             raise ValueError(f"{path}: cannot tell which TFLite input is the {c.view} view (inputs {list(inputs)})")
         names["inputs"].append(match[0])
@@ -192,7 +204,9 @@ def _check_out_dir(out: Path) -> None:
 
 
 def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "onnx", quantize: str | None = None,
-                  calibration: np.ndarray | None = None, probe: np.ndarray | None = None) -> dict[str, Any]:
+                  calibration: np.ndarray | None = None, probe: np.ndarray | None = None,
+                  gate_images: tuple[np.ndarray, np.ndarray] | None = None,
+                  test_images: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Export a run's fused ensemble to ``out_dir`` (see the module docstring).
 
     Args:
@@ -202,14 +216,20 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
         quantize: None (float32) or ``"int8"`` (post-training quantisation).
         calibration: RGB uint8 training images at the bundle's ``load_size`` (N, L, L, 3); needed for int8.
         probe: images to compare the export with Keras on (default: 16 seeded generated images).
+        gate_images: for int8 with a gated bundle, ``(train, val)`` RGB uint8 images at ``load_size``
+            that the run's gate was fitted and thresholded on; the export's gate is refitted on them.
+            None: the int8 export has no gate (the runtime says so).
+        test_images: ``(images, labels)`` to score with Keras and the export; both AUCs are recorded
+            under the manifest's ``test_check`` before the export replaces ``out_dir``.
 
     Returns:
         The export's manifest (also written as ``out_dir/manifest.json``).
 
     Raises:
-        ValueError: for an unknown format or quantisation, a fusion JSON cannot express, an
-            ``out_dir`` that holds something else, missing calibration images, or a float export
-            that differs from Keras by more than ``FLOAT_TOLERANCE``.
+        ValueError: for an unknown format or quantisation, a missing optional package, a fusion
+            JSON cannot express, an ``out_dir`` that holds something else, missing calibration
+            images, or an export further from Keras than ``FLOAT_TOLERANCE`` (float) or
+            ``INT8_TOLERANCE`` (int8). Nothing is written then; ``out_dir`` is left as it was.
     """
     from ensemble.bundle import _find_bundle, load_ensemble
 
@@ -217,6 +237,8 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
         raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"--quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
+    for module in ("tf2onnx", "onnxruntime") if fmt == "onnx" else ("ai_edge_litert.interpreter",):
+        require(module, f"--format {fmt}")  # before any work: the export checks itself with the runtime
     if quantize and (calibration is None or len(calibration) == 0):
         raise ValueError("int8 quantisation needs calibration images (the run's training images)")
     out = Path(out_dir).resolve()  # resolved: `--out .` must still have a name to build beside
@@ -231,7 +253,11 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
     out.mkdir(parents=True)
     try:
         manifest = _write(ens, ens_dir, run, out, fmt, quantize, calibration, spec)
+        if quantize and ens.gate is not None:
+            _refit_gate(ens, out, manifest, gate_images)
         manifest["parity"] = _parity(ens, out, probe, quantize)
+        if test_images is not None:
+            manifest["test_check"] = _test_check(ens, out, *test_images)
         write_json_atomic(out / MANIFEST_FILE, manifest)  # the parity record is a fact, not a signed file
         if final.exists():
             shutil.rmtree(final)  # checked above: an earlier export or an empty directory
@@ -239,6 +265,49 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return manifest
+
+
+def _refit_gate(ens, out: Path, manifest: dict[str, Any], gate_images) -> None:
+    """Refit the run's OOD gate on the int8 graph's own embeddings, or leave it out without the images.
+
+    int8 embeddings differ from the float ones (by up to 6.8 on the ISIC run), which moved
+    ``in_distribution_score`` by 0.13 on average under the float gate; fitted on the export's
+    embeddings of the same images at the same percentile, the gate means what the run's means.
+    """
+    if gate_images is None:
+        logger.warning("the int8 export has no OOD gate: the run's gate was fitted on float embeddings and its "
+                       "training and validation images were not given to refit it")
+        return
+    from ensemble.ood import OOD_FILE, fit_gate
+
+    exp = ExportedEnsemble(out)
+
+    def embed(imgs: np.ndarray) -> list[np.ndarray]:
+        parts = [exp.member_outputs_batch(imgs[i : i + 256])[1] for i in range(0, len(imgs), 256)]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(exp.views))]
+
+    train, val = (embed(imgs) for imgs in gate_images)
+    gate = fit_gate(train, val, ens.gate.percentile, ens.gate.layer)
+    gate.save(out / OOD_FILE)
+    manifest["files"][OOD_FILE] = sha256_file(out / OOD_FILE)
+    manifest["ood"] = {**{k: v for k, v in gate.manifest_entry("").items() if k != "sha256"},
+                       "fitted_on": "this export's int8 embeddings of the images the run's gate was fitted "
+                                    "and thresholded on", "source_threshold": ens.gate.threshold}
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    logger.info("int8 OOD gate refitted on %d training and %d validation images: threshold %.3f (run's %.3f)",
+                gate.n_fit, len(gate.val_scores), gate.threshold, ens.gate.threshold)
+
+
+def _test_check(ens, out: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Both AUCs and the largest probability difference on labelled test images."""
+    from ensemble.metrics import roc_auc_ci
+
+    exp = ExportedEnsemble(out)
+    p_ref = np.concatenate([ens.score_batch(images[i : i + 64])[1] for i in range(0, len(images), 64)])
+    p_exp = np.concatenate([exp.score_details(images[i : i + 64]).fused for i in range(0, len(images), 64)])
+    return {"images": len(labels), "melanoma": int(np.sum(labels)),
+            "auc_keras": round(roc_auc_ci(labels, p_ref)[0], 4), "auc_export": round(roc_auc_ci(labels, p_exp)[0], 4),
+            "max_abs_proba_diff": float(np.abs(p_ref - p_exp).max())}
 
 
 def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, calibration, spec) -> dict[str, Any]:
@@ -262,7 +331,7 @@ def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, c
     files = {name: sha256_file(out / name) for name in (model_file, FUSION_JSON, PREPROCESS_JSON)}
     ood = None
     src_ood = ens.manifest.get("ood")
-    if ens.gate is not None and src_ood is not None:
+    if ens.gate is not None and src_ood is not None and not quantize:  # int8: see _refit_gate
         shutil.copyfile(ens_dir / src_ood["file"], out / src_ood["file"])
         files[src_ood["file"]] = sha256_file(out / src_ood["file"])
         ood = {k: v for k, v in src_ood.items() if k != "sha256"}
@@ -303,4 +372,8 @@ def _parity(ens, out: Path, probe: np.ndarray | None, quantize: str | None) -> d
     if quantize is None and max(record["max_abs_member_proba"], fused_diff) > FLOAT_TOLERANCE:
         raise ValueError(f"the exported model differs from the Keras bundle by {fused_diff:.2g} (tolerance "
                          f"{FLOAT_TOLERANCE:g}); nothing was written. Report this with your versions.")
+    if quantize and fused_diff > INT8_TOLERANCE:
+        raise ValueError(f"the {quantize} export's fused probabilities differ from the Keras bundle's by up to "
+                         f"{fused_diff:.3g} on {len(images)} probe images (bound {INT8_TOLERANCE:g}); nothing was "
+                         "written. Calibrate on more images (--calibration-images) or export float32.")
     return record

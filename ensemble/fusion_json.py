@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+WEIGHT_SUM_TOLERANCE = 1e-6  # AverageFusion and SelectionFusion normalise their weights to sum to 1
 CLIP = 1e-6  # ensemble.fusion clips member probabilities away from 0 and 1 before the logit
 
 
@@ -72,6 +73,8 @@ class JsonFusion:
             w = spec.get("weights")
             if not (isinstance(w, list) and len(w) == n_members and all(finite_number(v) and v >= 0 for v in w)):
                 raise bad(f"'weights' must be {n_members} non-negative numbers, got {w!r}")
+            if abs(sum(w) - 1.0) > WEIGHT_SUM_TOLERANCE:
+                raise bad(f"'weights' must sum to 1 (a weighted mean), they sum to {sum(w):.6g}")
             self.weights = np.asarray(w, np.float64)
         elif self.kind == "logistic":
             from ensemble.metadata import MetadataEncoder  # numpy only
@@ -84,7 +87,10 @@ class JsonFusion:
             if fields:
                 if not (isinstance(sites, list) and all(isinstance(s, str) for s in sites)):
                     raise bad(f"'metadata' must list the known 'sites', got {sites!r}")
-                self.encoder = MetadataEncoder(fields)
+                try:
+                    self.encoder = MetadataEncoder(fields)
+                except ValueError as exc:
+                    raise bad(f"'metadata.fields': {exc}") from None
                 self.encoder.sites_ = list(sites)
                 self.fields = self.encoder.fields
             width = n_members + (len(self.encoder.feature_names) if self.encoder else 0)

@@ -51,24 +51,47 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory holding an export manifest (not a run or a Keras bundle)."""
-    manifest = Path(path) / MANIFEST_FILE
-    if not manifest.is_file():
-        return False
+    """Whether ``path`` is an export directory (not a run or a Keras bundle), damaged or not.
+
+    An export manifest says so; so does an export's own file (``preprocess.json``, or a model
+    file without a ``fusion.joblib``) when the manifest is missing or unreadable, so that a
+    damaged export is reported by ``read_export_manifest`` rather than loaded as a run.
+    """
+    path = Path(path)
+    manifest = path / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text(encoding="utf-8")).get("kind") == EXPORT_KIND:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass  # damaged: the files beside it decide
+    if (path / PREPROCESS_JSON).is_file():
+        return True
+    return any((path / f).is_file() for f in FORMATS.values()) and not (path / "fusion.joblib").is_file()
+
+
+EXTRA_HINT = "pip install 'skinfusion[export]'"
+
+
+def require(module: str, what: str) -> Any:
+    """Import an optional package of the ``export`` extra, or a ValueError saying how to install it."""
+    import importlib
+
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("kind") == EXPORT_KIND
-    except (OSError, ValueError, AttributeError):
-        return False  # a damaged file is reported by whichever loader reads it for real
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{what} needs the {module} package, which is not installed: {EXTRA_HINT}") from None
 
 
+def input_is_view(name: str, view: str) -> bool:
+    """Whether a graph input's name is that of ``view`` (``rgb``; TFLite may write ``serving_default_rgb:0``)."""
+    return name == view or name.endswith(f"_{view}:0") or name.split(":")[0] == view
 
 
 class _OnnxBackend:
     """The branches' graph in onnxruntime."""
 
-    def __init__(self, path: Path, names: dict[str, Any], threads: int):
-        import onnxruntime as ort
-
+    def __init__(self, ort, path: Path, threads: int):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -78,6 +101,13 @@ class _OnnxBackend:
         # batch throughput by half in our measurements.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        # name -> shape, None for a dynamic dimension
+        def shapes(args):
+            return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
+
+        self.graph_inputs, self.graph_outputs = shapes(self.session.get_inputs()), shapes(self.session.get_outputs())
+
+    def bind(self, names: dict[str, Any]) -> None:
         self.inputs, self.outputs = names["inputs"], [names["proba"], *names["embeddings"]]
 
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -87,16 +117,22 @@ class _OnnxBackend:
 class _TfliteBackend:
     """The branches' graph in the LiteRT interpreter (one per thread of use: interpreters are not thread-safe)."""
 
-    def __init__(self, path: Path, names: dict[str, Any], threads: int):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, litert, path: Path, threads: int):
+        self.interpreter = litert.Interpreter(model_path=str(path), num_threads=threads)
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        def shapes(details):
+            return {d["name"]: [int(x) if x >= 0 else None for x in d["shape_signature"]] for d in details}
+
+        self.graph_inputs = shapes(self.interpreter.get_input_details())
+        self.graph_outputs = shapes(self.interpreter.get_output_details())
+        self.rows = -1
+        self.lock = threading.Lock()
+
+    def bind(self, names: dict[str, Any]) -> None:
         by_name = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}
         out = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
         self.inputs = [by_name[n] for n in names["inputs"]]
         self.outputs = [out[n] for n in (names["proba"], *names["embeddings"])]
-        self.rows = -1
-        self.lock = threading.Lock()
 
     def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         with self.lock:
@@ -111,7 +147,35 @@ class _TfliteBackend:
             return [self.interpreter.get_tensor(i).copy() for i in self.outputs]
 
 
-_BACKENDS = {"onnx": _OnnxBackend, "tflite": _TfliteBackend}
+_BACKENDS = {"onnx": (_OnnxBackend, "onnxruntime"), "tflite": (_TfliteBackend, "ai_edge_litert.interpreter")}
+
+
+def check_graph(backend, model: dict[str, Any], views: list[str], recipe: list[dict[str, Any]], image_size: int,
+                where: Path, pre_where: Path) -> None:
+    """Check the manifest's ``model`` (``where``) and ``preprocess.json``'s sizes against the graph itself."""
+    def bad(what: str, file: Path = where) -> ValueError:
+        return ValueError(f"{file}: damaged, {what}; re-export the run (skinfusion export)")
+
+    ins, outs = backend.graph_inputs, backend.graph_outputs
+    for name, view, b in zip(model["inputs"], views, recipe):
+        if name not in ins:
+            raise bad(f"'model.inputs' names {name!r}, which is not an input of {model['file']} (its inputs: "
+                      f"{sorted(ins)})")
+        if not input_is_view(name, view):
+            raise bad(f"'model.inputs' must list the graph's inputs in view order {views}; {name!r} is not the "
+                      f"{view!r} input")
+        shape, want = ins[name], [image_size, image_size, b.get("channels", 3)]
+        if len(shape) != 4 or shape[1:] != want:
+            raise bad(f"the graph's {name!r} input is {shape[1:] if len(shape) == 4 else shape} (H, W, C), "
+                      f"this file makes {want} (image_size, channels)", pre_where)
+    for name in (model["proba"], *model["embeddings"]):
+        if name not in outs:
+            raise bad(f"'model' names the output {name!r}, which {model['file']} lacks (its outputs: {sorted(outs)})")
+    if outs[model["proba"]][-1:] != [len(views)]:
+        raise bad(f"the graph's {model['proba']!r} output is {outs[model['proba']]}, not one column per view")
+    got = [outs[n][-1] for n in model["embeddings"]]
+    if list(model["embedding_dims"]) != got:
+        raise bad(f"'model.embedding_dims' is {model['embedding_dims']}, the graph's embedding outputs are {got} wide")
 
 
 def read_export_manifest(path: Path) -> dict[str, Any]:
@@ -145,8 +209,13 @@ def read_export_manifest(path: Path) -> dict[str, Any]:
     model = m["model"]
     if not (isinstance(model.get("inputs"), list) and len(model["inputs"]) == len(views)
             and isinstance(model.get("proba"), str) and isinstance(model.get("embeddings"), list)
-            and len(model["embeddings"]) == len(views)):
+            and len(model["embeddings"]) == len(views)
+            and all(isinstance(n, str) for n in model["inputs"] + model["embeddings"])):
         raise damaged("'model' must name one input and one embedding output per view, and the 'proba' output")
+    dims = model.get("embedding_dims")
+    if not (isinstance(dims, list) and len(dims) == len(views)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
+        raise damaged(f"'model.embedding_dims' must be {len(views)} positive whole numbers (one per view), got {dims!r}")
     if not finite_number(m["threshold"]) or not 0.0 <= m["threshold"] <= 1.0:
         raise damaged(f"'threshold' must be a number in [0, 1], got {m['threshold']!r}")
     ood = m.get("ood")
@@ -216,12 +285,16 @@ class ExportedEnsemble:
         self.recipe = _check_preprocess(pre, self.views, pre_path)
         self.image_size, self.load_size = int(pre["image_size"]), int(pre["load_size"])
         model_path = self.path / m["model"]["file"]
+        backend, module = _BACKENDS[self.format]
+        lib = require(module, f"a {self.format} export")  # outside the try: a missing package is not a bad file
         try:
-            self.backend = _BACKENDS[self.format](model_path, m["model"], threads)
+            self.backend = backend(lib, model_path, threads)
         except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a bad model file
             raise ValueError(f"cannot load {model_path}: {type(exc).__name__}: {str(exc).strip()[:300]}; "
                              "re-export the run (skinfusion export)") from None
-        self.embedding_dims = [int(d) for d in m["model"].get("embedding_dims", [])]
+        check_graph(self.backend, m["model"], self.views, self.recipe, self.image_size, manifest_path, pre_path)
+        self.backend.bind(m["model"])
+        self.embedding_dims = [int(d) for d in m["model"]["embedding_dims"]]
         self.gate = None
         if m.get("ood") is not None:
             ood = m["ood"]

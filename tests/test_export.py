@@ -216,7 +216,9 @@ def test_export_cli_and_backend_flags_refuse_mistakes(exports, trained_run, tmp_
 
 
 def test_int8_export_is_calibrated_on_the_training_split(trained_run, keras_ens, tmp_path, capsys):
+    from ensemble.runtime import sha256_file
     from skinfusion.cli import main
+    from skinfusion.workflows.exporting import gate_images
 
     out = tmp_path / "int8"
     assert main(["export", "--run", str(trained_run), "--quantize", "int8", "--calibration-images", "40",
@@ -225,7 +227,181 @@ def test_int8_export_is_calibrated_on_the_training_split(trained_run, keras_ens,
     assert m["quantize"] == "int8" and m["model"]["calibration_images"] == 40
     assert 10 <= m["test_check"]["images"] <= 60 and abs(m["test_check"]["auc_export"] - m["test_check"]["auc_keras"]) < 0.1
     images = generated_images(8)
-    assert np.abs(ExportedEnsemble(out).predict_proba(images) - keras_ens.predict_proba(images)).max() < 0.15
+    exp = ExportedEnsemble(out)
+    assert np.abs(exp.predict_proba(images) - keras_ens.predict_proba(images)).max() < 0.15
+    # The gate is refitted on the int8 graph's own embeddings of the images the run's gate saw: its
+    # validation scores are the int8 embeddings' scores, at the run's percentile.
+    ens_dir = Path(trained_run) / "ensemble"
+    assert sha256_file(out / "ood.npz") != sha256_file(ens_dir / "ood.npz") and "fitted_on" in m["ood"]
+    train, val = gate_images(Path(trained_run), ens_dir, exp.load_size)
+    assert exp.gate.n_fit == len(train) and m["ood"]["percentile"] == keras_ens.gate.percentile
+    np.testing.assert_allclose(np.sort(exp.gate.score(exp.member_outputs_batch(val)[1])), exp.gate.val_scores,
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_int8_export_beyond_the_bound_is_not_signed_and_without_gate_images_has_no_gate(
+        trained_run, exports, tmp_path, monkeypatch):
+    import ensemble.export as export
+    from skinfusion.workflows.exporting import split_images
+
+    calibration = split_images(trained_run, "train", 32, 40)[0]
+    out = tmp_path / "int8"
+    shutil.copytree(exports["onnx"], out)  # an earlier export: a refused one must leave it as it was
+    before = (out / "manifest.json").read_bytes()
+    monkeypatch.setattr(export, "INT8_TOLERANCE", 1e-9)
+    with pytest.raises(ValueError, match=r"differ from the Keras bundle's by up to [0-9.e-]+ .*nothing was written"):
+        export.export_bundle(trained_run, out, "onnx", "int8", calibration)
+    assert (out / "manifest.json").read_bytes() == before and not list(tmp_path.glob(".*partial"))
+    monkeypatch.undo()
+    m = export.export_bundle(trained_run, out, "onnx", "int8", calibration)  # no gate_images
+    assert "ood" not in m and not (out / "ood.npz").exists()
+    assert ExportedEnsemble(out).gate is None and "no out-of-distribution gate" in ExportedEnsemble(out).ood_note
+
+
+def _resign(d: Path, edit) -> None:
+    """Apply ``edit(manifest, d)`` to an export and re-sign every file it lists (a hand-made inconsistency)."""
+    from ensemble.runtime import sha256_file
+
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m, d)
+    m["files"] = {name: sha256_file(d / name) for name in m["files"]}
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_json(d: Path, name: str, change) -> None:
+    value = json.loads((d / name).read_text())
+    change(value)
+    (d / name).write_text(json.dumps(value))
+
+
+SIGNED_DAMAGE = {
+    "inputs_swap": (lambda m, d: m["model"].update(inputs=[m["model"]["inputs"][i] for i in (1, 0, 2)]),
+                    "manifest.json", "view order"),
+    "proba_name": (lambda m, d: m["model"].update(proba="nope"), "manifest.json", "'nope'"),
+    "embedding_name": (lambda m, d: m["model"].update(embeddings=["x", *m["model"]["embeddings"][1:]]),
+                       "manifest.json", "'x'"),
+    "embedding_dims_text": (lambda m, d: m["model"].update(embedding_dims="abc"), "manifest.json", "embedding_dims"),
+    "embedding_dims_wrong": (lambda m, d: m["model"].update(embedding_dims=[7, 7, 7]), "manifest.json",
+                             "embedding_dims"),
+    "image_size": (lambda m, d: _edit_json(d, "preprocess.json", lambda p: p.update(image_size=48, load_size=48)),
+                   "preprocess.json", "input is"),
+    "weights_sum": (lambda m, d: _edit_json(d, "fusion.json", lambda f: f.update(weights=[1, 1, 1])),
+                    "fusion.json", "sum to 1"),
+    "metadata_field": (lambda m, d: (d / "fusion.json").write_text(json.dumps(
+        {"kind": "logistic", "coef": [1, 1, 1, 0], "intercept": 0, "metadata": {"fields": ["colour"], "sites": []}})),
+                       "fusion.json", "colour"),
+}
+
+
+@pytest.mark.parametrize("fmt,damage", [("onnx", k) for k in SIGNED_DAMAGE] + [("tflite", "inputs_swap"),
+                                                                             ("tflite", "proba_name")])
+def test_signed_fields_are_checked_against_the_graph(fmt, damage, exports, tmp_path):
+    edit, target, what = SIGNED_DAMAGE[damage]
+    d = tmp_path / "copy"
+    shutil.copytree(exports[fmt], d)
+    _resign(d, edit)
+    with pytest.raises(ValueError, match=rf"{target}: damaged.*{what}.*re-export"):
+        ExportedEnsemble(d)
+
+
+@pytest.mark.parametrize("damage", ["not_json", "missing", "not_an_object"])
+def test_a_damaged_export_manifest_is_reported_as_an_export(damage, exports, tmp_path, capsys):
+    """Not loaded as a run (which would import TensorFlow and say "re-run skinfusion fuse")."""
+    import ensemble.api
+    from ensemble.export import _check_out_dir
+    from skinfusion.cli import main
+
+    d = tmp_path / "copy"
+    shutil.copytree(exports["onnx"], d)
+    if damage == "missing":
+        (d / "manifest.json").unlink()
+        (d / "preprocess.json").unlink()  # the model file alone still marks an export
+    else:
+        (d / "manifest.json").write_text("{not json" if damage == "not_json" else "[1, 2]")
+    ensemble.api.clear_cache()
+    with pytest.raises((ValueError, FileNotFoundError), match=r"manifest.json.*skinfusion export"):
+        ensemble.api.load(d)
+    img = write_rgb(tmp_path / "a.png", generated_images(1)[0])
+    assert main(["predict", "--run", str(d), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "skinfusion export" in err and "fuse" not in err and "Traceback" not in err
+    if damage != "missing":
+        _check_out_dir(d)  # what the message advises, re-exporting into it, is allowed
+
+
+def test_missing_optional_packages_name_the_extra(trained_run, exports, tmp_path, monkeypatch, capsys):
+    from skinfusion.cli import main
+
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as if the export extra were not installed
+    assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "tf2onnx" in err and "pip install 'skinfusion[export]'" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ValueError, match=r"onnxruntime.*pip install 'skinfusion\[export\]'"):
+        ExportedEnsemble(exports["onnx"])
+    img = write_rgb(tmp_path / "a.png", generated_images(1)[0])
+    assert main(["predict", "--run", str(exports["onnx"]), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'skinfusion[export]'" in err and "re-export" not in err
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.raises(ValueError, match=r"ai_edge_litert.*pip install"):
+        ExportedEnsemble(exports["tflite"])
+
+
+def test_export_reads_every_image_before_writing(trained_run, tmp_path, monkeypatch, capsys):
+    import ensemble.export
+    import skinfusion.workflows.exporting as exporting
+    from skinfusion.cli import main
+
+    def no_test_split(run, split, *args, **kwargs):
+        raise ValueError(f"{run}: its split has no {split} images")
+
+    def never(*args, **kwargs):
+        pytest.fail("export_bundle ran before the test images were read")
+
+    monkeypatch.setattr(exporting, "split_images", no_test_split)
+    monkeypatch.setattr(ensemble.export, "export_bundle", never)
+    assert main(["export", "--run", str(trained_run), "--check-test", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "no test images" in capsys.readouterr().err
+
+
+def test_calibration_images_needs_quantize_and_defaults_once(trained_run, tmp_path, monkeypatch, capsys):
+    import ensemble.export
+    import skinfusion.workflows.exporting as exporting
+    from skinfusion.cli import main
+
+    seen = {}
+
+    def fake_split(run, split, size, limit=None, **kwargs):
+        seen[split] = limit
+        return np.zeros((12, size, size, 3), np.uint8), np.zeros(12, int), []
+
+    monkeypatch.setattr(exporting, "split_images", fake_split)
+    monkeypatch.setattr(exporting, "gate_images", lambda *a, **k: None)
+    monkeypatch.setattr(ensemble.export, "export_bundle", lambda *a, **k: {"parity": {"probe_images": 1,
+                                                                                     "max_abs_fused_proba": 0.0}})
+    assert main(["export", "--run", str(trained_run), "--calibration-images", "256", "--out", str(tmp_path)]) == 2
+    assert "--calibration-images applies to --quantize int8 only" in capsys.readouterr().err
+    assert main(["export", "--run", str(trained_run), "--quantize", "int8", "--out", str(tmp_path / "x")]) == 0
+    assert seen["train"] == ensemble.export.DEFAULT_CALIBRATION
+
+
+def test_an_interrupted_export_leaves_the_directory_as_it_was(trained_run, exports, tmp_path, monkeypatch, capsys):
+    import ensemble.export
+    from skinfusion.cli import main
+
+    out = tmp_path / "prev"
+    shutil.copytree(exports["onnx"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ensemble.export, "_parity", interrupt)  # after the new model was written beside it
+    assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 130
+    assert f"interrupted; {out} was not changed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not list(tmp_path.glob(".*partial"))
 
 
 @pytest.mark.realdata

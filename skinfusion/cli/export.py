@@ -15,6 +15,7 @@ import logging
 import sys
 from typing import Sequence
 
+from ensemble.export import DEFAULT_CALIBRATION, FLOAT_TOLERANCE
 from ensemble.runtime import FORMATS
 from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, positive_int, run_command
 
@@ -40,11 +41,12 @@ def parser() -> argparse.ArgumentParser:
                                                                             "(default onnx)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: post-training static quantisation calibrated on the run's training images "
-                        "(default: float32, checked against Keras to 1e-4)")
+                        f"(default: float32, checked against Keras to {FLOAT_TOLERANCE:g})")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="export directory: new, empty, or a previous export (rewritten)")
-    p.add_argument("--calibration-images", type=positive_int, default=256, metavar="N",
-                   help="--quantize int8: training images (a seeded subsample) to calibrate on (default 256)")
+    p.add_argument("--calibration-images", type=positive_int, default=None, metavar="N",
+                   help="--quantize int8: training images (a seeded subsample) to calibrate on "
+                        f"(default {DEFAULT_CALIBRATION})")
     p.add_argument("--check-test", type=_count, default=0, metavar="N",
                    help="score N test-split images with the Keras bundle and the export and print both AUCs "
                         "(recorded in the manifest; default 0: skip)")
@@ -56,8 +58,6 @@ def parser() -> argparse.ArgumentParser:
 def _export(args: argparse.Namespace) -> int:
     from skinfusion.workflows.exporting import export_run
 
-    if args.quantize is None and args.calibration_images != 256:
-        raise ValueError("--calibration-images applies to --quantize int8 only; add --quantize int8 or drop it")
     m = export_run(args.run, args.out, args.format, args.quantize, args.calibration_images, args.check_test,
                    args.workers)
     kind = f"{args.format}{'-' + args.quantize if args.quantize else ''}"
@@ -76,4 +76,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         0, 2 on a reported error, 130 after Ctrl-C.
     """
     return run_command(parser(), _export, argv,
-                       interrupted_hint="interrupted; the export directory has no valid manifest, export again")
+                       interrupted_hint=lambda args: f"interrupted; {args.out} was not changed (the export is built "
+                                                     "beside it and moved in only when complete)")

@@ -1,4 +1,8 @@
-"""The export workflow: a run's split gives the int8 calibration images and the test images the export is checked on."""
+"""The export workflow: a run's split gives the int8 calibration images, the int8 gate's images and the test images.
+
+Every image is decoded before ``export_bundle`` writes anything, so a missing dataset or split
+fails with the previous export still in place.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.metrics import roc_auc_ci
+from ensemble.export import DEFAULT_CALIBRATION
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CALIBRATION = 256  # training images int8 calibration sees (a seeded subsample)
+__all__ = ["DEFAULT_CALIBRATION", "export_run", "gate_images", "split_images", "split_records"]
 
 
 def split_records(run: str | os.PathLike, split: str) -> list:
@@ -54,47 +58,80 @@ def split_images(run: str | os.PathLike, split: str, size: int, limit: int | Non
     return imgs, np.array([records[i].label for i in ok]), [paths[i] for i in ok]
 
 
+def gate_images(run: Path, ens_dir: Path, size: int, workers: int = 2,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(train, val)``: the images the run's OOD gate was fitted and thresholded on, decoded at ``size``.
+
+    The selection of ``skinfusion.workflows.fusing.fit_run_gate``: the split's training images
+    the branches saw (``held_out_ids.txt`` excluded), at most ``GATE_MAX_TRAIN`` of them (the same
+    seeded subsample), and the validation images of the first branch's ``val_predictions.csv``.
+    None (with a warning) when fewer than ``MIN_IMAGES`` of either can be read.
+    """
+    from ensemble.bundle import read_manifest
+    from ensemble.ood import MIN_IMAGES
+    from skinfusion.workflows.fusing import GATE_MAX_TRAIN, held_out_ids, read_val_predictions
+
+    m = read_manifest(ens_dir / "manifest.json", run)
+    held = held_out_ids(run)
+    try:
+        val_ids = set(read_val_predictions((ens_dir / m["branches"][0]["path"]).resolve()))
+    except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError):
+        val_ids = None  # as fit_run_gate: an adapted run keeps no val_predictions.csv
+    train = [r.path for r in split_records(run, "train") if r.image_id not in held]
+    val = [r.path for r in split_records(run, "val")
+           if r.image_id not in held and (val_ids is None or r.image_id in val_ids)]
+    if len(train) > GATE_MAX_TRAIN:
+        keep = np.random.default_rng(seed).choice(len(train), GATE_MAX_TRAIN, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    out = []
+    for paths, what in ((train, "OOD gate training images"), (val, "validation images")):
+        cache, ok, _ = cached_images(paths, size, workers=workers, desc=what) if paths else (None, [], None)
+        out.append(np.asarray(cache[np.arange(len(ok))]) if len(ok) else np.zeros((0, size, size, 3), np.uint8))
+    if min(len(out[0]), len(out[1])) < MIN_IMAGES:
+        logger.warning("the int8 export gets no OOD gate: only %d training and %d validation images of the run "
+                       "could be read (it needs %d of each)", len(out[0]), len(out[1]), MIN_IMAGES)
+        return None
+    return out[0], out[1]
+
+
 def export_run(run: str, out: str, fmt: str = "onnx", quantize: str | None = None,
-               calibration_images: int = DEFAULT_CALIBRATION, check_test: int = 0, workers: int = 2) -> dict[str, Any]:
+               calibration_images: int | None = None, check_test: int = 0, workers: int = 2) -> dict[str, Any]:
     """Export a run (``ensemble.export.export_bundle``), calibrating int8 on its training images.
 
     Args:
         run, out, fmt, quantize: as for ``export_bundle``.
-        calibration_images: how many training images (seeded subsample) calibrate int8.
+        calibration_images: how many training images (seeded subsample) calibrate int8
+            (None: ``DEFAULT_CALIBRATION``); only with ``quantize``.
         check_test: score this many test-split images (0: none) with the Keras bundle and the
             export and record both AUCs under the manifest's ``test_check``.
         workers: decoding threads.
 
     Returns:
         The export's manifest.
-    """
-    from ensemble.bundle import _find_bundle
-    from colorspaces.files import write_json_atomic
-    from ensemble.export import export_bundle
-    from ensemble.runtime import MANIFEST_FILE, ExportedEnsemble
 
+    Raises:
+        ValueError: ``calibration_images`` without ``quantize``, and as ``export_bundle``.
+    """
+    from ensemble.bundle import _find_bundle, read_manifest
+    from ensemble.export import export_bundle
+
+    if calibration_images is not None and not quantize:
+        raise ValueError("--calibration-images applies to --quantize int8 only; add --quantize int8 or drop it")
+    ens_dir = _find_bundle(Path(run))
+    run_dir = ens_dir.parent
     load_size = _load_size(run)
-    calibration = None
+    calibration = gate = test = None
+    # All images are read before anything is written: a failure here leaves --out as it was.
     if quantize:
-        calibration, _, _ = split_images(_find_bundle(Path(run)).parent, "train", load_size, calibration_images,
+        calibration, _, _ = split_images(run_dir, "train", load_size, calibration_images or DEFAULT_CALIBRATION,
                                          workers=workers)
         logger.info("calibrating int8 on %d training images", len(calibration))
-    manifest = export_bundle(run, out, fmt, quantize, calibration)
+        if read_manifest(ens_dir / "manifest.json", run).get("ood"):
+            gate = gate_images(run_dir, ens_dir, load_size, workers)
     if check_test:
-        from ensemble.bundle import load_ensemble
-
-        imgs, y, _ = split_images(_find_bundle(Path(run)).parent, "test", load_size, check_test, seed=1,
-                                  workers=workers)
-        ref = load_ensemble(run)
-        exp = ExportedEnsemble(out)
-        p_ref = np.concatenate([ref.score_batch(imgs[i : i + 64])[1] for i in range(0, len(imgs), 64)])
-        p_exp = np.concatenate([exp.score_details(imgs[i : i + 64]).fused for i in range(0, len(imgs), 64)])
-        manifest["test_check"] = {"images": len(y), "melanoma": int(y.sum()),
-                                  "auc_keras": round(roc_auc_ci(y, p_ref)[0], 4),
-                                  "auc_export": round(roc_auc_ci(y, p_exp)[0], 4),
-                                  "max_abs_proba_diff": float(np.abs(p_ref - p_exp).max())}
-        write_json_atomic(Path(out) / MANIFEST_FILE, manifest)
-    return manifest
+        imgs, y, _ = split_images(run_dir, "test", load_size, check_test, seed=1, workers=workers)
+        test = (imgs, y)
+    return export_bundle(run, out, fmt, quantize, calibration, gate_images=gate, test_images=test)
 
 
 def _load_size(run: str) -> int:
