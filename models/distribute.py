@@ -7,14 +7,20 @@ run can be resumed under another strategy). What it must not change is the train
 slice of it (see ``training_batches``).
 
 ``TF_CONFIG`` is checked here, before TensorFlow starts its collective runtime, so a malformed
-one is reported by name instead of surfacing as a gRPC error or a hang.
+one is reported by name instead of surfacing as a gRPC error or a hang. So is this machine's own
+address, and the wait for the other workers is bounded (``SKINFUSION_WORKER_TIMEOUT_S``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
+import signal
+import socket
+import threading
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -23,6 +29,9 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
 TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                      '"task": {"type": "worker", "index": 0}}')
+
+WORKER_TIMEOUT_ENV = "SKINFUSION_WORKER_TIMEOUT_S"
+DEFAULT_WORKER_TIMEOUT_S = 300.0
 
 _cache: dict[str, Any] = {}  # one strategy per name and process: MultiWorkerMirroredStrategy may be made once
 
@@ -121,11 +130,14 @@ def make_strategy(name: str) -> Any:
     - ``mirrored``: ``MirroredStrategy`` over every GPU; without GPUs, over the logical CPU
       devices (more than one only when the program split the CPU with
       ``tf.config.set_logical_device_configuration``, as the tests do).
-    - ``multi-worker``: ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG`` (checked first).
-      It must be made before TensorFlow runs anything else in the process.
+    - ``multi-worker``: ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG`` (checked first, with
+      this machine's own address). It must be made before TensorFlow runs anything else in the
+      process, and waits for every worker, at most ``$SKINFUSION_WORKER_TIMEOUT_S`` (300 s).
 
     Raises:
-        ValueError: as :func:`resolve`.
+        ValueError: as :func:`resolve`; for ``multi-worker``, also an own address that is not this
+            machine's or whose port is taken, a bad ``SKINFUSION_WORKER_TIMEOUT_S``, or workers
+            that did not all start in time (naming them).
     """
     resolved = resolve(name)
     if resolved in _cache:
@@ -133,12 +145,7 @@ def make_strategy(name: str) -> Any:
     import tensorflow as tf
 
     if resolved == "multi-worker":
-        try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        except RuntimeError as exc:  # "Collective ops must be configured at program startup"
-            raise RuntimeError(f"--strategy multi-worker: TensorFlow was started before the strategy ({exc}); "
-                               "this is a bug in skinfusion, please report it") from exc
-        _keras_compatible_reduce(strategy)
+        strategy = _start_multi_worker(tf)
     elif resolved == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
@@ -151,6 +158,132 @@ def make_strategy(name: str) -> Any:
     logger.info("--strategy %s: %s with %d replica(s)", name, type(strategy).__name__, strategy.num_replicas_in_sync)
     _cache[resolved] = strategy
     return strategy
+
+
+def worker_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds a multi-worker task waits for the others to start: ``$SKINFUSION_WORKER_TIMEOUT_S``, else 300.
+
+    Raises:
+        ValueError: naming the variable, when it is not a positive number.
+    """
+    text = (os.environ if environ is None else environ).get(WORKER_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_WORKER_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{WORKER_TIMEOUT_ENV}={text!r}: give the seconds a worker waits for the others of "
+                         f"TF_CONFIG to start, a positive number (default {DEFAULT_WORKER_TIMEOUT_S:.0f})")
+    return seconds
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_own_address(tf_config: Mapping[str, Any]) -> None:
+    """Refuse a TF_CONFIG whose task address is not this machine's, or whose port is taken.
+
+    TensorFlow would otherwise wait for itself at that address forever.
+
+    Raises:
+        ValueError: naming TF_CONFIG, the address and what to change.
+    """
+    task = tf_config["task"]
+    address = tf_config["cluster"][task["type"]][task["index"]]
+    host, port = _split_address(address)
+    which = f"TF_CONFIG's task ({task['type']} {task['index']}) is {address!r}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"{which}, but this machine cannot resolve the host {host!r} ({exc.strerror}); give this "
+                         "machine's own name or IP address there") from None
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))
+                break
+            except OSError:
+                continue
+    else:
+        ips = sorted({info[4][0] for info in infos})
+        raise ValueError(f"{which}, but {host!r} ({', '.join(ips)}) is not an address of this machine; set each "
+                         "machine's task index to its own entry of the cluster")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # TensorFlow listens on every interface
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise ValueError(f"{which}, but port {port} is in use on this machine (a worker still running from "
+                             "an earlier start?); stop that process, or choose another port in every machine's "
+                             "TF_CONFIG") from None
+
+
+def _start_multi_worker(tf: Any) -> Any:
+    """``MultiWorkerMirroredStrategy()``, waiting at most ``worker_timeout()`` for the other workers.
+
+    TensorFlow's own start-up waits for every worker of the cluster with no deadline, in C++
+    (Python's Ctrl-C handler cannot run meanwhile). Its coordination service is configured here
+    as the strategy would, plus a registration barrier with a deadline: a task whose peers do not
+    all start in time gets a DeadlineExceededError. Ctrl-C kills the process while it waits.
+    """
+    # No public API configures the coordination service.
+    from tensorflow.python.eager import context
+
+    tf_config = read_tf_config()
+    check_own_address(tf_config)
+    timeout = worker_timeout()
+    cluster, task = tf_config["cluster"], tf_config["task"]
+    everyone = [(kind, i, a) for kind in ("chief", "worker") for i, a in enumerate(cluster.get(kind, []))]
+    logger.info("--strategy multi-worker: waiting up to %g s (%s) for the %d workers of TF_CONFIG (%s); start "
+                "the same command, with its own TF_CONFIG task, on each", timeout, WORKER_TIMEOUT_ENV,
+                len(everyone), ", ".join(a for _, _, a in everyone))
+    ctx = context.context()
+    if ctx.coordination_service is None:
+        ctx.configure_coordination_service(
+            service_type="standalone", service_leader="/job:chief/replica:0/task:0" if "chief" in cluster
+            else "/job:worker/replica:0/task:0", cluster_register_timeout_in_ms=int(timeout * 1000))
+        for kind in ("chief", "worker"):
+            if kind in cluster:
+                ctx.coordination_service.coordinated_job_list.add(name=kind, num_tasks=len(cluster[kind]))
+        ctx.coordination_service.cluster_register_with_barrier = True  # wait for all, with the deadline above
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError) as exc:
+        named = {(m[0], int(m[1])) for m in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", str(exc))}
+        mine = (task["type"], task["index"])
+        missing = [(k, i, a) for k, i, a in everyone if (k, i) in named and (k, i) != mine]
+        missing = missing or [(k, i, a) for k, i, a in everyone if (k, i) != mine and not _answers(a)]
+        missing = missing or [(k, i, a) for k, i, a in everyone if (k, i) != mine]
+        absent = ", ".join(f"{k} {i} ({a})" for k, i, a in missing)
+        raise ValueError(f"--strategy multi-worker: the workers of TF_CONFIG did not all start within {timeout:g} s "
+                         f"({WORKER_TIMEOUT_ENV}); no answer from {absent}: "
+                         "start the same command, with its own TF_CONFIG task, on each machine, check that they "
+                         f"reach each other at those addresses, or raise {WORKER_TIMEOUT_ENV}") from None
+    except RuntimeError as exc:  # "Collective ops must be configured at program startup"
+        raise RuntimeError(f"--strategy multi-worker: TensorFlow was started before the strategy ({exc}); "
+                           "this is a bug in skinfusion, please report it") from exc
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    _keras_compatible_reduce(strategy)
+    return strategy
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` now."""
+    try:
+        with socket.create_connection(_split_address(address), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _keras_compatible_reduce(strategy: Any) -> None:
@@ -232,7 +365,8 @@ def start_strategy(name: str, mixed_precision: bool, jobs: int | None, batch_siz
 
     Raises:
         ValueError: naming the flag, for a bad TF_CONFIG, parallel ``--jobs`` or a batch size the
-            replicas cannot share.
+            replicas cannot share; naming TF_CONFIG and the workers, for workers that do not all
+            start within ``$SKINFUSION_WORKER_TIMEOUT_S`` (see :func:`make_strategy`).
     """
     resolved = resolve(name)  # a bad TF_CONFIG is reported here, by name
     if mixed_precision:

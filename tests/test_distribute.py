@@ -86,6 +86,99 @@ def test_bad_tf_config_exits_2_naming_it(value, message, synthetic_data, tmp_pat
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+def _tf_config(addresses, index=0):
+    return json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+
+
+def test_own_address_and_worker_timeout_are_checked_before_waiting(synthetic_data, tmp_path, monkeypatch, capsys):
+    free = _free_ports(2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        cases = [
+            (_tf_config(["h1.invalid:23456", f"127.0.0.1:{free[1]}"]), "", "cannot resolve the host 'h1.invalid'"),
+            (_tf_config(["192.0.2.1:23456", f"127.0.0.1:{free[1]}"]), "", "is not an address of this machine"),
+            (_tf_config([f"127.0.0.1:{taken}", f"127.0.0.1:{free[1]}"]), "", f"port {taken} is in use"),
+            (_tf_config([f"127.0.0.1:{p}" for p in free]), "soon", "SKINFUSION_WORKER_TIMEOUT_S='soon'"),
+            (_tf_config([f"127.0.0.1:{p}" for p in free]), "-5", "a positive number"),
+        ]
+        for tf_config, timeout, message in cases:
+            monkeypatch.setenv("TF_CONFIG", tf_config)
+            monkeypatch.setenv("SKINFUSION_WORKER_TIMEOUT_S", timeout)
+            rc = train_main(["--view", "rgb", "--data", str(synthetic_data), "--run", str(tmp_path / "run"),
+                             "--strategy", "multi-worker", "-q"])
+            err = capsys.readouterr().err
+            assert rc == 2 and message in err and "Traceback" not in err, err
+            assert "TF_CONFIG" in err or "SKINFUSION_WORKER_TIMEOUT_S" in err
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def _lone_worker(data, tmp_path, index, timeout, quiet=True):
+    ports = _free_ports(2)
+    cmd = [sys.executable, "-m", "skinfusion.cli", "train", "--view", "rgb", "--data", str(data),
+           "--run", str(tmp_path / "run"), "--epochs", "1", "--strategy", "multi-worker", *(["-q"] if quiet else [])]
+    log = (tmp_path / f"worker{index}.err").open("w+")
+    env = _env(tmp_path, TF_CONFIG=_tf_config([f"127.0.0.1:{p}" for p in ports], index),
+               SKINFUSION_WORKER_TIMEOUT_S=str(timeout))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env), log, ports
+
+
+@pytest.mark.parametrize("index", [0, 1])  # 0 leads TensorFlow's coordination service, 1 waits for it
+def test_a_worker_whose_peer_never_starts_exits_2_after_the_timeout(synthetic_data, tmp_path, index):
+    proc, log, ports = _lone_worker(synthetic_data, tmp_path, index, timeout=3)
+    try:
+        proc.wait(timeout=120)  # without a deadline TensorFlow waits forever
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    err = log.read()
+    log.close()
+    other = f"worker {1 - index} (127.0.0.1:{ports[1 - index]})"
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert f"did not all start within 3 s (SKINFUSION_WORKER_TIMEOUT_S); no answer from {other}" in err, err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_the_wait_for_the_other_workers(synthetic_data, tmp_path):
+    proc, log, _ = _lone_worker(synthetic_data, tmp_path, 0, timeout=120, quiet=False)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and "waiting up to 120 s" not in log.read():
+            log.seek(0)
+            time.sleep(0.2)
+        time.sleep(2)  # into TensorFlow's wait, where Python's own Ctrl-C handler cannot run
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert proc.returncode in (-signal.SIGINT, 130)
+
+
+def test_a_peer_lost_while_the_workers_compare_is_reported_in_one_line(synthetic_data, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from skinfusion.workflows import training
+
+    class FakeMultiWorker:
+        pass
+
+    def lost(*_):
+        raise tf.errors.UnavailableError(None, None, "Socket closed")
+
+    monkeypatch.setattr(training, "_multi_worker_class", lambda: FakeMultiWorker)
+    monkeypatch.setattr(training, "worker_values", lost)
+    with pytest.raises(ConnectionError, match=r"\(Socket closed\); before training started: restart every worker"):
+        training._train_branch_run(str(synthetic_data), str(tmp_path / "run"), BranchConfig(view="rgb"), 0, None, 1,
+                                   None, False, str(tmp_path / "cache"), False, dist=FakeMultiWorker())
+
+
 def test_tf_config_roles_and_batch_divisibility():
     config = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}
     assert read_tf_config({"TF_CONFIG": json.dumps(config)}) == config

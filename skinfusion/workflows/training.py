@@ -152,7 +152,8 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     chief_branch = read_run / "branches" / config.view  # the same as branch_dir, but on a non-chief worker
     point = _resume_point(chief_branch, config, resume)
     if dist is not None and isinstance(dist, _multi_worker_class()):
-        _check_workers_agree(dist, chief_branch, point, [r.image_id for r in recs["train"]])
+        with _peer_loss_reported(dist, chief_branch, started=False):
+            _check_workers_agree(dist, chief_branch, point, [r.image_id for r in recs["train"]])
     if point == -1:
         _, meta = read_branch_info(chief_branch)
         logger.info("[%s] already trained in %s; nothing to resume", config.view, chief_branch)
@@ -175,21 +176,12 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     if failures:
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
-    try:
+    with _peer_loss_reported(dist, chief_branch, started=True):
         model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0],
                                     loaded["val"][1], checkpoint_dir=checkpoint, resume=resume,
                                     train_sources=[source_family(r.source) for r in loaded["train"][2]],
                                     strategy=dist, mixed_precision=mixed_precision,
                                     resume_dir=chief_branch / ".checkpoint")
-    except _peer_errors() as exc:
-        if dist is None or not isinstance(dist, _multi_worker_class()):
-            raise
-        # A worker died or its network went: the collectives are aborted on every survivor.
-        # A ConnectionError (an OSError) is reported in one line, as the user's to fix.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConnectionError(f"lost contact with another worker of --strategy multi-worker ({first}); the last "
-                              f"complete epoch is checkpointed in {chief_branch / '.checkpoint'}: restart every "
-                              "worker with --resume") from None
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
     proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy,
@@ -219,6 +211,22 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
             "train_seconds": history["train_seconds"], "skipped": len(failures),
             "peak_rss_mb": history["peak_rss_mb"]}
+
+
+@contextlib.contextmanager
+def _peer_loss_reported(dist, chief_branch: Path, started: bool):
+    # A worker died or its network went: the collectives are aborted on every survivor.
+    # A ConnectionError (an OSError) is reported in one line, as the user's to fix.
+    try:
+        yield
+    except _peer_errors() as exc:
+        if dist is None or not isinstance(dist, _multi_worker_class()):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = (f"the last complete epoch is checkpointed in {chief_branch / '.checkpoint'}" if started else
+                 "before training started")
+        raise ConnectionError(f"lost contact with another worker of --strategy multi-worker ({first}); {where}: "
+                              "restart every worker with --resume") from None
 
 
 def _peer_errors() -> tuple[type, ...]:
