@@ -516,3 +516,42 @@ def test_serve_refuses_a_missing_run_and_a_bad_flag_with_one_line():
     r = subprocess.run([sys.executable, "-m", "skinfusion", "serve", "--run", str(MEAN), "--port", "99999"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "port number" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_several_worker_processes_share_the_port_and_the_settings():
+    # --workers N: uvicorn starts N processes, each loading the model from the settings the
+    # parent passes in $SKINFUSION_SERVE_SETTINGS; the API key must hold in every one of them.
+    ens = load_ensemble(MEAN)
+    images = [lesion(70 + i) for i in range(6)]
+    expected = ens.predict_proba(images)
+    proc, url = start_server("--workers", "2", "--api-key", "k2")
+    try:
+        results, errors = [None] * 24, []
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": "k2"}) as c:
+                for i in range(k, 24, 4):
+                    r = c.post("/v1/predict", files=upload(png(images[i % 6])))
+                    if r.status_code != 200:
+                        errors.append(r.text)
+                    else:
+                        results[i] = r.json()["images"][0]["melanoma_probability"]
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        assert np.allclose(results, [expected[i % 6] for i in range(24)], atol=1e-6)
+        assert httpx.post(url + "/v1/predict", files=upload(png(images[0])), timeout=30).status_code == 401
+        assert httpx.get(url + "/v1/model", headers={"X-API-Key": "k2"}, timeout=30).json()["model_id"] == model_id(MEAN)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, server_log(proc)
+    assert "Traceback" not in server_log(proc)
