@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import math
 import numbers
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 import joblib
 
 from colorspaces import DEFAULT_VIEWS
-from colorspaces.files import atomic_path, library_versions, read_json_object, write_json_atomic
+from colorspaces.files import atomic_path, library_versions, read_json_object, sha256_file, write_json_atomic
 from colorspaces.labels import LABEL_MAP
 from ensemble.engine import Ensemble
 from ensemble.fusion import FUSION_METHODS, fusion_class
@@ -27,15 +26,6 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 MANIFEST_FILE, FUSION_FILE = "manifest.json", "fusion.joblib"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 BRANCH_FILES = (MODEL_FILE, CONFIG_FILE, METADATA_FILE)

@@ -10,7 +10,6 @@ interpreter; the views stay in NumPy (``colorspaces``), computed exactly as in t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import numpy as np
 
 from colorspaces import ImageError, read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral, window_offsets
-from colorspaces.files import read_json_object
+from colorspaces.files import read_json_object, sha256_file
 from colorspaces.labels import LABEL_MAP
 from colorspaces.pipeline import mean_over_windows, view_inputs
 from colorspaces.quality import image_checks
@@ -40,15 +39,6 @@ MANIFEST_FILE, FUSION_JSON, PREPROCESS_JSON = "manifest.json", "fusion.json", "p
 FORMATS = {"onnx": "model.onnx", "tflite": "model.tflite"}
 DEFAULT_THREADS = 2  # the project's reference machine has 2 cores
 _POOL_LOCK = threading.Lock()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
