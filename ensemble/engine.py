@@ -4,25 +4,24 @@ and the out-of-distribution gate."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 import keras
 
-from colorspaces import ImageError, read_image, resize_image
+from colorspaces import read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral
 from colorspaces.quality import image_checks
-from ensemble.details import BatchScores, FileBatch, PredictionDetails  # noqa: F401  (re-exported)
+from ensemble.details import BatchScores, FileBatch, FileScoring, PredictionDetails  # noqa: F401  (re-exported)
 from ensemble.ood import OODGate, embedding_layer, judge
 from models.branch import branch_inputs, mean_over_windows
 
 logger = logging.getLogger(__name__)
 
 
-class Ensemble:
+class Ensemble(FileScoring):
     """A loaded bundle: branch models in member order, the fusion estimator and the threshold.
 
     Inference decodes each image once, computes each view once, and runs all branches in
@@ -246,48 +245,3 @@ class Ensemble:
             out += [s.row(j, self.views, self.threshold) for j in range(len(batch))]
         return out
 
-    def _load_file(self, path: str):
-        try:
-            img = read_image(path)
-            return resize_image(img, self.load_size), image_checks(img), None
-        except ImageError as exc:
-            return None, (), str(exc)
-
-    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2,
-                   tta: bool = False, metadata: dict[str, dict] | None = None) -> Iterator[FileBatch]:
-        """Score image files in streamed batches; unreadable files are reported, not raised.
-
-        While one batch runs through the branches, ``workers`` threads decode the next one,
-        so memory holds two batches whatever the number of files.
-
-        Args:
-            paths: image files, scored in this order.
-            batch_size: images per batch.
-            workers: decoding threads (OpenCV releases the GIL while decoding).
-            tta: average over the 8 rotations and flips (see ``score_batch``).
-            metadata: path → metadata dict, for a bundle fused with metadata (a path it
-                lacks is scored with every field unknown).
-
-        Yields:
-            One ``FileBatch`` per batch of ``paths``: the readable paths, their ``P`` and
-            fused probabilities, and ``(path, reason)`` for the files that were skipped.
-        """
-        chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending = [pool.submit(self._load_file, p) for p in chunks[0]] if chunks else []
-            for ci, chunk in enumerate(chunks):
-                current = pending
-                pending = [pool.submit(self._load_file, p) for p in chunks[ci + 1]] if ci + 1 < len(chunks) else []
-                ok, imgs, reasons, failures = [], [], [], []
-                for path, fut in zip(chunk, current):
-                    img, why, err = fut.result()
-                    if err is None:
-                        ok.append(path)
-                        imgs.append(img)
-                        reasons.append(why)
-                    else:
-                        failures.append((path, err))
-                meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
-                batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-                s = self.score_details(batch, tta, meta, reasons)
-                yield FileBatch(ok, s.P, s.fused, failures, s.ood)

@@ -16,18 +16,18 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import ImageError, read_image, resize_image
+from colorspaces import read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral, window_offsets
 from colorspaces.files import read_json_object, sha256_file
 from colorspaces.labels import LABEL_MAP
 from colorspaces.pipeline import mean_over_windows, view_inputs
 from colorspaces.quality import image_checks
 from colorspaces.views import VIEWS
-from ensemble.details import BatchScores, FileBatch, PredictionDetails
+from ensemble.details import BatchScores, FileScoring, PredictionDetails
 from ensemble.fusion_json import JsonFusion, finite_number
 from ensemble.ood import OODGate, judge
 
@@ -239,7 +239,7 @@ def _check_preprocess(pre: dict[str, Any], views: list[str], where: Path) -> lis
     return branches
 
 
-class ExportedEnsemble:
+class ExportedEnsemble(FileScoring):
     """An exported bundle loaded for inference: the same scoring as ``ensemble.engine.Ensemble``, without TensorFlow.
 
     Args:
@@ -408,32 +408,3 @@ class ExportedEnsemble:
                  for i in range(0, len(images), batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0, np.float64)
 
-    def _load_file(self, path: str):
-        try:
-            img = read_image(path)
-            return resize_image(img, self.load_size), image_checks(img), None
-        except ImageError as exc:
-            return None, (), str(exc)
-
-    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2, tta: bool = False,
-                   metadata: dict[str, dict] | None = None) -> Iterator[Any]:
-        """Score image files in streamed batches, as ``Ensemble.iter_files``; unreadable files are reported."""
-        chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending = [pool.submit(self._load_file, p) for p in chunks[0]] if chunks else []
-            for ci, chunk in enumerate(chunks):
-                current = pending
-                pending = [pool.submit(self._load_file, p) for p in chunks[ci + 1]] if ci + 1 < len(chunks) else []
-                ok, imgs, reasons, failures = [], [], [], []
-                for path, fut in zip(chunk, current):
-                    img, why, err = fut.result()
-                    if err is None:
-                        ok.append(path)
-                        imgs.append(img)
-                        reasons.append(why)
-                    else:
-                        failures.append((path, err))
-                meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
-                batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-                s = self.score_details(batch, tta, meta, reasons)
-                yield FileBatch(ok, s.P, s.fused, failures, s.ood)
