@@ -81,13 +81,23 @@ class PredictionDetails:
 
 
 class FileScoring:
-    """Streams image files through ``score_details``: shared by the Keras ``Ensemble`` and ``ExportedEnsemble``.
+    """Reads images (``prepare``) and streams files through ``score_details``: shared by the Keras ``Ensemble`` and ``ExportedEnsemble``.
 
     The class using it provides ``load_size``, ``metadata_fields`` and ``score_details``.
     """
 
     load_size: int
     metadata_fields: list[str] | None
+
+    def prepare(self, images: Sequence[Any]) -> np.ndarray:
+        """Read and resize images into one RGB uint8 batch (N, L, L, 3), L = ``load_size``.
+
+        Raises:
+            ImageError: naming the first image that cannot be read.
+        """
+        if len(images) == 0:
+            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
 
     def _load_file(self, path: str):
         try:

@@ -85,16 +85,6 @@ class Ensemble(FileScoring):
         forward.get_concrete_function()  # trace now, not on the first prediction
         return forward
 
-    def prepare(self, images: Sequence[Any]) -> np.ndarray:
-        """Read and resize images into one RGB uint8 batch (N, L, L, 3), L = ``load_size``.
-
-        Raises:
-            ImageError: naming the first image that cannot be read.
-        """
-        if len(images) == 0:
-            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
-
     def prepare_checked(self, images: Sequence[Any]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
         """``prepare`` plus the image-level OOD reasons of each image, checked before resizing.
 
@@ -160,8 +150,13 @@ class Ensemble(FileScoring):
         transformations training augments with) in one forward pass; ``fused`` is the mean of
         the 8 fused probabilities and ``P`` the mean member matrix.
         """
-        scores = self.score_details(batch, tta, meta)
-        return scores.P, scores.fused
+        # Not through score_details: the OOD gate's verdict would be computed and thrown away.
+        Ps, _ = self._variant_outputs(batch, tta)
+        return Ps.mean(axis=0), self._fused(Ps, meta, len(batch))
+
+    def _fused(self, Ps: np.ndarray, meta, n: int) -> np.ndarray:
+        """The fused probability of each image, averaged over the TTA variants in ``Ps``."""
+        return np.mean([self.fuse(P, meta) for P in Ps], axis=0) if n else np.zeros(0, np.float64)
 
     def score_details(self, batch: np.ndarray, tta: bool = False, meta=None,
                       reasons: Sequence[tuple[str, ...]] | None = None) -> BatchScores:
@@ -175,7 +170,7 @@ class Ensemble(FileScoring):
                 None: not checked.
         """
         Ps, E = self._variant_outputs(batch, tta)
-        fused = np.mean([self.fuse(P, meta) for P in Ps], axis=0) if len(batch) else np.zeros(0, np.float64)
+        fused = self._fused(Ps, meta, len(batch))
         ood = judge(self.gate, E, list(reasons) if reasons is not None else [()] * len(batch))
         return BatchScores(Ps.mean(axis=0), fused, ood)
 

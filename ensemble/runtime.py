@@ -306,16 +306,6 @@ class ExportedEnsemble(FileScoring):
         return ("this export has no out-of-distribution gate (its source bundle had none): in_distribution_score "
                 "is empty and only the image-level checks run")
 
-    def prepare(self, images: Sequence[Any]) -> np.ndarray:
-        """Read and resize images into one RGB uint8 batch (N, L, L, 3), L = ``load_size``.
-
-        Raises:
-            ImageError: naming the first image that cannot be read.
-        """
-        if len(images) == 0:
-            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
-
     PIPELINE_ROWS = 16  # images per graph call when an ONNX batch is split (at least two such chunks)
 
     def member_outputs_batch(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

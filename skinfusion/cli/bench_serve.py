@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from colorspaces.files import check_output_file, write_json_atomic
-from skinfusion.cli.common import EXIT_OK, add_quiet, batch_wait_ms, new_parser, port_number, positive_int, run_command
+from skinfusion.cli.common import EXIT_OK, add_quiet, batch_wait_ms, new_parser, non_negative_int, port_number, positive_int, run_command
 
 
 def _seconds(text: str) -> float:
@@ -27,16 +27,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
     if not 0 < value <= 24 * 3600:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 s, got {value:g}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -64,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=batch_wait_ms, help="passed to skinfusion serve (its default: 5)")
     p.add_argument("--max-batch", type=positive_int, help="passed to skinfusion serve (its default: 32)")
     p.add_argument("--workers", type=positive_int, default=1, help="passed to skinfusion serve (default 1)")
-    p.add_argument("--warmup-requests", type=_count, default=200,
+    p.add_argument("--warmup-requests", type=non_negative_int, default=200,
                    help="requests sent first and not measured (kernel caches, allocators); the RSS growth is "
                         "counted from after them (default 200; 0: none)")
     p.add_argument("--in-process-s", type=_seconds, default=10.0,

@@ -84,6 +84,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (a count where 0 means none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def port_number(lowest: int = 1) -> Callable[[str], int]:
     """argparse type: a TCP port from ``lowest`` to 65535 (``lowest=0``: 0 means any free port)."""
     what = "0 (any free port)" if lowest == 0 else str(lowest)

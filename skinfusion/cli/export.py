@@ -17,20 +17,9 @@ from typing import Sequence
 
 from ensemble.export import DEFAULT_CALIBRATION, FLOAT_TOLERANCE
 from ensemble.runtime import FORMATS
-from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, positive_int, run_command
+from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, non_negative_int, positive_int, run_command
 
 logger = logging.getLogger(__name__)
-
-
-def _count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=positive_int, default=None, metavar="N",
                    help="--quantize int8: training images (a seeded subsample) to calibrate on "
                         f"(default {DEFAULT_CALIBRATION})")
-    p.add_argument("--check-test", type=_count, default=0, metavar="N",
+    p.add_argument("--check-test", type=non_negative_int, default=0, metavar="N",
                    help="score N test-split images with the Keras bundle and the export and print both AUCs "
                         "(recorded in the manifest; default 0: skip)")
     p.add_argument("--workers", type=positive_int, default=2, help="image decoding threads (default 2)")
