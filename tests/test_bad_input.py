@@ -1,6 +1,6 @@
 """Bad and unusual input, generated at test time: each case is converted correctly or refused with ImageError.
 
-``FILE_CASES`` and ``ARRAY_CASES`` are the corpus; the README's reliability section counts them.
+``FILE_CASES`` and ``ARRAY_CASES`` are the corpus; docs/architecture.md's Reliability section counts them.
 """
 
 import re
@@ -106,10 +106,10 @@ def corpus(tmp_path_factory):
 
 
 def test_readme_quotes_this_corpus_and_the_pixel_limit_it_tests():
-    """The README's reliability section counts these cases and names the decompression-bomb limit."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    """docs/architecture.md's Reliability section counts these cases and names the decompression-bomb limit."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     counted = re.search(r"\*\*(\d+) cases\*\* \((\d+) files, (\d+) arrays\)", text)
-    assert counted, "the README no longer counts the bad-input cases as '**N cases** (F files, A arrays)'"
+    assert counted, "docs/architecture.md no longer counts the bad-input cases as '**N cases** (F files, A arrays)'"
     assert tuple(map(int, counted.groups())) == (len(FILE_CASES) + len(ARRAY_CASES), len(FILE_CASES), len(ARRAY_CASES))
     assert f"over the {MAX_PIXELS:,}-pixel limit" in text
     # each bomb case declares more pixels than the limit, so it tests the limit and not a decoder failure

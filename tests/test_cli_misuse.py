@@ -5,7 +5,7 @@ dataset, a run made of the committed 0.1.0 bundle (``tests/fixtures/legacy-0.1.0
 is trained), and damaged copies of their files. Every case runs ``skinfusion.cli.main(argv)`` in
 this process and checks its exit status, that stderr names the file or flag at fault, that no
 traceback is printed and that no temporary file (``*.tmp``, ``*.partial``) is left behind. The
-two Ctrl-C cases run a real process and send it SIGINT. The README's "Reliability" section
+two Ctrl-C cases run a real process and send it SIGINT. The "Reliability" section of docs/architecture.md
 lists these cases; a test below keeps the two in step.
 """
 
@@ -34,7 +34,8 @@ from skinfusion.data.synthetic import make_synthetic_dataset
 from skinfusion.workflows.runsplit import prepare_split
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
-README = Path(__file__).resolve().parents[1] / "README.md"
+RELIABILITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # the metrics.json schema
 LEFTOVER = re.compile(r"\.(tmp|partial)$")
 # a train case that gets past its checks by mistake trains a tiny branch, not a real one
 QUICK = ("--image-size", "16", "--base-filters", "4", "--epochs", "1", "-q")
@@ -523,13 +524,14 @@ def test_an_error_that_follows_ctrl_c_is_reported_as_the_interrupt(capsys):
 
 
 # --------------------------------------------------------------------------------- the docs
-def test_the_readme_lists_this_corpus():
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Reliability"):]
-    section = section[: section.index("\n## ", 1)]
+def test_the_docs_list_this_corpus():
+    text = RELIABILITY_DOC.read_text(encoding="utf-8")
+    found = re.search(r"^## Reliability\n(.*?)(?=^## |\Z)", text, re.S | re.M)  # up to the next section, or the end
+    assert found, f"{RELIABILITY_DOC.name} has no '## Reliability' section"
+    section = found.group(1)
     assert f"**{len(CASES)} cases**" in section
     missing = [c.id for c in CASES if f"`{c.id}`" not in section]
-    assert not missing, f"README Reliability lacks the CLI cases {missing}"
+    assert not missing, f"docs/architecture.md Reliability lacks the CLI cases {missing}"
 
 
 def test_help_texts_that_were_misleading():
@@ -541,7 +543,7 @@ def test_help_texts_that_were_misleading():
     assert all(lay.name in " ".join(help_text.split()) for lay in LAYOUTS)
 
 
-def test_the_readme_documents_every_metrics_json_key():
+def test_the_docs_document_every_metrics_json_key():
     import numpy as np
 
     from skinfusion.data.index import Record
@@ -554,11 +556,11 @@ def test_the_readme_documents_every_metrics_json_key():
     scored = Scored(records, P, P.mean(axis=1))
     metrics = Evaluator(["rgb", "hsv"], 0.5, {"rgb": 0.5, "hsv": 0.5}, n_boot=10).evaluate(
         scored, RunInfo("run", "test split", "mean"), {"colour_disc": {"i0"}, "ink": set()})
-    text = README.read_text(encoding="utf-8")
-    schema = text[text.index("#### `metrics.json` schema"):]
+    text = CLI_DOC.read_text(encoding="utf-8")
+    schema = text[text.index("### `metrics.json` schema"):]
     schema = schema[: schema.index("```", schema.index("```") + 3)]
     keys = set(metrics) | set(metrics["fused"]) | set(metrics["fused"]["confusion_matrix"])
     keys |= {k for row in metrics["per_source"].values() for k in row if k not in ("rgb", "hsv", "fused")}
     keys |= {k for row in metrics["per_subset"].values() for k in row if k not in ("rgb", "hsv", "fused")}
     missing = sorted(k for k in keys if not re.search(rf"(?<![\w-]){re.escape(k)}(?![\w-])", schema))
-    assert not missing, f"README's metrics.json schema does not document {missing}"
+    assert not missing, f"docs/cli.md's metrics.json schema does not document {missing}"

@@ -156,7 +156,7 @@ def test_isic_cli_groups_images_linked_by_patient_or_lesion_and_the_readme_agree
         _image(tmp_path / f"{row[0]}.jpg", k)
     groups = {r.image_id: r.group_id for r in index_dataset(tmp_path).records}
     assert groups == {"ISIC_A": "P1", "ISIC_B": "P1", "ISIC_C": "P1", "ISIC_D": "L3", "ISIC_E": "ISIC_E"}
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
     assert "| `patient_id` and `lesion_id` together (see below) |" in readme
     assert "`lesion_id`, else `patient_id`" not in readme
 

@@ -9,7 +9,7 @@ import pytest
 from skinfusion.data.index import Record
 from skinfusion.workflows.evaluation import METRICS_SCHEMA_VERSION, Evaluator, RunInfo, Scored
 
-# The README's "metrics.json schema (version 2)", in file order.
+# docs/cli.md's "metrics.json schema (version 2)", in file order.
 SCHEMA_KEYS = ["schema_version", "run", "scope", "method", "metadata", "n_images", "n_skipped", "members", "fused",
                "per_source", "per_subset", "inference_seconds", "tta"]
 

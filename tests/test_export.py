@@ -417,11 +417,11 @@ def test_float_exports_match_keras_on_real_images(exports, keras_ens):
 
 
 def readme_example() -> str:
-    """The README's standalone example (the code block that defines ``class Bundle``)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """docs/export.md's standalone example (the code block that defines ``class Bundle``)."""
+    text = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
     blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python")]
     found = [b for b in blocks if "class Bundle" in b]
-    assert len(found) == 1, "README: the Export section's standalone example is missing"
+    assert len(found) == 1, "docs/export.md: the standalone example is missing"
     return found[0]
 
 

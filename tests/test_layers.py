@@ -268,7 +268,7 @@ def test_no_module_is_longer_than_the_limit():
     assert not offenders, f"modules over {MAX_LINES} lines (split them by concern):\n" + "\n".join(offenders)
 
 
-# ---------------------------------------------------------------- the README's layer diagram
+# ---------------------------------------------------------------- the layer diagram in docs/architecture.md
 _TREE_LINE = re.compile(r"^(?P<indent> *)(?P<name>[A-Za-z_][\w]*)/(?:\s|$)")
 
 
@@ -305,7 +305,7 @@ def diagram_order(entries: list[tuple[int, str]]) -> tuple[list[str], list[str]]
 
 
 def test_readme_how_it_works_opens_with_the_enforced_layer_diagram():
-    top, subs = diagram_order(readme_layer_diagram(ROOT / "README.md"))
+    top, subs = diagram_order(readme_layer_diagram(ROOT / "docs" / "architecture.md"))
     assert top == [*PACKAGES, "tests"], f"diagram packages {top} differ from the enforced order {[*PACKAGES, 'tests']}"
     assert subs == list(APPLICATION), f"diagram's skinfusion/ sub-layers {subs} differ from {list(APPLICATION)}"
     for pkg in PACKAGES:

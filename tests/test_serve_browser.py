@@ -5,7 +5,7 @@ The browser and driver are the system's (Debian ``chromium`` and ``chromium-driv
 installs); nothing is downloaded. Without them the test is skipped, saying why, except when ``$CI``
 is set: CI must run it, so there a missing browser is a failure. The screenshot is written under the
 test's temporary directory, and also to ``$SKINFUSION_SCREENSHOT`` when that is set (to refresh the
-README's picture).
+docs/serve-page.png, the picture in docs/serve.md).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
 
 def data_help(what: str = "dataset folder") -> str:
     """Help for a ``--data`` flag, naming every registered dataset layout."""
-    return f"{what}, in any of the layouts {', '.join(lay.name for lay in LAYOUTS)} (see README 'Data')"
+    return f"{what}, in any of the layouts {', '.join(lay.name for lay in LAYOUTS)} (see docs/data.md)"
 
 
 def positive_int(text: str) -> int:

@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: score on this machine (default); ray: score on a Ray cluster with Ray Data "
                         f"({INSTALL_HINT}); every node must see --run and the images at the same paths, or give "
-                        "s3://, gs://, hdfs:// URIs (README 'Cluster guide')")
+                        "s3://, gs://, hdfs:// URIs (docs/cluster.md)")
     p.add_argument("--address", metavar="HOST:PORT",
                    help="--engine ray: the Ray cluster to use (default: $RAY_ADDRESS if set, else a Ray instance "
                         "started on this machine for the run)")

@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, metavar="N",
                    help="with --view all: branches trained at once, each in its own process with cores/N TensorFlow "
                         "threads (default: one process per branch, which measured fastest on 2 cores; 1 = one after "
-                        "another in this process, less memory; see the README's Performance section)")
+                        "another in this process, less memory; see docs/performance.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: each branch resumes from its last completed epoch "
                         "(checkpointed in RUN/branches/<view>/.checkpoint); finished branches are kept")
@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
                    help="tf.distribute strategy: one-device; mirrored (every GPU here); multi-worker (across machines, "
                         "from $TF_CONFIG; run the same command on each); auto = mirrored with more than one GPU, else "
                         "one-device (default auto). --batch-size stays the global batch, split equally between the "
-                        "replicas; see the README's Cluster guide")
+                        "replicas; see docs/cluster.md")
     p.add_argument("--mixed-precision", action="store_true",
                    help="train in mixed precision (Keras mixed_float16, output layer in float32) for GPUs; off by "
                         "default, and slower on a CPU; the saved branch is float32 either way")

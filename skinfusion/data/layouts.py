@@ -335,7 +335,7 @@ def find_layout(root: str | os.PathLike) -> Layout:
     listed = "\n".join(f"  - {lay.name}: {lay.description}" for lay in LAYOUTS)
     raise FileNotFoundError(
         f"{root}: not a recognised dataset folder{f' ({hint})' if hint else ''}. "
-        f"Expected one of these layouts:\n{listed}\nSee README 'Data'."
+        f"Expected one of these layouts:\n{listed}\nSee docs/data.md."
     )
 
 

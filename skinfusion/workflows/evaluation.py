@@ -31,7 +31,7 @@ from skinfusion.workflows.subgroups import records_subgroups, write_subgroups_cs
 
 logger = logging.getLogger(__name__)
 
-#: Version of the ``metrics.json`` layout that ``Evaluator.evaluate`` builds (README: "metrics.json schema").
+#: Version of the ``metrics.json`` layout that ``Evaluator.evaluate`` builds (docs/cli.md: "metrics.json schema").
 METRICS_SCHEMA_VERSION = 2
 
 
