@@ -28,7 +28,9 @@ import numpy as np
 
 from ensemble.engine import Ensemble
 from ensemble.priors import (
+    PriorNotSupported,
     balanced_weights,
+    check_prior_estimate,
     effective_prior,
     effective_sample_size,
     estimate_prior,
@@ -154,6 +156,28 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 
 
+def _require_supported(est, interval, method: str) -> None:
+    """Refuse a method whose prevalence estimate the images do not support (``check_prior_estimate``)."""
+    try:
+        check_prior_estimate(est, interval)
+    except PriorNotSupported as exc:
+        raise ValueError(f"--method {method}: {exc}; so the estimate cannot be acted on. Check that --images holds "
+                         "dermoscopic images like the run's training images, adapt a better-trained run, or leave "
+                         f"{method} out of --method") from None
+
+
+def _require_spread(fused: np.ndarray, methods: Sequence[str]) -> None:
+    """The last check before an adapted run is written: its probabilities must not all be equal.
+
+    A run that gives every image the same probability (to 6 decimals) decides nothing; whatever
+    led there, it is refused rather than written.
+    """
+    if len(fused) > 1 and np.ptp(np.round(fused, 6)) == 0.0:
+        raise ValueError(f"--method {','.join(methods)}: the adapted ensemble gives every one of the {len(fused)} "
+                         f"images the same probability {fused[0]:.6f}; nothing was written. Leave out the methods "
+                         "that caused it, or adapt a better-trained run")
+
+
 def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibration,
                    options: AdaptOptions | None = None, prior_ci: bool = True) -> Adapted:
     """Adapt a loaded ensemble to unlabelled images (RGB uint8 at its load size), in memory.
@@ -178,6 +202,9 @@ def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibra
     before = estimate_prior(fused0, pi_s)
     logger.info("source ensemble on %d images: mean fused probability %.3f; estimated melanoma prevalence %s "
                 "(its probabilities are calibrated to %s)", len(images), fused0.mean(), _pct(before.prior), _pct(pi_s))
+    weighted = sorted(set(methods) & {"bn-balanced", "tent"})
+    if weighted:  # their class-balancing weights rest on this estimate
+        _require_supported(before, None, ",".join(weighted))
     # The posteriors at the estimated prevalence give each image its expected class-balancing weight.
     weights = balanced_weights(before.posteriors, before.prior)
     models, branches = list(ens.models), {}
@@ -206,13 +233,16 @@ def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibra
     P1 = member_proba(adapted, images, options.batch_size) if adapt_branches else P0
     fused1 = adapted.fuse(P1)
     after = estimate_prior(fused1, pi_s) if adapt_branches else before
+    interval = list(prior_interval(fused1, pi_s)) if prior_ci else [math.nan, math.nan]
+    if "prior" in methods:
+        _require_supported(after, interval if prior_ci else None, "prior")
     offset = prior_offset(after.prior, pi_s) if "prior" in methods else 0.0
     threshold = shift_threshold(ens.threshold, offset)
     if offset:
         adapted = Ensemble(ens.manifest, models, ens.configs, ens.fusion.with_logit_offset(offset))
         adapted.threshold = threshold
-    interval = list(prior_interval(fused1, pi_s)) if prior_ci else [math.nan, math.nan]
     fused_new = adapted.fuse(P1)
+    _require_spread(fused_new, methods)
     flagged0, flagged1 = float(np.mean(fused0 >= ens.threshold)), float(np.mean(fused_new >= threshold))
     record = {
         **options.used(),
