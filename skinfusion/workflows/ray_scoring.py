@@ -301,8 +301,18 @@ class RayEngine:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
+# How long a cluster's GCS may take to complete a gRPC handshake: a few round trips, even across a WAN.
+GCS_PROBE_TIMEOUT_S = 10.0
+
+
 def _check_reachable(address: str | None, source: str = "--address") -> None:
-    """Refuse a ``HOST:PORT`` where nothing listens at once: Ray itself retries for minutes before giving up.
+    """Refuse a ``HOST:PORT`` where no Ray cluster answers, in seconds: Ray itself retries for minutes.
+
+    Two checks, both bounded: a TCP connection (something listens), then a gRPC handshake
+    (what listens speaks gRPC, as a Ray head's GCS does). Without the second, ``ray.init`` on
+    a port held by, say, a web server retries for minutes, logging ``Failed to connect to GCS``
+    under another address (Ray rewrites a loopback host to the machine's own IP). The handshake
+    is skipped when ``RAY_USE_TLS`` is on: a plain channel cannot judge a TLS server.
 
     Raises:
         ValueError: naming ``source`` (``--address`` or ``$RAY_ADDRESS``) and what to do.
@@ -317,6 +327,21 @@ def _check_reachable(address: str | None, source: str = "--address") -> None:
     except OSError as exc:
         raise ValueError(f"{source} {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
                          f"with `ray start --head --port={port}` on {host}, or check the address") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    try:
+        import grpc  # a dependency of Ray
+    except ImportError:
+        return
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=GCS_PROBE_TIMEOUT_S)
+    except grpc.FutureTimeoutError:
+        raise ValueError(f"{source} {address}: something listens there but it is not a Ray cluster (no gRPC "
+                         f"answer in {GCS_PROBE_TIMEOUT_S:g} s); give the head's GCS address, HOST:6379 by "
+                         "default (not the dashboard's 8265), as `ray start --head` printed it") from None
+    finally:
+        channel.close()
 
 
 def _quiet_ray_data() -> None:
