@@ -22,7 +22,6 @@ from skinfusion.cli.common import (
     run_command,
     summary,
 )
-from skinfusion.workflows.fusing import fuse_run
 from skinfusion.workflows.tables import format_table
 
 
@@ -73,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    from skinfusion.workflows.fusing import fuse_run  # TensorFlow: not for --help
+
     result = fuse_run(args.run, args.method, parse_views(args.views), folds=args.folds, jobs=args.jobs,
                       metadata=args.metadata, ood_percentile=args.ood_percentile)
     with_meta = f" with metadata {', '.join(result['metadata'])}" if result["metadata"] else ""

@@ -22,11 +22,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ensemble.engine import Ensemble
 from ensemble.priors import (
     PriorNotSupported,
     balanced_weights,
@@ -38,8 +37,9 @@ from ensemble.priors import (
     prior_offset,
     shift_threshold,
 )
-from models.adapt import clone_branch, reestimate_bn, tent
-from skinfusion.workflows.fusing import read_val_predictions
+
+if TYPE_CHECKING:  # the Keras engine is imported where it runs: `skinfusion adapt --help` loads no TensorFlow
+    from ensemble.engine import Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,16 @@ METHODS = ("bn", "bn-balanced", "tent", "prior")
 # lower AUC, the default is the one that cannot change it: a probe found that plain AdaBN
 # lowered fused AUC on held-out clinics (0.959 -> 0.904, 0.685 -> 0.661).
 DEFAULT_METHODS = ("prior",)
+
+# The fewest readable images adapt accepts. The estimated prevalence moves the decision scale,
+# so it must be precise enough to act on: even a perfect classifier estimates a prevalence of
+# 20% from n images with a standard error of sqrt(0.2 * 0.8 / n), and a 95% interval of +/-0.05
+# needs n >= 1.96^2 * 0.16 / 0.05^2 = 246. Below that no classifier can do it; above it, an
+# imperfect one does worse, and adaptation.json reports the bootstrap interval actually reached.
+# At 250 images and 20% melanoma, class-balanced BatchNorm statistics rest on about 50 melanoma
+# images (Kish effective sample size 0.64 n = 160 images in all): about the least that per-channel
+# means and variances can be estimated from without following single images.
+MIN_IMAGES = 250
 
 
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -123,6 +133,8 @@ def source_calibration(ens: Ensemble, branch_dirs: Sequence[Path]) -> SourceCali
         FileNotFoundError, ValueError: if a branch's ``val_predictions.csv`` is missing or damaged,
             or the branches' validation images differ.
     """
+    from skinfusion.workflows.fusing import read_val_predictions
+
     preds = [read_val_predictions(Path(b)) for b in branch_dirs]
     ids = sorted(preds[0])
     if any(set(p) != set(ids) for p in preds[1:]):
@@ -194,6 +206,9 @@ def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibra
     Returns:
         The ``Adapted`` ensemble and a record of what changed and what it expects.
     """
+    from ensemble.engine import Ensemble
+    from models.adapt import clone_branch, reestimate_bn, tent
+
     options = options or AdaptOptions()
     methods, pi_s = options.methods, calibration.effective_prior
     logger.info("scoring %d images with the source ensemble", len(images))
