@@ -78,3 +78,27 @@ def test_predict_writes_csv_to_a_csv_name(keras_run, tmp_path, capsys):
     out = tmp_path / "p.csv"
     assert main(["predict", "--run", str(keras_run), str(FIXTURE / "images" / "gen0.png"), "--out", str(out), "-q"]) == 0
     assert out.read_text().startswith("path,melanoma_proba")
+
+
+@pytest.mark.parametrize(("command", "extra"), [
+    ("export", ["--out", "OUT"]),
+    ("evaluate", []),
+    ("adapt", ["--images", "OUT", "--out", "OUT"]),
+    ("fuse", []),
+    ("explain", ["--out", "OUT", "x.png"]),
+])
+def test_an_export_given_as_run_is_named_with_its_source_run(command, extra, tmp_path, capsys):
+    import json
+
+    from ensemble.runtime import EXPORT_KIND
+
+    export = tmp_path / "export"
+    export.mkdir()
+    # what ensemble.export writes: its kind and the run it came from
+    (export / "manifest.json").write_text(json.dumps({"kind": EXPORT_KIND, "format": "onnx",
+                                                      "source": {"run": "/data/runs/r1"}}))
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in extra]
+    assert main([command, "--run", str(export), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is an export directory" in err and "--run /data/runs/r1" in err, err
+    assert "damaged" not in err

@@ -17,6 +17,7 @@ from skinfusion.cli.common import (
     exit_for_skipped,
     new_parser,
     positive_int,
+    refuse_export_dir,
     run_command,
 )
 from skinfusion.workflows.adaptation import (
@@ -88,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _adapt(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "adapt")
     from skinfusion.workflows.adapting import SKIPPED_FILE, adapt_run  # TensorFlow: not for --help
 
     options = AdaptOptions(methods=parse_methods(args.method), bn_alpha=args.bn_alpha, tent_steps=args.tent_steps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -64,6 +65,30 @@ MIN_BOOTSTRAP = 100
 # What Ctrl-C tells the user: a hint after "interrupted; ", or a function of the parsed arguments
 # that returns the whole line.
 InterruptedHint = str | Callable[[argparse.Namespace], str]
+
+
+def refuse_export_dir(run: str | os.PathLike, command: str) -> None:
+    """Refuse ``--run`` when it is an export directory, naming the run it was exported from.
+
+    ``fuse``, ``evaluate``, ``explain``, ``adapt`` and ``export`` need the run itself (branches,
+    splits, validation predictions, Keras models); an export holds none of them, and without this
+    check they call a valid export "damaged". Only ``predict`` and ``serve`` score exports.
+
+    Raises:
+        ValueError: naming ``--run``, the export's source run and what to do.
+    """
+    from ensemble.runtime import is_export_dir  # TensorFlow-free: the export runtime
+
+    if not is_export_dir(run):
+        return
+    try:
+        source = json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("run")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    origin = f", exported from the run {source}" if source else ""
+    fix = f"pass --run {source}" if source else "pass the run it was exported from"
+    raise ValueError(f"--run {run} is an export directory (written by `skinfusion export`{origin}); {command} needs "
+                     f"the run itself: {fix}. Exports are scored by `skinfusion predict` and `skinfusion serve`")
 
 
 def exit_for_skipped(n_skipped: int, where: str) -> int:

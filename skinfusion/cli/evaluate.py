@@ -17,6 +17,7 @@ from skinfusion.cli.common import (
     exit_for_skipped,
     new_parser,
     positive_int,
+    refuse_export_dir,
     run_command,
 )
 from skinfusion.workflows.tables import (
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "evaluate")
     from skinfusion.workflows.evaluation import EvaluateOptions, evaluate  # TensorFlow: not for --help
 
     options = EvaluateOptions(n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size, tta=args.tta,

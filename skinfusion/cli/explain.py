@@ -23,6 +23,7 @@ from skinfusion.cli.common import (
     check_output_dir,
     new_parser,
     reading,
+    refuse_export_dir,
     run_command,
 )
 from skinfusion.workflows.predicting import input_paths, no_images_message, read_metadata_csv
@@ -45,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "explain")
     folders = [p for p in args.images if os.path.isdir(p)]
     if folders:
         raise ValueError(f"{folders[0]} is a directory; explain a folder with --input {folders[0]}")

@@ -19,6 +19,7 @@ from skinfusion.cli.common import (
     add_quiet,
     new_parser,
     positive_int,
+    refuse_export_dir,
     run_command,
     summary,
 )
@@ -72,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "fuse")
     from skinfusion.workflows.fusing import fuse_run  # TensorFlow: not for --help
 
     result = fuse_run(args.run, args.method, parse_views(args.views), folds=args.folds, jobs=args.jobs,
