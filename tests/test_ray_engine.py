@@ -337,3 +337,17 @@ def test_an_address_where_a_web_server_listens_is_refused_in_seconds(run, images
     assert len(errors) == 1 and f"--address 127.0.0.1:{port}" in errors[0] and "not a Ray cluster" in errors[0], errors
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_local_ray_run_prints_no_token_warning_or_actor_restart_error(run, images, tmp_path):
+    # issue 26: every run printed Ray's token-authentication warning and an error-level core_worker line
+    # about restarting actors; neither is the user's business on the instance started for the run.
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    done = subprocess.run([sys.executable, "-m", "skinfusion", "predict", "--run", str(run), "--input", str(images),
+                           "--out", str(tmp_path / "p.csv"), "--engine", "ray", "--num-workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 1, done.stderr  # the three unreadable files
+    assert "Token authentication" not in done.stderr and "core_worker.cc" not in done.stderr, done.stderr
+    assert "scored 24 images" in done.stderr and "Traceback" not in done.stderr
