@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from struct import error as struct_error
 from typing import Any
@@ -122,8 +123,12 @@ def _declared_size(path: Path) -> tuple[int, int] | None:
             with Image.open(path) as im:
                 return im.size
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: declares a size over the {MAX_PIXELS:,}-pixel limit (possible decompression "
-                         f"bomb; {exc}); not decoded") from exc
+        # PIL's message quotes its own, higher limit: only the size is taken from it, so the user
+        # reads one limit, ours.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{int(found.group(1)):,} pixels" if found else "a size"
+        raise ImageError(f"{path}: declares {declared}, over the {MAX_PIXELS:,}-pixel limit (possible decompression "
+                         "bomb); not decoded") from exc
     except (OSError, ValueError, SyntaxError, struct_error):
         return None
 

@@ -111,12 +111,37 @@ def effective_prior(p, y) -> float:
 
 @dataclass(frozen=True)
 class PriorEstimate:
-    """What ``estimate_prior`` found: the prevalence, the adjusted posteriors and how EM ended."""
+    """What ``estimate_prior`` found: the prevalence, the adjusted posteriors and how EM ended.
+
+    ``edge`` is ``"upper"`` or ``"lower"`` when the likelihood has no maximum inside (0, 1)
+    (see ``likelihood_edge``): EM then walks towards 100% or 0% and ``prior`` means nothing.
+    """
 
     prior: float
     posteriors: np.ndarray
     iterations: int
     converged: bool
+    edge: str = ""
+
+
+def likelihood_edge(p, source_prior: float) -> str:
+    """``"upper"``/``"lower"`` when the unlabelled likelihood of the prevalence peaks at 100%/0%, else ``""``.
+
+    With ``a_i = p_i / s`` and ``b_i = (1 - p_i) / (1 - s)`` the log-likelihood of prevalence
+    ``pi`` is ``sum log(pi a_i + (1 - pi) b_i)``, concave in ``pi``. Its slope at ``pi = 1`` is
+    ``sum(1 - b_i / a_i)``, so the maximum sits at 100% exactly when the images' mean likelihood
+    ratio nevus:melanoma ``mean(b_i / a_i)`` is at most 1, i.e. when even the least melanoma-like
+    image is, on average, better explained as melanoma; symmetrically at 0%. That happens when
+    the probabilities separate the images poorly and all lean one way (a weak or miscalibrated
+    model on images unlike its training data, which breaks the label-shift assumption): EM then
+    runs to the edge however long it iterates, and the shift it implies is unbounded.
+    """
+    z = logit(_check_proba(p)) - logit(_check_prior("source_prior", source_prior))
+    if np.mean(np.exp(-z)) <= 1.0:
+        return "upper"
+    if np.mean(np.exp(z)) <= 1.0:
+        return "lower"
+    return ""
 
 
 def estimate_prior(p, source_prior: float, tol: float = 1e-6, max_iter: int = 1000) -> PriorEstimate:
@@ -137,15 +162,16 @@ def estimate_prior(p, source_prior: float, tol: float = 1e-6, max_iter: int = 10
     """
     p = _check_proba(p)
     s = _check_prior("source_prior", source_prior)
+    edge = likelihood_edge(p, s)
     z = logit(p)
     pi = s
     for it in range(1, max_iter + 1):
         post = sigmoid(z + prior_offset(pi, s))  # E step
         new = float(np.clip(post.mean(), _CLIP, 1.0 - _CLIP))  # M step
         if abs(new - pi) < tol:
-            return PriorEstimate(new, sigmoid(z + prior_offset(new, s)), it, True)
+            return PriorEstimate(new, sigmoid(z + prior_offset(new, s)), it, True, edge)
         pi = new
-    return PriorEstimate(pi, sigmoid(z + prior_offset(pi, s)), max_iter, False)
+    return PriorEstimate(pi, sigmoid(z + prior_offset(pi, s)), max_iter, False, edge)
 
 
 def prior_interval(p, source_prior: float, n_boot: int = 200, seed: int = 0,
@@ -158,6 +184,46 @@ def prior_interval(p, source_prior: float, n_boot: int = 200, seed: int = 0,
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [tail, 1.0 - tail])
     return float(lo), float(hi)
+
+
+# The range a prevalence estimate must lie in, with its 95% interval, to be acted on. No clinic is
+# 0.1% or 99.9% melanoma in a set of a few hundred images; an estimate out there is EM running to
+# the edge, and shifting log-odds by logit(0.999) is already +6.9.
+PLAUSIBLE_PRIOR = (0.001, 0.999)
+
+
+class PriorNotSupported(ValueError):
+    """The unlabelled probabilities do not support a prevalence estimate worth acting on."""
+
+
+def check_prior_estimate(est: PriorEstimate, interval: tuple[float, float] | None = None) -> None:
+    """Refuse a prevalence estimate that the data do not support.
+
+    The rule: the likelihood must peak inside (0, 1) (``est.edge`` empty), EM must have
+    converged, and the estimate and its bootstrap interval (when given) must lie inside
+    ``PLAUSIBLE_PRIOR`` with a width above 0.001 (a bootstrap interval that collapses to a point
+    means every resample ran to the same edge, not a precise estimate).
+
+    Raises:
+        PriorNotSupported: saying which part of the rule failed.
+    """
+    lo_ok, hi_ok = PLAUSIBLE_PRIOR
+    pct = f"{100 * est.prior:.1f}%"
+    if est.edge:
+        raise PriorNotSupported(
+            f"the prevalence estimate runs to {'100' if est.edge == 'upper' else '0'}% (the likelihood has no "
+            f"maximum inside 0-100%: the probabilities lean {'high' if est.edge == 'upper' else 'low'} on every "
+            "image and do not separate melanoma from nevus here)")
+    if not est.converged:
+        raise PriorNotSupported(f"EM did not converge (last estimate {pct})")
+    if not lo_ok < est.prior < hi_ok:
+        raise PriorNotSupported(f"the prevalence estimate {pct} lies outside the plausible "
+                                f"{100 * lo_ok:.1f}-{100 * hi_ok:.1f}%")
+    if interval is not None and all(math.isfinite(v) for v in interval):
+        lo, hi = interval
+        if hi - lo < 1e-3 or lo <= lo_ok or hi >= hi_ok:
+            raise PriorNotSupported(f"the 95% interval of the estimate ({100 * lo:.1f}-{100 * hi:.1f}%) reaches the "
+                                    "edge of the range or collapses to a point: resampled images run to the edge")
 
 
 def balanced_weights(posteriors, prior: float | None = None) -> np.ndarray:

@@ -16,10 +16,14 @@ from sklearn.metrics import roc_auc_score
 
 from ensemble.fusion import AverageFusion, StackingFusion
 from ensemble.priors import (
+    PriorNotSupported,
     balanced_weights,
+    check_prior_estimate,
     calibration_offset,
     effective_prior,
     estimate_prior,
+    likelihood_edge,
+    prior_interval,
     prior_offset,
     shift_proba,
     shift_threshold,
@@ -54,6 +58,36 @@ def test_em_recovers_a_known_prevalence(rng, source_prior, prevalence):
 def test_em_is_stable_when_nothing_shifted(rng):
     _, p = calibrated_scores(rng, 4000, 0.5)
     assert abs(estimate_prior(p, 0.5).prior - 0.5) < 0.03
+
+
+def test_em_on_probabilities_that_all_lean_one_way_runs_to_the_edge_and_is_refused(rng):
+    # A weak model on unfamiliar images: every probability a little above the prior it assumes. The
+    # likelihood of the prevalence then rises all the way to 100%, and EM follows it (issue 26: 100.0%,
+    # CI 100.0-100.0%, a +12.9 log-odds shift).
+    p = rng.uniform(0.52, 0.75, 300)
+    est = estimate_prior(p, 0.5)
+    assert est.prior > 0.99 and est.edge == "upper"
+    assert likelihood_edge(1.0 - p, 0.5) == "lower"
+    interval = prior_interval(p, 0.5, n_boot=30)
+    with pytest.raises(PriorNotSupported, match="runs to 100%"):
+        check_prior_estimate(est, interval)
+    # well-separated calibrated scores keep the maximum inside, and pass the same rule
+    _, good = calibrated_scores(rng, 300, 0.37)
+    est = estimate_prior(good, 0.5)
+    assert est.edge == "" and 0.2 < est.prior < 0.55
+    check_prior_estimate(est, prior_interval(good, 0.5, n_boot=30))
+
+
+def test_a_collapsed_bootstrap_interval_or_an_implausible_estimate_is_refused():
+    from ensemble.priors import PriorEstimate
+
+    est = PriorEstimate(0.4, np.full(3, 0.4), 10, True)
+    with pytest.raises(PriorNotSupported, match="collapses to a point"):
+        check_prior_estimate(est, (0.4, 0.4))
+    with pytest.raises(PriorNotSupported, match="plausible"):
+        check_prior_estimate(PriorEstimate(0.9995, np.full(3, 0.9995), 10, True))
+    with pytest.raises(PriorNotSupported, match="did not converge"):
+        check_prior_estimate(PriorEstimate(0.4, np.full(3, 0.4), 1000, False))
 
 
 def test_effective_prior_finds_the_prevalence_probabilities_are_calibrated_to(rng):
@@ -364,3 +398,35 @@ def test_measurement_script_runs_end_to_end(trained_run, synthetic_data, tmp_pat
     assert 0 < rows["prior"]["prevalence"]["true_test"] < 1
     table = (tmp_path / "m" / "adapt.md").read_text()
     assert table.count("\n| ") == 4 and "bn-balanced+prior" in table
+
+
+def test_prior_that_runs_to_the_edge_is_refused_and_nothing_is_written(trained_run, clinic, tmp_path, capsys,
+                                                                         monkeypatch):
+    from skinfusion.workflows import adaptation
+
+    # the run's branches all lean towards melanoma on these images, as the tiny run of issue 26 did
+    rng = np.random.default_rng(1)
+    monkeypatch.setattr(adaptation, "member_proba",
+                        lambda ens, images, batch_size=64: rng.uniform(0.97, 0.995, (len(images), len(ens.models))))
+    out = tmp_path / "collapsed"
+    assert _adapt("--run", str(trained_run), "--images", str(clinic / "images"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "--method prior" in err and "runs to 100%" in err and "Traceback" not in err
+    assert err.count("error:") == 1 and not out.exists()
+    # bn-balanced's class weights rest on the same estimate: refused for the same reason
+    assert _adapt("--run", str(trained_run), "--images", str(clinic / "images"), "--out", str(out),
+                  "--method", "bn-balanced") == 2
+    assert "--method bn-balanced" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_adapted_run_that_gives_every_image_one_probability_is_not_written(trained_run, clinic, tmp_path,
+                                                                             capsys, monkeypatch):
+    from skinfusion.workflows import adaptation
+
+    monkeypatch.setattr(adaptation, "member_proba",
+                        lambda ens, images, batch_size=64: np.full((len(images), len(ens.models)), 0.999998))
+    out = tmp_path / "flat"
+    assert _adapt("--run", str(trained_run), "--images", str(clinic / "images"), "--out", str(out),
+                  "--method", "bn") == 2
+    err = capsys.readouterr().err
+    assert "same probability 0.999998" in err and "nothing was written" in err and not out.exists()

@@ -231,3 +231,18 @@ def test_predict_on_each_file_case(trained_run, corpus, name):
     else:
         with pytest.raises(ImageError, match=name):
             ensemble.predict(corpus / name, run=trained_run)
+
+
+@pytest.mark.parametrize(("width", "height"), [(20000, 20000), (12000, 9000)])
+def test_a_decompression_bomb_message_quotes_one_limit(tmp_path, width, height):
+    # PIL refuses 20000x20000 itself, with its own (higher) limit in the message: only ours is quoted.
+    from colorspaces import ImageError, read_image
+    from colorspaces.image import MAX_PIXELS
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(width, height))
+    with pytest.raises(ImageError) as exc:
+        read_image(path)
+    message = str(exc.value)
+    assert message.count("limit") == 1 and f"{MAX_PIXELS:,}-pixel limit" in message
+    assert f"{width * height:,}" in message or f"{width}x{height}" in message

@@ -305,3 +305,49 @@ def test_ray_address_from_the_environment_is_checked_before_ray_waits_for_it(run
     assert done.returncode == 2, done.stderr
     assert f"$RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_address_where_a_web_server_listens_is_refused_in_seconds(run, images, tmp_path):
+    # issue 26: a plain HTTP server at --address passed the TCP check, then ray.init retried for 400 s,
+    # logging "Failed to connect to GCS" under another address (Ray rewrites loopback to the node IP).
+    pytest.importorskip("ray")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "http.server did not open its port"
+                time.sleep(0.2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Without the gRPC probe this runs for minutes: the timeout fails the test instead of waiting.
+        done = subprocess.run([sys.executable, "-m", "skinfusion", "predict", "--run", str(run), "--input",
+                               str(images), "--out", str(tmp_path / "p.csv"), "--engine", "ray", "--address",
+                               f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=90)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 2, done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if "error" in ln.lower() or "GCS" in ln]
+    assert len(errors) == 1 and f"--address 127.0.0.1:{port}" in errors[0] and "not a Ray cluster" in errors[0], errors
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_local_ray_run_prints_no_token_warning_or_actor_restart_error(run, images, tmp_path):
+    # issue 26: every run printed Ray's token-authentication warning and an error-level core_worker line
+    # about restarting actors; neither is the user's business on the instance started for the run.
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    done = subprocess.run([sys.executable, "-m", "skinfusion", "predict", "--run", str(run), "--input", str(images),
+                           "--out", str(tmp_path / "p.csv"), "--engine", "ray", "--num-workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 1, done.stderr  # the three unreadable files
+    assert "Token authentication" not in done.stderr and "core_worker.cc" not in done.stderr, done.stderr
+    assert "scored 24 images" in done.stderr and "Traceback" not in done.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from skinfusion.cli.common import EXIT_ERROR, EXIT_OK, summary
+from skinfusion.cli.common import EXIT_ERROR, EXIT_OK, import_tensorflow_quietly, summary
 
 # Command name → module, in the order the usage lists them. Each module has `parser()` and
 # `main(argv=None) -> int`, and its docstring's first line is its summary, here and in its --help.
@@ -35,6 +35,9 @@ COMMANDS: dict[str, str] = {
     "serve": "skinfusion.cli.serve",
     "bench-serve": "skinfusion.cli.bench_serve",
 }
+
+# The commands that always run a Keras model (predict does only for a run, not an export: it asks itself).
+TENSORFLOW_COMMANDS = ("train", "fuse", "evaluate", "explain", "adapt")
 
 _MAINS = {f"{name.replace('-', '_')}_main": module for name, module in COMMANDS.items()}
 __all__ = ["COMMANDS", "command_module", "main", "usage", *sorted(_MAINS)]
@@ -97,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"skinfusion: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_ERROR
+    if argv[0] in TENSORFLOW_COMMANDS and not {"-h", "--help"} & set(argv[1:]):
+        import_tensorflow_quietly()  # before the command's module imports it, noisily
     return command_module(argv[0]).main(argv[1:])
 
 

@@ -17,15 +17,16 @@ from skinfusion.cli.common import (
     exit_for_skipped,
     new_parser,
     positive_int,
+    refuse_export_dir,
     run_command,
 )
 from skinfusion.workflows.adaptation import (
     DEFAULT_METHODS,
     METHODS,
+    MIN_IMAGES,
     AdaptOptions,
     parse_methods,
 )
-from skinfusion.workflows.adapting import MIN_IMAGES, SKIPPED_FILE, adapt_run
 
 _METHOD_HELP = {
     "prior": "estimate the clinic's melanoma prevalence (EM on the fused probabilities) and shift the fused "
@@ -88,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _adapt(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "adapt")
+    from skinfusion.workflows.adapting import SKIPPED_FILE, adapt_run  # TensorFlow: not for --help
+
     options = AdaptOptions(methods=parse_methods(args.method), bn_alpha=args.bn_alpha, tent_steps=args.tent_steps,
                            tent_lr=args.tent_lr, tent_batch=args.tent_batch, seed=args.seed,
                            batch_size=args.batch_size)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,36 @@ from skinfusion.data.layouts import LAYOUTS
 # TensorFlow's C++ start-up chatter (including a harmless cuInit error on CPU-only machines)
 # drowns the progress lines; Python exceptions still surface. Users can override it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# TensorFlow >= 2.19 writes its start-up notices on a CPU-only machine (absl's "before
+# absl::InitializeLog" line, "Could not find cuda drivers", the CPU-feature hint) from C++ straight
+# to file descriptor 2, once per bundled library (so twice), ignoring TF_CPP_MIN_LOG_LEVEL
+# (tensorflow/tensorflow#100442). They are not the user's business; anything else it writes is kept.
+_TF_NOTICES = re.compile(r"absl::InitializeLog|cudart_stub\.cc|cpu_feature_guard\.cc|rebuild TensorFlow with the "
+                         r"appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up notices filtered out of stderr (see ``_TF_NOTICES``).
+
+    Does nothing when TensorFlow is already imported, or when ``TF_CPP_MIN_LOG_LEVEL`` is set to 0
+    (the user asked for TensorFlow's information lines).
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(ln for ln in lines if not _TF_NOTICES.search(ln)))
+
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool killed by SIGPIPE reports (git, coreutils)
@@ -32,6 +65,30 @@ MIN_BOOTSTRAP = 100
 # What Ctrl-C tells the user: a hint after "interrupted; ", or a function of the parsed arguments
 # that returns the whole line.
 InterruptedHint = str | Callable[[argparse.Namespace], str]
+
+
+def refuse_export_dir(run: str | os.PathLike, command: str) -> None:
+    """Refuse ``--run`` when it is an export directory, naming the run it was exported from.
+
+    ``fuse``, ``evaluate``, ``explain``, ``adapt`` and ``export`` need the run itself (branches,
+    splits, validation predictions, Keras models); an export holds none of them, and without this
+    check they call a valid export "damaged". Only ``predict`` and ``serve`` score exports.
+
+    Raises:
+        ValueError: naming ``--run``, the export's source run and what to do.
+    """
+    from ensemble.runtime import is_export_dir  # TensorFlow-free: the export runtime
+
+    if not is_export_dir(run):
+        return
+    try:
+        source = json.loads((Path(run) / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("run")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    origin = f", exported from the run {source}" if source else ""
+    fix = f"pass --run {source}" if source else "pass the run it was exported from"
+    raise ValueError(f"--run {run} is an export directory (written by `skinfusion export`{origin}); {command} needs "
+                     f"the run itself: {fix}. Exports are scored by `skinfusion predict` and `skinfusion serve`")
 
 
 def exit_for_skipped(n_skipped: int, where: str) -> int:

@@ -17,9 +17,9 @@ from skinfusion.cli.common import (
     exit_for_skipped,
     new_parser,
     positive_int,
+    refuse_export_dir,
     run_command,
 )
-from skinfusion.workflows.evaluation import EvaluateOptions, evaluate
 from skinfusion.workflows.tables import (
     format_risk_coverage_table,
     format_source_table,
@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "evaluate")
+    from skinfusion.workflows.evaluation import EvaluateOptions, evaluate  # TensorFlow: not for --help
+
     options = EvaluateOptions(n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size, tta=args.tta,
                               audit=args.run_audit, audit_csv=args.audit, isic_csv=args.isic_csv, plots=args.plots)
     m = evaluate(args.run, args.data, args.out, options, data_root=args.data_root)

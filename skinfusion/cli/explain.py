@@ -23,10 +23,10 @@ from skinfusion.cli.common import (
     check_output_dir,
     new_parser,
     reading,
+    refuse_export_dir,
     run_command,
 )
-from skinfusion.workflows.explaining import explain_files
-from skinfusion.workflows.predicting import input_paths, read_metadata_csv
+from skinfusion.workflows.predicting import input_paths, no_images_message, read_metadata_csv
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,11 +46,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "explain")
     folders = [p for p in args.images if os.path.isdir(p)]
     if folders:
         raise ValueError(f"{folders[0]} is a directory; explain a folder with --input {folders[0]}")
     with reading("--input", args.input or ""):
-        paths = list(args.images) + (input_paths(args.input) if args.input else [])
+        listed = input_paths(args.input) if args.input else []
+    if args.input and not listed:
+        raise ValueError(no_images_message(args.input))
+    paths = list(args.images) + listed
     if not paths:
         raise ValueError("no images given: pass image files and/or --input DIR_OR_LIST")
     out = check_output_dir("--out", args.out)  # before loading the ensemble, not after
@@ -71,6 +75,8 @@ def _explain(args: argparse.Namespace) -> int:
             print(f"{path} -> {files[-1]}", file=sys.stderr)
 
     # Each skipped image is logged as a warning naming it and why, as predict does.
+    from skinfusion.workflows.explaining import explain_files  # TensorFlow: not for --help
+
     written, skipped = explain_files(ens, paths, out, metadata=metadata, on_image=report)
     print(f"explained {len(written)} images -> {out}; {len(skipped)} skipped", file=sys.stderr)
     return EXIT_SKIPPED if skipped else EXIT_OK

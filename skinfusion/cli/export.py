@@ -17,7 +17,15 @@ from typing import Sequence
 
 from ensemble.export import DEFAULT_CALIBRATION, FLOAT_TOLERANCE
 from ensemble.runtime import FORMATS
-from skinfusion.cli.common import EXIT_OK, add_quiet, new_parser, non_negative_int, positive_int, run_command
+from skinfusion.cli.common import (
+    EXIT_OK,
+    add_quiet,
+    new_parser,
+    non_negative_int,
+    positive_int,
+    refuse_export_dir,
+    run_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "export")
     from skinfusion.workflows.exporting import export_run
 
     m = export_run(args.run, args.out, args.format, args.quantize, args.calibration_images, args.check_test,

@@ -19,10 +19,10 @@ from skinfusion.cli.common import (
     add_quiet,
     new_parser,
     positive_int,
+    refuse_export_dir,
     run_command,
     summary,
 )
-from skinfusion.workflows.fusing import fuse_run
 from skinfusion.workflows.tables import format_table
 
 
@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    refuse_export_dir(args.run, "fuse")
+    from skinfusion.workflows.fusing import fuse_run  # TensorFlow: not for --help
+
     result = fuse_run(args.run, args.method, parse_views(args.views), folds=args.folds, jobs=args.jobs,
                       metadata=args.metadata, ood_percentile=args.ood_percentile)
     with_meta = f" with metadata {', '.join(result['metadata'])}" if result["metadata"] else ""

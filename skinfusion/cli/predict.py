@@ -25,6 +25,7 @@ from skinfusion.cli.common import (
     EXIT_SKIPPED,
     Progress,
     add_quiet,
+    import_tensorflow_quietly,
     new_parser,
     positive_int,
     reading,
@@ -32,6 +33,7 @@ from skinfusion.cli.common import (
 )
 from skinfusion.workflows.predicting import (
     input_paths,
+    no_images_message,
     predict_to_csv,
     predict_to_parquet,
     read_metadata_csv,
@@ -49,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="DIR_OR_LIST",
                    help=f"a folder (searched recursively for {'/'.join(IMAGE_SUFFIXES)} files, in sorted order) "
                         "or a text file listing one image path per line (relative paths are relative to that file)")
-    p.add_argument("--out", metavar="CSV",
+    p.add_argument("--out", metavar="CSV_OR_PARQUET",
                    help="write the CSV (path, melanoma_proba, in_distribution_score, out_of_distribution, "
                         "ood_reason) here instead of stdout (through a temporary file beside it, renamed when "
                         "complete); skipped files go to CSV.skipped.csv. A name ending in .parquet writes "
@@ -98,6 +100,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError("no images given: pass image files and/or --input DIR_OR_LIST")
     if args.out:
         check_output_file("--out", args.out)  # before the minutes of loading and scoring, not after
+        check_out_suffix(args.out)
     ens = _load_backend(args.run, args.backend)
     metadata = None
     if ens.metadata_fields:
@@ -116,7 +119,7 @@ def _predict(args: argparse.Namespace) -> int:
         if not args.out:
             skipped = write_predictions(scorer, paths, sys.stdout, **options)
             return EXIT_SKIPPED if skipped else EXIT_OK
-        to_file = predict_to_parquet if args.out.lower().endswith(".parquet") else predict_to_csv
+        to_file = predict_to_parquet if Path(args.out).suffix.lower() == ".parquet" else predict_to_csv
         skipped = to_file(scorer, paths, args.out, **options)
     report = f" (listed in {skip_report_path(args.out)})" if skipped else ""
     print(f"scored {len(paths) - len(skipped)} images -> {args.out}; {len(skipped)} skipped{report}", file=sys.stderr)
@@ -137,7 +140,25 @@ def _load_backend(run: str, backend: str | None):
     elif backend not in (None, "keras"):
         raise ValueError(f"--backend {backend} scores an export: write one with `skinfusion export --run {run} "
                          f"--format {backend} --out DIR` and pass --run DIR")
+    import_tensorflow_quietly()  # a run's bundle is scored by Keras
     return load(run)
+
+
+# What --out may be called: the suffix says the format, and a name that says another one
+# (p.json, p.xlsx) is refused rather than silently given CSV. Dot-less names (/dev/stdout, a fifo) are CSV.
+OUT_SUFFIXES = (".csv", ".txt", "", ".parquet")
+
+
+def check_out_suffix(out: str) -> None:
+    """Refuse an ``--out`` whose suffix names a format predict does not write (``.json``, ``.xlsx``...).
+
+    Raises:
+        ValueError: naming ``--out`` and the suffixes it takes.
+    """
+    suffix = Path(out).suffix.lower()
+    if suffix not in OUT_SUFFIXES:
+        raise ValueError(f"--out {out}: predict writes CSV (.csv, .txt or no suffix) or Parquet (.parquet), not "
+                         f"{suffix}; rename the file")
 
 
 def _listed(spec: str, engine: str) -> list[str]:
@@ -145,8 +166,12 @@ def _listed(spec: str, engine: str) -> list[str]:
     if is_uri(spec):
         if engine != "ray":
             raise ValueError(f"--input {spec}: a URI; list and score it with --engine ray, or copy the files here")
-        return remote_input_paths(spec)
-    return input_paths(spec)
+        found = remote_input_paths(spec)
+    else:
+        found = input_paths(spec)
+    if not found:
+        raise ValueError(no_images_message(spec))
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

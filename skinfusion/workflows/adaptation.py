@@ -22,13 +22,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ensemble.engine import Ensemble
 from ensemble.priors import (
+    PriorNotSupported,
     balanced_weights,
+    check_prior_estimate,
     effective_prior,
     effective_sample_size,
     estimate_prior,
@@ -36,8 +37,9 @@ from ensemble.priors import (
     prior_offset,
     shift_threshold,
 )
-from models.adapt import clone_branch, reestimate_bn, tent
-from skinfusion.workflows.fusing import read_val_predictions
+
+if TYPE_CHECKING:  # the Keras engine is imported where it runs: `skinfusion adapt --help` loads no TensorFlow
+    from ensemble.engine import Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,16 @@ METHODS = ("bn", "bn-balanced", "tent", "prior")
 # lower AUC, the default is the one that cannot change it: a probe found that plain AdaBN
 # lowered fused AUC on held-out clinics (0.959 -> 0.904, 0.685 -> 0.661).
 DEFAULT_METHODS = ("prior",)
+
+# The fewest readable images adapt accepts. The estimated prevalence moves the decision scale,
+# so it must be precise enough to act on: even a perfect classifier estimates a prevalence of
+# 20% from n images with a standard error of sqrt(0.2 * 0.8 / n), and a 95% interval of +/-0.05
+# needs n >= 1.96^2 * 0.16 / 0.05^2 = 246. Below that no classifier can do it; above it, an
+# imperfect one does worse, and adaptation.json reports the bootstrap interval actually reached.
+# At 250 images and 20% melanoma, class-balanced BatchNorm statistics rest on about 50 melanoma
+# images (Kish effective sample size 0.64 n = 160 images in all): about the least that per-channel
+# means and variances can be estimated from without following single images.
+MIN_IMAGES = 250
 
 
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -121,6 +133,8 @@ def source_calibration(ens: Ensemble, branch_dirs: Sequence[Path]) -> SourceCali
         FileNotFoundError, ValueError: if a branch's ``val_predictions.csv`` is missing or damaged,
             or the branches' validation images differ.
     """
+    from skinfusion.workflows.fusing import read_val_predictions
+
     preds = [read_val_predictions(Path(b)) for b in branch_dirs]
     ids = sorted(preds[0])
     if any(set(p) != set(ids) for p in preds[1:]):
@@ -154,6 +168,28 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 
 
+def _require_supported(est, interval, method: str) -> None:
+    """Refuse a method whose prevalence estimate the images do not support (``check_prior_estimate``)."""
+    try:
+        check_prior_estimate(est, interval)
+    except PriorNotSupported as exc:
+        raise ValueError(f"--method {method}: {exc}; so the estimate cannot be acted on. Check that --images holds "
+                         "dermoscopic images like the run's training images, adapt a better-trained run, or leave "
+                         f"{method} out of --method") from None
+
+
+def _require_spread(fused: np.ndarray, methods: Sequence[str]) -> None:
+    """The last check before an adapted run is written: its probabilities must not all be equal.
+
+    A run that gives every image the same probability (to 6 decimals) decides nothing; whatever
+    led there, it is refused rather than written.
+    """
+    if len(fused) > 1 and np.ptp(np.round(fused, 6)) == 0.0:
+        raise ValueError(f"--method {','.join(methods)}: the adapted ensemble gives every one of the {len(fused)} "
+                         f"images the same probability {fused[0]:.6f}; nothing was written. Leave out the methods "
+                         "that caused it, or adapt a better-trained run")
+
+
 def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibration,
                    options: AdaptOptions | None = None, prior_ci: bool = True) -> Adapted:
     """Adapt a loaded ensemble to unlabelled images (RGB uint8 at its load size), in memory.
@@ -170,6 +206,9 @@ def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibra
     Returns:
         The ``Adapted`` ensemble and a record of what changed and what it expects.
     """
+    from ensemble.engine import Ensemble
+    from models.adapt import clone_branch, reestimate_bn, tent
+
     options = options or AdaptOptions()
     methods, pi_s = options.methods, calibration.effective_prior
     logger.info("scoring %d images with the source ensemble", len(images))
@@ -178,6 +217,9 @@ def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibra
     before = estimate_prior(fused0, pi_s)
     logger.info("source ensemble on %d images: mean fused probability %.3f; estimated melanoma prevalence %s "
                 "(its probabilities are calibrated to %s)", len(images), fused0.mean(), _pct(before.prior), _pct(pi_s))
+    weighted = sorted(set(methods) & {"bn-balanced", "tent"})
+    if weighted:  # their class-balancing weights rest on this estimate
+        _require_supported(before, None, ",".join(weighted))
     # The posteriors at the estimated prevalence give each image its expected class-balancing weight.
     weights = balanced_weights(before.posteriors, before.prior)
     models, branches = list(ens.models), {}
@@ -206,13 +248,16 @@ def adapt_ensemble(ens: Ensemble, images: np.ndarray, calibration: SourceCalibra
     P1 = member_proba(adapted, images, options.batch_size) if adapt_branches else P0
     fused1 = adapted.fuse(P1)
     after = estimate_prior(fused1, pi_s) if adapt_branches else before
+    interval = list(prior_interval(fused1, pi_s)) if prior_ci else [math.nan, math.nan]
+    if "prior" in methods:
+        _require_supported(after, interval if prior_ci else None, "prior")
     offset = prior_offset(after.prior, pi_s) if "prior" in methods else 0.0
     threshold = shift_threshold(ens.threshold, offset)
     if offset:
         adapted = Ensemble(ens.manifest, models, ens.configs, ens.fusion.with_logit_offset(offset))
         adapted.threshold = threshold
-    interval = list(prior_interval(fused1, pi_s)) if prior_ci else [math.nan, math.nan]
     fused_new = adapted.fuse(P1)
+    _require_spread(fused_new, methods)
     flagged0, flagged1 = float(np.mean(fused0 >= ens.threshold)), float(np.mean(fused_new >= threshold))
     record = {
         **options.used(),

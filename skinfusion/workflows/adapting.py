@@ -27,6 +27,7 @@ from ensemble.bundle import MANIFEST_FILE, load_ensemble, save_ensemble, sha256_
 from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, save_branch
 from skinfusion.data.index import write_skip_report
 from skinfusion.workflows.adaptation import (
+    MIN_IMAGES,
     Adapted,
     AdaptOptions,
     adapt_ensemble,
@@ -38,15 +39,6 @@ from skinfusion.workflows.runlock import run_lock
 
 logger = logging.getLogger(__name__)
 
-# The fewest readable images adapt accepts. The estimated prevalence moves the decision scale,
-# so it must be precise enough to act on: even a perfect classifier estimates a prevalence of
-# 20% from n images with a standard error of sqrt(0.2 * 0.8 / n), and a 95% interval of +/-0.05
-# needs n >= 1.96^2 * 0.16 / 0.05^2 = 246. Below that no classifier can do it; above it, an
-# imperfect one does worse, and adaptation.json reports the bootstrap interval actually reached.
-# At 250 images and 20% melanoma, class-balanced BatchNorm statistics rest on about 50 melanoma
-# images (Kish effective sample size 0.64 n = 160 images in all): about the least that per-channel
-# means and variances can be estimated from without following single images.
-MIN_IMAGES = 250
 
 
 def adaptation_paths(spec: str) -> list[str]:

@@ -52,6 +52,12 @@ def input_paths(spec: str) -> list[str]:
     raise FileNotFoundError(f"--input {spec}: no such folder or list file")
 
 
+def no_images_message(spec: str) -> str:
+    """The error for an ``--input`` folder or list that names no image file."""
+    return (f"no images found in --input {spec} (it holds no {'/'.join(IMAGE_SUFFIXES)} files); check the "
+            "folder or list")
+
+
 def read_metadata_csv(spec: str, paths: Sequence[str], fields: Sequence[str],
                       sites: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
     """Per-image metadata for ``predict --metadata``, matched by ``image_id`` (file stem) or ``path``.

@@ -204,7 +204,7 @@ class RayEngine:
 
     def __init__(self, ens, run: str | os.PathLike, address: str | None = None, num_workers: int | None = None):
         self.ens, self.run, self.address, self.num_workers = ens, str(Path(run).resolve()), address, num_workers
-        self._ray, self._started = require_ray(), False
+        self._ray, self._started, self._local = require_ray(), False, False
 
     @property
     def ood_note(self) -> str | None:
@@ -215,7 +215,12 @@ class RayEngine:
         ray = self._ray
         if not ray.is_initialized():
             where = f"--address {self.address}" if self.address else "a local Ray instance"
-            kwargs = {} if self.address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+            self._local = not (self.address or os.environ.get("RAY_ADDRESS"))
+            kwargs = {"include_dashboard": False} if self._local else {}
+            if self._local:
+                # Token authentication is Ray's default for a new local instance, and it says so
+                # in a warning on every run unless the mode is set explicitly: set it, to the same.
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
             if self.address:
                 _check_reachable(self.address, "--address")
             elif os.environ.get("RAY_ADDRESS"):
@@ -278,9 +283,14 @@ class RayEngine:
             blocks = min(MAX_BLOCKS, math.ceil(len(items) / batch_size))
             ds = ray.data.from_items(items, override_num_blocks=blocks)
             # No more actors than blocks: each would load the bundle and then have nothing to score.
+            # On the instance started for this run (one machine) a scoring actor that dies crashed
+            # there and would crash again: no restarts, which also spares the user Ray Data's
+            # error-level line about restarting actors whose arguments sit in the object store
+            # (ray-project/ray#57733, printed on every run). A cluster keeps Ray's restarts.
+            restarts = {"max_restarts": 0} if self._local else {}
             ds = ds.map_batches(_Scorer, fn_constructor_kwargs={"run": self.run, "tta": tta, "threads": workers},
                                 batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                                compute=ray.data.ActorPoolStrategy(size=min(self.num_workers, blocks)))
+                                compute=ray.data.ActorPoolStrategy(size=min(self.num_workers, blocks)), **restarts)
             expected = 0
             for out in _reraise_worker_errors(ds.iter_batches(batch_size=None, batch_format="numpy")):
                 index = np.asarray(out["i"])
@@ -301,8 +311,18 @@ class RayEngine:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
+# How long a cluster's GCS may take to complete a gRPC handshake: a few round trips, even across a WAN.
+GCS_PROBE_TIMEOUT_S = 10.0
+
+
 def _check_reachable(address: str | None, source: str = "--address") -> None:
-    """Refuse a ``HOST:PORT`` where nothing listens at once: Ray itself retries for minutes before giving up.
+    """Refuse a ``HOST:PORT`` where no Ray cluster answers, in seconds: Ray itself retries for minutes.
+
+    Two checks, both bounded: a TCP connection (something listens), then a gRPC handshake
+    (what listens speaks gRPC, as a Ray head's GCS does). Without the second, ``ray.init`` on
+    a port held by, say, a web server retries for minutes, logging ``Failed to connect to GCS``
+    under another address (Ray rewrites a loopback host to the machine's own IP). The handshake
+    is skipped when ``RAY_USE_TLS`` is on: a plain channel cannot judge a TLS server.
 
     Raises:
         ValueError: naming ``source`` (``--address`` or ``$RAY_ADDRESS``) and what to do.
@@ -317,6 +337,21 @@ def _check_reachable(address: str | None, source: str = "--address") -> None:
     except OSError as exc:
         raise ValueError(f"{source} {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
                          f"with `ray start --head --port={port}` on {host}, or check the address") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    try:
+        import grpc  # a dependency of Ray
+    except ImportError:
+        return
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=GCS_PROBE_TIMEOUT_S)
+    except grpc.FutureTimeoutError:
+        raise ValueError(f"{source} {address}: something listens there but it is not a Ray cluster (no gRPC "
+                         f"answer in {GCS_PROBE_TIMEOUT_S:g} s); give the head's GCS address, HOST:6379 by "
+                         "default (not the dashboard's 8265), as `ray start --head` printed it") from None
+    finally:
+        channel.close()
 
 
 def _quiet_ray_data() -> None:
