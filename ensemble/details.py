@@ -9,9 +9,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from colorspaces import ImageError, read_image, resize_image
+from colorspaces import ImageError
 from colorspaces.labels import LABEL_NAMES
-from colorspaces.quality import image_checks
+from colorspaces.pipeline import Preprocess, prepare_image, prepare_images
 from ensemble.ood import OODScores
 
 
@@ -83,10 +83,10 @@ class PredictionDetails:
 class FileScoring:
     """Reads images (``prepare``) and streams files through ``score_details``: shared by the Keras ``Ensemble`` and ``ExportedEnsemble``.
 
-    The class using it provides ``load_size``, ``metadata_fields`` and ``score_details``.
+    The class using it provides ``preprocess``, ``metadata_fields`` and ``score_details``.
     """
 
-    load_size: int
+    preprocess: Preprocess
     metadata_fields: list[str] | None
 
     def prepare(self, images: Sequence[Any]) -> np.ndarray:
@@ -95,14 +95,11 @@ class FileScoring:
         Raises:
             ImageError: naming the first image that cannot be read.
         """
-        if len(images) == 0:
-            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
+        return prepare_images(images, self.preprocess)[0]
 
     def _load_file(self, path: str):
         try:
-            img = read_image(path)
-            return resize_image(img, self.load_size), image_checks(img), None
+            return *prepare_image(path, self.preprocess), None
         except ImageError as exc:
             return None, (), str(exc)
 
@@ -141,6 +138,6 @@ class FileScoring:
                     else:
                         failures.append((path, err))
                 meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
-                batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+                batch = np.stack(imgs) if imgs else self.preprocess.empty_batch()
                 s = self.score_details(batch, tta, meta, reasons)
                 yield FileBatch(ok, s.P, s.fused, failures, s.ood)

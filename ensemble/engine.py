@@ -11,9 +11,8 @@ import tensorflow as tf
 
 import keras
 
-from colorspaces import read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral
-from colorspaces.quality import image_checks
+from colorspaces.pipeline import BranchRecipe, Preprocess, prepare_images
 from ensemble.details import BatchScores, FileBatch, FileScoring, PredictionDetails  # noqa: F401  (re-exported)
 from ensemble.ood import OODGate, embedding_layer, judge
 from models.branch import branch_inputs, mean_over_windows
@@ -49,6 +48,8 @@ class Ensemble(FileScoring):
         # Bundles written before crops existed have no load size: no crops. The windows
         # themselves are cut per branch config (models.branch.branch_inputs).
         self.load_size = int(manifest.get("load_size", self.image_size))
+        self.preprocess = Preprocess(self.image_size, self.load_size,
+                                     tuple(BranchRecipe(c.view, c.color_constancy, c.crop_stride) for c in configs))
         self.threshold = float(manifest["threshold"])
         # Metadata fields the fusion needs next to the images (empty: images only).
         self.metadata_fields = tuple(manifest.get("metadata", ()))
@@ -91,11 +92,7 @@ class Ensemble(FileScoring):
         Raises:
             ImageError: naming the first image that cannot be read.
         """
-        decoded = [read_image(img) for img in images]
-        reasons = [image_checks(img) for img in decoded]
-        batch = (np.stack([resize_image(img, self.load_size) for img in decoded]) if decoded
-                 else np.zeros((0, self.load_size, self.load_size, 3), np.uint8))
-        return batch, reasons
+        return prepare_images(images, self.preprocess)
 
     def member_outputs_batch(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """``(P, embeddings)`` for RGB uint8 images at ``load_size``, in one forward pass.

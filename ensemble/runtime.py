@@ -20,12 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import read_image, resize_image
 from colorspaces.crops import DIHEDRAL, dihedral, window_offsets
 from colorspaces.files import read_json_object, sha256_file
 from colorspaces.labels import LABEL_MAP
-from colorspaces.pipeline import mean_over_windows, view_inputs
-from colorspaces.quality import image_checks
+from colorspaces.pipeline import Preprocess, mean_over_windows, prepare_images, view_inputs
 from colorspaces.views import VIEWS
 from ensemble.details import BatchScores, FileScoring, PredictionDetails
 from ensemble.fusion_json import JsonFusion, finite_number
@@ -274,7 +272,8 @@ class ExportedEnsemble(FileScoring):
         self.metadata_fields = self.fusion.fields
         pre = read_json_object(pre_path)
         self.recipe = _check_preprocess(pre, self.views, pre_path)
-        self.image_size, self.load_size = int(pre["image_size"]), int(pre["load_size"])
+        self.preprocess = Preprocess.from_dict(pre)
+        self.image_size, self.load_size = self.preprocess.image_size, self.preprocess.load_size
         model_path = self.path / m["model"]["file"]
         backend, module = _BACKENDS[self.format]
         lib = require(module, f"a {self.format} export")  # outside the try: a missing package is not a bad file
@@ -374,10 +373,8 @@ class ExportedEnsemble(FileScoring):
             self._noted = True
         out = []
         for i in range(0, len(images), batch_size):
-            decoded = [read_image(img) for img in images[i : i + batch_size]]
-            batch = np.stack([resize_image(img, self.load_size) for img in decoded])
-            s = self.score_details(batch, tta, None if metadata is None else metadata[i : i + batch_size],
-                                   [image_checks(img) for img in decoded])
+            batch, checks = prepare_images(images[i : i + batch_size], self.preprocess)
+            s = self.score_details(batch, tta, None if metadata is None else metadata[i : i + batch_size], checks)
             out += [s.row(j, self.views, self.threshold) for j in range(len(batch))]
         return out
 
