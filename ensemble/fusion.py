@@ -90,6 +90,11 @@ class FusionEstimator(ClassifierMixin, BaseEstimator):
         p = shift_proba(proba[:, 1], offset)
         return np.column_stack([1.0 - p, p])
 
+    @property
+    def known_sites(self) -> list[str] | None:
+        """The body sites a metadata fusion was fitted on (others count as unknown); None without site metadata."""
+        return getattr(getattr(self, "encoder_", None), "sites_", None)
+
     def predict(self, P, threshold: float = 0.5, meta=None) -> np.ndarray:
         """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
         return (self.predict_proba(P, meta)[:, 1] >= threshold).astype(int)

@@ -108,6 +108,13 @@ class JsonFusion:
         """The body sites the stacker knows, or None without site metadata."""
         return getattr(self.encoder, "sites_", None) if self.encoder and "site" in self.fields else None
 
+    known_sites = sites
+
+    def predict_proba(self, P: np.ndarray, meta: Sequence[dict | None] | None = None) -> np.ndarray:
+        """(n, 2) class probabilities [nevus, melanoma], as a fusion estimator's ``predict_proba``."""
+        p = self(P, meta)
+        return np.column_stack([1.0 - p, p])
+
     def __call__(self, P: np.ndarray, meta: Sequence[dict | None] | None = None) -> np.ndarray:
         """Fused melanoma probabilities (n,) of a member matrix (n × branches)."""
         P = np.asarray(P, np.float64)
