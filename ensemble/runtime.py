@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +22,8 @@ from colorspaces.files import read_json_object, sha256_file
 from colorspaces.labels import LABEL_MAP
 from colorspaces.pipeline import Preprocess
 from colorspaces.views import VIEWS
+from ensemble.backends import input_is_view, require
+from ensemble.formats import EXPORT_FORMATS
 from ensemble.fusion_json import JsonFusion, finite_number
 from ensemble.ood import OODGate
 from ensemble.scoring import ScoringEngine
@@ -30,7 +31,6 @@ from ensemble.scoring import ScoringEngine
 EXPORT_KIND = "skinfusion-export"
 EXPORT_FORMAT = 1
 MANIFEST_FILE, FUSION_JSON, PREPROCESS_JSON = "manifest.json", "fusion.json", "preprocess.json"
-FORMATS = {"onnx": "model.onnx", "tflite": "model.tflite"}
 DEFAULT_THREADS = 2  # the project's reference machine has 2 cores
 
 
@@ -51,94 +51,9 @@ def is_export_dir(path: str | os.PathLike) -> bool:
             pass  # damaged: the files beside it decide
     if (path / PREPROCESS_JSON).is_file():
         return True
-    return any((path / f).is_file() for f in FORMATS.values()) and not (path / "fusion.joblib").is_file()
+    return any((path / f.file).is_file() for f in EXPORT_FORMATS.values()) and not (path / "fusion.joblib").is_file()
 
 
-EXTRA_HINT = "pip install 'skinfusion[export]'"
-
-
-def require(module: str, what: str) -> Any:
-    """Import an optional package of the ``export`` extra, or a ValueError saying how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ValueError(f"{what} needs the {module} package, which is not installed: {EXTRA_HINT}") from None
-
-
-def input_is_view(name: str, view: str) -> bool:
-    """Whether a graph input's name is that of ``view`` (``rgb``; TFLite may write ``serving_default_rgb:0``)."""
-    return name == view or name.endswith(f"_{view}:0") or name.split(":")[0] == view
-
-
-class _OnnxBackend:
-    """The branches' graph in onnxruntime."""
-
-    # A large batch is scored in chunks of this many images, the views of the next chunk computed while
-    # the graph runs the previous one in a thread (onnxruntime releases the GIL): 833 against 666 images/s
-    # for batches of 64 at 96 px on 2 cores, with bit-identical outputs.
-    pipeline_rows = 16
-
-    def __init__(self, ort, path: Path, threads: int):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        # Idle threads sleep instead of spinning: on a machine shared with other processes (or with
-        # the decoding threads of `predict`), spinning threads took the cores from the work and cut
-        # batch throughput by half in our measurements.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        # name -> shape, None for a dynamic dimension
-        def shapes(args):
-            return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
-
-        self.graph_inputs, self.graph_outputs = shapes(self.session.get_inputs()), shapes(self.session.get_outputs())
-
-    def bind(self, names: dict[str, Any]) -> None:
-        self.inputs, self.outputs = names["inputs"], [names["proba"], *names["embeddings"]]
-
-    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.outputs, dict(zip(self.inputs, xs)))
-
-
-class _TfliteBackend:
-    """The branches' graph in the LiteRT interpreter (one per thread of use: interpreters are not thread-safe)."""
-
-    pipeline_rows = 0  # one interpreter behind a lock: nothing to overlap
-
-    def __init__(self, litert, path: Path, threads: int):
-        self.interpreter = litert.Interpreter(model_path=str(path), num_threads=threads)
-
-        def shapes(details):
-            return {d["name"]: [int(x) if x >= 0 else None for x in d["shape_signature"]] for d in details}
-
-        self.graph_inputs = shapes(self.interpreter.get_input_details())
-        self.graph_outputs = shapes(self.interpreter.get_output_details())
-        self.rows = -1
-        self.lock = threading.Lock()
-
-    def bind(self, names: dict[str, Any]) -> None:
-        by_name = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}
-        out = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
-        self.inputs = [by_name[n] for n in names["inputs"]]
-        self.outputs = [out[n] for n in (names["proba"], *names["embeddings"])]
-
-    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        with self.lock:
-            if len(xs[0]) != self.rows:  # resizing re-plans the graph: only when the batch size changes
-                for idx, x in zip(self.inputs, xs):
-                    self.interpreter.resize_tensor_input(idx, list(x.shape))
-                self.interpreter.allocate_tensors()
-                self.rows = len(xs[0])
-            for idx, x in zip(self.inputs, xs):
-                self.interpreter.set_tensor(idx, np.ascontiguousarray(x, np.float32))
-            self.interpreter.invoke()
-            return [self.interpreter.get_tensor(i).copy() for i in self.outputs]
-
-
-_BACKENDS = {"onnx": (_OnnxBackend, "onnxruntime"), "tflite": (_TfliteBackend, "ai_edge_litert.interpreter")}
 
 
 def check_graph(backend, model: dict[str, Any], views: list[str], recipe: list[dict[str, Any]], image_size: int,
@@ -183,8 +98,8 @@ def read_export_manifest(path: Path) -> dict[str, Any]:
     if m["export_format"] != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {m['export_format']!r} is not supported (expected {EXPORT_FORMAT}); "
                          f"{hint}")
-    if m["format"] not in FORMATS:
-        raise damaged(f"'format' must be one of {sorted(FORMATS)}, got {m['format']!r}")
+    if m["format"] not in EXPORT_FORMATS:
+        raise damaged(f"'format' must be one of {sorted(EXPORT_FORMATS)}, got {m['format']!r}")
     if m["label_map"] != LABEL_MAP:
         raise damaged(f"label map {m['label_map']} differs from {LABEL_MAP}")
     files = m["files"]
@@ -279,10 +194,10 @@ class ExportedEnsemble(ScoringEngine):
         self.recipe = _check_preprocess(pre, self.views, pre_path)
         self.preprocess = Preprocess.from_dict(pre)
         model_path = self.path / m["model"]["file"]
-        backend, module = _BACKENDS[self.format]
-        lib = require(module, f"a {self.format} export")  # outside the try: a missing package is not a bad file
+        fmt = EXPORT_FORMATS[self.format]
+        lib = require(fmt.runtime_module, f"a {self.format} export")  # outside the try: a missing package is not a bad file
         try:
-            self.backend = backend(lib, model_path, threads)
+            self.backend = fmt.backend(lib, model_path, threads)
         except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a bad model file
             raise ValueError(f"cannot load {model_path}: {type(exc).__name__}: {str(exc).strip()[:300]}; "
                              "re-export the run (skinfusion export)") from None
