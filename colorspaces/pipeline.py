@@ -1,17 +1,100 @@
-"""The inference preprocessing of one branch, in NumPy only: colour constancy, test-time windows, the view.
+"""The inference preprocessing, in NumPy only: from an image source to checked images at the load size
+(``prepare_image``), then per branch colour constancy, test-time windows and the view (``view_inputs``).
 
-``models.branch.branch_inputs`` (Keras inference) and ``ensemble.runtime`` (the exported
-ONNX/TFLite bundles, which must not import TensorFlow) both call ``view_inputs``, so a branch
-sees the same arrays whichever runtime scores it.
+Every scoring path calls these: the Keras engine, the exported ONNX/TFLite runtime (which must not
+import TensorFlow), the server, Ray actors and ``models.branch.branch_inputs``, so a branch sees the
+same arrays whichever runtime scores it. A bundle's recipe is one ``Preprocess`` value, read from
+its manifest and branch configs or from an export's ``preprocess.json``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
 
 from colorspaces.constancy import apply_constancy
 from colorspaces.crops import sliding_windows
-from colorspaces.views import apply_view
+from colorspaces.image import read_image, resize_image
+from colorspaces.quality import image_checks
+from colorspaces.views import VIEWS, apply_view
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchRecipe:
+    """What one branch does to a prepared image: colour constancy, windows, then its view."""
+
+    view: str
+    color_constancy: str = "none"
+    crop_stride: int = 0
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the branch, from the view spec."""
+        return VIEWS[self.view].channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """A bundle's preprocessing recipe: the sides images are loaded and scored at, and each branch's steps.
+
+    Attributes:
+        image_size: the branches' input side.
+        load_size: the side every image is resized to (> ``image_size``: test-time windows).
+        branches: one ``BranchRecipe`` per branch, in member order.
+    """
+
+    image_size: int
+    load_size: int
+    branches: tuple[BranchRecipe, ...] = ()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocess":
+        """The recipe from ``preprocess.json`` (or a manifest plus branch configs as dicts); unknown keys ignored."""
+        names = {f.name for f in dataclasses.fields(BranchRecipe)}
+        branches = tuple(BranchRecipe(**{k: v for k, v in b.items() if k in names}) for b in values.get("branches", ()))
+        return cls(int(values["image_size"]), int(values.get("load_size", values["image_size"])), branches)
+
+    def empty_batch(self) -> np.ndarray:
+        """An RGB uint8 batch of no images at ``load_size``."""
+        return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
+
+    def branch_inputs(self, batch: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """``view_inputs`` of every branch for a prepared batch, in member order."""
+        return [view_inputs(batch, b.view, self.image_size, b.color_constancy, b.crop_stride) for b in self.branches]
+
+
+def prepare_image(source: Any, recipe: Preprocess) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Read one image, check it and resize it for the branches: the one image preparation of inference.
+
+    The image-level checks (``colorspaces.quality.image_checks``) look at the decoded image at its
+    own size and shape, before the resize squashes it to a square.
+
+    Args:
+        source: a path, a PIL image or an array (anything ``read_image`` takes).
+        recipe: the bundle's ``Preprocess``.
+
+    Returns:
+        ``(image, checks)``: RGB uint8 (load_size, load_size, 3) and the failed checks' reasons.
+
+    Raises:
+        ImageError: if the image cannot be read (``MissingImageError`` for a missing path).
+    """
+    image = read_image(source)
+    return resize_image(image, recipe.load_size), image_checks(image)
+
+
+def prepare_images(sources: Sequence[Any], recipe: Preprocess) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """``prepare_image`` of each source, stacked: ``(batch (N, L, L, 3), checks per image)``.
+
+    Raises:
+        ImageError: naming the first image that cannot be read.
+    """
+    prepared = [prepare_image(s, recipe) for s in sources]
+    if not prepared:
+        return recipe.empty_batch(), []
+    return np.stack([img for img, _ in prepared]), [checks for _, checks in prepared]
 
 
 def view_inputs(images: np.ndarray, view: str, image_size: int, constancy: str = "none",
@@ -44,3 +127,4 @@ def view_inputs(images: np.ndarray, view: str, image_size: int, constancy: str =
 def mean_over_windows(proba: np.ndarray, k: int) -> np.ndarray:
     """Per-image mean of window-major scores: (k·N, ...) from ``view_inputs`` → (N, ...)."""
     return proba.reshape(k, len(proba) // k, *proba.shape[1:]).mean(axis=0)
+

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import ImageError, read_image, resize_image
 from colorspaces.labels import LABEL_NAMES
-from colorspaces.quality import image_checks
 from ensemble.ood import OODScores
 
 
@@ -78,69 +75,3 @@ class PredictionDetails:
     def as_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
-
-
-class FileScoring:
-    """Reads images (``prepare``) and streams files through ``score_details``: shared by the Keras ``Ensemble`` and ``ExportedEnsemble``.
-
-    The class using it provides ``load_size``, ``metadata_fields`` and ``score_details``.
-    """
-
-    load_size: int
-    metadata_fields: list[str] | None
-
-    def prepare(self, images: Sequence[Any]) -> np.ndarray:
-        """Read and resize images into one RGB uint8 batch (N, L, L, 3), L = ``load_size``.
-
-        Raises:
-            ImageError: naming the first image that cannot be read.
-        """
-        if len(images) == 0:
-            return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-        return np.stack([resize_image(read_image(img), self.load_size) for img in images])
-
-    def _load_file(self, path: str):
-        try:
-            img = read_image(path)
-            return resize_image(img, self.load_size), image_checks(img), None
-        except ImageError as exc:
-            return None, (), str(exc)
-
-    def iter_files(self, paths: Sequence[str], batch_size: int = 64, workers: int = 2,
-                   tta: bool = False, metadata: dict[str, dict] | None = None) -> Iterator[FileBatch]:
-        """Score image files in streamed batches; unreadable files are reported, not raised.
-
-        While one batch runs through the branches, ``workers`` threads decode the next one,
-        so memory holds two batches whatever the number of files.
-
-        Args:
-            paths: image files, scored in this order.
-            batch_size: images per batch.
-            workers: decoding threads (OpenCV releases the GIL while decoding).
-            tta: average over the 8 rotations and flips (see ``score_batch``).
-            metadata: path → metadata dict, for a bundle fused with metadata (a path it
-                lacks is scored with every field unknown).
-
-        Yields:
-            One ``FileBatch`` per batch of ``paths``: the readable paths, their ``P`` and
-            fused probabilities, and ``(path, reason)`` for the files that were skipped.
-        """
-        chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending = [pool.submit(self._load_file, p) for p in chunks[0]] if chunks else []
-            for ci, chunk in enumerate(chunks):
-                current = pending
-                pending = [pool.submit(self._load_file, p) for p in chunks[ci + 1]] if ci + 1 < len(chunks) else []
-                ok, imgs, reasons, failures = [], [], [], []
-                for path, fut in zip(chunk, current):
-                    img, why, err = fut.result()
-                    if err is None:
-                        ok.append(path)
-                        imgs.append(img)
-                        reasons.append(why)
-                    else:
-                        failures.append((path, err))
-                meta = [(metadata or {}).get(p) for p in ok] if self.metadata_fields else None
-                batch = np.stack(imgs) if imgs else np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
-                s = self.score_details(batch, tta, meta, reasons)
-                yield FileBatch(ok, s.P, s.fused, failures, s.ood)

@@ -25,21 +25,21 @@ from typing import Any
 
 import numpy as np
 
-from colorspaces.files import atomic_path, library_versions, write_json_atomic
+from colorspaces.files import library_versions, write_json_atomic
 from colorspaces.image import RESIZE_RECIPE
 from colorspaces.labels import LABEL_MAP
 from colorspaces.views import VIEWS
+from ensemble.backends import require
+from ensemble.converters import probe_images
+from ensemble.formats import DEFAULT_FORMAT, EXPORT_FORMATS, export_format
 from ensemble.fusion_json import fusion_spec
 from ensemble.runtime import (
     EXPORT_FORMAT,
     EXPORT_KIND,
-    FORMATS,
     FUSION_JSON,
     MANIFEST_FILE,
     PREPROCESS_JSON,
     ExportedEnsemble,
-    input_is_view,
-    require,
     sha256_file,
 )
 
@@ -54,135 +54,11 @@ FLOAT_TOLERANCE = 1e-4  # a float export further than this from Keras on the pro
 # quantisation. 0.25 is 2.5x the worst sound export seen and refuses that one.
 INT8_TOLERANCE = 0.25
 DEFAULT_CALIBRATION = 256  # training images int8 calibration sees (a seeded subsample)
-OPSET = 17
-_PROBE_SEED = 20
-
-
-def _forward(ens):
-    """The ensemble's branches as one ``tf.function``: inputs by view, outputs proba and embeddings."""
-    import keras
-    import tensorflow as tf
-
-    from ensemble.ood import embedding_layer
-
-    s = ens.image_size
-    heads = [keras.Model(m.input, [m.output, m.get_layer(embedding_layer(m)).output]) for m in ens.models]
-    signature = [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in ens.configs]
-
-    @tf.function(input_signature=signature)
-    def forward(*xs):
-        outs = [h(x, training=False) for h, x in zip(heads, xs)]  # BatchNorm in inference mode
-        res = {"proba": tf.concat([tf.reshape(p, [-1, 1]) for p, _ in outs], axis=1)}
-        for c, (_, e) in zip(ens.configs, outs):
-            res[f"embedding_{c.view}"] = e
-        return res
-
-    return forward, signature
-
-
-def _branch_batches(ens, images: np.ndarray, batch_size: int = 32):
-    """Each branch's view inputs for RGB uint8 images at ``load_size``, batch by batch."""
-    from colorspaces.pipeline import view_inputs
-
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        yield [view_inputs(chunk, c.view, c.image_size, c.color_constancy, c.crop_stride)[0] for c in ens.configs]
-
-
-def _to_onnx(ens, path: Path, quantize: str | None, calibration: np.ndarray | None) -> dict[str, Any]:
-    tf2onnx = require("tf2onnx", "--format onnx")
-
-    forward, signature = _forward(ens)
-    float_path = path if quantize is None else path.with_name("float-" + path.name)
-    tf2onnx.convert.from_function(forward, input_signature=signature, opset=OPSET, output_path=str(float_path))
-    names = {"inputs": [c.view for c in ens.configs], "proba": "proba",
-             "embeddings": [f"embedding_{c.view}" for c in ens.configs]}
-    if quantize == "int8":
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        feeds = iter([dict(zip(names["inputs"], xs)) for xs in _branch_batches(ens, calibration)])
-
-        class Reader(CalibrationDataReader):
-            def get_next(self):
-                return next(feeds, None)
-
-        # Shape inference and graph folding first (BatchNorm into the convolutions), as onnxruntime
-        # advises, so the quantiser sees the graph the CPU kernels will run.
-        pre_path = path.with_name("pre-" + path.name)
-        quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=True)
-        # QDQ with per-channel weights: what onnxruntime's CPU kernels fuse into integer convolutions.
-        quantize_static(str(pre_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        float_path.unlink()
-        pre_path.unlink()
-    return names
-
-
-def _to_tflite(ens, path: Path, quantize: str | None, calibration: np.ndarray | None) -> dict[str, Any]:
-    import tensorflow as tf
-
-    forward, _ = _forward(ens)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], forward)
-    if quantize == "int8":
-        batches = [xs for xs in _branch_batches(ens, calibration, batch_size=1)]
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: iter(batches)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(converter.convert())
-    # TFLite renames the outputs (Identity, Identity_1, ...): find which is which by scoring a probe batch.
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
-    inputs = {d["name"]: d for d in it.get_input_details()}
-    names = {"inputs": [], "proba": None, "embeddings": []}
-    for c in ens.configs:
-        match = [n for n in inputs if input_is_view(n, c.view)]
-        if len(match) != 1:
-            raise ValueError(f"{path}: cannot tell which TFLite input is the {c.view} view (inputs {list(inputs)})")
-        names["inputs"].append(match[0])
-    probe = _probe_images(ens, 4)
-    xs = next(_branch_batches(ens, probe))
-    want = forward(*xs)
-    for n, x in zip(names["inputs"], xs):
-        it.resize_tensor_input(inputs[n]["index"], list(x.shape))
-    it.allocate_tensors()
-    for n, x in zip(names["inputs"], xs):
-        it.set_tensor(inputs[n]["index"], x)
-    it.invoke()
-    outs = {d["name"]: it.get_tensor(d["index"]) for d in it.get_output_details()}
-    for key in ["proba", *[f"embedding_{c.view}" for c in ens.configs]]:
-        ref = want[key].numpy()
-        best = min((n for n in outs if outs[n].shape == ref.shape), default=None,
-                   key=lambda n: float(np.abs(outs[n] - ref).max()))
-        if best is None:
-            raise ValueError(f"{path}: no TFLite output has the shape of {key} {ref.shape}")
-        if key == "proba":
-            names["proba"] = best
-        else:
-            names["embeddings"].append(best)
-    if len(set([names["proba"], *names["embeddings"]])) != 1 + len(ens.configs):
-        raise ValueError(f"{path}: the TFLite outputs could not be told apart; export with --format onnx instead")
-    return names
-
-
-def _probe_images(ens, n: int) -> np.ndarray:
-    """Seeded random RGB images with smooth structure, at the bundle's ``load_size``, for the parity check."""
-    rng = np.random.default_rng(_PROBE_SEED)
-    L = ens.load_size
-    yy, xx = np.mgrid[0:L, 0:L] / L
-    out = []
-    for _ in range(n):
-        base = rng.integers(0, 256, 3)
-        blob = np.exp(-((xx - rng.random()) ** 2 + (yy - rng.random()) ** 2) / (0.02 + 0.1 * rng.random()))
-        img = base[None, None] * (1 - 0.7 * blob[..., None]) + rng.normal(0, 12, (L, L, 3))
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 def _versions() -> dict[str, str]:
     out = library_versions()
-    for dist in ("onnx", "tf2onnx", "onnxruntime", "ai-edge-litert"):
+    for dist in dict.fromkeys(d for f in EXPORT_FORMATS.values() for d in f.distributions):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -203,7 +79,7 @@ def _check_out_dir(out: Path) -> None:
                              "give a new or empty directory")
 
 
-def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "onnx", quantize: str | None = None,
+def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = DEFAULT_FORMAT, quantize: str | None = None,
                   calibration: np.ndarray | None = None, probe: np.ndarray | None = None,
                   gate_images: tuple[np.ndarray, np.ndarray] | None = None,
                   test_images: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
@@ -212,7 +88,7 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
     Args:
         run: a run directory (or its ``ensemble/``) with a fused bundle; it is hash-checked first.
         out_dir: the export directory; created, or rewritten when it already holds an export.
-        fmt: ``"onnx"`` or ``"tflite"``.
+        fmt: a key of ``ensemble.formats.EXPORT_FORMATS``.
         quantize: None (float32) or ``"int8"`` (post-training quantisation).
         calibration: RGB uint8 training images at the bundle's ``load_size`` (N, L, L, 3); needed for int8.
         probe: images to compare the export with Keras on (default: 16 seeded generated images).
@@ -233,11 +109,10 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
     """
     from ensemble.bundle import _find_bundle, load_ensemble
 
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    export_format(fmt)
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"--quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
-    for module in ("tf2onnx", "onnxruntime") if fmt == "onnx" else ("ai_edge_litert.interpreter",):
+    for module in export_format(fmt).export_modules:
         require(module, f"--format {fmt}")  # before any work: the export checks itself with the runtime
     if quantize and (calibration is None or len(calibration) == 0):
         raise ValueError("int8 quantisation needs calibration images (the run's training images)")
@@ -312,9 +187,9 @@ def _test_check(ens, out: Path, images: np.ndarray, labels: np.ndarray) -> dict[
 
 def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, calibration, spec) -> dict[str, Any]:
     """Write the model, the JSON files, the gate and the manifest into ``out``; returns the manifest."""
-    model_file = FORMATS[fmt]
-    convert = _to_onnx if fmt == "onnx" else _to_tflite
-    names = convert(ens, out / model_file, quantize, calibration)
+    entry = export_format(fmt)
+    model_file = entry.file
+    names = entry.convert(ens, out / model_file, quantize, calibration)
     pre = {"image_size": ens.image_size, "load_size": ens.load_size, "resize": RESIZE_RECIPE,
            "resize_rule": "read as RGB uint8 (EXIF orientation applied, alpha dropped, 16-bit >> 8); resize to "
                           "load_size x load_size ignoring the aspect ratio, cv2.INTER_AREA when shrinking "
@@ -349,8 +224,8 @@ def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, c
         "threshold_rule": ens.manifest.get("threshold_rule"),
         "label_map": LABEL_MAP,
         "metadata": list(ens.metadata_fields),
-        "model": {"file": model_file, **names, "embedding_dims": ens.embedding_dims, "opset": OPSET if fmt == "onnx"
-                  else None, "calibration_images": 0 if calibration is None or not quantize else len(calibration)},
+        "model": {"file": model_file, **names, "embedding_dims": ens.embedding_dims, "opset": entry.opset,
+                  "calibration_images": 0 if calibration is None or not quantize else len(calibration)},
         "files": files,
         **({"ood": ood} if ood else {}),
     }
@@ -360,7 +235,7 @@ def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, c
 
 def _parity(ens, out: Path, probe: np.ndarray | None, quantize: str | None) -> dict[str, Any]:
     """Score ``probe`` with Keras and with the export; refuse a float export that differs."""
-    images = _probe_images(ens, 16) if probe is None else probe
+    images = probe_images(ens, 16) if probe is None else probe
     meta = [{}] * len(images) if ens.metadata_fields else None
     want_P, want_E = ens.member_outputs_batch(images)
     exp = ExportedEnsemble(out)

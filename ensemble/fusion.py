@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.utils.validation import check_is_fitted
 
+from ensemble.fusion_json import LogisticRule, WeightedMeanRule
 from ensemble.metadata import MetadataEncoder, parse_fields
 from ensemble.priors import shift_proba
 
@@ -63,6 +64,9 @@ class FusionEstimator(ClassifierMixin, BaseEstimator):
 
     ``logit_offset_`` (0 unless set by ``with_logit_offset``) is added to the fused log-odds in
     ``predict_proba``: the label-shift correction of ``skinfusion adapt``.
+
+    ``to_spec(views)`` writes the fitted estimator as the JSON of a NumPy rule of
+    ``ensemble.fusion_json.RULES`` (what ``skinfusion export`` ships), or None when none expresses it.
     """
 
     supports_metadata = False
@@ -90,6 +94,11 @@ class FusionEstimator(ClassifierMixin, BaseEstimator):
         p = shift_proba(proba[:, 1], offset)
         return np.column_stack([1.0 - p, p])
 
+    @property
+    def known_sites(self) -> list[str] | None:
+        """The body sites a metadata fusion was fitted on (others count as unknown); None without site metadata."""
+        return getattr(getattr(self, "encoder_", None), "sites_", None)
+
     def predict(self, P, threshold: float = 0.5, meta=None) -> np.ndarray:
         """Return 1 (melanoma) where the fused probability is at least ``threshold``."""
         return (self.predict_proba(P, meta)[:, 1] >= threshold).astype(int)
@@ -97,6 +106,10 @@ class FusionEstimator(ClassifierMixin, BaseEstimator):
     def describe(self, views) -> dict[str, float]:
         """The fitted weight of each feature, named by ``views`` (the members, in order)."""
         raise NotImplementedError
+
+    def to_spec(self, views) -> dict | None:
+        """The fitted fusion as the JSON of an ``ensemble.fusion_json`` rule; None: it cannot be exported."""
+        return None
 
 
 class AverageFusion(FusionEstimator):
@@ -134,6 +147,11 @@ class AverageFusion(FusionEstimator):
         """The normalised weight of each member."""
         check_is_fitted(self, "weights_")
         return dict(zip(views, self.weights_.round(3).tolist()))
+
+    def to_spec(self, views) -> dict:
+        """The weights as a ``weighted_mean`` rule (``ensemble.fusion_json.WeightedMeanRule``)."""
+        check_is_fitted(self, "weights_")
+        return WeightedMeanRule.spec(self.weights_, views)
 
 
 class StackingFusion(FusionEstimator):
@@ -218,6 +236,18 @@ class StackingFusion(FusionEstimator):
     def describe(self, views) -> dict[str, float]:
         """The fitted log-odds weights (see ``weights``)."""
         return self.weights(views)
+
+    def to_spec(self, views) -> dict:
+        """The stacker as a ``logistic`` rule (``ensemble.fusion_json.LogisticRule``).
+
+        Raises:
+            ValueError: for a final estimator with more than one row of coefficients.
+        """
+        check_is_fitted(self, "final_estimator_")
+        lr = self.final_estimator_
+        if lr.coef_.shape[0] != 1:
+            raise ValueError(f"cannot export a stacker with {lr.coef_.shape[0]} output rows; expected a binary one")
+        return LogisticRule.spec(lr.coef_.ravel(), lr.intercept_[0], views, getattr(self, "encoder_", None))
 
 
 class SelectionFusion(AverageFusion):

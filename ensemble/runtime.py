@@ -11,34 +11,27 @@ interpreter; the views stay in NumPy (``colorspaces``), computed exactly as in t
 from __future__ import annotations
 
 import json
-import logging
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import read_image, resize_image
-from colorspaces.crops import DIHEDRAL, dihedral, window_offsets
+from colorspaces.crops import window_offsets
 from colorspaces.files import read_json_object, sha256_file
 from colorspaces.labels import LABEL_MAP
-from colorspaces.pipeline import mean_over_windows, view_inputs
-from colorspaces.quality import image_checks
+from colorspaces.pipeline import Preprocess
 from colorspaces.views import VIEWS
-from ensemble.details import BatchScores, FileScoring, PredictionDetails
+from ensemble.backends import input_is_view, require
+from ensemble.formats import EXPORT_FORMATS
 from ensemble.fusion_json import JsonFusion, finite_number
-from ensemble.ood import OODGate, judge
-
-logger = logging.getLogger(__name__)
+from ensemble.ood import OODGate
+from ensemble.scoring import ScoringEngine
 
 EXPORT_KIND = "skinfusion-export"
 EXPORT_FORMAT = 1
 MANIFEST_FILE, FUSION_JSON, PREPROCESS_JSON = "manifest.json", "fusion.json", "preprocess.json"
-FORMATS = {"onnx": "model.onnx", "tflite": "model.tflite"}
 DEFAULT_THREADS = 2  # the project's reference machine has 2 cores
-_POOL_LOCK = threading.Lock()
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -58,87 +51,9 @@ def is_export_dir(path: str | os.PathLike) -> bool:
             pass  # damaged: the files beside it decide
     if (path / PREPROCESS_JSON).is_file():
         return True
-    return any((path / f).is_file() for f in FORMATS.values()) and not (path / "fusion.joblib").is_file()
+    return any((path / f.file).is_file() for f in EXPORT_FORMATS.values()) and not (path / "fusion.joblib").is_file()
 
 
-EXTRA_HINT = "pip install 'skinfusion[export]'"
-
-
-def require(module: str, what: str) -> Any:
-    """Import an optional package of the ``export`` extra, or a ValueError saying how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ValueError(f"{what} needs the {module} package, which is not installed: {EXTRA_HINT}") from None
-
-
-def input_is_view(name: str, view: str) -> bool:
-    """Whether a graph input's name is that of ``view`` (``rgb``; TFLite may write ``serving_default_rgb:0``)."""
-    return name == view or name.endswith(f"_{view}:0") or name.split(":")[0] == view
-
-
-class _OnnxBackend:
-    """The branches' graph in onnxruntime."""
-
-    def __init__(self, ort, path: Path, threads: int):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        # Idle threads sleep instead of spinning: on a machine shared with other processes (or with
-        # the decoding threads of `predict`), spinning threads took the cores from the work and cut
-        # batch throughput by half in our measurements.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        # name -> shape, None for a dynamic dimension
-        def shapes(args):
-            return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
-
-        self.graph_inputs, self.graph_outputs = shapes(self.session.get_inputs()), shapes(self.session.get_outputs())
-
-    def bind(self, names: dict[str, Any]) -> None:
-        self.inputs, self.outputs = names["inputs"], [names["proba"], *names["embeddings"]]
-
-    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.outputs, dict(zip(self.inputs, xs)))
-
-
-class _TfliteBackend:
-    """The branches' graph in the LiteRT interpreter (one per thread of use: interpreters are not thread-safe)."""
-
-    def __init__(self, litert, path: Path, threads: int):
-        self.interpreter = litert.Interpreter(model_path=str(path), num_threads=threads)
-
-        def shapes(details):
-            return {d["name"]: [int(x) if x >= 0 else None for x in d["shape_signature"]] for d in details}
-
-        self.graph_inputs = shapes(self.interpreter.get_input_details())
-        self.graph_outputs = shapes(self.interpreter.get_output_details())
-        self.rows = -1
-        self.lock = threading.Lock()
-
-    def bind(self, names: dict[str, Any]) -> None:
-        by_name = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}
-        out = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
-        self.inputs = [by_name[n] for n in names["inputs"]]
-        self.outputs = [out[n] for n in (names["proba"], *names["embeddings"])]
-
-    def __call__(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        with self.lock:
-            if len(xs[0]) != self.rows:  # resizing re-plans the graph: only when the batch size changes
-                for idx, x in zip(self.inputs, xs):
-                    self.interpreter.resize_tensor_input(idx, list(x.shape))
-                self.interpreter.allocate_tensors()
-                self.rows = len(xs[0])
-            for idx, x in zip(self.inputs, xs):
-                self.interpreter.set_tensor(idx, np.ascontiguousarray(x, np.float32))
-            self.interpreter.invoke()
-            return [self.interpreter.get_tensor(i).copy() for i in self.outputs]
-
-
-_BACKENDS = {"onnx": (_OnnxBackend, "onnxruntime"), "tflite": (_TfliteBackend, "ai_edge_litert.interpreter")}
 
 
 def check_graph(backend, model: dict[str, Any], views: list[str], recipe: list[dict[str, Any]], image_size: int,
@@ -183,8 +98,8 @@ def read_export_manifest(path: Path) -> dict[str, Any]:
     if m["export_format"] != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {m['export_format']!r} is not supported (expected {EXPORT_FORMAT}); "
                          f"{hint}")
-    if m["format"] not in FORMATS:
-        raise damaged(f"'format' must be one of {sorted(FORMATS)}, got {m['format']!r}")
+    if m["format"] not in EXPORT_FORMATS:
+        raise damaged(f"'format' must be one of {sorted(EXPORT_FORMATS)}, got {m['format']!r}")
     if m["label_map"] != LABEL_MAP:
         raise damaged(f"label map {m['label_map']} differs from {LABEL_MAP}")
     files = m["files"]
@@ -239,8 +154,8 @@ def _check_preprocess(pre: dict[str, Any], views: list[str], where: Path) -> lis
     return branches
 
 
-class ExportedEnsemble(FileScoring):
-    """An exported bundle loaded for inference: the same scoring as ``ensemble.engine.Ensemble``, without TensorFlow.
+class ExportedEnsemble(ScoringEngine):
+    """An exported bundle loaded for inference: the shared ``ScoringEngine`` over the exported graph, without TensorFlow.
 
     Args:
         path: the export directory.
@@ -251,6 +166,9 @@ class ExportedEnsemble(FileScoring):
         ValueError: if a file's SHA-256 differs from the manifest (checked before anything is
             loaded), or a file is damaged or does not fit the others; every message names the file.
     """
+
+    no_gate_note = ("this export has no out-of-distribution gate (its source bundle had none): in_distribution_score "
+                    "is empty and only the image-level checks run")
 
     def __init__(self, path: str | os.PathLike, threads: int = DEFAULT_THREADS):
         self.path = Path(path)
@@ -274,127 +192,25 @@ class ExportedEnsemble(FileScoring):
         self.metadata_fields = self.fusion.fields
         pre = read_json_object(pre_path)
         self.recipe = _check_preprocess(pre, self.views, pre_path)
-        self.image_size, self.load_size = int(pre["image_size"]), int(pre["load_size"])
+        self.preprocess = Preprocess.from_dict(pre)
         model_path = self.path / m["model"]["file"]
-        backend, module = _BACKENDS[self.format]
-        lib = require(module, f"a {self.format} export")  # outside the try: a missing package is not a bad file
+        fmt = EXPORT_FORMATS[self.format]
+        lib = require(fmt.runtime_module, f"a {self.format} export")  # outside the try: a missing package is not a bad file
         try:
-            self.backend = backend(lib, model_path, threads)
+            self.backend = fmt.backend(lib, model_path, threads)
         except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a bad model file
             raise ValueError(f"cannot load {model_path}: {type(exc).__name__}: {str(exc).strip()[:300]}; "
                              "re-export the run (skinfusion export)") from None
         check_graph(self.backend, m["model"], self.views, self.recipe, self.image_size, manifest_path, pre_path)
         self.backend.bind(m["model"])
+        self.pipeline_rows = self.backend.pipeline_rows
         self.embedding_dims = [int(d) for d in m["model"]["embedding_dims"]]
         self.gate = None
         if m.get("ood") is not None:
             ood = m["ood"]
             self.gate = OODGate.load(self.path / ood["file"], ood, self.embedding_dims,
                                      "re-export the run (skinfusion export)")
-        self._noted, self._pool = False, None
 
-    @property
-    def known_sites(self) -> list[str] | None:
-        """The body sites a metadata fusion was fitted on; None without site metadata."""
-        return self.fusion.sites
-
-    @property
-    def ood_note(self) -> str | None:
-        """Why this export has no feature-level gate (one line), or None when it has one."""
-        if self.gate is not None:
-            return None
-        return ("this export has no out-of-distribution gate (its source bundle had none): in_distribution_score "
-                "is empty and only the image-level checks run")
-
-    PIPELINE_ROWS = 16  # images per graph call when an ONNX batch is split (at least two such chunks)
-
-    def member_outputs_batch(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``(P, embeddings)`` for RGB uint8 images at ``load_size``, averaged over the windows.
-
-        A large ONNX batch is scored in chunks, the views of the next chunk computed while the
-        graph runs the previous one in a thread (onnxruntime releases the GIL): 833 against 666
-        images/s for batches of 64 at 96 px on 2 cores, with bit-identical outputs.
-        """
-        if len(batch) == 0:
-            return np.zeros((0, len(self.views)), np.float64), [np.zeros((0, d)) for d in self.embedding_dims]
-        step = self.PIPELINE_ROWS if self.format == "onnx" and len(batch) >= 2 * self.PIPELINE_ROWS else len(batch)
-        jobs = []
-        for i in range(0, len(batch), step):
-            inputs = [view_inputs(batch[i : i + step], b["view"], self.image_size, b["color_constancy"],
-                                  b["crop_stride"]) for b in self.recipe]
-            xs = [x for x, _ in inputs]
-            if step == len(batch):
-                return self._window_mean(self.backend(xs), inputs[0][1])
-            if self._pool is None:
-                with _POOL_LOCK:
-                    self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinfusion-graph")
-            jobs.append((inputs[0][1], self._pool.submit(self.backend, xs)))
-        parts = [self._window_mean(job.result(), k) for k, job in jobs]
-        return np.concatenate([P for P, _ in parts]), [np.concatenate(e) for e in zip(*(E for _, E in parts))]
-
-    @staticmethod
-    def _window_mean(outputs: list[np.ndarray], k: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        P, *E = (np.asarray(o, np.float64) for o in outputs)
-        if k == 1:  # one window per image: nothing to average
-            return P, E
-        return mean_over_windows(P, k), [mean_over_windows(e, k) for e in E]
-
-    def _variant_outputs(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-        if not tta or len(batch) == 0:
-            P, E = self.member_outputs_batch(batch)
-            return P[None], E
-        P, E = self.member_outputs_batch(np.concatenate([dihedral(batch, k) for k in range(len(DIHEDRAL))]))
-        return P.reshape(len(DIHEDRAL), len(batch), -1), [e[: len(batch)] for e in E]
-
-    def fuse(self, P: np.ndarray, meta=None) -> np.ndarray:
-        """Fused melanoma probabilities for a member-probability matrix (``meta``: one dict per row)."""
-        if len(P) == 0:
-            return np.zeros(0, np.float64)
-        return self.fusion(P, meta if self.metadata_fields else None)
-
-    def _scores(self, batch: np.ndarray, tta: bool, meta) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        Ps, E = self._variant_outputs(batch, tta)  # an empty batch has one variant, fused to zeros(0)
-        return Ps, E, self.fuse(Ps[0], meta) if len(Ps) == 1 else np.mean([self.fuse(P, meta) for P in Ps], axis=0)
-
-    def score_details(self, batch: np.ndarray, tta: bool = False, meta=None,
-                      reasons: Sequence[tuple[str, ...]] | None = None) -> BatchScores:
-        """``P``, fused probabilities and OOD verdict for RGB uint8 images at ``load_size`` (as ``Ensemble``)."""
-        Ps, E, fused = self._scores(batch, tta, meta)
-        ood = judge(self.gate, E if self.gate is not None else None,
-                    list(reasons) if reasons is not None else [()] * len(batch))
-        return BatchScores(Ps.mean(axis=0), fused, ood)
-
-    def details(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False,
-                metadata: Sequence[dict | None] | None = None) -> list[PredictionDetails]:
-        """Probabilities, decision and OOD verdict of each image, as ``Ensemble.details``."""
-        if metadata is not None and len(metadata) != len(images):
-            raise ValueError(f"got {len(metadata)} metadata entries for {len(images)} images")
-        if self.gate is None and not self._noted:
-            logger.warning("%s", self.ood_note)
-            self._noted = True
-        out = []
-        for i in range(0, len(images), batch_size):
-            decoded = [read_image(img) for img in images[i : i + batch_size]]
-            batch = np.stack([resize_image(img, self.load_size) for img in decoded])
-            s = self.score_details(batch, tta, None if metadata is None else metadata[i : i + batch_size],
-                                   [image_checks(img) for img in decoded])
-            out += [s.row(j, self.views, self.threshold) for j in range(len(batch))]
-        return out
-
-    def member_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False) -> np.ndarray:
-        """Per-branch melanoma probabilities (n × branches), ``batch_size`` images at a time."""
-        parts = [self._variant_outputs(self.prepare(images[i : i + batch_size]), tta)[0].mean(axis=0)
-                 for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.views)), np.float64)
-
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 64, tta: bool = False,
-                      metadata: Sequence[dict | None] | None = None) -> np.ndarray:
-        """Fused melanoma probabilities, one per image, in input order."""
-        if metadata is not None and len(metadata) != len(images):
-            raise ValueError(f"got {len(metadata)} metadata entries for {len(images)} images")
-        # The fused probabilities only: the OOD gate is left out (``details`` runs it)
-        parts = [self._scores(self.prepare(images[i : i + batch_size]), tta,
-                              None if metadata is None else metadata[i : i + batch_size])[2]
-                 for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float64)
-
+    def forward(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``[P, embedding_1, ..., embedding_m]`` of the branches' view arrays, from the exported graph."""
+        return self.backend(xs)

@@ -144,3 +144,19 @@ def test_resize_squashes_to_square_and_validates_size():
     assert resize_image(img, 32).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="positive integer"):
         resize_image(img, 0)
+
+
+def test_prepare_image_checks_the_original_then_resizes_to_the_recipe():
+    from colorspaces.pipeline import BranchRecipe, Preprocess, prepare_image, prepare_images
+
+    recipe = Preprocess.from_dict({"image_size": 16, "load_size": 24,
+                                   "branches": [{"view": "hsv", "color_constancy": "none", "crop_stride": 4,
+                                                 "channels": 3}]})
+    assert recipe == Preprocess(16, 24, (BranchRecipe("hsv", "none", 4),))
+    strip = np.random.default_rng(0).integers(0, 256, (20, 200, 3), dtype=np.uint8)
+    image, checks = prepare_image(strip, recipe)
+    assert image.shape == (24, 24, 3) and image.dtype == np.uint8
+    assert checks == ("too_small", "extreme_aspect_ratio")  # judged on the 20 x 200 original, not the square
+    batch, all_checks = prepare_images([strip, strip], recipe)
+    assert batch.shape == (2, 24, 24, 3) and all_checks == [checks, checks]
+    assert prepare_images([], recipe)[0].shape == (0, 24, 24, 3)

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from ensemble.export import DEFAULT_CALIBRATION, FLOAT_TOLERANCE
-from ensemble.runtime import FORMATS
+from ensemble.formats import DEFAULT_FORMAT, EXPORT_FORMATS, formats_help
 from skinfusion.cli.common import (
     EXIT_OK,
     add_quiet,
@@ -34,8 +34,8 @@ def parser() -> argparse.ArgumentParser:
     """The ``skinfusion export`` parser."""
     p = new_parser("export", __doc__)
     p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
-    p.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="onnx (onnxruntime) or tflite (LiteRT) "
-                                                                            "(default onnx)")
+    p.add_argument("--format", default=DEFAULT_FORMAT, choices=sorted(EXPORT_FORMATS),
+                   help=f"{formats_help()} (default {DEFAULT_FORMAT})")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: post-training static quantisation calibrated on the run's training images "
                         f"(default: float32, checked against Keras to {FLOAT_TOLERANCE:g})")

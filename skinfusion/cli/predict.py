@@ -20,6 +20,7 @@ from typing import Sequence
 from colorspaces.files import check_output_file
 from colorspaces.image import IMAGE_SUFFIXES
 from ensemble import load
+from ensemble.formats import EXPORT_FORMATS, formats_help
 from skinfusion.cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
@@ -74,9 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=positive_int, metavar="N",
                    help="--engine ray: scoring actors, each loads the bundle once and takes one CPU "
                         "(default: one per CPU of the cluster)")
-    p.add_argument("--backend", choices=("keras", "onnx", "tflite"), default=None,
-                   help="keras: a run's bundle through TensorFlow; onnx or tflite: an export written by `skinfusion "
-                        "export` (onnxruntime or LiteRT, no TensorFlow). Default: what --run holds")
+    p.add_argument("--backend", choices=("keras", *EXPORT_FORMATS), default=None,
+                   help=f"keras: a run's bundle through TensorFlow; {formats_help()}: an export written by "
+                        "`skinfusion export` (no TensorFlow). Default: what --run holds")
     add_quiet(p)
     return p
 

@@ -27,9 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ensemble.formats import EXPORT_FORMATS
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("keras", "onnx", "onnx-int8", "tflite")
+# Keras, then every export format in float32 and in the quantisations its table entry names (onnx-int8).
+BACKENDS = ("keras", *(f.name + (f"-{q}" if q else "") for f in EXPORT_FORMATS.values() for q in ("", *f.bench_quantize)))
 CORES = 2
 # fp32 peak of one AVX-512 core: 2 FMA units x 16 lanes x 2 FLOP per cycle.
 FLOP_PER_CYCLE = 64

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.export import DEFAULT_CALIBRATION
+from ensemble.formats import DEFAULT_FORMAT
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
@@ -94,7 +95,7 @@ def gate_images(run: Path, ens_dir: Path, size: int, workers: int = 2,
     return out[0], out[1]
 
 
-def export_run(run: str, out: str, fmt: str = "onnx", quantize: str | None = None,
+def export_run(run: str, out: str, fmt: str = DEFAULT_FORMAT, quantize: str | None = None,
                calibration_images: int | None = None, check_test: int = 0, workers: int = 2) -> dict[str, Any]:
     """Export a run (``ensemble.export.export_bundle``), calibrating int8 on its training images.
 

@@ -136,15 +136,14 @@ class _Scorer:
 
     def _load(self, path: str):
         """``(image at load_size, image-level reasons, None)`` or ``(None, (), reason)``, as ``Ensemble._load_file``."""
-        from colorspaces import ImageError, read_image, resize_image
-        from colorspaces.quality import image_checks
+        from colorspaces import ImageError
+        from colorspaces.pipeline import prepare_image
 
         local = path
         try:
             if is_uri(path):
                 local = self._fetch(path)
-            img = read_image(local)
-            return resize_image(img, self.ens.load_size), image_checks(img), None
+            return *prepare_image(local, self.ens.preprocess), None
         except ImageError as exc:
             return None, (), str(exc).replace(local, path)
         finally:
@@ -174,7 +173,7 @@ class _Scorer:
         ok = [j for j, (_, _, err) in enumerate(loaded) if err is None]
         ens, n = self.ens, len(paths)
         imgs = (np.stack([loaded[j][0] for j in ok]) if ok
-                else np.zeros((0, ens.load_size, ens.load_size, 3), np.uint8))
+                else ens.preprocess.empty_batch())
         meta = [json.loads(batch["meta"][j]) for j in ok] if ens.metadata_fields else None
         s = ens.score_details(imgs, self.tta, meta, [loaded[j][1] for j in ok])
         out = {name: np.full(n, np.nan) for name in ("fused", "distance", "score", "flag")}

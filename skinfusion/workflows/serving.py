@@ -274,7 +274,7 @@ class Service:
         image = decode_upload(data, name)
         # Prepared, the original is dropped here: a request waiting for its batch holds only the
         # small resized copy, not a full-size photo.
-        return (None, *prepare_upload(image, self.ens.load_size)) if prepare else (image,)
+        return (None, *prepare_upload(image, self.ens.preprocess)) if prepare else (image,)
 
     async def decode(self, files: Sequence[UploadFile], prepare: bool = False) -> list[tuple]:
         """``(name, RGB image, decode ms)`` per upload; with ``prepare``, ``(name, None, decode and prepare ms,

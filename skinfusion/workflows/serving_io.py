@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
-from colorspaces import VIEWS, ImageError, read_image, resize_image
-from colorspaces.quality import REASONS, image_checks
+from colorspaces import VIEWS, ImageError, read_image
+from colorspaces.pipeline import Preprocess, prepare_image
+from colorspaces.quality import REASONS
 from ensemble.api import Explanation
 from ensemble.bundle import sha256_file
 from ensemble.engine import Ensemble, PredictionDetails
@@ -75,9 +76,9 @@ def display_name(filename: str | None) -> str:
     return base[:200] or "upload"
 
 
-def prepare_upload(image: np.ndarray, load_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """``(image at load_size, image-level OOD reasons)``, the reasons checked on the original, as ``prepare_checked`` does."""
-    return resize_image(image, load_size), image_checks(image)
+def prepare_upload(image: np.ndarray, recipe: Preprocess) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``(image at load_size, image-level OOD reasons)``: ``colorspaces.pipeline.prepare_image`` of a decoded upload."""
+    return prepare_image(image, recipe)
 
 
 # ---------------------------------------------------------------- metadata
