@@ -8,6 +8,7 @@ Ctrl-C stops accepting connections and lets the requests in flight finish before
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import json
 import os
@@ -24,6 +25,7 @@ SETTINGS_ENV = "SKINFUSION_SERVE_SETTINGS"  # how --workers N passes the flags t
 KEY_ENV = "SKINFUSION_API_KEY"  # the key from the environment: unlike --api-key KEY, not shown by ps
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode (serving_guard)
 GRACEFUL_S = 30  # the longest SIGTERM waits for in-flight requests
+WORKER_HEALTHCHECK_S = 120  # how long a --workers process may be too busy to answer uvicorn's ping
 
 
 def _megabytes(text: str) -> float:
@@ -150,6 +152,11 @@ def _run_uvicorn(app, workers: int, options: dict) -> int | None:
 
     stopped: list[int] = []
     handled = (signal.SIGINT, signal.SIGTERM)
+    if workers > 1 and "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        # uvicorn kills a worker that misses a 5-s health ping; importing TensorFlow and loading the
+        # model can hold the interpreter longer than that on a busy machine, and the killed worker's
+        # replacement meets the same fate, for ever.
+        options = {**options, "timeout_worker_healthcheck": WORKER_HEALTHCHECK_S}
     config = uvicorn.Config(app, factory=workers > 1, workers=workers, **options)
     server = uvicorn.Server(config)
     # One worker: uvicorn re-raises the signal that stopped it once it has drained, to these handlers.
@@ -158,7 +165,10 @@ def _run_uvicorn(app, workers: int, options: dict) -> int | None:
         if workers == 1:
             server.run()
         else:
-            supervisor = Multiprocess(config, target=server.run, sockets=[config.bind_socket()])
+            given = {"sockets": [config.bind_socket()]}
+            if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36 took the worker's target
+                given["target"] = server.run
+            supervisor = Multiprocess(config, **given)
             for sig, name in ((signal.SIGINT, "handle_int"), (signal.SIGTERM, "handle_term")):
                 original = getattr(supervisor, name)
                 setattr(supervisor, name, lambda sig=sig, original=original: (stopped.append(sig), original()))
