@@ -111,3 +111,14 @@ def test_explain_shows_each_views_channels_as_grey_tiles_and_each_branchs_own_th
     side = hsv.shape[0]
     v_tile = tiles[:, -side:]
     assert np.abs(v_tile.astype(int) - np.rint(hsv[..., 2] * 255).astype(int)).max() <= 1
+
+
+def test_predict_says_flagged_images_get_no_decision(tmp_path, capsys, caplog):
+    from skinfusion.cli import predict_main
+
+    tiny, fine = tmp_path / "tiny.png", tmp_path / "fine.png"
+    tiny.write_bytes(png(lesion(3, 20)))
+    fine.write_bytes(png(lesion(4, 64)))
+    assert predict_main(["--run", str(MEAN), str(tiny), str(fine)]) == 0
+    said = capsys.readouterr().err + caplog.text
+    assert "1 image(s) flagged out of distribution" in said and "no decision" in said, said
