@@ -158,22 +158,43 @@ def to_fft(images: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What a branch needs to know about its view: name, channel count and transform."""
+    """What a branch, and ``explain``, need to know about a view.
+
+    Attributes:
+        name, channels, transform, description: the view's key, channel count, RGB uint8 ->
+            float32 function and one line saying what it holds.
+        channel_names: a short name per channel, for ``explain``'s pictures of what the branch
+            receives (default: c0, c1, ...).
+        display_range: the values a channel spans, drawn as black to white so that channels
+            compare; ``None``: each channel is stretched from its own minimum to its maximum
+            (for unbounded values, such as a z-scored spectrum).
+        frequency: the view's image axes are frequencies, not positions (fft): its Grad-CAM maps
+            are averaged over sliding windows in frequency space and drawn over its spectrum,
+            never over the photo.
+    """
 
     name: str
     channels: int
     transform: Callable[[np.ndarray], np.ndarray]
     description: str
+    channel_names: tuple[str, ...] = ()
+    display_range: tuple[float, float] | None = (0.0, 1.0)
+    frequency: bool = False
+
+    def channel_name(self, k: int) -> str:
+        """Channel ``k``'s name (``c{k}`` when the spec names none)."""
+        return self.channel_names[k] if k < len(self.channel_names) else f"c{k}"
 
 
 # The only per-view code in the project: everything else looks views up here.
 VIEWS: dict[str, ViewSpec] = {
-    "rgb": ViewSpec("rgb", 3, to_rgb, "RGB scaled to [0, 1]"),
-    "hsv": ViewSpec("hsv", 3, to_hsv, "OpenCV HSV, hue/180, saturation/255, value/255"),
-    "fft": ViewSpec("fft", 3, to_fft, "per-channel centred log-magnitude spectrum, z-scored per image"),
+    "rgb": ViewSpec("rgb", 3, to_rgb, "RGB scaled to [0, 1]", ("R", "G", "B")),
+    "hsv": ViewSpec("hsv", 3, to_hsv, "OpenCV HSV, hue/180, saturation/255, value/255", ("H", "S", "V")),
+    "fft": ViewSpec("fft", 3, to_fft, "per-channel centred log-magnitude spectrum, z-scored per image",
+                    ("R spectrum", "G spectrum", "B spectrum"), display_range=None, frequency=True),
     # Options, not defaults: unmeasured on this data until experiments/RESULTS.md has their rows.
-    "lab": ViewSpec("lab", 3, to_lab, "OpenCV CIE L*a*b* (8-bit), every channel / 255"),
-    "ycrcb": ViewSpec("ycrcb", 3, to_ycrcb, "OpenCV YCrCb (BT.601, 8-bit), every channel / 255"),
+    "lab": ViewSpec("lab", 3, to_lab, "OpenCV CIE L*a*b* (8-bit), every channel / 255", ("L*", "a*", "b*")),
+    "ycrcb": ViewSpec("ycrcb", 3, to_ycrcb, "OpenCV YCrCb (BT.601, 8-bit), every channel / 255", ("Y", "Cr", "Cb")),
 }
 # The design's three views: what `train --view all` trains and `fuse` fuses unless told otherwise.
 # Views added to VIEWS later are options until a measured win puts them here.

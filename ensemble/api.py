@@ -181,12 +181,21 @@ def _need_keras(ens, what: str) -> None:
                          f"use the run it was exported from ({ens.manifest['source']['run']})")
 
 
-def explain_with(ens: Ensemble, image: Any, metadata: dict | None = None) -> Explanation:
-    """``explain`` with an already loaded ensemble (arguments as for ``explain``)."""
-    _need_keras(ens, "explain")
-    from models.gradcam import FREQUENCY_VIEWS, explain_branch
+def explain_with(ens: Ensemble, image: Any, metadata: dict | None = None,
+                 reasons: Sequence[str] | None = None) -> Explanation:
+    """``explain`` with an already loaded ensemble (arguments as for ``explain``).
 
-    batch, reasons = ens.prepare_checked([image])
+    ``reasons``: given, ``image`` is already an RGB uint8 array at ``ens.load_size`` and these are
+    its image-level OOD reasons, checked on the original (as ``serve`` decodes and shrinks uploads).
+    """
+    _need_keras(ens, "explain")
+    from colorspaces.views import VIEWS
+    from models.gradcam import explain_branch
+
+    if reasons is None:
+        batch, reasons = ens.prepare_checked([image])
+    else:
+        batch, reasons = np.asarray(image, np.uint8)[None], [tuple(reasons)]
     # The same scoring call predict() makes (no TTA), so the numbers are predict's own.
     scores = ens.score_details(batch, meta=None if metadata is None else [metadata], reasons=reasons)
     heatmaps, views = {}, {}
@@ -194,7 +203,7 @@ def explain_with(ens: Ensemble, image: Any, metadata: dict | None = None) -> Exp
         heat, view = explain_branch(config, model, batch)
         heatmaps[config.view], views[config.view] = heat[0], view[0]
     return Explanation(scores.row(0, ens.views, ens.threshold), ens.threshold, batch[0], heatmaps, views,
-                       tuple(v for v in ens.views if v in FREQUENCY_VIEWS))
+                       tuple(v for v in ens.views if v in VIEWS and VIEWS[v].frequency))
 
 
 def explain(image: Any, run: str | os.PathLike | None = None, metadata: dict | None = None) -> Explanation:

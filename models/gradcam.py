@@ -13,7 +13,7 @@ the positive part of ``sum_k alpha_k A_k``, upsampled to the input. Here:
 * BatchNorm runs in inference mode (``training=False``), as in ``predict``;
 * with sliding-window crops each window is explained on its own and the maps are averaged back
   into the coordinates of the image the windows were cut from (overlaps averaged). For a view
-  whose axes are frequencies (``FREQUENCY_VIEWS``: fft) a window's position means nothing in
+  whose axes are frequencies (``ViewSpec.frequency``: fft) a window's position means nothing in
   its spectrum, so its windows' maps are averaged in frequency space instead.
 """
 
@@ -26,13 +26,19 @@ import numpy as np
 import tensorflow as tf
 
 from colorspaces.crops import window_offsets
+from colorspaces.views import VIEWS
 from models.branch import BranchConfig, branch_inputs, mean_over_windows
 
-# Views whose image axes are frequencies, not positions (fft: centred spectrum, zero frequency
-# in the middle). Their heat maps stay in the branch's input (frequency) coordinates and are
-# drawn over the spectrum, never over the photo. Kept here rather than on colorspaces.ViewSpec
-# until a second consumer needs it.
-FREQUENCY_VIEWS = frozenset({"fft"})
+
+def is_frequency_view(view: str) -> bool:
+    """Whether the view's image axes are frequencies (``ViewSpec.frequency``: fft), not positions.
+
+    Its heat maps stay in the branch's input (frequency) coordinates and are drawn over the
+    spectrum, never over the photo.
+    """
+    spec = VIEWS.get(view)
+    return bool(spec is not None and spec.frequency)
+
 
 # One gradient model per loaded branch (building a keras.Model costs more than explaining an image).
 _GRAD_MODELS: weakref.WeakKeyDictionary[keras.Model, tuple[keras.Model, keras.layers.Dense]] = (
@@ -113,7 +119,7 @@ def explain_branch(config: BranchConfig, model: keras.Model, images: np.ndarray,
     maps are in the branch's input coordinates (S × S, S = ``config.image_size``). With
     sliding-window crops, a spatial view's window maps are averaged back into the image's
     coordinates (L × L, L = ``images`` side) and its view is re-assembled from its windows; a
-    frequency view (``FREQUENCY_VIEWS``) keeps S × S, the mean over its windows.
+    frequency view (``ViewSpec.frequency``) keeps S × S, the mean over its windows.
 
     Args:
         config: the branch config.
@@ -131,7 +137,7 @@ def explain_branch(config: BranchConfig, model: keras.Model, images: np.ndarray,
     maps, _ = gradcam(model, x, sign)
     if k == 1:
         return normalise_maps(maps), x
-    if config.view in FREQUENCY_VIEWS:
+    if is_frequency_view(config.view):
         return normalise_maps(mean_over_windows(maps, k)), mean_over_windows(x, k)
     n, side, size = len(images), images.shape[1], config.image_size
     offsets = window_offsets(side, size, config.crop_stride)

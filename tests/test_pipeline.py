@@ -70,7 +70,7 @@ def test_branches_learned_and_evaluate_writes_metrics(trained_run, capsys, tmp_p
     for name in ("roc.png", "pr.png", "reliability.png"):
         assert (trained_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (trained_run / "report.html").read_text()
-    assert 'src="roc.png"' in page and "AUC per source" in page and f"{m['fused']['auc']:.3f}" in page
+    assert 'href="roc.png"' in page and "AUC per source" in page and f"{m['fused']['auc']:.3f}" in page
     fused_report = m["fused"]
     for key in ("average_precision", "brier", "ece", "confusion_matrix", "sensitivity_at_specificity", "specificity_at_sensitivity"):
         assert key in fused_report

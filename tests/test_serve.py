@@ -39,6 +39,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
 MEAN, STACKMETA = FIXTURE / "ensemble-mean", FIXTURE / "ensemble-stackmeta"
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_MARKS = ("Traceback", 'File "', "site-packages")
+READY_S = 300  # a start (TensorFlow import, model load, warm-up; per worker) on a busy 2-core CI machine
 
 
 def lesion(seed: int, size: int = 64) -> np.ndarray:
@@ -218,16 +219,15 @@ def test_a_bug_is_a_500_without_a_stack_trace(mean_ens, monkeypatch):
 
 
 # ---------------------------------------------------------------- security
-def test_the_api_key_guards_every_endpoint_but_health_and_readiness(mean_ens):
+def test_the_api_key_guards_every_endpoint_but_health_readiness_page_and_docs(mean_ens):
     with TestClient(create_app(mean_ens, "x", ServeSettings(api_key="s3cret"))) as c:
-        guarded = [("GET", "/v1/model"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
-                   ("POST", "/v1/predict"), ("POST", "/v1/explain")]
+        guarded = [("GET", "/v1/model"), ("GET", "/metrics"), ("POST", "/v1/predict"), ("POST", "/v1/explain")]
         for method, path in guarded:
             for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
                 r = c.request(method, path, headers=headers, files=upload(png(lesion(9))) if method == "POST" else None)
                 assert r.status_code == 401, (path, headers, r.status_code)
                 assert "X-API-Key" in r.json()["detail"]
-        for path in ("/healthz", "/readyz", "/"):
+        for path in ("/healthz", "/readyz", "/", "/docs", "/openapi.json"):  # the docs hold no model data
             assert c.get(path).status_code == 200
         for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
             assert c.get("/v1/model", headers=headers).status_code == 200
@@ -415,7 +415,7 @@ def start_server(*flags: str, run: Path = MEAN) -> tuple[subprocess.Popen, str]:
     os.close(fd)
     proc.log_path = log_path
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + READY_S
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"server exited {proc.returncode}: {server_log(proc)}")
@@ -426,7 +426,7 @@ def start_server(*flags: str, run: Path = MEAN) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.25)
     proc.kill()
-    raise AssertionError("server not ready in 90 s")
+    raise AssertionError(f"server not ready in {READY_S} s: {server_log(proc)[-2000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,31 @@ def test_the_page_scores_an_image_like_predict_shows_heatmaps_and_clears_the_res
     finally:
         _stop(proc)
     assert proc.returncode == 0, server_log(proc)
+
+
+def test_a_flagged_image_shows_the_refusal_not_a_probability_or_a_badge(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tiny = tmp_path / "tiny.png"
+    tiny.write_bytes(png(lesion(3, 20)))  # under 32 px: the image-level check flags it out of distribution
+    proc, url = start_server()
+    try:
+        wait = WebDriverWait(browser, TIMEOUT_S)
+        browser.get(url + "/")
+        wait.until(lambda d: "fusion" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(tiny))
+        wait.until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        badge = browser.find_element(By.ID, "decision")
+        assert not badge.is_displayed() and badge.get_attribute("textContent") == ""  # no "nevus"/"melanoma" badge
+        assert browser.find_element(By.ID, "fused").text == "withheld"
+        assert "no decision" in browser.find_element(By.ID, "verdict-label").text
+        ood = browser.find_element(By.ID, "ood").text
+        assert "Out of distribution" in ood and "no decision" in ood
+        headline = browser.find_element(By.CSS_SELECTOR, ".verdict .big").text
+        assert not any(ch.isdigit() for ch in headline), headline  # no number in the headline
+        assert "greyed" in browser.find_element(By.ID, "branchtable").get_attribute("class")
+        browser.save_screenshot(str(tmp_path / "page-flagged.png"))
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, server_log(proc)

@@ -311,7 +311,7 @@ def test_evaluate_writes_prints_and_reports_subgroups_and_risk_coverage(fused_ru
     assert 0 < rc["gate"]["n"] < metrics["n_images"]
     assert (tmp_path / "risk_coverage.csv").is_file() and (tmp_path / "risk_coverage.png").stat().st_size > 0
     page = (tmp_path / "report.html").read_text()
-    assert "Fused AUC per subgroup" in page and "head, neck" in page and 'src="risk_coverage.png"' in page
+    assert "Fused AUC per subgroup" in page and "head, neck" in page and 'href="risk_coverage.png"' in page
     out = capsys.readouterr().out
     assert "Fused AUC per subgroup (not scored with fewer than 10 melanomas or nevi):" in out
     assert "Risk-coverage:" in out and "subgroups.csv, risk_coverage.csv" in out

@@ -8,18 +8,24 @@ Ctrl-C stops accepting connections and lets the requests in flight finish before
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Sequence
 
 from skinfusion.cli.common import EXIT_OK, add_quiet, batch_wait_ms, new_parser, port_number, positive_int, run_command
 
 SETTINGS_ENV = "SKINFUSION_SERVE_SETTINGS"  # how --workers N passes the flags to its worker processes
+KEY_ENV = "SKINFUSION_API_KEY"  # the key from the environment: unlike --api-key KEY, not shown by ps
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode (serving_guard)
 GRACEFUL_S = 30  # the longest SIGTERM waits for in-flight requests
+WORKER_HEALTHCHECK_S = 120  # how long a --workers process may be too busy to answer uvicorn's ping
 
 
 def _megabytes(text: str) -> float:
@@ -42,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 listens on every network)")
     p.add_argument("--port", type=port_number(), default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", metavar="KEY",
-                   help="require this key on every endpoint except /healthz, /readyz and the page, as the header "
-                        "'X-API-Key: KEY' or 'Authorization: Bearer KEY' (default: $SKINFUSION_API_KEY, else none)")
+                   help="require this key on every endpoint except /healthz, /readyz, the page and the API docs, as "
+                        "the header 'X-API-Key: KEY' or 'Authorization: Bearer KEY'. Prefer setting "
+                        "$SKINFUSION_API_KEY (the default): a key on the command line is visible to every user in ps")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="server processes, each with its own copy of the model and its own batcher (default 1)")
     p.add_argument("--max-upload-mb", type=_megabytes, default=20.0,
@@ -76,7 +83,7 @@ def _check_port_free(host: str, port: int) -> None:
 def _settings(args: argparse.Namespace):
     from skinfusion.workflows.serving import ServeSettings
 
-    return ServeSettings(api_key=args.api_key or os.environ.get("SKINFUSION_API_KEY") or None,
+    return ServeSettings(api_key=args.api_key or os.environ.get(KEY_ENV) or None,
                          max_upload_mb=args.max_upload_mb, cors_origins=tuple(args.cors_origin),
                          batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, max_queue=args.max_queue)
 
@@ -94,7 +101,6 @@ def app_from_env():
 
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
-    import uvicorn
 
     from ensemble import load
     from skinfusion.workflows.serving import create_app
@@ -105,26 +111,74 @@ def _serve(args: argparse.Namespace) -> int:
     ens = load(args.run)  # a missing or damaged run stops here, with one error line
     mid = model_id(args.run)
     local = _is_loopback(args.host)
-    print(f"skinfusion: serving {args.run} (model {mid[:12]}, {'+'.join(ens.views)}, {ens.manifest['method']}) on "
+    m = ens.manifest
+    method = m.get("method") or (m.get("source") or {}).get("method", "?")  # an export names its run's method
+    kind = f"{m['format']} export" if "format" in m and "source" in m else "Keras bundle"
+    print(f"skinfusion: serving {args.run} ({kind}, model {mid[:12]}, {'+'.join(ens.views)}, {method}) on "
           f"http://{args.host}:{args.port}/  API key: {'required' if settings.api_key else 'none'}", file=sys.stderr)
     if not local and not settings.api_key:
         print(f"skinfusion: warning: listening on {args.host} without --api-key: anyone who can reach this machine "
               "can use the model", file=sys.stderr)
     options = dict(host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                    timeout_graceful_shutdown=GRACEFUL_S, server_header=False, proxy_headers=False)
-    # uvicorn re-raises the signal that stopped it once it has drained; SIGTERM then ends here, quietly.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        if args.workers == 1:
-            uvicorn.run(create_app(ens, mid, settings), **options)
-        else:
-            os.environ[SETTINGS_ENV] = json.dumps({"run": os.path.abspath(args.run),
-                                                   "settings": dataclasses.asdict(settings)})
-            uvicorn.run("skinfusion.cli.serve:app_from_env", factory=True, workers=args.workers, **options)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if args.workers == 1:
+        stopped_by = _run_uvicorn(create_app(ens, mid, settings), 1, options)
+    else:
+        metrics_dir = tempfile.mkdtemp(prefix="skinfusion-metrics-")
+        # A fresh folder per start: the workers' counters are summed from its files, and a
+        # previous run's files would add old counts (or another server's) to this one's.
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        os.environ[SETTINGS_ENV] = json.dumps({"run": os.path.abspath(args.run),
+                                               "settings": dataclasses.asdict(settings)})
+        try:
+            stopped_by = _run_uvicorn("skinfusion.cli.serve:app_from_env", args.workers, options)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    if stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt  # the house rule: Ctrl-C exits 130, after the drain (run_command says so)
     print("skinfusion: server stopped", file=sys.stderr)
     return EXIT_OK
+
+
+def _run_uvicorn(app, workers: int, options: dict) -> int | None:
+    """Serve until SIGTERM or SIGINT has drained the requests in flight; returns that signal (None if none).
+
+    ``uvicorn.run`` would swallow Ctrl-C's KeyboardInterrupt and return as after SIGTERM; this is
+    uvicorn.run's own sequence (Server, or a Multiprocess supervisor over one bound socket) with
+    the stopping signal kept, so that Ctrl-C can exit 130 while SIGTERM (a service manager's stop) exits 0.
+    """
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    stopped: list[int] = []
+    handled = (signal.SIGINT, signal.SIGTERM)
+    if workers > 1 and "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        # uvicorn kills a worker that misses a 5-s health ping; importing TensorFlow and loading the
+        # model can hold the interpreter longer than that on a busy machine, and the killed worker's
+        # replacement meets the same fate, for ever.
+        options = {**options, "timeout_worker_healthcheck": WORKER_HEALTHCHECK_S}
+    config = uvicorn.Config(app, factory=workers > 1, workers=workers, **options)
+    server = uvicorn.Server(config)
+    # One worker: uvicorn re-raises the signal that stopped it once it has drained, to these handlers.
+    previous = {sig: signal.signal(sig, lambda sig, _frame: stopped.append(sig)) for sig in handled}
+    try:
+        if workers == 1:
+            server.run()
+        else:
+            given = {"sockets": [config.bind_socket()]}
+            if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36 took the worker's target
+                given["target"] = server.run
+            supervisor = Multiprocess(config, **given)
+            for sig, name in ((signal.SIGINT, "handle_int"), (signal.SIGTERM, "handle_term")):
+                original = getattr(supervisor, name)
+                setattr(supervisor, name, lambda sig=sig, original=original: (stopped.append(sig), original()))
+            supervisor.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if workers == 1 and not server.started:
+        raise ValueError(f"--host {options['host']} --port {options['port']}: the server did not start (see above)")
+    return stopped[0] if stopped else None
 
 
 def _is_loopback(host: str) -> bool:

@@ -150,13 +150,20 @@ def _scored_batches(ens, paths: Sequence[str], skipped: list[tuple[str, str]],
     note = getattr(ens, "ood_note", None)
     if note:
         logger.warning("%s", note)
+    flagged = 0
     for batch in ens.iter_files(paths, **options):
         yield batch
+        ood = getattr(batch, "ood", None)
+        flagged += 0 if ood is None else int(np.sum(np.asarray(ood.out_of_distribution, np.float64) == 1.0))
         for _, reason in batch.failures:
             logger.warning("skipped %s", reason)
         skipped += batch.failures
         if on_batch is not None:
             on_batch(len(batch.paths) + len(batch.failures), len(skipped))
+    if flagged:  # the refusal, said once: the file keeps its columns, the flagged rows get no decision
+        logger.warning("%d image(s) flagged out of distribution (out_of_distribution=1, why in ood_reason): no "
+                       "decision for them; their melanoma_proba is the model's raw output, not a probability to trust",
+                       flagged)
 
 
 def _ood_cells(ood, j: int) -> tuple[str, str, str]:

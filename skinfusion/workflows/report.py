@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import math
@@ -136,8 +137,25 @@ def _coverage_section(rc: dict[str, Any] | None) -> str:
             f"</tr>{rows}</table>")
 
 
+def _embedded(png: Path) -> str:
+    """A PNG as an ``<img>`` inside the page (base64), at its own pixel width (the figures are drawn to be
+    read at that size), shrunk only to fit a narrow window; it links to the PNG file beside the report."""
+    data = png.read_bytes()
+    # A PNG's IHDR chunk holds the width in bytes 16-19, big-endian.
+    width = int.from_bytes(data[16:20], "big") if data[:8] == b"\x89PNG\r\n\x1a\n" else 640
+    name = html.escape(png.name)
+    return (f'<figure><a href="{name}"><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" '
+            f'alt="{name}" style="width:{width}px;max-width:100%"></a><figcaption>{name}</figcaption></figure>')
+
+
 def write_html(metrics: dict[str, Any], out_dir: str | os.PathLike, images: Sequence[str]) -> Path:
-    """Write a one-page ``report.html`` with the metric tables and links to the curve PNGs."""
+    """Write a one-page ``report.html`` with the metric tables and the figures embedded (the page is self-contained).
+
+    Args:
+        metrics: what ``evaluate`` computed.
+        out_dir: the folder holding the figures; ``report.html`` is written there.
+        images: the figures' file names in ``out_dir``, embedded in this order at their own size.
+    """
     out_dir = Path(out_dir)
     rows = {**metrics["members"], "fused": metrics["fused"]}
     head = ("<tr><th></th><th>AUC</th><th>95% CI</th><th>AP</th><th>bal. acc.</th><th>sens</th><th>spec</th>"
@@ -164,10 +182,11 @@ def write_html(metrics: dict[str, Any], out_dir: str | os.PathLike, images: Sequ
         for s, row in metrics.get("per_subset", {}).items()
     )
     src_head = "<tr><th></th><th>n</th><th>melanoma</th>" + "".join(f"<th>{html.escape(c)} AUC</th>" for c in cols) + "</tr>"
-    imgs = "".join(f'<a href="{n}"><img src="{n}" width="360"></a>' for n in images)
+    imgs = "".join(_embedded(out_dir / n) for n in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>skinfusion evaluation</title>
-<style>body{{font-family:sans-serif;margin:24px;max-width:1200px}}table{{border-collapse:collapse;margin:8px 0 20px}}
-td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th:first-child{{text-align:left}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1240px}}table{{border-collapse:collapse;margin:8px 0 20px}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th:first-child{{text-align:left}}
+figure{{display:inline-block;margin:0 12px 16px 0;vertical-align:top}}figcaption{{font-size:.8em;color:#666}}</style></head><body>
 <h1>skinfusion evaluation</h1>
 <p>Run <code>{html.escape(metrics['run'])}</code>; scored: {html.escape(metrics['scope'])};
 {metrics['n_images']} images ({metrics['fused']['n_melanoma']} melanoma), {metrics['n_skipped']} unreadable skipped;
@@ -177,7 +196,7 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}th:first-child{{t
 {f'<h2>AUC per artefact subset</h2><table>{src_head}{subset_rows}</table>' if subset_rows else ''}
 {_subgroup_section(metrics.get("subgroups"))}
 {_coverage_section(metrics.get("risk_coverage"))}
-<h2>Curves</h2>{imgs}
+<h2>Figures</h2>{imgs}
 <p>Full numbers: <a href="metrics.json">metrics.json</a>, per-image: <a href="predictions.csv">predictions.csv</a>.</p>
 </body></html>
 """

@@ -14,27 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hmac
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
 from colorspaces import ImageError
 from ensemble.api import explain_with
-from ensemble.engine import Ensemble
+from ensemble.runtime import ExportedEnsemble
 from skinfusion.workflows.batching import MicroBatcher, QueueFull
+from skinfusion.workflows.explaining import branch_thresholds
+from skinfusion.workflows.serving_guard import AUTH_HELP, GuardMiddleware, Metrics, ServeSettings  # noqa: F401
 from skinfusion.workflows.serving_io import (
     decode_upload,
     details_json,
@@ -48,140 +48,12 @@ from skinfusion.workflows.serving_io import (
     prepare_upload,
 )
 
+if TYPE_CHECKING:  # annotations only: serving an export (ensemble.runtime) must not import TensorFlow
+    from ensemble.engine import Ensemble
+
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-# Reachable without the API key: liveness/readiness probes, and the page itself (static files
-# holding no model data; the page asks for the key and sends it with its API calls).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
-PUBLIC_PREFIXES = ("/static/",)
-AUTH_HELP = "send the key as the header 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
-# Metric labels: known routes by name, everything else as one label (no unbounded label values).
-_ROUTES = ("/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/", "/docs",
-           "/openapi.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeSettings:
-    """The service's options (the ``skinfusion serve`` flags that shape the app)."""
-
-    api_key: str | None = None
-    max_upload_mb: float = 20.0
-    cors_origins: tuple[str, ...] = ()
-    batch_wait_ms: float = 5.0
-    max_batch: int = 32
-    max_queue: int | None = 128
-
-    @property
-    def max_upload_bytes(self) -> int:
-        """The request body limit in bytes."""
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
-class Metrics:
-    """The Prometheus metrics of one app, in a registry of its own (so several apps can live in one process)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("skinfusion_http_requests_total", "HTTP requests answered",
-                                ["endpoint", "method", "status"], registry=self.registry)
-        self.errors = Counter("skinfusion_http_errors_total", "HTTP requests answered with status >= 400",
-                              ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("skinfusion_http_request_duration_seconds", "Time to answer a request",
-                                 ["endpoint"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.images = Counter("skinfusion_images_scored_total", "Images scored", registry=self.registry)
-        self.batch_size = Histogram("skinfusion_batch_images", "Images per forward pass (micro-batch size)",
-                                    registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-
-    def on_batch(self, n: int) -> None:
-        """Record one forward pass of ``n`` images."""
-        self.images.inc(n)
-        self.batch_size.observe(n)
-
-
-def _endpoint(path: str) -> str:
-    return path if path in _ROUTES else ("/static" if path.startswith("/static/") else "other")
-
-
-async def _send_json(send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(HTTPException):
-    """Raised from ``receive`` once a body passes the limit; FastAPI re-raises HTTPExceptions from body parsing."""
-
-
-class GuardMiddleware:
-    """ASGI middleware: metrics for every request, the API key check, and the upload size limit.
-
-    The size limit is checked on ``Content-Length`` before the body is read, and counted while
-    it streams for a chunked upload that declares none.
-    """
-
-    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
-
-    def _authorised(self, scope) -> bool:
-        key = self.settings.api_key
-        if not key or scope["method"] == "OPTIONS":  # CORS pre-flights carry no credentials
-            return True
-        path = scope["path"]
-        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-            return True
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        # compare_digest: the time taken says nothing about how much of the key was right.
-        return given is not None and hmac.compare_digest(given.encode(), key.encode())
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, send_status)
-        finally:
-            endpoint = _endpoint(scope["path"])
-            self.metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
-            if status[0] >= 400:
-                self.metrics.errors.labels(endpoint, str(status[0])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-
-    async def _guarded(self, scope, receive, send):
-        if not self._authorised(scope):
-            return await _send_json(send, 401, f"missing or wrong API key; {AUTH_HELP}",
-                                    [(b"www-authenticate", b'Bearer realm="skinfusion"')])
-        limit = self.settings.max_upload_bytes
-        too_large = (f"the upload is larger than the server's limit of {self.settings.max_upload_mb:g} MB "
-                     "(skinfusion serve --max-upload-mb)")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_json(send, 413, too_large, [(b"connection", b"close")])
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(413, too_large)
-            return message
-
-        await self.app(scope, counted, send)
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -252,11 +124,12 @@ class Service:
         return [scores.row(j, self.ens.views, self.ens.threshold) for j in range(len(items))]
 
     def _warm_up(self) -> None:
-        """Score and explain one blank image: traces every graph before /readyz says yes."""
+        """Score (and, for a Keras bundle, explain) one blank image: traces every graph before /readyz says yes."""
         blank = np.full((self.ens.load_size, self.ens.load_size, 3), 128, np.uint8)
-        meta = [{}] if self.ens.metadata_fields else None
-        self._score([(blank, (), meta[0] if meta else None)])
-        explain_with(self.ens, blank, {} if self.ens.metadata_fields else None)
+        meta = {} if self.ens.metadata_fields else None
+        self._score([(blank, (), meta)])
+        if not isinstance(self.ens, ExportedEnsemble):  # an export has no gradients: /v1/explain says so
+            explain_with(self.ens, blank, meta, reasons=())
 
     async def start(self) -> None:
         """Start the batcher and warm the model up."""
@@ -270,25 +143,25 @@ class Service:
         self.ready = False
         await self.batcher.stop()
 
-    def _decode_one(self, data: bytes, name: str, prepare: bool) -> tuple:
-        image = decode_upload(data, name)
-        # Prepared, the original is dropped here: a request waiting for its batch holds only the
-        # small resized copy, not a full-size photo.
-        return (None, *prepare_upload(image, self.ens.preprocess)) if prepare else (image,)
+    def _decode_one(self, data: bytes, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        # The original is dropped here, one file at a time: a request (waiting for its batch, or
+        # explained image after image) holds only small resized copies, never several full-size
+        # photos at once (four 9000 x 9000 PNGs would be 1 GB).
+        return prepare_upload(decode_upload(data, name), self.ens.preprocess)
 
-    async def decode(self, files: Sequence[UploadFile], prepare: bool = False) -> list[tuple]:
-        """``(name, RGB image, decode ms)`` per upload; with ``prepare``, ``(name, None, decode and prepare ms,
-        resized, OOD reasons)``.
+    async def decode(self, files: Sequence[UploadFile]) -> list[tuple]:
+        """``(name, decode and prepare ms, image at load_size, image-level OOD reasons)`` per upload.
 
-        Decoding (and preparing) runs in a worker thread, off the event loop, in one hop per file:
+        Decoding and preparing run in a worker thread, off the event loop, in one hop per file:
         under load every extra hand-over between the loop and a thread adds latency.
         """
         out = []
         for f in files:
             t0 = time.perf_counter()
             name = display_name(f.filename)
-            image, *prepared = await asyncio.to_thread(self._decode_one, await f.read(), name, prepare)
-            out.append((name, image, elapsed_ms(t0), *prepared))
+            resized, reasons = await asyncio.to_thread(self._decode_one, await f.read(), name)
+            await f.close()  # the upload's spooled bytes go now, not at the end of the request
+            out.append((name, elapsed_ms(t0), resized, reasons))
         return out
 
 
@@ -318,6 +191,7 @@ def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -
             yield
         finally:
             await service.stop()
+            metrics.process_exit()
 
     app = FastAPI(title="skinfusion", version=str(ens.manifest.get("versions", {}).get("skinfusion", "")),
                   description="Melanoma vs. nevus from dermoscopic images (research software, not a medical "
@@ -331,33 +205,45 @@ def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    # Declared for the OpenAPI schema (Swagger UI's "Authorize" button then sends the key); the check
+    # itself is GuardMiddleware's, on every path but the public ones. auto_error=False: no second check.
+    guard = ([Security(APIKeyHeader(name="X-API-Key", auto_error=False, description=AUTH_HELP)),
+              Security(HTTPBearer(auto_error=False, description=AUTH_HELP))] if settings.api_key else [])
     files_doc = File(..., description="one or more image files (JPEG, PNG, BMP, TIFF, WebP)")
     meta_doc = ("for a model fused with metadata: applied to every file of the request; empty = unknown. "
                 "Or give the JSON field 'metadata' instead")
 
+    # HEAD as well as GET on the page and the probes: uptime checkers and load balancers send HEAD.
     @app.get("/", include_in_schema=False)
+    @app.head("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz", summary="The process is alive")
+    @app.get("/healthz", summary="The process is alive (HEAD too)")
+    @app.head("/healthz", include_in_schema=False)
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The model is loaded and warmed up", responses={503: {"description": "warming up"}})
+    @app.get("/readyz", summary="The model is loaded and warmed up (HEAD too)",
+             responses={503: {"description": "warming up"}})
+    @app.head("/readyz", include_in_schema=False)
     async def readyz():
         if not service.ready:
             return _error(503, "the model is still warming up")
         return {"status": "ready", "model_id": service.model_id}
 
-    @app.get("/v1/model", summary="What the loaded model is and how it was validated")
+    @app.get("/v1/model", summary="What the loaded model is and how it was validated", dependencies=guard)
     async def model() -> dict:
         return model_summary(ens, service.model_id)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics (summed over the workers of serve --workers N)",
+             response_class=Response, dependencies=guard)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
-    @app.post("/v1/predict", summary="Fused and per-branch melanoma probabilities and the OOD verdict per image")
+    @app.post("/v1/predict", summary="Fused and per-branch melanoma probabilities and the OOD verdict per image",
+              dependencies=guard)
     async def predict(files: list[UploadFile] = files_doc, age: str | None = Form(None, description=meta_doc),
                       sex: str | None = Form(None, description=meta_doc),
                       site: str | None = Form(None, description=meta_doc),
@@ -366,19 +252,20 @@ def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -
         t0 = time.perf_counter()
         meta, warnings = _form_metadata(ens, len(files), age, sex, site, metadata)
         service.batcher.check_room(len(files))  # a full queue answers 503 before any decoding work
-        decoded = await service.decode(files, prepare=True)
+        decoded = await service.decode(files)
         items = [(resized, reasons, (fusion_metadata(ens, [m]) or [None])[0])
-                 for (_, _, _, resized, reasons), m in zip(decoded, meta)]
+                 for (_, _, resized, reasons), m in zip(decoded, meta)]
         t1 = time.perf_counter()
         rows = await service.batcher.submit(items)
         score_ms = elapsed_ms(t1)
         images = [details_json(d, name, ens.threshold, service.model_id,
                                {"decode": dec, "score": score_ms, "total": elapsed_ms(t0)})
-                  for d, (name, _, dec, _, _) in zip(rows, decoded)]
+                  for d, (name, dec, _, _) in zip(rows, decoded)]
         return {"model_id": service.model_id, "images": images, "warnings": warnings,
                 "timing_ms": {"total": round(elapsed_ms(t0), 2)}}
 
-    @app.post("/v1/explain", summary="predict plus each branch's Grad-CAM heat map and view, as base64 PNGs")
+    @app.post("/v1/explain", summary="predict plus each branch's Grad-CAM heat map and view, as base64 PNGs",
+              dependencies=guard)
     async def explain(files: list[UploadFile] = files_doc, age: str | None = Form(None, description=meta_doc),
                       sex: str | None = Form(None, description=meta_doc),
                       site: str | None = Form(None, description=meta_doc),
@@ -387,12 +274,12 @@ def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -
         meta, warnings = _form_metadata(ens, len(files), age, sex, site, metadata)
         service.batcher.check_room(len(files))
         decoded = await service.decode(files)
-        images = []
-        for (name, image, dec), m in zip(decoded, meta):
+        images, thresholds = [], branch_thresholds(ens)
+        for (name, dec, resized, reasons), m in zip(decoded, meta):
             t1 = time.perf_counter()
             fm = (fusion_metadata(ens, [m]) or [None])[0]
-            expl = await service.batcher.run(explain_with, ens, image, fm)
-            pictures = await asyncio.to_thread(explanation_json, expl)
+            expl = await service.batcher.run(explain_with, ens, resized, fm, reasons)
+            pictures = await asyncio.to_thread(explanation_json, expl, thresholds)
             row = details_json(expl.details, name, ens.threshold, service.model_id,
                                {"decode": dec, "explain": elapsed_ms(t1), "total": elapsed_ms(t0)})
             images.append({**row, **pictures})

@@ -14,19 +14,29 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from colorspaces import VIEWS, ImageError, read_image
+from colorspaces import ImageError, read_image
+from colorspaces.files import sha256_file
 from colorspaces.pipeline import Preprocess, prepare_image
 from colorspaces.quality import REASONS
 from ensemble.api import Explanation
-from ensemble.bundle import sha256_file
-from ensemble.engine import Ensemble, PredictionDetails
+from ensemble.details import PredictionDetails
 from ensemble.metadata import FIELD_FORMATS, METADATA_FIELDS, SEXES, clean_age, clean_text
-from skinfusion.workflows.explaining import FREQUENCY_CAPTION, HEAT_ALPHA, NOT_A_DEVICE, render_view
+from skinfusion.workflows.explaining import (
+    HEAT_ALPHA,
+    NOT_A_DEVICE,
+    heat_base,
+    heatmap_is_empty,
+    view_caption,
+    view_picture,
+)
+
+if TYPE_CHECKING:  # an annotation only: serving an export (ensemble.runtime) must not import TensorFlow
+    from ensemble.engine import Ensemble
 
 CALIBRATION_CAVEAT = (
     "The probabilities were fitted and the threshold chosen on this run's validation images (retrospective "
@@ -82,17 +92,34 @@ def prepare_upload(image: np.ndarray, recipe: Preprocess) -> tuple[np.ndarray, t
 
 
 # ---------------------------------------------------------------- metadata
+def _shown(value: Any) -> str:
+    """A client's value for an error message: quoted, and cut short (a 5,000-digit age is not echoed back)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return "(a number of over 30 digits)"
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def _check_field(field: str, value: Any) -> Any:
     """A field's cleaned value (None = unknown); raises ValueError for a value given but unreadable."""
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"metadata {field}: must be a single value, not a JSON {type(value).__name__}")
     if field == "age":
-        age = clean_age(value)
+        age = None if isinstance(value, bool) else clean_age(value)
         if age is None and clean_text(value) != "":
-            raise ValueError(f"metadata age {value!r}: must be {FIELD_FORMATS['age']} (or empty for unknown)")
+            raise ValueError(f"metadata age {_shown(value)}: age must be 0–120 ({FIELD_FORMATS['age']}), "
+                             "or empty for unknown")
         return age
     text = clean_text(value)
     if field == "sex" and text and text not in SEXES:
-        raise ValueError(f"metadata sex {value!r}: must be {FIELD_FORMATS['sex']} (or empty for unknown)")
+        raise ValueError(f"metadata sex {_shown(value)}: must be {FIELD_FORMATS['sex']} (or empty for unknown)")
     return text or None
+
+
+def _big_int(digits: str) -> int | str:
+    # JSON integers longer than any age are kept as text: int() of 5,000 digits would fail with a
+    # message about sys.set_int_max_str_digits(), which says nothing to the client.
+    return int(digits) if len(digits) <= 30 else digits
 
 
 def _one(entry: Any, where: str) -> dict[str, Any]:
@@ -122,9 +149,12 @@ def parse_metadata(n_files: int, fields: Mapping[str, str | None], metadata_json
         one = _one(given, "metadata form fields")
         return [dict(one) for _ in range(n_files)]
     try:
-        parsed = json.loads(metadata_json)
+        parsed = json.loads(metadata_json, parse_int=_big_int)
     except json.JSONDecodeError as exc:
         raise ValueError(f"form field 'metadata' is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:
+        raise ValueError("form field 'metadata' is nested too deeply: give one JSON object, or a list of "
+                         "objects, with plain values") from None
     if isinstance(parsed, list):
         if len(parsed) != n_files:
             raise ValueError(f"form field 'metadata' lists {len(parsed)} objects for {n_files} uploaded files; "
@@ -165,15 +195,33 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def withheld_reason(d: PredictionDetails) -> str | None:
+    """Why no decision is given for an image (the OOD gate or an image check flagged it), or None."""
+    if not d.out_of_distribution:
+        return None
+    texts = [REASONS.get(r, "unlike the training images' features") for r in d.ood_reasons]
+    return ("out of distribution: the image looks unlike the training images"
+            + (f" ({'; '.join(texts)})" if texts else "") + "; the model's output is not a probability to trust")
+
+
 def details_json(d: PredictionDetails, name: str, threshold: float, mid: str,
                  timing: Mapping[str, float]) -> dict[str, Any]:
-    """One image's JSON: probabilities, decision, OOD verdict, model id and timing in ms."""
+    """One image's JSON: probabilities, decision, OOD verdict, model id and timing in ms.
+
+    For an image flagged out of distribution the refusal is the answer: ``decision`` and
+    ``melanoma_probability`` are null and ``withheld_reason`` says why; the model's number stays
+    readable as ``raw_melanoma_probability`` (always given), for audits, not for decisions.
+    """
+    why = withheld_reason(d)
+    p = _finite(d.melanoma_probability)
     return {
         "filename": name,
-        "melanoma_probability": _finite(d.melanoma_probability),
-        "branch_probabilities": {v: _finite(p) for v, p in d.branch_probabilities.items()},
+        "melanoma_probability": None if why else p,
+        "decision": None if why else d.decision,
+        "withheld_reason": why,
+        "raw_melanoma_probability": p,
+        "branch_probabilities": {v: _finite(q) for v, q in d.branch_probabilities.items()},
         "threshold": threshold,
-        "decision": d.decision,
         "in_distribution_score": _finite(d.in_distribution_score),
         "out_of_distribution": d.out_of_distribution,
         "ood_reasons": list(d.ood_reasons),
@@ -201,17 +249,18 @@ def overlay(base: np.ndarray, heat: np.ndarray, alpha: float = HEAT_ALPHA) -> np
     return np.clip(np.rint(base * (1.0 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
 
 
-def explanation_json(expl: Explanation) -> dict[str, Any]:
-    """The pictures of an ``Explanation`` as base64 PNGs: the image, each view, each heat map overlay."""
+def explanation_json(expl: Explanation, thresholds: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+    """The pictures of an ``Explanation`` as base64 PNGs: the image, what each branch receives, each heat map overlay.
+
+    ``thresholds``: each branch's own validation threshold by view (``explaining.branch_thresholds``).
+    """
     views, heatmaps = {}, {}
     for view, heat in expl.heatmaps.items():
         freq = view in expl.frequency_views
-        picture = render_view(view, expl.views[view], frequency=freq)
-        base = picture if freq else expl.image
-        views[view] = {"png": png_base64(picture),
-                       "caption": FREQUENCY_CAPTION if freq else (VIEWS[view].description if view in VIEWS else view)}
-        heatmaps[view] = {"png": png_base64(overlay(base, heat)), "over": "spectrum" if freq else "image",
-                          "empty": not bool(np.any(heat))}
+        array = expl.views[view]
+        views[view] = {"png": png_base64(view_picture(view, array)), "caption": view_caption(view, array.shape[-1])}
+        heatmaps[view] = {"png": png_base64(overlay(heat_base(expl, view), heat)), "over": "spectrum" if freq else "image",
+                          "empty": heatmap_is_empty(heat), "threshold": (thresholds or {}).get(view)}
     return {"image_png": png_base64(expl.image), "views": views, "heatmaps": heatmaps,
             "heatmap_method": "Grad-CAM of each branch's melanoma logit at its last convolution (1 = strongest)"}
 
@@ -226,7 +275,7 @@ def model_summary(ens: Ensemble, mid: str) -> dict[str, Any]:
     return {
         "model_id": mid,
         "views": list(ens.views),
-        "method": m.get("method"),
+        "method": m.get("method") or (m.get("source") or {}).get("method"),  # an export names its run's
         "threshold": ens.threshold,
         "threshold_rule": m.get("threshold_rule"),
         "metadata_fields": list(ens.metadata_fields),

@@ -65,6 +65,10 @@ function clearResult() {
   $("result").hidden = true;
   for (const id of ["fname", "fused", "decision", "thr", "ood", "warnings", "timing"]) $(id).textContent = "";
   $("decision").className = "pill";
+  $("decision").hidden = false;
+  $("fused").className = "";
+  $("verdict-label").textContent = "fused melanoma probability";
+  $("branchtable").classList.remove("greyed");
   $("fusedbar").style.width = "0";
   for (const id of ["branches", "views", "heatmaps"]) $(id).replaceChildren();
   $("photo").removeAttribute("src");
@@ -76,18 +80,30 @@ function render(r, file, warnings) {
   photoUrl = URL.createObjectURL(file);
   $("photo").src = photoUrl;
   $("fname").textContent = r.filename;
-  $("fused").textContent = pct(r.melanoma_probability);
+  // An image the OOD gate (or an image check) flags gets no decision: the refusal is the headline,
+  // with no badge and no probability; the model's raw output is only mentioned, greyed, below.
+  const withheld = r.decision == null;
   const d = $("decision");
-  d.textContent = r.decision;
-  d.className = "pill " + r.decision;
-  $("fusedbar").style.width = (100 * r.melanoma_probability).toFixed(1) + "%";
+  if (withheld) {
+    $("verdict-label").textContent = "no decision for this image";
+    $("fused").textContent = "withheld";
+    $("fused").className = "withheld";
+    d.hidden = true;
+    $("branchtable").classList.add("greyed");
+  } else {
+    $("fused").textContent = pct(r.melanoma_probability);
+    d.textContent = r.decision;
+    d.className = "pill " + r.decision;
+    $("fusedbar").style.width = (100 * r.melanoma_probability).toFixed(1) + "%";
+  }
   $("thrmark").style.left = (100 * r.threshold).toFixed(1) + "%";
   $("thr").textContent = r.threshold.toFixed(3);
   const ood = $("ood");
   if (r.out_of_distribution === true) {
     ood.className = "ood out";
     ood.textContent = "Out of distribution: this image looks unlike the training images (" +
-      r.ood_reason_text.join("; ") + "). Do not trust the probability.";
+      r.ood_reason_text.join("; ") + "), so the model gives no decision for it. Its raw output (" +
+      pct(r.raw_melanoma_probability) + ") is not a probability to trust.";
   } else if (r.out_of_distribution === false) {
     ood.className = "ood in";
     ood.textContent = "In distribution: the image looks like the training images" +
@@ -116,9 +132,10 @@ function render(r, file, warnings) {
   for (const [view, v] of Object.entries(r.views)) views.push(figure(v.png, view + " view", v.caption));
   $("views").replaceChildren(...views);
   $("heatmaps").replaceChildren(...Object.entries(r.heatmaps).map(([view, h]) =>
-    figure(h.png, `${view} branch · p = ${pct(r.branch_probabilities[view])}`,
+    figure(h.png, `${view} branch · p = ${pct(r.branch_probabilities[view])}` +
+      (h.threshold == null ? "" : ` (its threshold ${h.threshold.toFixed(3)})`),
       (h.over === "spectrum" ? "over the spectrum (centre = low frequencies)" : "over the image") +
-      (h.empty ? " · no region raises the melanoma logit" : ""))));
+      (h.empty ? " · EMPTY: no region raises the melanoma logit (a limit of Grad-CAM, not proof of nothing)" : ""))));
   $("warnings").textContent = (warnings || []).join(" ");
   $("timing").textContent = `answered in ${Math.round(r.timing_ms.total)} ms · model ${r.model_id.slice(0, 12)}`;
   $("result").hidden = false;
