@@ -1,11 +1,12 @@
 """The out-of-distribution gate: is an image like the dermoscopic images the branches were trained on?
 
 Two levels. Image-level checks (``colorspaces.quality``) name inputs that are no colour
-photograph at a usable size. The feature-level gate measures, for each branch, the Mahalanobis
+photograph at a usable size, or that are rendered pages (text, charts, screenshots, a figure on a
+white page). The feature-level gate measures, for each branch, the Mahalanobis
 distance of the image's penultimate embedding (the pooled features the final Dense layer reads)
 from the training images' embeddings, with a Ledoit–Wolf covariance, and combines the branches as
 
-    score = sum_j (d_j - m_j) / s_j
+    score = sum_j (d_j - m_j) / s_j        (or max_j, see ``COMBINE_RULES``)
 
 where m_j and s_j are the mean and standard deviation of branch j's distance over the training
 images the gate was fitted on, each measured out of fold (``NORM_FOLDS``-fold cross-fitting): an
@@ -52,15 +53,17 @@ EMBEDDING_LAYER = "gap"  # models.branch.build_branch: GlobalAveragePooling2D be
 FEATURE_REASON = "atypical_features"  # the gate's reason, next to colorspaces.quality.REASONS
 MIN_IMAGES = 10  # fewer training or validation images than this give no usable covariance or percentile
 NORM_FOLDS = 5  # cross-fitting folds for the distance normalisers
-# How the standardised per-branch distances z_j = (d_j - m_j) / s_j become one score. "max" (the
-# default since the realistic far-OOD study, DOCNOTES-ood.md): an image atypical to one branch only
-# is not averaged back in by the branches that find it ordinary. "sum" is the rule of gates fitted
-# before; their manifests carry no "combine" key.
+# How the standardised per-branch distances z_j = (d_j - m_j) / s_j become one score. "sum" gives
+# each branch one vote in units of its own spread; "max" lets one branch that finds an image atypical
+# decide alone. The default stays "sum": on Gaussian embeddings (dims 6/4/5, 99th percentile) with one
+# branch of three shifted by one standard deviation the sum flagged 17% and the maximum 8%, and no
+# trained run was at hand to show "max" better on real images (DOCNOTES-ood.md; compare both with `python -m experiments.ood_rules`). A manifest without a
+# "combine" key was fitted with LEGACY_COMBINE; a gate whose rule is not the default says so once.
 COMBINE_RULES = {
     "sum": "sum over branches of (Mahalanobis distance - training mean) / training std; Ledoit-Wolf covariance",
     "max": "maximum over branches of (Mahalanobis distance - training mean) / training std; Ledoit-Wolf covariance",
 }
-DEFAULT_COMBINE = "max"
+DEFAULT_COMBINE = "sum"
 LEGACY_COMBINE = "sum"  # what a manifest without a "combine" key was fitted with
 SCORE_RULE = COMBINE_RULES[DEFAULT_COMBINE]
 P_VALUE_RULE = "fraction of validation images whose score is >= the image's (1 = most typical)"
@@ -132,12 +135,11 @@ class OODGate:
 
     @property
     def note(self) -> str | None:
-        """One line when the gate predates the current combination rule (refit with ``skinfusion fuse``), else None."""
+        """One line when the gate's rule is not the current default (refit with ``skinfusion fuse``), else None."""
         if self.combine == DEFAULT_COMBINE:
             return None
-        return (f"this OOD gate sums its branches' scores (fitted before skinfusion combined them by their "
-                f"{DEFAULT_COMBINE}imum, which flags more non-dermoscopic images); the image-level checks are "
-                f"current; re-run `skinfusion fuse` to refit it")
+        return (f"this OOD gate combines its branches by {self.combine!r}, not by the current {DEFAULT_COMBINE!r}; "
+                f"the image-level checks are current; re-run `skinfusion fuse` to refit it")
 
     def in_distribution_score(self, scores: np.ndarray) -> np.ndarray:
         """Empirical p-value of each score among the validation scores (1 = most typical)."""
