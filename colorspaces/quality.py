@@ -9,6 +9,23 @@ The limits were set with a wide margin against 10,052 ISIC/HAM10000 dermoscopic 
 150 px short side): the smallest 99th-percentile pixel chroma among them was 19 grey levels
 (pale skin with a small lesion has a low *mean* chroma, down to 4, so the mean is not used),
 and the smallest luminance standard deviation was 5.3.
+
+Two checks catch rendered graphics (text pages, code, charts, diagrams, screenshots, a photo on a
+white page), which are colourful and contrasty enough to pass the others and which the feature
+gate passed half the time (issue 28). They rest on one fact: a camera's sensor noise and JPEG
+leave no two neighbouring pixels of skin exactly equal over a large area, while rendered pages
+are exactly uniform between their strokes.
+
+* ``uniform_area``: the largest 4-connected region of one exact colour (not dark: a dermatoscope's
+  black surround is uniform too) covers at least ``MAX_UNIFORM_AREA`` of the image. Largest among
+  the 10,052 dermoscopic images: 0.063 (HAM10000), 0.213 (one ISIC 2017 image, pale skin at
+  256 px); at least 0.21 on the generated text, charts, screenshots and white-bordered figures.
+* ``text_like``: at least ``MIN_SHARP_ON_FLAT`` of the pixels are a step of over
+  ``SHARP_STEP`` grey levels to a neighbour *and* touch an exactly uniform pixel (glyph and line
+  edges on a flat background, dark themes included). Largest among the dermoscopic images: 0.00095
+  (hairs and rulers sit on textured skin, not on a flat field).
+
+Measured with ``python -m experiments.ood --checks-only`` (DOCNOTES-ood.md).
 """
 
 from __future__ import annotations
@@ -22,6 +39,12 @@ MIN_SIDE = 32  # px: below this the branches see upscaled blur, not a lesion
 MAX_ASPECT = 3.0  # long side / short side; dermoscopy is square to 4:3 (squashed to 1:1 for the branches)
 MIN_CHROMA = 8.0  # 99th percentile of max(R,G,B) - min(R,G,B), grey levels: a grey image has ~0
 MIN_LUMA_STD = 3.0  # grey levels: a blank or solid-colour image
+MAX_UNIFORM_AREA = 0.25  # share of the sampled image in the largest exactly uniform, not dark region
+MIN_SHARP_ON_FLAT = 0.0025  # share of sampled pixels on a sharp step beside an exactly uniform pixel
+SHARP_STEP = 80  # grey levels between neighbouring pixels: a glyph's or a line's edge
+MIN_BACKGROUND = 0.10  # share of the sampled image a uniform page-like region must cover to be a background
+MAX_PAGE_SATURATION = 0.2  # HSV saturation (max - min) / max of a page-like colour: white, grey, cream
+_DARK = 60  # grey level: below it, a uniform region may be the dermatoscope's black surround
 _CHECK_SIDE = 256  # chroma and contrast are measured on a sample of at most this many pixels a side
 
 #: The reasons ``image_checks`` can return, with what each means (for help texts and notes).
@@ -30,6 +53,9 @@ REASONS = {
     "extreme_aspect_ratio": f"long side over {MAX_ASPECT:g}x the short side",
     "not_colour": f"greyscale or nearly so (99th-percentile chroma under {MIN_CHROMA:g})",
     "nearly_uniform": f"almost no contrast (luminance standard deviation under {MIN_LUMA_STD:g})",
+    "uniform_area": f"a large region of one exact colour (over {MAX_UNIFORM_AREA:.0%} of the image): a page, a "
+                    f"screen or a border, not skin",
+    "text_like": "sharp edges on a perfectly flat background: text, a chart, a diagram or a screenshot",
 }
 
 
@@ -59,6 +85,44 @@ def image_checks(image: np.ndarray) -> tuple[str, ...]:
     chroma = np.maximum(np.maximum(r, g), b).astype(np.int16) - np.minimum(np.minimum(r, g), b)
     if np.percentile(chroma, 99) < MIN_CHROMA:
         reasons.append("not_colour")
-    if cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).std() < MIN_LUMA_STD:
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if grey.std() < MIN_LUMA_STD:
         reasons.append("nearly_uniform")
+    if min(grey.shape) >= 3:  # smaller samples have no neighbourhoods to compare (too_small has fired)
+        reasons += _rendered(image, grey)
     return tuple(reasons)
+
+
+def _rendered(image: np.ndarray, grey: np.ndarray) -> list[str]:
+    """``uniform_area`` and ``text_like`` (see the module docstring) on the sampled image."""
+    px = image.astype(np.int16)
+    # A pixel is flat when it equals its right and its lower neighbour exactly, in all three channels;
+    # adjacent flat pixels then share one colour, so a connected component of flat pixels is one
+    # uniform region.
+    step_x = np.abs(px[:-1, 1:] - px[:-1, :-1]).max(axis=2)
+    step_y = np.abs(px[1:, :-1] - px[:-1, :-1]).max(axis=2)
+    flat = np.maximum(step_x, step_y) == 0
+    # Page-like colours: near-neutral (HSV saturation at most MAX_PAGE_SATURATION) or dark (a dark
+    # theme). Skin and pigment are saturated, so a flat patch of them is never a page.
+    hi, lo = px[:-1, :-1].max(axis=2), px[:-1, :-1].min(axis=2)
+    g = grey[:-1, :-1]
+    page = flat & ((hi - lo) <= MAX_PAGE_SATURATION * hi)
+    out = []
+    light = (page & (g > _DARK)).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(light, connectivity=4)
+    if n > 1 and stats[1:, cv2.CC_STAT_AREA].max() >= MAX_UNIFORM_AREA * flat.size:
+        out.append("uniform_area")
+    # Text and graphics: sharp steps beside a page-like background that covers MIN_BACKGROUND of the
+    # image (of any lightness: a dermatoscope's black surround is such a background, but skin beside
+    # it is not rendered with glyph-sharp edges).
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((page | (flat & (g <= _DARK))).astype(np.uint8),
+                                                           connectivity=4)
+    big = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= MIN_BACKGROUND * flat.size)
+    big = big[big > 0]  # label 0 is everything that is not such a pixel
+    if big.size:
+        background = np.isin(labels, big).astype(np.uint8)
+        gi = grey.astype(np.int16)
+        sharp = np.maximum(np.abs(gi[:-1, 1:] - gi[:-1, :-1]), np.abs(gi[1:, :-1] - gi[:-1, :-1])) > SHARP_STEP
+        if (sharp & cv2.dilate(background, np.ones((3, 3), np.uint8)).astype(bool)).mean() >= MIN_SHARP_ON_FLAT:
+            out.append("text_like")
+    return out

@@ -1,11 +1,12 @@
 """The out-of-distribution gate: is an image like the dermoscopic images the branches were trained on?
 
 Two levels. Image-level checks (``colorspaces.quality``) name inputs that are no colour
-photograph at a usable size. The feature-level gate measures, for each branch, the Mahalanobis
+photograph at a usable size, or that are rendered pages (text, charts, screenshots, a figure on a
+white page). The feature-level gate measures, for each branch, the Mahalanobis
 distance of the image's penultimate embedding (the pooled features the final Dense layer reads)
 from the training images' embeddings, with a Ledoit–Wolf covariance, and combines the branches as
 
-    score = sum_j (d_j - m_j) / s_j
+    score = sum_j (d_j - m_j) / s_j        (or max_j, see ``COMBINE_RULES``)
 
 where m_j and s_j are the mean and standard deviation of branch j's distance over the training
 images the gate was fitted on, each measured out of fold (``NORM_FOLDS``-fold cross-fitting): an
@@ -28,6 +29,7 @@ The gate's arrays are stored pickle-free in ``ood.npz`` and read with ``allow_pi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import zipfile
@@ -39,6 +41,8 @@ import numpy as np
 
 from colorspaces.files import atomic_path
 
+logger = logging.getLogger(__name__)
+
 OOD_FILE = "ood.npz"
 # Chosen leave-one-source-out (experiments/RESULTS.md, "A new clinic"): the highest percentile at
 # which at least 97% of the generated non-dermoscopic images are still flagged in both held-out
@@ -49,7 +53,19 @@ EMBEDDING_LAYER = "gap"  # models.branch.build_branch: GlobalAveragePooling2D be
 FEATURE_REASON = "atypical_features"  # the gate's reason, next to colorspaces.quality.REASONS
 MIN_IMAGES = 10  # fewer training or validation images than this give no usable covariance or percentile
 NORM_FOLDS = 5  # cross-fitting folds for the distance normalisers
-SCORE_RULE = "sum over branches of (Mahalanobis distance - training mean) / training std; Ledoit-Wolf covariance"
+# How the standardised per-branch distances z_j = (d_j - m_j) / s_j become one score. "sum" gives
+# each branch one vote in units of its own spread; "max" lets one branch that finds an image atypical
+# decide alone. The default stays "sum": on Gaussian embeddings (dims 6/4/5, 99th percentile) with one
+# branch of three shifted by one standard deviation the sum flagged 17% and the maximum 8%, and no
+# trained run was at hand to show "max" better on real images (DOCNOTES-ood.md; compare both with `python -m experiments.ood_rules`). A manifest without a
+# "combine" key was fitted with LEGACY_COMBINE; a gate whose rule is not the default says so once.
+COMBINE_RULES = {
+    "sum": "sum over branches of (Mahalanobis distance - training mean) / training std; Ledoit-Wolf covariance",
+    "max": "maximum over branches of (Mahalanobis distance - training mean) / training std; Ledoit-Wolf covariance",
+}
+DEFAULT_COMBINE = "sum"
+LEGACY_COMBINE = "sum"  # what a manifest without a "combine" key was fitted with
+SCORE_RULE = COMBINE_RULES[DEFAULT_COMBINE]
 P_VALUE_RULE = "fraction of validation images whose score is >= the image's (1 = most typical)"
 
 
@@ -79,11 +95,15 @@ class OODGate:
         percentile: the percentile of ``val_scores`` that ``threshold`` is.
         n_fit: how many training images the means and covariances were fitted on.
         layer: the layer whose output is the embedding (``embedding_layer``).
+        combine: how the standardised branch distances become one score, a key of ``COMBINE_RULES``
+            (``val_scores`` and ``threshold`` are in that rule's units).
     """
 
     def __init__(self, means: Sequence[np.ndarray], precisions: Sequence[np.ndarray], dist_mean: np.ndarray,
                  dist_std: np.ndarray, val_scores: np.ndarray, threshold: float, percentile: float,
-                 n_fit: int = 0, layer: str = EMBEDDING_LAYER):
+                 n_fit: int = 0, layer: str = EMBEDDING_LAYER, combine: str = LEGACY_COMBINE):
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"the OOD gate combines branches by one of {sorted(COMBINE_RULES)}, got {combine!r}")
         self.means = [np.asarray(m, np.float64) for m in means]
         self.precisions = [np.asarray(p, np.float64) for p in precisions]
         self.dist_mean = np.asarray(dist_mean, np.float64)
@@ -93,6 +113,7 @@ class OODGate:
         self.percentile = float(percentile)
         self.n_fit = int(n_fit)
         self.layer = layer
+        self.combine = combine
 
     @property
     def dims(self) -> list[int]:
@@ -109,7 +130,16 @@ class OODGate:
 
     def score(self, embeddings: Sequence[np.ndarray]) -> np.ndarray:
         """The combined score (n,): higher is less typical; above ``threshold`` is out of distribution."""
-        return ((self.distances(embeddings) - self.dist_mean) / self.dist_std).sum(axis=1)
+        z = (self.distances(embeddings) - self.dist_mean) / self.dist_std
+        return z.max(axis=1) if self.combine == "max" else z.sum(axis=1)
+
+    @property
+    def note(self) -> str | None:
+        """One line when the gate's rule is not the current default (refit with ``skinfusion fuse``), else None."""
+        if self.combine == DEFAULT_COMBINE:
+            return None
+        return (f"this OOD gate combines its branches by {self.combine!r}, not by the current {DEFAULT_COMBINE!r}; "
+                f"the image-level checks are current; re-run `skinfusion fuse` to refit it")
 
     def in_distribution_score(self, scores: np.ndarray) -> np.ndarray:
         """Empirical p-value of each score among the validation scores (1 = most typical)."""
@@ -121,7 +151,7 @@ class OODGate:
         """What ``manifest.json`` records about the gate under its ``ood`` key."""
         return {"file": OOD_FILE, "sha256": sha256, "threshold": self.threshold, "percentile": self.percentile,
                 "n_fit": self.n_fit, "n_val": len(self.val_scores), "layer": self.layer, "dims": self.dims,
-                "score": SCORE_RULE, "in_distribution_score": P_VALUE_RULE}
+                "combine": self.combine, "score": COMBINE_RULES[self.combine], "in_distribution_score": P_VALUE_RULE}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the arrays to ``path`` (an ``.npz``, no pickles), atomically."""
@@ -164,13 +194,21 @@ class OODGate:
             raise ValueError(f"{path}: damaged, 'val_scores' must be a non-empty vector of finite floats; {refuse}")
         if not (arrays["dist_std"] > 0).all():
             raise ValueError(f"{path}: damaged, 'dist_std' must be positive; {refuse}")
-        return cls([arrays[f"mean_{j}"] for j in range(b)], [arrays[f"precision_{j}"] for j in range(b)],
+        combine = entry.get("combine", LEGACY_COMBINE)
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"{path}: its manifest entry says the branches are combined by {combine!r}, which this "
+                             f"skinfusion does not know ({sorted(COMBINE_RULES)}); {refuse}")
+        gate = cls([arrays[f"mean_{j}"] for j in range(b)], [arrays[f"precision_{j}"] for j in range(b)],
                    arrays["dist_mean"], arrays["dist_std"], val, entry["threshold"], entry["percentile"],
-                   entry.get("n_fit", 0), entry.get("layer", EMBEDDING_LAYER))
+                   entry.get("n_fit", 0), entry.get("layer", EMBEDDING_LAYER), combine)
+        if gate.note:
+            logger.warning("%s: %s", path, gate.note)
+        return gate
 
 
 def fit_gate(train_embeddings: Sequence[np.ndarray], val_embeddings: Sequence[np.ndarray],
-             percentile: float = DEFAULT_PERCENTILE, layer: str = EMBEDDING_LAYER) -> OODGate:
+             percentile: float = DEFAULT_PERCENTILE, layer: str = EMBEDDING_LAYER,
+             combine: str = DEFAULT_COMBINE) -> OODGate:
     """Fit the gate on training embeddings and set its threshold on validation embeddings.
 
     Args:
@@ -178,6 +216,7 @@ def fit_gate(train_embeddings: Sequence[np.ndarray], val_embeddings: Sequence[np
         val_embeddings: per branch, the embeddings (n_val × d_j) of validation images.
         percentile: the percentile of validation scores that becomes the threshold.
         layer: the name of the embedding layer, for the record.
+        combine: how branches are combined, a key of ``COMBINE_RULES``.
 
     Raises:
         ValueError: if the percentile is out of range or there are fewer than ``MIN_IMAGES`` images.
@@ -195,7 +234,7 @@ def fit_gate(train_embeddings: Sequence[np.ndarray], val_embeddings: Sequence[np
         fits = [LedoitWolf().fit(E[rows]) for E in train]
         b = len(fits)
         return OODGate([f.location_ for f in fits], [f.precision_ for f in fits], np.zeros(b), np.ones(b),
-                       np.zeros(1), 0.0, percentile, len(rows), layer)
+                       np.zeros(1), 0.0, percentile, len(rows), layer, combine)
 
     gate = fitted(np.arange(n_fit))
     # Out-of-fold distances: what a new in-distribution image's distance looks like (seeded folds).

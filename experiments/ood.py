@@ -1,10 +1,18 @@
 """Evaluate a fused run's out-of-distribution gate: far-OOD, near-OOD, and the share flagged per source.
 
     python -m experiments.ood --run RUN --data DIR --out OUT [--holdout-ids FILE]
+    python -m experiments.ood --checks-only --data DIR --out OUT
+
+* ``--checks-only``: no model; the share of images each image-level check
+  (``colorspaces.quality.image_checks``) flags, per source of ``DIR``, for the seborrheic
+  keratoses, and per kind of both parts of the realistic far-OOD set (``experiments.farood``).
 
 * **in-distribution**: the run's test split (images of ``DIR`` whose id the run's ``splits.csv``
   puts in ``test``); the gate never saw them (it is fitted on training images and thresholded on
   validation images).
+* **realistic far-OOD**: the held-out part of ``experiments.farood`` (text, code, charts,
+  screenshots, scenes, clinical-like skin, figures on white pages), per kind, with the share
+  caught by the image-level checks and by the feature gate.
 * **far-OOD**: about 100 images generated on the fly with a seed (``far_ood_images``): scikit-learn's
   sample photographs and random crops of them, rendered text, synthetic screenshots (rectangles,
   bars and text drawn with OpenCV), noise, uniform colours and grey photographs.
@@ -151,6 +159,55 @@ def _near_ood(data: Path) -> list[str]:
     return [p for p in paths if Path(p).is_file()]
 
 
+def _share(flags: Sequence[bool]) -> dict[str, Any]:
+    """``{n, flagged, ci95}``: the share of True with its Wilson 95% interval."""
+    from scipy.stats import binomtest
+
+    n, k = len(flags), int(np.sum(flags))
+    if not n:
+        return {"n": 0, "flagged": float("nan"), "ci95": [float("nan"), float("nan")]}
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+    return {"n": n, "flagged": k / n, "ci95": [float(ci.low), float(ci.high)]}
+
+
+def check_rates(data: str, per_kind: int = 30) -> dict[str, Any]:
+    """Image-level checks only (no model): the share flagged per source of ``data``, SK and far-OOD kind."""
+    from colorspaces.image import read_image
+    from colorspaces.quality import REASONS, image_checks
+    from experiments.farood import PARTS, realistic_far_ood
+
+    new = {"uniform_area", "text_like"}  # the checks added for issue 28
+
+    def summary(groups: Sequence[str], reasons: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+        out = {}
+        for g in sorted(set(groups)):
+            rs = [r for x, r in zip(groups, reasons) if x == g]
+            out[g] = {**_share([bool(r) for r in rs]), "new_checks": _share([bool(new & set(r)) for r in rs])["flagged"],
+                      "per_reason": {k: sum(k in r for r in rs) for k in REASONS}}
+        return out
+
+    records = index_dataset(data, log=False).records
+    logger.info("image-level checks on %d images of %s", len(records), data)
+    result = {"dermoscopy": summary([r.source for r in records], [image_checks(read_image(r.path)) for r in records])}
+    sk = _near_ood(Path(data))
+    result["near_ood"] = summary(["seborrheic_keratosis"] * len(sk), [image_checks(read_image(p)) for p in sk])
+    for part in PARTS:
+        kinds, reasons = zip(*((k, image_checks(img)) for k, img in realistic_far_ood(part, per_kind)))
+        result[f"far_ood_{part}"] = summary(kinds, reasons)
+        result[f"far_ood_{part}"]["all"] = summary(["all"] * len(kinds), reasons)["all"]
+    return result
+
+
+def checks_markdown(result: dict[str, Any]) -> str:
+    """``check_rates`` as a Markdown table: one row per group, with the 95% interval and the new checks' share."""
+    lines = ["| set | group | n | flagged | 95% CI | by uniform_area/text_like |", "|---|---|---:|---:|---|---:|"]
+    for name, groups in result.items():
+        for g, r in groups.items():
+            lines.append(f"| {name} | {g} | {r['n']} | {r['flagged']:.4f} | {r['ci95'][0]:.4f}-{r['ci95'][1]:.4f} | "
+                         f"{r['new_checks']:.4f} |")
+    return "\n".join(lines)
+
+
 def evaluate_gate(run: str, data: str, holdout_ids: str | None = None, n_far: int = 100, seed: int = 0,
                   batch_size: int = 64) -> dict[str, Any]:
     """The gate's report on a fused run (see the module docstring)."""
@@ -239,7 +296,9 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate the gate of ``--run`` and write ``OUT/ood.json`` and ``OUT/ood.md``."""
     p = argparse.ArgumentParser(prog="python -m experiments.ood", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, metavar="RUN", help="a run fused with an OOD gate")
+    p.add_argument("--run", metavar="RUN", help="a run fused with an OOD gate (required without --checks-only)")
+    p.add_argument("--checks-only", action="store_true", help="only the image-level checks, on every image of --data")
+    p.add_argument("--per-kind", type=int, default=30, help="realistic far-OOD images per kind and part (default 30)")
     p.add_argument("--data", required=True, metavar="DIR",
                    help=f"the run's dataset (test split) holding {SK_FILE} and images/ for the near-OOD set")
     p.add_argument("--out", required=True, metavar="OUT", help="folder for ood.json and ood.md")
@@ -249,12 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    result = evaluate_gate(args.run, args.data, args.holdout_ids, args.n_far, args.seed, args.batch_size)
     out = Path(args.out)
+    if args.checks_only:
+        result = check_rates(args.data, args.per_kind)
+        table, name = checks_markdown(result), "checks"
+    else:
+        if not args.run:
+            p.error("--run is required (or --checks-only)")
+        result = evaluate_gate(args.run, args.data, args.holdout_ids, args.n_far, args.seed, args.batch_size,
+                               args.per_kind)
+        table, name = markdown(result), "ood"
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "ood.json", result)
-    table = markdown(result)
-    (out / "ood.md").write_text(table + "\n")
+    write_json_atomic(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(table + "\n")
     print(table)
     return 0
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import write_rgb
 
 from colorspaces.quality import REASONS, image_checks
-from ensemble.ood import OOD_FILE, OODGate, check_percentile, fit_gate, judge
+from ensemble.ood import DEFAULT_COMBINE, LEGACY_COMBINE, OOD_FILE, OODGate, check_percentile, fit_gate, judge
 from skinfusion.data.synthetic import _lesion
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
@@ -29,12 +29,31 @@ def lesion(size: int = 48, seed: int = 0, shape: tuple[int, int] | None = None) 
 
 
 # ---------------------------------------------------------------- image-level checks
+def on_page() -> np.ndarray:
+    """A lesion pasted on a light grey page (a figure in a document): one large exactly uniform region."""
+    page = np.full((160, 200, 3), (214, 212, 210), np.uint8)
+    page[20:116, 30:126] = lesion(96, seed=5)
+    return page
+
+
+def dark_code() -> np.ndarray:
+    """Syntax-coloured code on a dark editor theme: glyph edges on a flat (dark, so not 'uniform_area') field."""
+    import cv2
+
+    img = np.full((120, 160, 3), (30, 30, 36), np.uint8)
+    for k, colour in enumerate([(86, 156, 214), (206, 145, 120), (78, 201, 176), (220, 220, 170), (197, 134, 192)]):
+        cv2.putText(img, "def run(x):", (6, 20 + 20 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1)
+    return img
+
+
 CASES = {
     "too_small": lambda: lesion(24),
     "extreme_aspect_ratio": lambda: lesion(96, shape=(40, 160)),
     "not_colour": lambda: np.repeat(lesion(96).mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2),
     "nearly_uniform": lambda: np.clip(np.array([210, 160, 140]) + np.random.default_rng(0).normal(0, 1, (64, 64, 3)),
                                       0, 255).astype(np.uint8),
+    "uniform_area": on_page,
+    "text_like": dark_code,
 }
 
 
@@ -78,6 +97,39 @@ def test_gate_threshold_pass_rate_and_scores_on_gaussian_embeddings(tmp_path, rn
     back = OODGate.load(path, entry, gate.dims, "refit")
     np.testing.assert_allclose(back.score(far), gate.score(far))
     assert back.threshold == gate.threshold and back.percentile == 90.0 and back.n_fit == 400
+
+
+def test_gate_combines_standardised_branch_distances_by_its_rule(tmp_path, rng):
+    dims = (6, 4, 5)
+    fits = {rule: fit_gate(_gaussians(rng, 200, dims), _gaussians(rng, 150, dims), percentile=99, combine=rule)
+            for rule in ("sum", "max")}
+    E = _gaussians(rng, 50, dims)
+    for rule, gate in fits.items():
+        z = (gate.distances(E) - gate.dist_mean) / gate.dist_std
+        np.testing.assert_allclose(gate.score(E), z.max(axis=1) if rule == "max" else z.sum(axis=1))
+        entry = gate.manifest_entry("sha")
+        assert entry["combine"] == rule and rule in entry["score"].split()[0]
+        back = OODGate.load(gate.save(tmp_path / f"{rule}.npz"), entry, gate.dims, "refit")
+        assert back.combine == rule and (back.note is None) == (rule == DEFAULT_COMBINE)
+        np.testing.assert_allclose(back.score(E), gate.score(E))
+    assert fit_gate(_gaussians(rng, 40), _gaussians(rng, 40)).combine == DEFAULT_COMBINE
+    with pytest.raises(ValueError, match="combines branches by one of"):
+        fit_gate(_gaussians(rng, 40), _gaussians(rng, 40), combine="mean")
+
+
+def test_a_gate_fitted_before_the_combine_key_loads_with_the_legacy_rule(tmp_path, rng, caplog):
+    gate = fit_gate(_gaussians(rng, 60), _gaussians(rng, 40), combine=LEGACY_COMBINE)
+    path = gate.save(tmp_path / OOD_FILE)
+    entry = {k: v for k, v in gate.manifest_entry("sha").items() if k != "combine"}  # as skinfusion 0.1 wrote it
+    with caplog.at_level(logging.WARNING, logger="ensemble.ood"):
+        back = OODGate.load(path, entry, gate.dims, "refit")
+    assert back.combine == "sum"
+    # Only a rule that is no longer the default asks for a refit, once per load.
+    assert caplog.text.count("re-run `skinfusion fuse`") == (LEGACY_COMBINE != DEFAULT_COMBINE)
+    far = _gaussians(rng, 5, shift=3.0)
+    np.testing.assert_allclose(back.score(far), gate.score(far))
+    with pytest.raises(ValueError, match=r"combined by 'median'.*refit"):
+        OODGate.load(path, {**entry, "combine": "median"}, gate.dims, "refit")
 
 
 def test_gate_file_refuses_pickles_and_arrays_of_the_wrong_shape(tmp_path, rng):

@@ -1,0 +1,67 @@
+"""Issue 28: realistic non-dermoscopic images (text, code, charts, screenshots, figures on white pages) are
+refused by the image-level checks, and dermoscopy-like images are not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colorspaces.quality import image_checks
+from skinfusion.data.synthetic import _lesion
+
+FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
+
+
+def lesion(size: int = 48, seed: int = 0) -> np.ndarray:
+    return _lesion(np.random.default_rng(seed), size, melanoma=bool(seed % 2), atypical_rate=0.0)
+
+
+def test_rendered_page_checks_pass_dermoscopy_like_lesions_at_every_size():
+    # The synthetic lesions' interiors are exactly flat (no noise) with sharp borders at small sizes:
+    # only page-like (unsaturated or dark) uniform regions may count as a background.
+    import cv2
+
+    for size in (32, 48, 96, 150):
+        for seed in range(12):
+            img = _lesion(np.random.default_rng(seed), size, melanoma=seed % 3 == 0, atypical_rate=0.12)
+            assert image_checks(img) == (), (size, seed)
+    for seed in range(6):  # enlarged: blocks of equal pixels
+        assert image_checks(cv2.resize(lesion(96, seed), (640, 480), interpolation=cv2.INTER_AREA)) == ()
+
+
+@pytest.mark.parametrize("kind", ["text_page", "code", "chart", "diagram", "project_plot", "screenshot", "white_border"])
+def test_realistic_rendered_images_fail_a_page_check(kind):
+    # Issue 28: white-background text, charts and screenshots passed every image-level check.
+    from experiments.farood import realistic_far_ood
+
+    for _, img in realistic_far_ood("tuning", 3, kinds=[kind]):
+        assert {"uniform_area", "text_like"} & set(image_checks(img)), kind
+
+
+def test_realistic_far_ood_set_is_seeded_and_its_parts_differ():
+    from experiments.farood import KINDS, realistic_far_ood
+
+    a = list(realistic_far_ood("tuning", 1))
+    assert [k for k, _ in a] == list(KINDS)
+    assert all(img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 for _, img in a)
+    again = dict(realistic_far_ood("tuning", 1, kinds=["chart", "scene"]))
+    np.testing.assert_array_equal(again["scene"], dict(a)["scene"])
+    held = dict(realistic_far_ood("heldout", 1, kinds=["scene"]))
+    assert held["scene"].shape != dict(a)["scene"].shape or not np.array_equal(held["scene"], dict(a)["scene"])
+    with pytest.raises(ValueError, match="part must be one of"):
+        next(realistic_far_ood("test"))
+
+
+def test_the_committed_bundle_flags_rendered_images_and_passes_lesions():
+    # A bundle of skinfusion 0.1.0 (no feature gate): the image-level checks are current for every bundle.
+    from ensemble import load_ensemble
+    from experiments.farood import realistic_far_ood
+
+    ens = load_ensemble(FIXTURE / "ensemble-mean")
+    pages = [img for _, img in realistic_far_ood("tuning", 1, kinds=["text_page", "chart", "screenshot"])]
+    details = ens.details(pages + [lesion(96, seed=s) for s in range(4)])
+    for d in details[:3]:
+        assert d.out_of_distribution is True and {"uniform_area", "text_like"} & set(d.ood_reasons), d.ood_reasons
+    assert all(d.ood_reasons == [] and not d.out_of_distribution for d in details[3:])
