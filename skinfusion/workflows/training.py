@@ -112,6 +112,11 @@ def train_branch_run(request: TrainRequest, config: BranchConfig) -> dict[str, A
         return _train_branch_run(request, config, dist)
 
 
+def lesion_margin(config: BranchConfig) -> float | None:
+    """The margin images are cropped to their lesion with when decoded, or None (``lesion_crop`` none)."""
+    return config.lesion_margin if config.lesion_crop == "box" else None
+
+
 def is_chief(strategy: str | None) -> bool:
     """Whether this process writes the run: always, but for a non-chief worker of ``--strategy multi-worker``."""
     return not strategy or resolve(strategy) != "multi-worker" or is_chief_task(read_tf_config())
@@ -198,7 +203,8 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
         # Decoded once into the disk cache; every branch and later run on these files reuses it,
         # and training streams it batch by batch, so memory does not grow with the dataset.
         imgs, ok, fails = cached_images([r.path for r in rs], config.load_size, cache_dir=request.cache_dir,
-                                        workers=request.workers, desc=f"{s} images")
+                                        workers=request.workers, desc=f"{s} images",
+                                        lesion_margin=lesion_margin(config))
         loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
         failures += fails
     missing = [(p, "listed in the labels but the file is missing") for p in index.missing_files]
@@ -331,12 +337,13 @@ def _train_branches(request: TrainRequest, configs: Sequence[BranchConfig], jobs
         return summaries
     index, assign, _ = prepare_split(request.data_dir, request.run_dir, request.split_seed, request.limit,
                                      dedup=request.dedup)
-    for size in sorted({c.load_size for c in configs}):
+    for size, margin in sorted({(c.load_size, lesion_margin(c)) for c in configs}, key=str):
         for split in ("train", "val"):
             cached_images([r.path for r in index.records if assign[r.image_id] == split
                            and r.image_id not in (request.holdout_ids or ())
                            and not (split == "train" and r.image_id in (request.exclude_ids or ()))],
-                          size, cache_dir=request.cache_dir, workers=request.workers, desc=f"{split} images")
+                          size, cache_dir=request.cache_dir, workers=request.workers, desc=f"{split} images",
+                          lesion_margin=margin)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
@@ -355,7 +362,8 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     index = index_dataset(recorded_data_dir(run, info))
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(run / "branches" / view)
-    imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images")
+    imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images",
+                                lesion_margin=lesion_margin(config))
     return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy,
                                                           crop_stride=config.crop_stride)
 
