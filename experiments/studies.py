@@ -19,7 +19,7 @@ from colorspaces.files import write_json_atomic
 from ensemble.metrics import binary_report
 from models import BranchConfig
 from skinfusion.workflows.auditing import read_audit_flags
-from skinfusion.workflows.training import score_branch, train_branch_run
+from skinfusion.workflows.training import TrainRequest, score_branch, train_branch_run
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _train_and_score(data: str, run: Path, exclude: set[str] | None = None, **ov
         meta = json.loads(meta_path.read_text())
         logger.info("reusing trained branch %s", meta_path.parent)
     else:
-        train_branch_run(data, str(run), config, exclude_ids=exclude)
+        train_branch_run(TrainRequest(data, str(run), exclude_ids=exclude), config)
         meta = json.loads(meta_path.read_text())
     records, proba = score_branch(str(run), config.view)
     y = np.array([r.label for r in records])

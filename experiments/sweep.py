@@ -76,7 +76,7 @@ def run_point(data: str, out: Path, view: str, base: dict, size: int, width: int
     """Train (or reuse) one grid point and measure it on validation (for the choice) and test (for the record)."""
     from models import BranchConfig
     from models.store import read_branch_info
-    from skinfusion.workflows.training import score_branch, train_branch_run
+    from skinfusion.workflows.training import TrainRequest, score_branch, train_branch_run
 
     config = BranchConfig.from_dict({**base, "view": view, "image_size": size, "base_filters": width,
                                      "epochs": epochs, "patience": epochs, "lr_schedule": "cosine"})
@@ -90,7 +90,7 @@ def run_point(data: str, out: Path, view: str, base: dict, size: int, width: int
     if trained:
         logger.info("%s: reusing the trained branch", run)
     else:
-        train_branch_run(data, str(run), config, resume=True)
+        train_branch_run(TrainRequest(data, str(run), resume=True), config)
     _, meta = read_branch_info(branch)
     val = _val_report(branch)
     t0 = time.perf_counter()

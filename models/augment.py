@@ -13,7 +13,7 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchCo
     """Random augmentation of RGB uint8 training images (never used at inference).
 
     Always: random 90° rotations and horizontal flips (a lesion has no canonical orientation).
-    With a config that asks for them: a small random rotation and zoom (``rotate_degrees``,
+    With a config that asks for them: a random resized crop (``resized_crop``), a small random rotation and zoom (``rotate_degrees``,
     ``scale_jitter``), brightness, contrast and hue jitter (``color_jitter``) and the camera
     and pipeline changes of another clinic (``acquisition``, see :func:`acquisition_shift`). They are
     applied to the RGB image before the view, so each view sees the change it would see in a
@@ -34,12 +34,28 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchCo
     # The same 8 symmetries test-time averaging uses: k-th rotation, then a flip for k + 4.
     for i, k in enumerate(ks + 4 * flips):
         out[i] = dihedral(images[i : i + 1], int(k))[0]
+    if config is not None and config.resized_crop > 0:
+        out = resized_crops(out, rng, config.resized_crop)
     if config is not None and (config.rotate_degrees > 0 or config.scale_jitter > 0):
         out = _affine(out, rng, config.rotate_degrees, config.scale_jitter)
     if config is not None and config.color_jitter > 0:
         out = _color_jitter(out, rng, config.color_jitter)
     if config is not None and config.acquisition > 0:
         out = acquisition_shift(out, rng, config.acquisition)
+    return out
+
+
+def resized_crops(images: np.ndarray, rng: np.random.Generator, r: float) -> np.ndarray:
+    """Random resized crops: per image, a square window of a uniform 1 - ``r`` to 1 of the area, placed
+    uniformly, resized back to the full side (scale augmentation: lesions seen at several zooms)."""
+    n, side = len(images), images.shape[1]
+    areas = rng.uniform(1.0 - r, 1.0, n)
+    out = np.empty_like(images)
+    for i in range(n):
+        k = max(2, min(side, int(round(side * np.sqrt(areas[i])))))
+        top, left = rng.integers(0, side - k + 1, 2)
+        window = images[i, top : top + k, left : left + k]
+        out[i] = window if k == side else cv2.resize(window, (side, side), interpolation=cv2.INTER_LINEAR)
     return out
 
 

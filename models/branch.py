@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from colorspaces import CONSTANCY, VIEWS, window_offsets
+from colorspaces.lesion import LESION_CROPS
 from colorspaces.pipeline import mean_over_windows, view_inputs  # noqa: F401  (mean_over_windows: re-exported)
 
 
@@ -79,6 +80,15 @@ class BranchConfig:
                                  metavar="A")
     color_constancy: str = _param("none", "preprocessing of every image before its view, in training and "
                                           "inference alike (shades_of_gray: p = 6)", choices=CONSTANCY)
+    # Lesion-centred input (colorspaces.lesion): images are cropped to the located lesion when
+    # decoded, before the resize, in training and (through the one inference preprocessing) alike.
+    lesion_crop: str = _param("none", "box: crop every image to its located lesion's bounding box (plus the margin, "
+                                      "squared; the central 80 percent when none is found) before resizing; none: the "
+                                      "whole image", choices=LESION_CROPS)
+    lesion_margin: float = _param(0.15, "with --lesion-crop box: context around the lesion box on each side, as a "
+                                        "fraction of its side (0-1)")
+    resized_crop: float = _param(0.0, "augmentation: random resized crops, a random square window of 1 - R to 1 "
+                                      "of the image's area resized back to the input; 0 = off", metavar="R")
     crop_scale: float = _param(1.0, "sliding-window crops when > 1: resize images to round(image size x this) "
                                     "(1-2), train on one random image-size window of each, average a grid of "
                                     "windows at inference; 1 = off")
@@ -116,10 +126,10 @@ class BranchConfig:
             raise ValueError(f"crop_scale must be in [1, 2], got {self.crop_scale}")
         if int(self.crop_stride) < 0:
             raise ValueError(f"crop_stride must be >= 0, got {self.crop_stride}")
-        for name in ("source_balance", "acquisition"):
+        for name in ("source_balance", "acquisition", "lesion_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("scale_jitter", "color_jitter"):
+        for name in ("scale_jitter", "color_jitter", "resized_crop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.learning_rate < 10.0:
@@ -250,6 +260,11 @@ def branch_inputs(config: BranchConfig, images: np.ndarray) -> tuple[np.ndarray,
         ``(x, k)``: float32 view arrays (k·N, S, S, C), window-major (the first N are window 0
         of every image), and k the number of windows per image (1 without crops).
     """
+    if config.lesion_crop != "none":
+        # The crop happens at decode time (colorspaces.lesion.crop_to_lesion, before the resize), which
+        # this function never sees: refuse rather than score uncropped images with a cropped branch.
+        raise ValueError(f"the {config.view} branch was trained on lesion crops (lesion_crop {config.lesion_crop!r}); "
+                         "this inference path does not crop images to the lesion yet, so it cannot score it")
     # The NumPy recipe lives in colorspaces.pipeline, so the exported runtimes share it without Keras.
     return view_inputs(images, config.view, config.image_size, config.color_constancy, config.crop_stride)
 

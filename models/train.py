@@ -1,6 +1,6 @@
 """Training one branch: seeding, class imbalance (models.sampling), streamed (augmented) batches, early stopping on validation AUC.
 
-The augmentation itself lives in ``models.augment``.
+The augmentation itself lives in ``models.augment``, the input pipelines in ``models.batches``.
 """
 
 from __future__ import annotations
@@ -9,169 +9,25 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
-from models.augment import augment_batch
+from models.augment import augment_batch  # noqa: F401  (re-exported: tests and callers import it from here)
+from models.batches import (  # noqa: F401  (re-exported, as before the pipelines had their own module)
+    _my_replicas,
+    _validation_batch_size,
+    training_batches,
+    view_batches,
+)
 from models.branch import BranchConfig, build_branch
 from models.checkpoint import _BestKeeper
-from models.sampling import class_weights, epoch_order
+from models.sampling import class_weights, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
-    """A tf.data pipeline whose k-th element is ``fn(k)``, computed in parallel and prefetched.
-
-    ``fn`` is NumPy/OpenCV code (reading the cache, augmenting, computing the view); it runs
-    in tf.data's thread pool, so input preparation overlaps the training step. Elements
-    come out in order (``deterministic=True``) and each depends only on ``k``, so a run is
-    reproducible whatever the parallelism.
-    """
-    dtypes = [tf.float32] * len(out_shapes)
-
-    def _map(k):
-        outs = tf.numpy_function(fn, [k], dtypes, stateful=False)
-        for t, shape in zip(outs, out_shapes):
-            t.set_shape(shape)
-        return tuple(outs)
-
-    options = tf.data.Options()
-    options.deterministic = True
-    return (tf.data.Dataset.range(first, n_steps)
-            .map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE)
-            .with_options(options))
-
-
-def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
-                     epochs: int | None = None, start_epoch: int = 0,
-                     sources: np.ndarray | None = None, replicas: int = 1,
-                     my_replicas: tuple[int, int] = (0, 1)) -> tuple[Any, int]:
-    """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
-
-    Args:
-        images: RGB uint8 images of shape (N, L, L, 3), L = ``config.load_size`` (with crops on,
-            each batch takes one random ``config.image_size`` window per image): a NumPy array or any array-like whose
-            ``images[index_array]`` returns such a batch (e.g. ``skinfusion.data.cache.ImageCache``).
-        y: binary labels (N,).
-        config: the branch config (view, batch size, sampling, augmentation, seed).
-        weights: per-class loss weights.
-        epochs: epochs the dataset spans (default ``config.epochs``).
-        start_epoch: first epoch to produce (a resumed run starts where it stopped).
-        sources: each training image's source, for ``config.source_balance``.
-        replicas: replicas sharing each global batch of ``config.batch_size`` images (a
-            ``tf.distribute`` strategy's ``num_replicas_in_sync``); it must divide the batch size.
-        my_replicas: ``(first, count)``: the replicas this input pipeline feeds (a worker's).
-
-    Returns:
-        ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
-        ``(epochs - start_epoch) * steps_per_epoch`` steps. Batch ``b`` of epoch ``e`` depends only on
-        ``(seed, e, b)``. With ``replicas > 1`` it yields ``count`` per-replica batches per step,
-        replica ``r`` taking rows ``r * batch_size / replicas`` onwards of the global batch, which
-        is made (sampled, augmented) exactly as on one device; an epoch then has only full global
-        batches (the last partial one, different images each epoch, is left out), so that every
-        replica's share is equal and the summed update is the one-device update.
-    """
-    y = np.asarray(y).astype(np.float32)
-    sample_weight = np.where(y > 0.5, weights[1], weights[0]).astype(np.float32)
-    bs, epochs = config.batch_size, epochs or config.epochs
-    orders: dict[int, np.ndarray] = {}
-
-    def order(epoch: int) -> np.ndarray:
-        # Called from tf.data's threads: a lost race only recomputes the same seeded order.
-        found = orders.get(epoch)
-        if found is None:
-            found = orders[epoch] = epoch_order(y, config.sampling, np.random.default_rng([config.seed, epoch]),
-                                                sources, config.source_balance)
-            orders.pop(epoch - 3, None)
-        return found
-
-    if bs % replicas:
-        raise ValueError(f"batch size {bs} is not divisible by the {replicas} replicas")
-    per_replica = bs // replicas
-    first, count = my_replicas
-    # The sampled order changes each epoch; its length does not.
-    n = len(order(0))
-    steps = math.ceil(n / bs) if replicas == 1 else n // bs
-    if steps == 0:
-        raise ValueError(f"an epoch has {n} training images, fewer than the batch size {bs} the {replicas} replicas "
-                         "share; lower --batch-size")
-    # This pipeline's rows of each global batch (all of them on one device).
-    mine = slice(first * per_replica, (first + count) * per_replica) if replicas > 1 else slice(None)
-
-    def load(k):
-        epoch, b = divmod(int(k), steps)
-        idx = order(epoch)[b * bs : (b + 1) * bs]
-        batch = apply_constancy(config.color_constancy, images[idx])
-        if config.load_size > config.image_size:
-            # Its own generator, so switching crops on leaves the augmentation stream unchanged.
-            batch = random_crops(batch, config.image_size, np.random.default_rng([config.seed, epoch, b, 1]))
-        if config.augment:
-            # The whole global batch is augmented, from the generator of (seed, epoch, b), and
-            # then sliced: each replica's images are those it would see on one device.
-            batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]), config)
-        idx, batch = idx[mine], batch[mine]
-        return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
-
-    size, ch = config.image_size, config.channels
-    ds = _numpy_batches(load, epochs * steps, [(None, size, size, ch), (None,), (None,)], first=start_epoch * steps)
-    if count > 1 and replicas > 1:
-        # One element per local replica, in replica order: tf.distribute hands a pipeline's
-        # elements to its replicas round-robin.
-        ds = ds.rebatch(per_replica)
-    return ds, steps
-
-
-def view_batches(images, view: str, batch_size: int, y: np.ndarray | None = None, constancy: str = "none",
-                 crop: int | None = None, replicas: int = 1, my_replicas: tuple[int, int] = (0, 1)):
-    """Streaming inference input: the view of ``images`` in order, ``batch_size`` at a time.
-
-    No augmentation: only the preprocessing inference also applies (``constancy``). With
-    ``crop``, each image's central ``crop``×``crop`` window (for validating a branch trained
-    on crops while it trains; its saved validation scores average the full window grid).
-
-    Yields ``x`` batches, or ``(x, y)`` when labels are given (for Keras validation data). With
-    ``replicas > 1`` (validation under a ``tf.distribute`` strategy) the batch size is rounded
-    down to a multiple of ``replicas``, each batch is split in ``replicas`` consecutive slices
-    (equal but in the last batch) and this pipeline yields those of ``my_replicas`` (as in
-    ``training_batches``); every image is still seen once.
-    """
-    n = len(images)
-    batch_size = _validation_batch_size(n, batch_size, replicas)
-    steps = math.ceil(n / batch_size)
-    first, count = my_replicas
-    channels = VIEWS[view].channels
-    size = crop or images.shape[1]
-    y32 = None if y is None else np.asarray(y).astype(np.float32)
-
-    def load(k):
-        step, r = divmod(int(k), count)
-        begin, m = step * batch_size, min(batch_size, n - step * batch_size)
-        r += first
-        sl = slice(begin + r * m // replicas, begin + (r + 1) * m // replicas)
-        if sl.start >= sl.stop:  # a replica past the end of the last batch: an empty share
-            x = np.zeros((0, size, size, channels), np.float32)
-            return (x,) if y32 is None else (x, y32[:0])
-        batch = apply_constancy(constancy, images[np.arange(sl.start, sl.stop)])
-        if batch.shape[1] > size:
-            batch = centre_crop(batch, size)
-        x = apply_view(view, batch).astype(np.float32, copy=False)
-        return (x,) if y32 is None else (x, y32[sl])
-
-    shapes = [(None, size, size, channels)] + ([] if y32 is None else [(None,)])
-    ds = _numpy_batches(load, steps * count, shapes)
-    return ds.map(lambda x: x) if y32 is None else ds
-
-
-def _validation_batch_size(n: int, batch_size: int, replicas: int) -> int:
-    # Under several replicas Keras checks that the first batch's slices have one shape: make
-    # them equal by rounding the batch down to a multiple of the replicas.
-    return batch_size if replicas == 1 else replicas * max(1, min(batch_size, n) // replicas)
 
 
 class _EpochLogger(keras.callbacks.Callback):
@@ -194,32 +50,11 @@ class _EpochLogger(keras.callbacks.Callback):
         )
 
 
-def fit_branch(
-    config: BranchConfig,
-    train_images: np.ndarray,
-    y_train: np.ndarray,
-    val_images: np.ndarray,
-    y_val: np.ndarray,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    build: Callable[[BranchConfig], keras.Model] = build_branch,
-    callbacks: Sequence[keras.callbacks.Callback] = (),
-    train_sources: Sequence[str] | None = None,
-    strategy: tf.distribute.Strategy | None = None,
-    mixed_precision: bool = False,
-    resume_dir: str | os.PathLike | None = None,
-) -> tuple[keras.Model, dict[str, Any]]:
-    """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``fit_branch`` trains a branch, beside what it trains (the ``BranchConfig``, the images).
 
-    Args:
-        config: branch hyper-parameters; its seed is set here.
-        train_images: RGB uint8 (N, L, L, 3) with L = ``config.load_size`` (``image_size``
-            unless the config asks for crops): an array, or an
-            array-like read a batch at a time (``skinfusion.data.cache.ImageCache``), so the
-            training set need not fit in memory.
-        y_train: binary labels (1 = melanoma), shape (N,).
-        val_images: RGB uint8 validation images, same size.
-        y_val: validation labels; both classes must be present.
+    Attributes:
         checkpoint_dir: if given, a checkpoint is written there after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir`` (from its last complete
             epoch, with the optimizer and early-stopping state), if there is one.
@@ -234,6 +69,49 @@ def fit_branch(
             float32 (probabilities and loss stay float32); the returned model is float32.
         resume_dir: where to read the checkpoint to resume (default ``checkpoint_dir``): a
             multi-worker run's non-chief workers read the chief's and write their own elsewhere.
+    """
+
+    checkpoint_dir: str | os.PathLike | None = None
+    resume: bool = False
+    build: Callable[[BranchConfig], keras.Model] = build_branch
+    callbacks: Sequence[keras.callbacks.Callback] = ()
+    train_sources: Sequence[str] | None = None
+    strategy: tf.distribute.Strategy | None = None
+    mixed_precision: bool = False
+    resume_dir: str | os.PathLike | None = None
+
+
+@dataclass
+class _Fit:
+    """One fit_branch call's checked inputs and the state its parts share."""
+
+    config: BranchConfig
+    options: FitOptions
+    train_images: Any
+    y_train: np.ndarray
+    val_images: Any
+    y_val: np.ndarray
+    sources: np.ndarray | None
+    weights: dict[int, float]
+    strategy: tf.distribute.Strategy
+    replicas: int
+
+
+def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarray, val_images: np.ndarray,
+               y_val: np.ndarray, **options: Any) -> tuple[keras.Model, dict[str, Any]]:
+    """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
+
+    Args:
+        config: branch hyper-parameters; its seed is set here.
+        train_images: RGB uint8 (N, L, L, 3) with L = ``config.load_size`` (``image_size``
+            unless the config asks for crops): an array, or an
+            array-like read a batch at a time (``skinfusion.data.cache.ImageCache``), so the
+            training set need not fit in memory.
+        y_train: binary labels (1 = melanoma), shape (N,).
+        val_images: RGB uint8 validation images, same size.
+        y_val: validation labels; both classes must be present.
+        **options: the fields of :class:`FitOptions` (checkpointing, resume, builder, callbacks,
+            sources, strategy, precision).
 
     Returns:
         ``(model, history)``; history holds per-epoch metrics, the best epoch, the class
@@ -243,7 +121,47 @@ def fit_branch(
     Raises:
         ValueError: if shapes disagree with the config, a class is missing, or the batch size
             is not divisible by the strategy's replicas.
+        TypeError: for an option that is not a field of :class:`FitOptions`.
     """
+    fit = _checked(config, FitOptions(**options), train_images, y_train, val_images, y_val)
+    keras.utils.set_random_seed(config.seed)
+    opts = fit.options
+    keeper = _BestKeeper(config, opts.checkpoint_dir, opts.build, resume_dir=opts.resume_dir,
+                         mixed_precision=opts.mixed_precision)
+    model, initial_epoch, steps = _compiled_model(fit, keeper)
+    train_ds, val_ds, val_steps = _input_pipelines(fit, initial_epoch)
+    logger.info(
+        "[%s] training on %d images (%d melanoma), validating on %d; class weights %s",
+        config.view, len(fit.y_train), int(fit.y_train.sum()), len(fit.y_val),
+        {k: round(v, 3) for k, v in fit.weights.items()},
+    )
+    t0 = time.perf_counter()
+    if initial_epoch < config.epochs and not keeper.stopped:
+        model.fit(
+            train_ds,
+            steps_per_epoch=steps,
+            shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
+            validation_data=val_ds,
+            validation_steps=val_steps,
+            initial_epoch=initial_epoch,
+            epochs=config.epochs,
+            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *opts.callbacks],
+            verbose=0,
+        )
+    keeper.restore_best(model)
+    if fit.replicas > 1 or opts.mixed_precision:
+        # The branch is stored as a one-device float32 model, whatever trained it: the same
+        # file as a one-device run's, loadable without the strategy or a GPU.
+        trained, model = model, opts.build(config)
+        model.set_weights(trained.get_weights())
+    history = _history(keeper, fit.weights, time.perf_counter() - t0 + keeper.seconds_before, initial_epoch)
+    logger.info("[%s] done in %.1fs; best epoch %d with val_auc %.4f", config.view, history["train_seconds"],
+                history["best_epoch"], history["best_val_auc"])
+    return model, history
+
+
+def _checked(config: BranchConfig, options: FitOptions, train_images, y_train, val_images, y_val) -> _Fit:
+    """fit_branch's inputs checked against the config and the strategy, with the class weights."""
     size = config.load_size
     for name, arr in (("train_images", train_images), ("val_images", val_images)):
         if arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or arr.dtype != np.uint8:
@@ -258,82 +176,74 @@ def fit_branch(
         logger.warning("[%s] class_weight 'balanced' with sampling %r corrects the class imbalance twice; "
                        "use --class-weight balanced --sampling none, or the default (oversample, no weights)",
                        config.view, config.sampling)
-
-    strategy = strategy or tf.distribute.get_strategy()
+    strategy = options.strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(f"batch size {config.batch_size} is not divisible by the {replicas} replicas of "
                          f"{type(strategy).__name__}; use a multiple of {replicas}")
-    if config.source_balance > 0 and train_sources is None:
+    if config.source_balance > 0 and options.train_sources is None:
         raise ValueError("source_balance needs each training image's source (train_sources)")
-    sources = None if train_sources is None else np.asarray(train_sources)
+    sources = None if options.train_sources is None else np.asarray(options.train_sources)
     if sources is not None and len(sources) != len(y_train):
         raise ValueError(f"train_sources has {len(sources)} entries for {len(y_train)} training images")
+    return _Fit(config, options, train_images, y_train, val_images, y_val, sources, weights, strategy, replicas)
 
-    keras.utils.set_random_seed(config.seed)
-    keeper = _BestKeeper(config, checkpoint_dir, build, resume_dir=resume_dir, mixed_precision=mixed_precision)
-    with strategy.scope():  # variables (model, optimizer, metrics) are made as the strategy's
-        model, initial_epoch = keeper.restore() if resume else (None, 0)
-        _, steps = training_batches(train_images, y_train, config, weights, sources=sources, replicas=replicas)
+
+def _compiled_model(fit: _Fit, keeper: _BestKeeper) -> tuple[keras.Model, int, int]:
+    """``(model, initial epoch, steps per epoch)``: restored from the checkpoint or built and compiled.
+
+    Variables (model, optimizer, metrics) are made in the strategy's scope.
+    """
+    config, opts = fit.config, fit.options
+    with fit.strategy.scope():
+        model, initial_epoch = keeper.restore() if opts.resume else (None, 0)
+        _, steps = training_batches(fit.train_images, fit.y_train, config, fit.weights, sources=fit.sources,
+                                    replicas=fit.replicas)
         if model is None:
-            model = _build_for_training(build, config, mixed_precision)
+            model = _build_for_training(opts.build, config, opts.mixed_precision)
             model.compile(
                 optimizer=make_optimizer(config, steps),
                 loss="binary_crossentropy",
                 metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
             )
-        _synchronise_batchnorm(model, replicas > 1)
-    val_size = config.image_size
-    if replicas == 1:
-        train_ds, _ = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
-                                       sources=sources)
-        val_ds = view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy, crop=val_size)
-    else:
-        # Each worker's input pipeline feeds its own replicas (ctx names which): the data are
-        # sharded by batch slices, not by files, so every worker needs the whole training set.
-        def train_fn(ctx):
-            return training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
-                                    sources=sources, replicas=replicas, my_replicas=_my_replicas(ctx))[0]
+        _synchronise_batchnorm(model, fit.replicas > 1)
+    return model, initial_epoch, steps
 
-        def val_fn(ctx):
-            # Repeated: with validation_steps given, Keras keeps one iterator for all epochs.
-            return view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy,
-                                crop=val_size, replicas=replicas, my_replicas=_my_replicas(ctx)).repeat()
 
-        train_ds = strategy.distribute_datasets_from_function(train_fn)
-        val_ds = strategy.distribute_datasets_from_function(val_fn)
-    logger.info(
-        "[%s] training on %d images (%d melanoma), validating on %d; class weights %s",
-        config.view, len(y_train), int(y_train.sum()), len(y_val),
-        {k: round(v, 3) for k, v in weights.items()},
-    )
-    t0 = time.perf_counter()
-    if initial_epoch < config.epochs and not keeper.stopped:
-        model.fit(
-            train_ds,
-            steps_per_epoch=steps,
-            shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
-            validation_data=val_ds,
-            # A distributed dataset's length is unknown to Keras: say it, or each epoch warns
-            # that the validation input "ran out of data".
-            validation_steps=None if replicas == 1 else math.ceil(
-                len(y_val) / _validation_batch_size(len(y_val), 128, replicas)),
-            initial_epoch=initial_epoch,
-            epochs=config.epochs,
-            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *callbacks],
-            verbose=0,
-        )
-    keeper.restore_best(model)
-    if replicas > 1 or mixed_precision:
-        # The branch is stored as a one-device float32 model, whatever trained it: the same
-        # file as a one-device run's, loadable without the strategy or a GPU.
-        trained, model = model, build(config)
-        model.set_weights(trained.get_weights())
-    seconds = time.perf_counter() - t0 + keeper.seconds_before
+def _input_pipelines(fit: _Fit, initial_epoch: int) -> tuple[Any, Any, int | None]:
+    """``(training data, validation data, validation steps)`` for ``model.fit``, from ``initial_epoch`` on."""
+    config, val_size = fit.config, fit.config.image_size
+    if fit.replicas == 1:
+        train_ds, _ = training_batches(fit.train_images, fit.y_train, config, fit.weights, start_epoch=initial_epoch,
+                                       sources=fit.sources)
+        val_ds = view_batches(fit.val_images, config.view, 128, y=fit.y_val, constancy=config.color_constancy,
+                              crop=val_size)
+        return train_ds, val_ds, None
+
+    # Each worker's input pipeline feeds its own replicas (ctx names which): the data are
+    # sharded by batch slices, not by files, so every worker needs the whole training set.
+    def train_fn(ctx):
+        return training_batches(fit.train_images, fit.y_train, config, fit.weights, start_epoch=initial_epoch,
+                                sources=fit.sources, replicas=fit.replicas, my_replicas=_my_replicas(ctx))[0]
+
+    def val_fn(ctx):
+        # Repeated: with validation_steps given, Keras keeps one iterator for all epochs.
+        return view_batches(fit.val_images, config.view, 128, y=fit.y_val, constancy=config.color_constancy,
+                            crop=val_size, replicas=fit.replicas, my_replicas=_my_replicas(ctx)).repeat()
+
+    # A distributed dataset's length is unknown to Keras: say it, or each epoch warns that the
+    # validation input "ran out of data".
+    val_steps = math.ceil(len(fit.y_val) / _validation_batch_size(len(fit.y_val), 128, fit.replicas))
+    return (fit.strategy.distribute_datasets_from_function(train_fn),
+            fit.strategy.distribute_datasets_from_function(val_fn), val_steps)
+
+
+def _history(keeper: _BestKeeper, weights: dict[int, float], seconds: float, initial_epoch: int) -> dict[str, Any]:
+    """fit_branch's history: per-epoch metrics, the best epoch, class weights, training seconds."""
     per_epoch = keeper.history
     val_auc = per_epoch.get("val_auc", [])
     best = int(np.argmax(val_auc)) if val_auc else -1
-    history = {
+    return {
         "epochs_run": len(val_auc),
         "best_epoch": best + 1,
         "best_val_auc": val_auc[best] if val_auc else float("nan"),
@@ -342,14 +252,6 @@ def fit_branch(
         "resumed_from_epoch": initial_epoch,
         "per_epoch": per_epoch,
     }
-    logger.info("[%s] done in %.1fs; best epoch %d with val_auc %.4f", config.view, seconds, best + 1, history["best_val_auc"])
-    return model, history
-
-
-def _my_replicas(ctx: tf.distribute.InputContext) -> tuple[int, int]:
-    """``(first replica, replica count)`` of the input pipeline ``ctx`` describes (one per worker)."""
-    local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-    return ctx.input_pipeline_id * local, local
 
 
 def _build_for_training(build: Callable[[BranchConfig], keras.Model], config: BranchConfig,

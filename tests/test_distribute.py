@@ -175,8 +175,9 @@ def test_a_peer_lost_while_the_workers_compare_is_reported_in_one_line(synthetic
     monkeypatch.setattr(training, "_multi_worker_class", lambda: FakeMultiWorker)
     monkeypatch.setattr(training, "worker_values", lost)
     with pytest.raises(ConnectionError, match=r"\(Socket closed\); before training started: restart every worker"):
-        training._train_branch_run(str(synthetic_data), str(tmp_path / "run"), BranchConfig(view="rgb"), 0, None, 1,
-                                   None, False, str(tmp_path / "cache"), False, dist=FakeMultiWorker())
+        request = training.TrainRequest(str(synthetic_data), str(tmp_path / "run"), workers=1,
+                                        cache_dir=str(tmp_path / "cache"))
+        training._train_branch_run(request, BranchConfig(view="rgb"), dist=FakeMultiWorker())
 
 
 def test_tf_config_roles_and_batch_divisibility():

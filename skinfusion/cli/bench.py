@@ -7,6 +7,7 @@ this module checks them first, so a bad value is refused before minutes of bench
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from colorspaces.files import check_output_file
@@ -37,8 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``skinfusion bench``: print the side-by-side table and write the raw JSON.
 
     Returns:
-        0, or 2 if a flag is out of range or the run has no fused ensemble.
+        0, or 2 if a flag is out of range or the run has no fused ensemble. With ``--train``,
+        ``skinfusion.workflows.bench_train`` (training throughput variants) runs instead.
     """
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--train" in argv:  # training throughput, setting against setting: a parser of its own
+        from skinfusion.workflows import bench_train
+
+        return bench_train.main(argv)
     p = parser()
     args = p.parse_args(argv)
     if args.phase is None:  # the parent; a child phase was checked by it

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from colorspaces.image import RESIZE_RECIPE
+from colorspaces.lesion import LESION_RECIPE
 from skinfusion.data.index import load_images
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ class ImageCache:
         self.__init__(state["path"], state["n"], state["size"])
 
 
-def cache_key(paths: Sequence[str], size: int) -> str:
-    """Key of a cache: the resize recipe, the size, and each file's path, byte size and mtime."""
-    h = hashlib.sha256(f"{CACHE_FORMAT}|{RESIZE_RECIPE}|{size}\n".encode())
+def cache_key(paths: Sequence[str], size: int, lesion_margin: float | None = None) -> str:
+    """Key of a cache: the resize recipe (with the lesion crop, if any), the size, and each file's path, byte size and mtime."""
+    recipe = RESIZE_RECIPE if lesion_margin is None else f"{LESION_RECIPE}:{lesion_margin!r}|{RESIZE_RECIPE}"
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{recipe}|{size}\n".encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -107,7 +109,8 @@ def cache_key(paths: Sequence[str], size: int) -> str:
 
 
 def cached_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike | None = None,
-                  workers: int = 2, desc: str = "images") -> tuple[ImageCache, np.ndarray, list[tuple[str, str]]]:
+                  workers: int = 2, desc: str = "images",
+                  lesion_margin: float | None = None) -> tuple[ImageCache, np.ndarray, list[tuple[str, str]]]:
     """Decode and resize ``paths`` into a disk cache (or reuse one), skipping unreadable files.
 
     The cache is keyed by :func:`cache_key`, so every branch of a run, and every later run on
@@ -120,6 +123,8 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike 
         cache_dir: where caches live (default :func:`default_cache_dir`).
         workers: decoding threads.
         desc: what to call the images in progress messages.
+        lesion_margin: if given, each image is cropped to its lesion before the resize
+            (``colorspaces.lesion.crop_to_lesion``; a cache of its own).
 
     Returns:
         ``(cache, ok, failures)``: the images that loaded, their indices into ``paths``, and
@@ -127,7 +132,7 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike 
     """
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, size)
+    key = cache_key(paths, size, lesion_margin)
     data_file, meta_file = root / f"{key}-{size}px.u8", root / f"{key}-{size}px.json"
     if data_file.is_file() and meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -146,7 +151,8 @@ def cached_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike 
         with open(tmp, "wb") as fh:
             for start in range(0, len(paths), _CHUNK):
                 chunk = list(paths[start : start + _CHUNK])
-                imgs, ok_chunk, fails = load_images(chunk, size, workers=workers, desc=desc, log_progress=False)
+                imgs, ok_chunk, fails = load_images(chunk, size, workers=workers, desc=desc, log_progress=False,
+                                                      lesion_margin=lesion_margin)
                 fh.write(np.ascontiguousarray(imgs).tobytes())
                 ok.extend(int(i) + start for i in ok_chunk)
                 failures.extend(fails)

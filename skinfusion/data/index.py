@@ -21,6 +21,7 @@ from colorspaces import ImageError, read_image, resize_image
 from colorspaces.files import atomic_open
 from colorspaces.image import IMAGE_SUFFIXES
 from colorspaces.labels import LABEL_NAMES, LABELS
+from colorspaces.lesion import crop_to_lesion
 
 logger = logging.getLogger(__name__)
 
@@ -287,14 +288,18 @@ def row_metadata(row: dict[str, str]) -> dict[str, str]:
     return {f: next((row[c] for c in cols if row.get(c)), "") for f, cols in _META_COLUMNS.items()}
 
 
-def _load_one(path: str, size: int):
+def _load_one(path: str, size: int, lesion_margin: float | None = None):
     try:
-        return resize_image(read_image(path), size), None
+        image = read_image(path)
+        if lesion_margin is not None:
+            image = crop_to_lesion(image, lesion_margin)
+        return resize_image(image, size), None
     except ImageError as exc:
         return None, str(exc)
 
 
-def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "images", log_progress: bool = True):
+def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "images", log_progress: bool = True,
+                lesion_margin: float | None = None):
     """Decode and resize images, skipping unreadable ones instead of failing the job.
 
     Args:
@@ -303,6 +308,7 @@ def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "
         workers: decoding threads (OpenCV releases the GIL while decoding).
         desc: what to call the images in progress messages.
         log_progress: log a line every tenth of the way (callers that chunk log their own).
+        lesion_margin: if given, crop each image to its lesion first (``colorspaces.lesion.crop_to_lesion``).
 
     Returns:
         ``(images, ok, failures)``: RGB uint8 (n_ok, size, size, 3), the indices into
@@ -312,7 +318,7 @@ def load_images(paths: Sequence[str], size: int, workers: int = 2, desc: str = "
     ok, failures = [], []
     step = max(1, len(paths) // 10)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for i, (img, err) in enumerate(pool.map(lambda p: _load_one(p, size), paths)):
+        for i, (img, err) in enumerate(pool.map(lambda p: _load_one(p, size, lesion_margin), paths)):
             if err is None:
                 out[len(ok)] = img
                 ok.append(i)

@@ -282,6 +282,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-calls", type=int, default=200, help="single-image predict calls for p50/p95 (default 200)")
     p.add_argument("--batch-size", type=int, default=64, help="skinfusion's inference batch size (default 64)")
     p.add_argument("--out", type=Path, help="also write the raw figures as JSON (default RUN/bench.json)")
+    p.add_argument("--train", action="store_true",
+                   help="measure training throughput settings side by side instead (XLA, bfloat16, batch size, "
+                        "input pipeline, threads) against the fp32 peak; see `skinfusion bench --train --help`")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="only print the table")
     return p

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,29 +43,57 @@ from skinfusion.workflows.runsplit import prepare_split
 logger = logging.getLogger(__name__)
 
 
-def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_seed: int = 0,
-                     limit: int | None = None, workers: int = 2,
-                     exclude_ids: set[str] | None = None, dedup: bool = False,
-                     cache_dir: str | None = None, resume: bool = False,
-                     holdout_ids: set[str] | None = None, strategy: str | None = None,
-                     mixed_precision: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainRequest:
+    """Where and how ``train`` trains a run's branches: everything but the branch config.
+
+    Attributes:
+        data_dir: the dataset folder.
+        run_dir: the run directory (its split is made on first use and reused).
+        split_seed: seed of the run's split, used only when the split is created.
+        limit: a stratified, grouped subset of about this many images (fixed at split creation).
+        workers: image decoding threads.
+        exclude_ids: images dropped from the training images only (e.g. artefact-flagged);
+            validation and test keep them, so metrics stay comparable between runs.
+        dedup: group near-identical images when the split is created.
+        cache_dir: the decoded-image cache (default ``$SKINFUSION_CACHE`` or ``~/.cache/skinfusion``).
+        resume: continue an interrupted branch from its last complete epoch; a branch that
+            already finished with the same config is kept as is.
+        holdout_ids: images left out of training and validation (recorded in the run).
+        strategy: a ``models.distribute`` strategy name (``auto``, ``one-device``, ``mirrored``,
+            ``multi-worker``; default: TensorFlow's default device).
+        mixed_precision: train under Keras' ``mixed_float16`` policy (the branch is saved float32).
+    """
+
+    data_dir: str
+    run_dir: str
+    split_seed: int = 0
+    limit: int | None = None
+    workers: int = 2
+    exclude_ids: set[str] | None = None
+    dedup: bool = False
+    cache_dir: str | None = None
+    resume: bool = False
+    holdout_ids: set[str] | None = None
+    strategy: str | None = None
+    mixed_precision: bool = False
+
+
+def train_branch_run(request: TrainRequest, config: BranchConfig) -> dict[str, Any]:
     """Train one branch on the run's split and save it to ``RUN/branches/<view>/``.
 
     Writes ``model.keras``, ``config.json``, ``metadata.json``, ``val_predictions.csv`` and
-    ``skipped.csv`` (unreadable images). ``exclude_ids`` (e.g. artefact-flagged images) are
-    dropped from the training images only; validation and test keep them, so metrics stay
-    comparable between runs with and without the exclusion. Decoded images go to the disk
-    cache in ``cache_dir`` (default ``$SKINFUSION_CACHE`` or ``~/.cache/skinfusion``).
+    ``skipped.csv`` (unreadable images). Decoded images go to the disk cache in
+    ``request.cache_dir``.
 
     Every epoch is checkpointed in ``RUN/branches/<view>/.checkpoint/`` (removed once the
-    branch is saved). With ``resume``, an interrupted branch continues from its last
+    branch is saved). With ``request.resume``, an interrupted branch continues from its last
     complete epoch, and a branch that already finished with the same config is kept as is.
 
-    ``strategy`` names a ``models.distribute`` strategy (``auto``, ``one-device``, ``mirrored``,
-    ``multi-worker``; default: TensorFlow's default device). Under ``multi-worker`` every
-    worker runs this with the same arguments; only the chief writes the run (and holds its
-    lock). The others read its split and, with ``resume``, its checkpoint, and write theirs to
-    a temporary directory that is removed at the end (Keras' pattern for multi-worker saving).
+    Under ``--strategy multi-worker`` every worker runs this with the same request; only the
+    chief writes the run (and holds its lock). The others read its split and, with ``resume``,
+    its checkpoint, and write theirs to a temporary directory that is removed at the end
+    (Keras' pattern for multi-worker saving).
 
     Returns:
         A summary dict: validation metrics, train seconds, skipped count, branch directory.
@@ -73,16 +102,19 @@ def train_branch_run(data_dir: str, run_dir: str, config: BranchConfig, split_se
         RunLockedError: if another process is writing the run.
         ValueError: if multi-worker workers disagree on the data or on where to resume.
     """
-    dist = make_strategy(strategy) if strategy else None
-    if not is_chief(strategy):
+    dist = make_strategy(request.strategy) if request.strategy else None
+    if not is_chief(request.strategy):
         with tempfile.TemporaryDirectory(prefix="skinfusion-worker-") as scratch:
-            summary = _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup,
-                                        cache_dir, resume, holdout_ids, dist, mixed_precision, write_dir=scratch)
-        summary["branch_dir"] = f"{Path(run_dir) / 'branches' / config.view} (saved by the chief)"
+            summary = _train_branch_run(request, config, dist, write_dir=scratch)
+        summary["branch_dir"] = f"{Path(request.run_dir) / 'branches' / config.view} (saved by the chief)"
         return summary
-    with run_lock(run_dir, f"skinfusion train --view {config.view}"):
-        return _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup,
-                                 cache_dir, resume, holdout_ids, dist, mixed_precision)
+    with run_lock(request.run_dir, f"skinfusion train --view {config.view}"):
+        return _train_branch_run(request, config, dist)
+
+
+def lesion_margin(config: BranchConfig) -> float | None:
+    """The margin images are cropped to their lesion with when decoded, or None (``lesion_crop`` none)."""
+    return config.lesion_margin if config.lesion_crop == "box" else None
 
 
 def is_chief(strategy: str | None) -> bool:
@@ -120,15 +152,18 @@ def _check_workers_agree(dist, branch_dir: Path, point: int, train_ids: list[str
                      f"{branch_dir} (put the run on a filesystem all workers share, or copy it to each)")
 
 
-def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exclude_ids, dedup, cache_dir,
-                      resume, holdout_ids=None, dist=None, mixed_precision=False, write_dir=None) -> dict[str, Any]:
+def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
+                      write_dir: str | None = None) -> dict[str, Any]:
     bound_allocator()
+    run_dir, resume = request.run_dir, request.resume
+    holdout_ids, exclude_ids = request.holdout_ids, request.exclude_ids
     read_run = Path(run_dir)
     # A non-chief worker reads the chief's split and checkpoint and writes under write_dir.
     # Before the chief has saved the split it makes its own there: the split is seeded, so
     # it is the same one (the agreement check below makes sure).
     split_run = run_dir if write_dir is None or (read_run / "splits.csv").is_file() else write_dir
-    index, assign, info = prepare_split(data_dir, split_run, split_seed, limit, dedup=dedup)
+    index, assign, info = prepare_split(request.data_dir, split_run, request.split_seed, request.limit,
+                                        dedup=request.dedup)
     run_dir = write_dir or run_dir
     recs = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
     n_excluded = n_held_out = 0
@@ -167,8 +202,9 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
     for s, rs in recs.items():
         # Decoded once into the disk cache; every branch and later run on these files reuses it,
         # and training streams it batch by batch, so memory does not grow with the dataset.
-        imgs, ok, fails = cached_images([r.path for r in rs], config.load_size, cache_dir=cache_dir,
-                                        workers=workers, desc=f"{s} images")
+        imgs, ok, fails = cached_images([r.path for r in rs], config.load_size, cache_dir=request.cache_dir,
+                                        workers=request.workers, desc=f"{s} images",
+                                        lesion_margin=lesion_margin(config))
         loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
         failures += fails
     missing = [(p, "listed in the labels but the file is missing") for p in index.missing_files]
@@ -180,7 +216,7 @@ def _train_branch_run(data_dir, run_dir, config, split_seed, limit, workers, exc
         model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0],
                                     loaded["val"][1], checkpoint_dir=checkpoint, resume=resume,
                                     train_sources=[source_family(r.source) for r in loaded["train"][2]],
-                                    strategy=dist, mixed_precision=mixed_precision,
+                                    strategy=dist, mixed_precision=request.mixed_precision,
                                     resume_dir=chief_branch / ".checkpoint")
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
@@ -241,18 +277,18 @@ def _multi_worker_class() -> type:
     return tf.distribute.MultiWorkerMirroredStrategy
 
 
-def _train_in_worker(threads: int, log_level: int, *args, **kwargs) -> dict[str, Any]:
+def _train_in_worker(threads: int, log_level: int, request: TrainRequest, config: BranchConfig) -> dict[str, Any]:
     # Runs in a fresh joblib worker process: split the cores before TensorFlow starts.
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    return train_branch_run(*args, **kwargs)
+    return train_branch_run(request, config)
 
 
 def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig], jobs: int = 1,
-                   **kwargs) -> list[dict[str, Any]]:
+                   **options: Any) -> list[dict[str, Any]]:
     """Train several branches on one run, one after another (``jobs=1``) or in parallel processes.
 
     The split and the decoded-image cache are made first, in this process, so parallel
@@ -260,12 +296,13 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
     gets ``cpu_count // jobs`` TensorFlow threads.
 
     Args:
-        data_dir, run_dir: as for :func:`train_branch_run`.
+        data_dir, run_dir: the dataset and the run (see :class:`TrainRequest`).
         configs: one config per branch (typically rgb, hsv, fft).
         jobs: parallel worker processes (joblib, loky backend).
-        **kwargs: passed to :func:`train_branch_run` (split_seed, limit, workers, exclude_ids, dedup, cache_dir,
-            resume, strategy, mixed_precision). A strategy of several replicas trains one branch at a
-            time in this process (it has the devices to itself): ``jobs`` must then be 1.
+        **options: the other fields of :class:`TrainRequest` (split_seed, limit, workers, exclude_ids,
+            dedup, cache_dir, resume, holdout_ids, strategy, mixed_precision). A strategy of several
+            replicas trains one branch at a time in this process (it has the devices to itself):
+            ``jobs`` must then be 1.
 
     Returns:
         The summaries of :func:`train_branch_run`, in ``configs`` order.
@@ -273,44 +310,45 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
     Raises:
         RunLockedError: if another process is writing the run (the lock is held throughout,
             and the worker processes inherit it).
+        TypeError: for an option that is not a field of :class:`TrainRequest`.
     """
+    request = TrainRequest(data_dir, run_dir, **options)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    strategy = kwargs.get("strategy")
+    strategy = request.strategy
     if jobs > 1 and len(configs) > 1 and strategy and resolve(strategy) != "one-device":
         raise ValueError(f"--jobs {jobs} trains branches in parallel processes, but --strategy {strategy} gives each "
                          "branch all the devices; use --jobs 1 (branches one after another) or --strategy one-device")
     views = "+".join(c.view for c in configs)
     # A non-chief multi-worker task writes nothing in the run, so it does not lock it (the chief does).
-    lock = run_lock(run_dir, f"skinfusion train --view {views}") if is_chief(kwargs.get("strategy")) \
-        else contextlib.nullcontext()
+    lock = run_lock(run_dir, f"skinfusion train --view {views}") if is_chief(strategy) else contextlib.nullcontext()
     with lock:
-        return _train_branches(data_dir, run_dir, configs, jobs, **kwargs)
+        return _train_branches(request, configs, jobs)
 
 
-def _train_branches(data_dir, run_dir, configs, jobs, **kwargs) -> list[dict[str, Any]]:
+def _train_branches(request: TrainRequest, configs: Sequence[BranchConfig], jobs: int) -> list[dict[str, Any]]:
     if jobs == 1 or len(configs) == 1:
         summaries = []
         for c in configs:
-            summaries.append(train_branch_run(data_dir, run_dir, c, **kwargs))
+            summaries.append(train_branch_run(request, c))
             # Free the finished branch's graph and datasets before the next one is built.
             keras.backend.clear_session()
             gc.collect()
         return summaries
-    index, assign, _ = prepare_split(data_dir, run_dir, kwargs.get("split_seed", 0), kwargs.get("limit"),
-                                     dedup=kwargs.get("dedup", False))
-    for size in sorted({c.load_size for c in configs}):
+    index, assign, _ = prepare_split(request.data_dir, request.run_dir, request.split_seed, request.limit,
+                                     dedup=request.dedup)
+    for size, margin in sorted({(c.load_size, lesion_margin(c)) for c in configs}, key=str):
         for split in ("train", "val"):
             cached_images([r.path for r in index.records if assign[r.image_id] == split
-                           and r.image_id not in (kwargs.get("holdout_ids") or ())
-                           and not (split == "train" and r.image_id in (kwargs.get("exclude_ids") or ()))],
-                          size, cache_dir=kwargs.get("cache_dir"), workers=kwargs.get("workers", 2),
-                          desc=f"{split} images")
+                           and r.image_id not in (request.holdout_ids or ())
+                           and not (split == "train" and r.image_id in (request.exclude_ids or ()))],
+                          size, cache_dir=request.cache_dir, workers=request.workers, desc=f"{split} images",
+                          lesion_margin=margin)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
     return Parallel(n_jobs=jobs, backend="loky")(
-        delayed(_train_in_worker)(threads, level, data_dir, run_dir, c, **kwargs) for c in configs)
+        delayed(_train_in_worker)(threads, level, request, c) for c in configs)
 
 
 def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2) -> tuple[list, np.ndarray]:
@@ -324,7 +362,8 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     index = index_dataset(recorded_data_dir(run, info))
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(run / "branches" / view)
-    imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images")
+    imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images",
+                                lesion_margin=lesion_margin(config))
     return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy,
                                                           crop_stride=config.crop_stride)
 
