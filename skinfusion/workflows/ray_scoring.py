@@ -217,9 +217,7 @@ class RayEngine:
             self._local = not (self.address or os.environ.get("RAY_ADDRESS"))
             kwargs = {"include_dashboard": False} if self._local else {}
             if self._local:
-                # Token authentication is Ray's default for a new local instance, and it says so
-                # in a warning on every run unless the mode is set explicitly: set it, to the same.
-                os.environ.setdefault("RAY_AUTH_MODE", "token")
+                _quiet_token_notice()
             if self.address:
                 _check_reachable(self.address, "--address")
             elif os.environ.get("RAY_ADDRESS"):
@@ -351,6 +349,25 @@ def _check_reachable(address: str | None, source: str = "--address") -> None:
                          "default (not the dashboard's 8265), as `ray start --head` printed it") from None
     finally:
         channel.close()
+
+
+class _DropTokenNotice(logging.Filter):
+    """Drops Ray's notice that it enabled token authentication, its default for a new local instance."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_token_notice() -> None:
+    """Keep Ray's every-run warning that a local instance uses token authentication (its default) off stderr.
+
+    Only that notice goes: Ray's other authentication warnings and errors (token missing or
+    wrong, authentication disabled) still reach the user. Setting ``RAY_AUTH_MODE`` would
+    also silence it, but changes how the instance looks for its token.
+    """
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in log.filters):
+        log.addFilter(_DropTokenNotice())
 
 
 def _quiet_ray_data() -> None:
