@@ -1,5 +1,5 @@
-"""``skinfusion serve``: the HTTP API (FastAPI TestClient), micro-batching, bad input and security, and the real
-server over loopback (a subprocess: HTTP calls, a small load test, SIGTERM draining an in-flight request).
+"""``skinfusion serve``: the HTTP API (FastAPI TestClient), micro-batching, bad input and security. The real
+server over loopback (a subprocess) is tested in tests/test_serve_processes.py.
 
 The model is the committed 16-px bundles of tests/fixtures/legacy-0.1.0; images are generated here.
 No model is trained.
@@ -10,13 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import signal
-import socket
 import struct
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -39,7 +34,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
 MEAN, STACKMETA = FIXTURE / "ensemble-mean", FIXTURE / "ensemble-stackmeta"
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_MARKS = ("Traceback", 'File "', "site-packages")
-READY_S = 300  # a start (TensorFlow import, model load, warm-up; per worker) on a busy 2-core CI machine
 
 
 def lesion(seed: int, size: int = 64) -> np.ndarray:
@@ -390,168 +384,3 @@ def test_requests_beyond_the_queue_limit_get_503_with_retry_after(mean_ens):
             assert int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["detail"], r.text
             no_trace(r)
     assert after.status_code == 200 and waiting == 0
-
-
-# ---------------------------------------------------------------- the real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_log(proc: subprocess.Popen) -> str:
-    """What a server started by ``start_server`` printed so far (stdout and stderr)."""
-    return Path(proc.log_path).read_text(errors="replace")
-
-
-def start_server(*flags: str, run: Path = MEAN) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Output to a file, not a pipe: nobody reads a pipe while the server runs, and once its 64 KB
-    # fill up (uvicorn logs a line per request) the server blocks in its event loop.
-    fd, log_path = tempfile.mkstemp(prefix="skinfusion-serve-", suffix=".log")
-    proc = subprocess.Popen([sys.executable, "-m", "skinfusion", "serve", "--run", str(run), "--port", str(port), *flags],
-                            cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT, text=True)
-    os.close(fd)
-    proc.log_path = log_path
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + READY_S
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {server_log(proc)}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise AssertionError(f"server not ready in {READY_S} s: {server_log(proc)[-2000:]}")
-
-
-@pytest.fixture(scope="module")
-def server():
-    proc, url = start_server("--batch-wait-ms", "5")
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def test_the_real_server_answers_over_loopback_and_a_small_load_test(server):
-    data = [png(lesion(40 + i)) for i in range(10)]
-    with httpx.Client(base_url=server, timeout=30) as c:
-        assert c.get("/v1/model").json()["model_id"] == model_id(MEAN)
-        single = [c.post("/v1/predict", files=upload(d)).json()["images"][0]["melanoma_probability"] for d in data]
-        t0 = time.perf_counter()
-        for i in range(20):
-            assert c.post("/v1/predict", files=upload(data[i % 10])).status_code == 200
-        serial = 20 / (time.perf_counter() - t0)
-    results, errors = [None] * 50, []
-
-    def worker(k: int) -> None:
-        with httpx.Client(base_url=server, timeout=60) as c:
-            for i in range(k, 50, 8):
-                r = c.post("/v1/predict", files=upload(data[i % 10]))
-                if r.status_code != 200:
-                    errors.append(r.text)
-                else:
-                    results[i] = r.json()["images"][0]["melanoma_probability"]
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    elapsed = time.perf_counter() - t0
-    print(f"\nload test: 50 requests, 8 concurrent: {elapsed:.2f} s, {50 / elapsed:.0f} req/s "
-          f"(one at a time: {serial:.0f} req/s)")
-    assert not errors and elapsed < 120
-    assert results == pytest.approx([single[i % 10] for i in range(50)], abs=1e-6)
-    metrics = httpx.get(server + "/metrics").text
-    batches = [line for line in metrics.splitlines() if line.startswith("skinfusion_batch_images_count")]
-    print(batches[0])
-
-
-def test_sigterm_lets_the_request_in_flight_finish_before_the_server_exits():
-    proc, url = start_server()
-    port = int(url.rsplit(":", 1)[1])
-    boundary = "sl0w"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"slow.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + png(lesion(50)) + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(head + body[:100])  # the request is in flight: headers and part of the body
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(1.0)
-            assert proc.poll() is None, "the server exited with a request in flight"
-            s.sendall(body[100:])
-            answer = b""
-            while chunk := s.recv(65536):
-                answer += chunk
-        status, _, rest = answer.partition(b"\r\n")
-        assert b" 200 " in status, answer[:300]
-        assert b"melanoma_probability" in rest
-        assert proc.wait(30) == 0
-        err = server_log(proc)
-        assert "Traceback" not in err and "server stopped" in err
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(url + "/healthz", timeout=2)  # new connections are refused after shutdown
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def test_serve_refuses_a_missing_run_and_a_bad_flag_with_one_line():
-    r = subprocess.run([sys.executable, "-m", "skinfusion", "serve", "--run", "/nonexistent/run", "--port",
-                        str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "skinfusion: error:" in r.stderr and "/nonexistent/run" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "skinfusion", "serve", "--run", str(MEAN), "--port", "99999"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "port number" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_several_worker_processes_share_the_port_and_the_settings():
-    # --workers N: uvicorn starts N processes, each loading the model from the settings the
-    # parent passes in $SKINFUSION_SERVE_SETTINGS; the API key must hold in every one of them.
-    ens = load_ensemble(MEAN)
-    images = [lesion(70 + i) for i in range(6)]
-    expected = ens.predict_proba(images)
-    proc, url = start_server("--workers", "2", "--api-key", "k2")
-    try:
-        results, errors = [None] * 24, []
-
-        def client(k: int) -> None:
-            with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": "k2"}) as c:
-                for i in range(k, 24, 4):
-                    r = c.post("/v1/predict", files=upload(png(images[i % 6])))
-                    if r.status_code != 200:
-                        errors.append(r.text)
-                    else:
-                        results[i] = r.json()["images"][0]["melanoma_probability"]
-
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert errors == []
-        assert np.allclose(results, [expected[i % 6] for i in range(24)], atol=1e-6)
-        assert httpx.post(url + "/v1/predict", files=upload(png(images[0])), timeout=30).status_code == 401
-        assert httpx.get(url + "/v1/model", headers={"X-API-Key": "k2"}, timeout=30).json()["model_id"] == model_id(MEAN)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, server_log(proc)
-    assert "Traceback" not in server_log(proc)

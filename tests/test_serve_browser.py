@@ -20,7 +20,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from test_serve import MEAN, lesion, png, server_log, start_server  # noqa: E402
+from test_serve import MEAN, lesion, png  # noqa: E402
+from test_serve_processes import server_log, start_server  # noqa: E402
 
 
 def _first_file(*candidates: str | None) -> str | None:

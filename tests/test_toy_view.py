@@ -1,5 +1,5 @@
-"""A view is one entry of ``colorspaces.VIEWS``: a toy fourth view registered by a fixture trains, fuses and
-predicts through the command line with no other code change."""
+"""A view is one entry of ``colorspaces.VIEWS``: a toy fourth view registered by a fixture trains, fuses,
+predicts and is explained through the command line with no other code change."""
 
 import csv
 import json
@@ -37,11 +37,37 @@ def test_the_toy_view_is_a_one_channel_view_in_unit_range(gray_view, rng):
     np.testing.assert_allclose(apply_view("gray", np.full((2, 2, 3), 255, np.uint8)), 1.0, atol=1e-6)
 
 
+def test_explain_draws_a_registered_view_from_its_entry_alone(gray_view, tmp_path):
+    # explain's pictures of what a branch receives come from the VIEWS entry (channel names, display
+    # range, frequency flag, with defaults): a toy view with one channel needs nothing else.
+    from ensemble.api import Explanation
+    from ensemble.details import PredictionDetails
+    from skinfusion.workflows.explaining import heatmap_is_empty, view_caption, view_picture, write_explanation
+    from skinfusion.workflows.serving_io import explanation_json
+
+    image = np.zeros((24, 24, 3), np.uint8)
+    image[6:18, 6:18] = 200
+    array = to_gray(image)
+    details = PredictionDetails(0.4, {"gray": 0.4}, "nevus", None, None, [])
+    expl = Explanation(details, 0.5, image, {"gray": np.zeros((24, 24))}, {"gray": array}, ())
+    picture = view_picture("gray", array)
+    assert picture.shape == (24, 24, 3)  # one channel: one grey tile
+    assert picture[12, 12, 0] == round(200 * 255 * (0.299 + 0.587 + 0.114) / 255) and picture[0, 0, 0] == 0
+    assert "c0" in view_caption("gray", 1) and "0 = black, 1 = white" in view_caption("gray", 1)
+    assert heatmap_is_empty(expl.heatmaps["gray"])
+    written = write_explanation(expl, tmp_path, "toy", thresholds={"gray": 0.3})
+    assert sorted(p.name for p in written) == ["toy.gray.png", "toy.panel.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    got = explanation_json(expl, {"gray": 0.3})
+    assert got["heatmaps"]["gray"]["empty"] is True and got["heatmaps"]["gray"]["over"] == "image"
+    assert got["heatmaps"]["gray"]["threshold"] == 0.3 and "c0" in got["views"]["gray"]["caption"]
+
+
 @pytest.mark.slow
 def test_a_registered_view_trains_fuses_and_predicts_through_the_cli(gray_view, synthetic_data, tmp_path):
     import ensemble
     from models import load_branch, predict_images_proba
-    from skinfusion.cli import fuse_main, predict_main, train_main
+    from skinfusion.cli import explain_main, fuse_main, predict_main, train_main
 
     run = tmp_path / "run"
     for view in ("gray", "rgb"):
@@ -68,3 +94,9 @@ def test_a_registered_view_trains_fuses_and_predicts_through_the_cli(gray_view, 
     np.testing.assert_allclose(proba, P.mean(axis=1), atol=2e-6)
     batch = np.stack([resize_image(read_image(p), 32) for p in paths])
     np.testing.assert_allclose(P[:, 1], predict_images_proba(gray_model, "gray", batch), atol=1e-5)
+
+    # ... and explain draws it: a heat map over the image and a panel, from its VIEWS entry alone
+    pictures = tmp_path / "explained"
+    assert explain_main(["--run", str(run), paths[0], "--out", str(pictures), "-q"]) == 0
+    stem = paths[0].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(f"{stem}.{part}.png" for part in ("rgb", "gray", "panel"))
