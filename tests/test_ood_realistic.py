@@ -81,3 +81,17 @@ def test_checks_only_report_counts_flags_per_source_and_kind(tmp_path):
         lo, hi = result[part]["all"]["ci95"]
         assert lo <= result[part]["all"]["flagged"] <= hi
     assert "| far_ood_heldout | text_page | 1 | 1.0000 |" in checks_markdown(result)
+
+
+def test_rule_comparison_on_a_fused_run_reports_both_rules(trained_run, synthetic_data):
+    from experiments.ood_rules import compare_rules, markdown
+
+    r = compare_rules(str(trained_run), str(synthetic_data), per_kind=1)
+    assert r["percentile"] == 95 and r["views"] == ["rgb", "hsv", "fft"]
+    test, far = r["sets"]["test"]["all"], r["sets"]["far_ood_heldout"]["all"]
+    for rule in ("sum", "max"):
+        assert test[f"gate_{rule}"]["flagged"] <= 0.25
+        # The whole gate flags at least what either of its parts flags.
+        assert far[f"gate_{rule}"]["flagged"] >= max(far["checks"]["flagged"], far[f"features_{rule}"]["flagged"])
+    assert far["checks"]["n"] == 10 and len(test["median_z"]) == 3
+    assert "| far_ood_heldout | text_page | 1 | 1.000 |" in markdown(r)
