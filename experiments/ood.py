@@ -209,7 +209,7 @@ def checks_markdown(result: dict[str, Any]) -> str:
 
 
 def evaluate_gate(run: str, data: str, holdout_ids: str | None = None, n_far: int = 100, seed: int = 0,
-                  batch_size: int = 64) -> dict[str, Any]:
+                  batch_size: int = 64, per_kind: int = 30) -> dict[str, Any]:
     """The gate's report on a fused run (see the module docstring)."""
     from ensemble import load_ensemble
 
@@ -227,6 +227,10 @@ def evaluate_gate(run: str, data: str, holdout_ids: str | None = None, n_far: in
     ind = _score(ens, [r.path for r in test], batch_size)
     far = far_ood_images(n_far, seed)
     far_s = _score(ens, [img for _, img in far], batch_size)
+    from experiments.farood import realistic_far_ood
+
+    real = list(realistic_far_ood("heldout", per_kind))
+    real_s = _score(ens, [img for _, img in real], batch_size)
     near_paths = _near_ood(Path(data))
     logger.info("scoring %d far-OOD and %d near-OOD images", len(far), len(near_paths))
     result: dict[str, Any] = {
@@ -237,12 +241,15 @@ def evaluate_gate(run: str, data: str, holdout_ids: str | None = None, n_far: in
                                  "per_source": _by([r.source for r in test], ind["flagged"])},
         "far_ood": {"n": len(far), "flagged": float(far_s["flagged"].mean()), **detection(far_s["score"], ind["score"]),
                     "per_kind": _by([k for k, _ in far], far_s["flagged"])},
+        "realistic_far_ood": {"n": len(real), "flagged": float(real_s["flagged"].mean()),
+                              **detection(real_s["score"], ind["score"]),
+                              "per_kind": _by([k for k, _ in real], real_s["flagged"])},
     }
     if near_paths:
         near = _score(ens, near_paths, batch_size)
         result["near_ood"] = {"n": len(near_paths), "flagged": float(near["flagged"].mean()),
                               **detection(near["score"], ind["score"])}
-    sets = {"in_distribution_test": ind["score"], "far_ood": far_s["score"]}
+    sets = {"in_distribution_test": ind["score"], "far_ood": far_s["score"], "realistic_far_ood": real_s["score"]}
     if near_paths:
         sets["near_ood"] = near["score"]
     if holdout_ids:
@@ -279,6 +286,9 @@ def markdown(result: dict[str, Any]) -> str:
     row("far-OOD (generated)", result["far_ood"])
     for kind, r in result["far_ood"]["per_kind"].items():
         row(f"  far-OOD {kind}", r)
+    row("realistic far-OOD (held-out part)", result["realistic_far_ood"])
+    for kind, r in result["realistic_far_ood"]["per_kind"].items():
+        row(f"  realistic {kind}", r)
     if "near_ood" in result:
         row("near-OOD (seborrheic keratosis)", result["near_ood"])
     if "holdout" in result:

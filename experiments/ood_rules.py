@@ -71,6 +71,8 @@ def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | N
     result: dict[str, Any] = {"run": str(Path(run).resolve()), "percentile": percentile,
                               "n_fit": len(emb["train"][0]), "n_val": len(emb["val"][0]), "sets": {}}
     for name, items in sets.items():
+        if not items:
+            continue
         logger.info("scoring %s (%d images)", name, len(items))
         groups, reasons, E = [], [], []
         for i in range(0, len(items), 64):

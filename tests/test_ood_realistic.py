@@ -65,3 +65,33 @@ def test_the_committed_bundle_flags_rendered_images_and_passes_lesions():
     for d in details[:3]:
         assert d.out_of_distribution is True and {"uniform_area", "text_like"} & set(d.ood_reasons), d.ood_reasons
     assert all(d.ood_reasons == [] and not d.out_of_distribution for d in details[3:])
+
+
+def test_checks_only_report_counts_flags_per_source_and_kind(tmp_path):
+    from experiments.ood import check_rates, checks_markdown
+    from skinfusion.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "syn", n_images=12, size=64, seed=2, atypical_rate=0.0)
+    result = check_rates(str(data), per_kind=1)
+    assert result["dermoscopy"]["synthetic"]["n"] == 12 and result["dermoscopy"]["synthetic"]["flagged"] == 0.0
+    assert result["near_ood"] == {}  # no seborrheic keratosis list in a synthetic dataset
+    for part in ("far_ood_tuning", "far_ood_heldout"):
+        assert result[part]["all"]["n"] == 10
+        assert result[part]["text_page"]["flagged"] == 1.0 and result[part]["text_page"]["new_checks"] == 1.0
+        lo, hi = result[part]["all"]["ci95"]
+        assert lo <= result[part]["all"]["flagged"] <= hi
+    assert "| far_ood_heldout | text_page | 1 | 1.0000 |" in checks_markdown(result)
+
+
+def test_rule_comparison_on_a_fused_run_reports_both_rules(trained_run, synthetic_data):
+    from experiments.ood_rules import compare_rules, markdown
+
+    r = compare_rules(str(trained_run), str(synthetic_data), per_kind=1)
+    assert r["percentile"] == 95 and r["views"] == ["rgb", "hsv", "fft"]
+    test, far = r["sets"]["test"]["all"], r["sets"]["far_ood_heldout"]["all"]
+    for rule in ("sum", "max"):
+        assert test[f"gate_{rule}"]["flagged"] <= 0.25
+        # The whole gate flags at least what either of its parts flags.
+        assert far[f"gate_{rule}"]["flagged"] >= max(far["checks"]["flagged"], far[f"features_{rule}"]["flagged"])
+    assert far["checks"]["n"] == 10 and len(test["median_z"]) == 3
+    assert "| far_ood_heldout | text_page | 1 | 1.000 |" in markdown(r)
