@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -23,8 +22,9 @@ from colorspaces import VIEWS, ImageError, read_image
 from colorspaces.pipeline import Preprocess, prepare_image
 from colorspaces.quality import REASONS
 from ensemble.api import Explanation
-from ensemble.bundle import sha256_file
-from ensemble.engine import Ensemble, PredictionDetails
+from ensemble.details import PredictionDetails
+from ensemble.rundir import model_id  # noqa: F401  (re-exported: serve's model id)
+from ensemble.scoring import ScoringEngine
 from ensemble.metadata import FIELD_FORMATS, METADATA_FIELDS, SEXES, clean_age, clean_text
 from skinfusion.workflows.explaining import FREQUENCY_CAPTION, HEAT_ALPHA, NOT_A_DEVICE, render_view
 
@@ -33,18 +33,6 @@ CALIBRATION_CAVEAT = (
     "public ISIC data with its own melanoma prevalence). They are not calibrated for another population, "
     "camera or clinic, and an image flagged out of distribution should not be scored at all.")
 MODEL_NOTICE = NOT_A_DEVICE
-
-
-def model_id(run: str | os.PathLike) -> str:
-    """The SHA-256 of the run's ``ensemble/manifest.json`` (or of ``RUN/manifest.json`` for an ensemble folder).
-
-    The manifest signs every file of the bundle, so its hash names the whole model.
-    """
-    path = Path(run)
-    for candidate in (path / "ensemble" / "manifest.json", path / "manifest.json"):
-        if candidate.is_file():
-            return sha256_file(candidate)
-    raise FileNotFoundError(f"{path}: no ensemble manifest")
 
 
 def decode_upload(data: bytes, filename: str) -> np.ndarray:
@@ -134,7 +122,7 @@ def parse_metadata(n_files: int, fields: Mapping[str, str | None], metadata_json
     return [dict(one) for _ in range(n_files)]
 
 
-def metadata_warnings(ens: Ensemble, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
+def metadata_warnings(ens: ScoringEngine, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
     """Readable notes on metadata the ensemble ignores (no metadata fusion, a field it does not use, an unseen site)."""
     given = sorted({k for m in metadata for k, v in m.items() if v is not None})
     if not given:
@@ -153,7 +141,7 @@ def metadata_warnings(ens: Ensemble, metadata: Sequence[Mapping[str, Any]]) -> l
     return notes
 
 
-def fusion_metadata(ens: Ensemble, metadata: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+def fusion_metadata(ens: ScoringEngine, metadata: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
     """What ``Ensemble.fuse`` takes: the fields it uses, per image; None for an images-only ensemble."""
     if not ens.metadata_fields:
         return None
@@ -216,7 +204,7 @@ def explanation_json(expl: Explanation) -> dict[str, Any]:
             "heatmap_method": "Grad-CAM of each branch's melanoma logit at its last convolution (1 = strongest)"}
 
 
-def model_summary(ens: Ensemble, mid: str) -> dict[str, Any]:
+def model_summary(ens: ScoringEngine, mid: str) -> dict[str, Any]:
     """``GET /v1/model``: what the loaded bundle is, how it was validated, and its OOD gate."""
     m = ens.manifest
     ood = m.get("ood")
