@@ -26,41 +26,31 @@ BRANCHES_DIR, ENSEMBLE_DIR = "branches", "ensemble"
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-    """The paths of one run directory (see the module docstring); nothing is read or created."""
+    """The paths of one run directory (see the module docstring); nothing is read or created.
+
+    Attributes:
+        root: the run directory.
+        splits, split_info, held_out: ``RUN/splits.csv``, ``RUN/split.json``, ``RUN/held_out_ids.txt``.
+        branches, ensemble: ``RUN/branches`` (one folder per view, ``branch``) and ``RUN/ensemble``.
+    """
 
     root: Path
+    splits: Path = dataclasses.field(init=False)
+    split_info: Path = dataclasses.field(init=False)
+    held_out: Path = dataclasses.field(init=False)
+    branches: Path = dataclasses.field(init=False)
+    ensemble: Path = dataclasses.field(init=False)
 
-    def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def splits(self) -> Path:
-        """``RUN/splits.csv``."""
-        return self.root / SPLIT_FILE
-
-    @property
-    def split_info(self) -> Path:
-        """``RUN/split.json``."""
-        return self.root / SPLIT_INFO_FILE
-
-    @property
-    def held_out(self) -> Path:
-        """``RUN/held_out_ids.txt``."""
-        return self.root / HELD_OUT_FILE
-
-    @property
-    def branches(self) -> Path:
-        """``RUN/branches``."""
-        return self.root / BRANCHES_DIR
+    def __post_init__(self):
+        root = Path(self.root)
+        paths = {"root": root, "splits": root / SPLIT_FILE, "split_info": root / SPLIT_INFO_FILE,
+                 "held_out": root / HELD_OUT_FILE, "branches": root / BRANCHES_DIR, "ensemble": root / ENSEMBLE_DIR}
+        for name, path in paths.items():
+            object.__setattr__(self, name, path)  # frozen: set once, here
 
     def branch(self, view: str) -> Path:
         """``RUN/branches/VIEW``."""
         return self.branches / view
-
-    @property
-    def ensemble(self) -> Path:
-        """``RUN/ensemble``."""
-        return self.root / ENSEMBLE_DIR
 
 
 def is_branch_dir(path: str | os.PathLike) -> bool:
