@@ -19,13 +19,14 @@ from colorspaces.labels import LABEL_MAP
 from ensemble.engine import Ensemble
 from ensemble.fusion import FUSION_METHODS, fusion_class
 from ensemble.ood import DEFAULT_PERCENTILE, OOD_FILE, OODGate, check_percentile, embedding_layer
+from ensemble.rundir import ENSEMBLE_DIR, MANIFEST_FILE, RunDir, find_bundle, is_branch_dir
 from models.branch import BranchConfig
 from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, load_branch
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
-MANIFEST_FILE, FUSION_FILE = "manifest.json", "fusion.joblib"
+FUSION_FILE = "fusion.joblib"
 
 
 BRANCH_FILES = (MODEL_FILE, CONFIG_FILE, METADATA_FILE)
@@ -42,7 +43,7 @@ def retrain_hint(branch_dir: str | os.PathLike) -> str:
     elsewhere the hint cannot name the run.
     """
     branch_dir = Path(os.path.normpath(branch_dir))
-    if branch_dir.parent.name == "branches":
+    if is_branch_dir(branch_dir):
         return f"retrain this branch (skinfusion train --view {branch_dir.name} --run {branch_dir.parent.parent})"
     return "retrain this branch"
 
@@ -295,17 +296,10 @@ def _check_ood_entry(ood: Any, damaged) -> None:
         raise damaged(f"'ood' percentile must be a number from 50 to 100, got {ood.get('percentile')!r}") from None
 
 
-def _find_bundle(path: Path) -> Path:
-    """The ensemble directory of a run directory (or the ensemble directory itself)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run directory; check the path, or train and fuse a run there first")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a run directory (it is a file)")
-    for ens_dir in (path / "ensemble", path):
-        if (ens_dir / MANIFEST_FILE).is_file():
-            return ens_dir
-    run = path.parent if path.name == "ensemble" and not (path / "ensemble").exists() else path
-    raise FileNotFoundError(f"no ensemble in {path}; run `{fuse_command(run)}` first")
+def bundle_dir(path: Path) -> Path:
+    """The ensemble directory of a run directory (or the ensemble directory itself); see ``ensemble.rundir.find_bundle``."""
+    run = path.parent if path.name == ENSEMBLE_DIR and not RunDir(path).ensemble.exists() else path
+    return find_bundle(path, fuse_command(run))
 
 
 # What unpickling a damaged or foreign joblib file raises (a class it names may no longer exist).
@@ -332,8 +326,8 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
             names the file and says what to do.
     """
     path = Path(path)
-    ens_dir = _find_bundle(path)
-    run = ens_dir.parent if ens_dir.name == "ensemble" else path
+    ens_dir = bundle_dir(path)
+    run = ens_dir.parent if ens_dir.name == ENSEMBLE_DIR else path
     manifest_path = ens_dir / MANIFEST_FILE
     manifest = read_manifest(manifest_path, run)
     check_versions(manifest.get("versions", {}), str(manifest_path))

@@ -22,14 +22,9 @@ _PROBE_SEED = 20
 
 def _forward(ens):
     """The ensemble's branches as one ``tf.function``: inputs by view, outputs proba and embeddings."""
-    import keras
     import tensorflow as tf
 
-    from ensemble.ood import embedding_layer
-
-    s = ens.image_size
-    heads = [keras.Model(m.input, [m.output, m.get_layer(embedding_layer(m)).output]) for m in ens.models]
-    signature = [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in ens.configs]
+    heads, signature = ens.heads()
 
     @tf.function(input_signature=signature)
     def forward(*xs):

@@ -56,12 +56,15 @@ class Ensemble(ScoringEngine):
         """Width of each branch's embedding, in member order."""
         return [int(m.get_layer(embedding_layer(m)).output.shape[-1]) for m in self.models]
 
-    def _compile_forward(self):
+    def heads(self) -> tuple[list, list]:
+        """``(heads, signature)``: one functional model per branch sharing its weights, with the probability
+        and the embedding as outputs (the gate costs no second pass), and the graph's input signature by view."""
         s = self.image_size
-        # One functional model per branch sharing its weights, with the probability and the
-        # embedding as outputs: the gate costs no second pass.
         heads = [keras.Model(m.input, [m.output, m.get_layer(embedding_layer(m)).output]) for m in self.models]
-        signature = [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in self.configs]
+        return heads, [tf.TensorSpec([None, s, s, c.channels], tf.float32, name=c.view) for c in self.configs]
+
+    def _compile_forward(self):
+        heads, signature = self.heads()
 
         # training=False: BatchNorm uses its moving statistics, so an image's probability and
         # embedding do not depend on the rest of the batch.

@@ -33,11 +33,11 @@ from ensemble.backends import require
 from ensemble.converters import probe_images
 from ensemble.formats import DEFAULT_FORMAT, EXPORT_FORMATS, export_format
 from ensemble.fusion_json import fusion_spec
+from ensemble.rundir import MANIFEST_FILE
 from ensemble.runtime import (
     EXPORT_FORMAT,
     EXPORT_KIND,
     FUSION_JSON,
-    MANIFEST_FILE,
     PREPROCESS_JSON,
     ExportedEnsemble,
     sha256_file,
@@ -107,7 +107,7 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
             images, or an export further from Keras than ``FLOAT_TOLERANCE`` (float) or
             ``INT8_TOLERANCE`` (int8). Nothing is written then; ``out_dir`` is left as it was.
     """
-    from ensemble.bundle import _find_bundle, load_ensemble
+    from ensemble.bundle import bundle_dir, load_ensemble
 
     export_format(fmt)
     if quantize is not None and quantize not in QUANTIZE:
@@ -118,7 +118,7 @@ def export_bundle(run: str | os.PathLike, out_dir: str | os.PathLike, fmt: str =
         raise ValueError("int8 quantisation needs calibration images (the run's training images)")
     out = Path(out_dir).resolve()  # resolved: `--out .` must still have a name to build beside
     _check_out_dir(out)
-    ens_dir = _find_bundle(Path(run))
+    ens_dir = bundle_dir(Path(run))
     ens = load_ensemble(ens_dir)
     spec = fusion_spec(ens.fusion, ens.views)
     # Built beside the target and moved into place whole: a failed or interrupted export leaves the
@@ -217,7 +217,7 @@ def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, c
         "quantize": quantize,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
-        "source": {"run": str(Path(run).resolve()), "manifest_sha256": sha256_file(ens_dir / "manifest.json"),
+        "source": {"run": str(Path(run).resolve()), "manifest_sha256": sha256_file(ens_dir / MANIFEST_FILE),
                    "method": ens.manifest["method"], "dataset_fingerprint": ens.manifest.get("dataset_fingerprint")},
         "views": list(ens.views),
         "threshold": ens.threshold,

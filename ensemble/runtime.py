@@ -26,11 +26,12 @@ from ensemble.backends import input_is_view, require
 from ensemble.formats import EXPORT_FORMATS
 from ensemble.fusion_json import JsonFusion, finite_number
 from ensemble.ood import OODGate
+from ensemble.rundir import MANIFEST_FILE
 from ensemble.scoring import ScoringEngine
 
 EXPORT_KIND = "skinfusion-export"
 EXPORT_FORMAT = 1
-MANIFEST_FILE, FUSION_JSON, PREPROCESS_JSON = "manifest.json", "fusion.json", "preprocess.json"
+FUSION_JSON, PREPROCESS_JSON = "fusion.json", "preprocess.json"
 DEFAULT_THREADS = 2  # the project's reference machine has 2 cores
 
 

@@ -21,6 +21,7 @@ from colorspaces.files import check_output_file
 from colorspaces.image import IMAGE_SUFFIXES
 from ensemble import load
 from ensemble.formats import EXPORT_FORMATS, formats_help
+from ensemble.rundir import MANIFEST_FILE
 from skinfusion.cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
@@ -134,7 +135,7 @@ def _load_backend(run: str, backend: str | None):
     if is_export_dir(run):
         from ensemble.runtime import read_export_manifest
 
-        held = read_export_manifest(Path(run) / "manifest.json")["format"]
+        held = read_export_manifest(Path(run) / MANIFEST_FILE)["format"]
         if backend not in (None, held):
             raise ValueError(f"--run {run} holds an export in {held} format; use --backend {held}, or give the "
                              "run it was exported from for --backend keras")

@@ -10,10 +10,10 @@ import argparse
 import dataclasses
 import json
 import typing
-from pathlib import Path
 from typing import Any, Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
+from ensemble.rundir import RunDir
 from models import BranchConfig
 from models.distribute import STRATEGIES, start_strategy
 from skinfusion.cli.common import (
@@ -154,7 +154,7 @@ def interrupted_message(args: argparse.Namespace) -> str:
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
     done = []
     for view in views:
-        state = Path(args.run, "branches", view, ".checkpoint", "state.json")
+        state = RunDir(args.run).branch(view) / ".checkpoint" / "state.json"
         try:
             saved = json.loads(state.read_text(encoding="utf-8"))
             done.append(f"epoch {int(saved['epoch'])} of {int(saved['config']['epochs'])} ({view})")

@@ -14,12 +14,12 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from colorspaces.files import atomic_open, read_json_object, write_json_atomic
 from colorspaces.labels import LABEL_NAMES
+from ensemble.rundir import SPLIT_FILE, SPLIT_INFO_FILE
 from skinfusion.data.index import Record
 
 N_FOLDS = 20  # 5% granularity: 3 folds test, 3 folds validation, 14 train
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("image_id", "label", "group_id", "source", "split")
-SPLIT_FILE, SPLIT_INFO_FILE = "splits.csv", "split.json"
 # A run's split cannot be repaired by hand: the branches trained on the one that was saved.
 DAMAGED_SPLIT_HINT = "the run's split is damaged; start a new --run"
 

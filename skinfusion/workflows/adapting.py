@@ -23,7 +23,8 @@ import numpy as np
 from colorspaces import ImageError, read_image, resize_image
 from colorspaces.files import write_json_atomic
 from colorspaces.image import IMAGE_SUFFIXES
-from ensemble.bundle import MANIFEST_FILE, load_ensemble, save_ensemble, sha256_file
+from ensemble.bundle import load_ensemble, save_ensemble, sha256_file
+from ensemble.rundir import MANIFEST_FILE, SPLIT_FILE, SPLIT_INFO_FILE, RunDir
 from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, save_branch
 from skinfusion.data.index import write_skip_report
 from skinfusion.workflows.adaptation import (
@@ -121,7 +122,7 @@ def require_images(n_readable: int, n_listed: int, spec: str, minimum: int = MIN
 ADAPTATION_FILE, SKIPPED_FILE = "adaptation.json", "adaptation_skipped.csv"
 # What the new run keeps of the source run unchanged: its split, so `evaluate --run NEW_RUN` scores
 # the same test images as `evaluate --run RUN`.
-CARRIED_FILES = ("split.json", "splits.csv")
+CARRIED_FILES = (SPLIT_INFO_FILE, SPLIT_FILE)
 # The manifest keys save_ensemble writes itself; every other key of the source manifest is carried over.
 _OWN_KEYS = ("format_version", "created", "versions", "branch_order", "branches", "method", "threshold",
              "image_size", "load_size", "crop_stride", "label_map", "metadata", "fusion", "ood")
@@ -130,7 +131,7 @@ _SETTINGS = ("bn_alpha", "tent_steps", "tent_lr", "tent_batch", "seed")
 
 def bundle_branch_dirs(run: Path, manifest: dict[str, Any]) -> tuple[Path, list[Path]]:
     """``(ensemble directory, branch directories in member order)`` of a run whose bundle has ``manifest``."""
-    ens_dir = run / "ensemble" if (run / "ensemble" / MANIFEST_FILE).is_file() else run
+    ens_dir = RunDir(run).ensemble if (RunDir(run).ensemble / MANIFEST_FILE).is_file() else run
     return ens_dir, [Path(os.path.normpath(ens_dir / b["path"])) for b in manifest["branches"]]
 
 
@@ -267,7 +268,7 @@ def _gate(adapted: Adapted, source_gate, run: Path, branch_dirs: Sequence[Path],
 def _write_run(adapted: Adapted, run: Path, src_dirs: Sequence[Path], tmp: Path, record: dict[str, Any],
                failures: Sequence[tuple[str, str]], source_gate=None) -> None:
     tmp.mkdir(parents=True)
-    branch_dirs = _write_branches(adapted, src_dirs, tmp / "branches", record)
+    branch_dirs = _write_branches(adapted, src_dirs, RunDir(tmp).branches, record)
     source_manifest = adapted.ensemble.manifest
     carried = {k: v for k, v in source_manifest.items() if k not in _OWN_KEYS}
     shifted = record["logit_offset"] != 0.0
@@ -278,7 +279,7 @@ def _write_run(adapted: Adapted, run: Path, src_dirs: Sequence[Path], tmp: Path,
     adaptation["settings"] = {k: record[k] for k in _SETTINGS if k in record}
     gate = _gate(adapted, source_gate, run, branch_dirs, record)
     adaptation["ood_gate"] = record["ood_gate"]
-    save_ensemble(tmp / "ensemble", adapted.ensemble.fusion, source_manifest["method"], record["threshold"]["adapted"],
+    save_ensemble(RunDir(tmp).ensemble, adapted.ensemble.fusion, source_manifest["method"], record["threshold"]["adapted"],
                   branch_dirs, extra={**carried, "threshold_rule": rule, "adaptation": adaptation}, gate=gate)
     for name in CARRIED_FILES:
         if (run / name).is_file():

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from colorspaces import VIEWS
+from ensemble.rundir import MANIFEST_FILE, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ def _branch_configs(run: Path):
 
     out = []
     for view in VIEWS:
-        cfg = run / "branches" / view / "config.json"
+        cfg = RunDir(run).branch(view) / "config.json"
         if cfg.is_file():
             out.append(BranchConfig.from_dict(json.loads(cfg.read_text())))
     if not out:
-        raise FileNotFoundError(f"{run}: no trained branches under {run / 'branches'}")
+        raise FileNotFoundError(f"{run}: no trained branches under {RunDir(run).branches}")
     return out
 
 
@@ -216,10 +217,10 @@ def _phase_infer_naive(run: Path, n_images: int) -> dict[str, Any]:
 
     paths, _ = _split_paths(run, "test")
     paths = paths[:n_images]
-    manifest = json.loads((run / "ensemble" / "manifest.json").read_text())
+    manifest = json.loads((RunDir(run).ensemble / MANIFEST_FILE).read_text())
     views, size = manifest["branch_order"], int(manifest["image_size"])
-    models = [keras.saving.load_model(str(run / "branches" / v / "model.keras")) for v in views]
-    fusion = joblib.load(run / "ensemble" / "fusion.joblib")
+    models = [keras.saving.load_model(str(RunDir(run).branch(v) / "model.keras")) for v in views]
+    fusion = joblib.load(RunDir(run).ensemble / "fusion.joblib")
     lat = []
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    if not (args.run / "ensemble" / "manifest.json").is_file():
+    if not (RunDir(args.run).ensemble / MANIFEST_FILE).is_file():
         print(f"skinfusion bench: error: {args.run} has no fused ensemble (run `skinfusion fuse --run {args.run}`)", file=sys.stderr)
         return 2
     results = {"cpu_count": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items() if k != "phase"}}

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ensemble.formats import EXPORT_FORMATS
+from ensemble.rundir import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,12 @@ def _peak_rss_mb() -> float:
 
 def _model_size(bundle: Path, backend: str) -> int:
     if backend == "keras":
-        from ensemble.bundle import _find_bundle
+        from ensemble.bundle import bundle_dir
 
-        ens_dir = _find_bundle(bundle)
-        m = json.loads((ens_dir / "manifest.json").read_text())
+        ens_dir = bundle_dir(bundle)
+        m = json.loads((ens_dir / MANIFEST_FILE).read_text())
         return sum((ens_dir / b["path"] / "model.keras").stat().st_size for b in m["branches"])
-    m = json.loads((bundle / "manifest.json").read_text())
+    m = json.loads((bundle / MANIFEST_FILE).read_text())
     return (bundle / m["model"]["file"]).stat().st_size
 
 
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if b == "keras":
             continue
         bundles[b] = exports / b
-        if not (bundles[b] / "manifest.json").is_file():
+        if not (bundles[b] / MANIFEST_FILE).is_file():
             fmt, _, q = b.partition("-")
             logger.info("writing the %s export to %s", b, bundles[b])
             export_run(str(run), str(bundles[b]), fmt, q or None)

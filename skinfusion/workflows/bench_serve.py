@@ -20,7 +20,6 @@ many cores there were and the load average before and after.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import json
 import logging
@@ -35,6 +34,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from ensemble.rundir import model_id
 
 from skinfusion.workflows.loadgen import (
     READY_TIMEOUT_S,
@@ -124,22 +125,6 @@ def multipart(name: str, data: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------- processes
-def manifest_sha256(run: str | os.PathLike) -> str:
-    """The model id ``skinfusion serve`` reports: the SHA-256 of the run's ensemble manifest.
-
-    Computed here rather than with ``serving_io.model_id``, which imports TensorFlow: the client
-    process stays light while it shares the cores with the server.
-
-    Raises:
-        FileNotFoundError: if the run has no fused ensemble.
-    """
-    path = Path(run)
-    for candidate in (path / "ensemble" / "manifest.json", path / "manifest.json"):
-        if candidate.is_file():
-            return hashlib.sha256(candidate.read_bytes()).hexdigest()
-    raise FileNotFoundError(f"--run {path}: no fused ensemble (no ensemble/manifest.json); run skinfusion fuse first")
-
-
 def in_process_throughput(run: str, paths: Sequence[str], batch_size: int, seconds: float) -> dict[str, Any]:
     """Images per second of ``Ensemble.predict_proba`` on ``paths`` (read, resized and scored, as the server does).
 
@@ -198,7 +183,11 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = lambda s: print(s, 
         FileNotFoundError, ValueError: a missing run or image folder, a non-loopback ``--url``.
         RuntimeError: the server would not start or be reached (with its log's tail).
     """
-    mid = manifest_sha256(cfg.run)  # a missing run stops here, before anything starts
+    try:  # a missing run stops here, before anything starts
+        mid = model_id(cfg.run)  # TensorFlow-free: the client process stays light beside the server
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--run {cfg.run}: no fused ensemble (no ensemble/manifest.json); run skinfusion "
+                                "fuse first") from None
     images = (folder_images(cfg.images_dir, cfg.n_images) if cfg.images_dir
               else synthetic_images(cfg.n_images, cfg.image_size))
     bodies = [multipart(name, data) for name, data in images]

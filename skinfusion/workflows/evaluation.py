@@ -20,6 +20,7 @@ from ensemble.bundle import load_ensemble, sha256_file
 from ensemble.engine import Ensemble
 from ensemble.metadata import describe_unreadable, unreadable_values
 from ensemble.metrics import binary_report, roc_auc_ci
+from ensemble.rundir import RunDir
 from skinfusion.data.audit import ARTEFACTS, audit_images
 from skinfusion.data.index import DatasetIndex, Record, write_skip_report
 from skinfusion.data.layouts import index_dataset
@@ -262,7 +263,7 @@ def _test_split(run: Path, out_dir: str | None, data_root: str | None) -> _Targe
         logger.info("scoring the test split from %s (the run was split on %s, which has moved)", root, info.get("data_dir"))
     records = [r for r in index.records if assign.get(r.image_id) == "test"]
     if not records:
-        raise ValueError(f"{run / 'splits.csv'}: none of the {len(index.records)} images of {root} is in its test "
+        raise ValueError(f"{RunDir(run).splits}: none of the {len(index.records)} images of {root} is in its test "
                          "split; the file may be damaged: restore it, or train a new run")
     return _Target(records, index.missing_files, "test split", Path(out_dir) if out_dir else run)
 
@@ -299,7 +300,7 @@ def _same_content(records: Sequence[Record], trained_paths: Sequence[str]) -> se
 
 def _warn_training_overlap(run: Path, index: DatasetIndex, data_dir: str, data_root: str | None) -> None:
     """Warn when images of ``data_dir`` are among the run's training or validation images (by id or bytes)."""
-    if not (run / "splits.csv").is_file():
+    if not RunDir(run).splits.is_file():
         logger.warning("%s has no splits.csv: cannot check whether %s overlaps its training images", run, data_dir)
         return
     assign, info = load_split(run)

@@ -17,16 +17,13 @@ import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from colorspaces import VIEWS, ImageError
 from colorspaces.files import atomic_path
 from ensemble.api import Explanation, explain_with
-
-if TYPE_CHECKING:  # an annotation only: serving an export imports this module without TensorFlow
-    from ensemble.engine import Ensemble
+from ensemble.scoring import ScoringEngine
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +234,7 @@ def write_explanation(expl: Explanation, out_dir: str | os.PathLike, name: str, 
     return [*written, write_panel(expl, out / f"{name}.panel.png", title, thresholds)]
 
 
-def explain_files(ens: Ensemble, paths: Sequence[str], out_dir: str | os.PathLike,
+def explain_files(ens: ScoringEngine, paths: Sequence[str], out_dir: str | os.PathLike,
                   metadata: dict[str, dict] | None = None,
                   on_image: Callable[[str, list[Path]], None] | None = None,
                   ) -> tuple[list[tuple[str, list[Path]]], list[tuple[str, str]]]:

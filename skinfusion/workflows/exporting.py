@@ -15,6 +15,7 @@ import numpy as np
 
 from ensemble.export import DEFAULT_CALIBRATION
 from ensemble.formats import DEFAULT_FORMAT
+from ensemble.rundir import MANIFEST_FILE
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
@@ -72,7 +73,7 @@ def gate_images(run: Path, ens_dir: Path, size: int, workers: int = 2,
     from ensemble.ood import MIN_IMAGES
     from skinfusion.workflows.fusing import GATE_MAX_TRAIN, held_out_ids, read_val_predictions
 
-    m = read_manifest(ens_dir / "manifest.json", run)
+    m = read_manifest(ens_dir / MANIFEST_FILE, run)
     held = held_out_ids(run)
     try:
         val_ids = set(read_val_predictions((ens_dir / m["branches"][0]["path"]).resolve()))
@@ -113,12 +114,12 @@ def export_run(run: str, out: str, fmt: str = DEFAULT_FORMAT, quantize: str | No
     Raises:
         ValueError: ``calibration_images`` without ``quantize``, and as ``export_bundle``.
     """
-    from ensemble.bundle import _find_bundle, read_manifest
+    from ensemble.bundle import bundle_dir, read_manifest
     from ensemble.export import export_bundle
 
     if calibration_images is not None and not quantize:
         raise ValueError("--calibration-images applies to --quantize int8 only; add --quantize int8 or drop it")
-    ens_dir = _find_bundle(Path(run))
+    ens_dir = bundle_dir(Path(run))
     run_dir = ens_dir.parent
     load_size = _load_size(run)
     calibration = gate = test = None
@@ -127,7 +128,7 @@ def export_run(run: str, out: str, fmt: str = DEFAULT_FORMAT, quantize: str | No
         calibration, _, _ = split_images(run_dir, "train", load_size, calibration_images or DEFAULT_CALIBRATION,
                                          workers=workers)
         logger.info("calibrating int8 on %d training images", len(calibration))
-        if read_manifest(ens_dir / "manifest.json", run).get("ood"):
+        if read_manifest(ens_dir / MANIFEST_FILE, run).get("ood"):
             gate = gate_images(run_dir, ens_dir, load_size, workers)
     if check_test:
         imgs, y, _ = split_images(run_dir, "test", load_size, check_test, seed=1, workers=workers)
@@ -136,8 +137,8 @@ def export_run(run: str, out: str, fmt: str = DEFAULT_FORMAT, quantize: str | No
 
 
 def _load_size(run: str) -> int:
-    from ensemble.bundle import _find_bundle, read_manifest
+    from ensemble.bundle import bundle_dir, read_manifest
 
-    ens_dir = _find_bundle(Path(run))
-    m = read_manifest(ens_dir / "manifest.json", run)
+    ens_dir = bundle_dir(Path(run))
+    m = read_manifest(ens_dir / MANIFEST_FILE, run)
     return int(m.get("load_size", m["image_size"]))

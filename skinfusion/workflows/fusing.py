@@ -16,6 +16,7 @@ from ensemble.fusion import fusion_class, make_fusion, methods_that
 from ensemble.metadata import clean_age, clean_text, parse_fields
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
 from ensemble.ood import DEFAULT_PERCENTILE, MIN_IMAGES, OODGate, check_percentile, embedding_layer, fit_gate
+from ensemble.rundir import HELD_OUT_FILE, SPLIT_FILE, RunDir, val_predictions
 from models.store import load_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
@@ -25,7 +26,6 @@ from skinfusion.workflows.runlock import run_lock
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILE = "splits.csv"
 GATE_MAX_TRAIN = 2000  # training images the OOD gate is fitted on (a seeded subsample): enough for a 128-d covariance
 
 
@@ -36,7 +36,7 @@ def read_val_predictions(branch_dir: Path) -> dict[str, tuple[int, float]]:
         FileNotFoundError: if the branch has no ``val_predictions.csv``.
         ValueError: naming the file, if it is not UTF-8 CSV with those three columns.
     """
-    path = branch_dir / "val_predictions.csv"
+    path = val_predictions(branch_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; train this branch with `skinfusion train` first")
     try:
@@ -123,7 +123,7 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = N
 
 def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs: int | None,
                  metadata: tuple[str, ...], ood_percentile: float | None) -> dict[str, Any]:
-    branch_dirs = [run / "branches" / v for v in views]
+    branch_dirs = [RunDir(run).branch(v) for v in views]
     # Each branch is loaded as load_ensemble will load it, before minutes of fitting, not after.
     infos = [check_branch(b) for b in branch_dirs]
     for bdir, (config, _) in zip(branch_dirs, infos):
@@ -171,7 +171,7 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
     val["fused"] = binary_report(y, fused, threshold)
     weights = fusion.describe(views)
     gate = fit_run_gate(run, branch_dirs, ood_percentile) if ood_percentile is not None else None
-    save_ensemble(run / "ensemble", fusion, method, threshold, branch_dirs, gate=gate, extra={
+    save_ensemble(RunDir(run).ensemble, fusion, method, threshold, branch_dirs, gate=gate, extra={
         "validation_metrics": val,
         "dataset_fingerprint": infos[0][1].get("dataset_fingerprint"),
         "split_seed": infos[0][1].get("split_seed"),
@@ -182,11 +182,10 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
     logger.info("%s fusion weights %s", method, weights)
     ood = None if gate is None else {"threshold": gate.threshold, "percentile": gate.percentile,
                                      "n_fit": gate.n_fit, "n_val": len(gate.val_scores)}
-    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(run / "ensemble"),
+    return {"method": method, "threshold": threshold, "validation": val, "ensemble_dir": str(RunDir(run).ensemble),
             "metadata": list(metadata), "fusion_weights": weights, "ood": ood, **stack_fit}
 
 
-HELD_OUT_FILE = "held_out_ids.txt"
 
 
 def held_out_ids(run: Path) -> set[str]:

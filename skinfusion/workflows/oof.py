@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ensemble.rundir import RunDir
 from models.store import read_branch_info
 from skinfusion.data.splits import (
     grouped_folds,
@@ -66,7 +67,7 @@ def make_fold_splits(run_dir: str | Path, folds: int) -> list[Path]:
                       "melanoma": sum(r.label for r in records if fold_assign[r.image_id] == s)}
                   for s in ("train", "val", "test")}
         fold_info = {**info, "counts": counts, "oof": {"parent_run": str(run.resolve()), "folds": folds, "fold": i}}
-        if (d / "splits.csv").is_file():
+        if RunDir(d).splits.is_file():
             saved, _ = load_split(d)
             if saved != fold_assign:
                 raise ValueError(f"{d}: holds a different fold split (was the run re-split?); remove {run / 'oof'}")
@@ -91,7 +92,7 @@ def oof_member_proba(run_dir: str | Path, views: Sequence[str], folds: int, jobs
     run = Path(run_dir)
     configs, excluded = [], 0
     for v in views:
-        config, meta = read_branch_info(run / "branches" / v)
+        config, meta = read_branch_info(RunDir(run).branch(v))
         configs.append(config)
         excluded += int(meta.get("excluded_from_training") or 0)
     if excluded:

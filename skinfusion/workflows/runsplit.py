@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ensemble.rundir import RunDir
 from skinfusion.data.dedup import find_near_duplicates
 from skinfusion.data.index import DatasetIndex, Record
 from skinfusion.data.layouts import index_dataset
@@ -42,7 +43,7 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
     index.check_both_classes()  # before the split, which would only say that a split lacks a class
     fingerprint = index.fingerprint()
     run = Path(run_dir)
-    if (run / "splits.csv").is_file():
+    if RunDir(run).splits.is_file():
         assign, info = load_split(run)
         if info.get("dataset_fingerprint") != fingerprint:
             raise ValueError(
@@ -71,7 +72,7 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
             "counts": {s: _counts(records, assign, s) for s in ("train", "val", "test")},
         }
         save_split(run, records, assign, info)
-        logger.info("new split saved to %s: %s", run / "splits.csv", info["counts"])
+        logger.info("new split saved to %s: %s", RunDir(run).splits, info["counts"])
         check_split(records, assign)
     index.records = records
     return index, assign, info

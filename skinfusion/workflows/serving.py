@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, Security, UploadFile
@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from colorspaces import ImageError
 from ensemble.api import explain_with
 from ensemble.runtime import ExportedEnsemble
+from ensemble.scoring import ScoringEngine
 from skinfusion.workflows.batching import MicroBatcher, QueueFull
 from skinfusion.workflows.explaining import branch_thresholds
 from skinfusion.workflows.serving_guard import AUTH_HELP, GuardMiddleware, Metrics, ServeSettings  # noqa: F401
@@ -48,8 +49,6 @@ from skinfusion.workflows.serving_io import (
     prepare_upload,
 )
 
-if TYPE_CHECKING:  # annotations only: serving an export (ensemble.runtime) must not import TensorFlow
-    from ensemble.engine import Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 class Service:
     """The loaded ensemble, its batcher and readiness; what the routes work with."""
 
-    def __init__(self, ens: Ensemble, mid: str, settings: ServeSettings, metrics: Metrics):
+    def __init__(self, ens: ScoringEngine, mid: str, settings: ServeSettings, metrics: Metrics):
         self.ens, self.model_id, self.settings = ens, mid, settings
         self.batcher = MicroBatcher(self._score, settings.max_batch, settings.batch_wait_ms, metrics.on_batch,
                                     settings.max_queue)
@@ -165,7 +164,7 @@ class Service:
         return out
 
 
-def _form_metadata(ens: Ensemble, n: int, age, sex, site, metadata) -> tuple[list[dict], list[str]]:
+def _form_metadata(ens: ScoringEngine, n: int, age, sex, site, metadata) -> tuple[list[dict], list[str]]:
     if ens.metadata_fields and all(v is None for v in (age, sex, site, metadata)):
         # As predict(): a model fused with metadata is never silently scored as "all unknown".
         raise ValueError(f"this model fuses metadata ({', '.join(ens.metadata_fields)}): send them as form "
@@ -174,7 +173,7 @@ def _form_metadata(ens: Ensemble, n: int, age, sex, site, metadata) -> tuple[lis
     return parsed, metadata_warnings(ens, parsed)
 
 
-def create_app(ens: Ensemble, mid: str, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(ens: ScoringEngine, mid: str, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``ens`` (model id ``mid``, the manifest's SHA-256).
 
     Use it as an ASGI app (uvicorn) or with ``fastapi.testclient.TestClient`` in a ``with``

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -25,6 +25,8 @@ from colorspaces.pipeline import Preprocess, prepare_image
 from colorspaces.quality import REASONS
 from ensemble.api import Explanation
 from ensemble.details import PredictionDetails
+from ensemble.rundir import model_id  # noqa: F401  (re-exported: serve's model id)
+from ensemble.scoring import ScoringEngine
 from ensemble.metadata import FIELD_FORMATS, METADATA_FIELDS, SEXES, clean_age, clean_text
 from skinfusion.workflows.explaining import (
     HEAT_ALPHA,
@@ -35,26 +37,11 @@ from skinfusion.workflows.explaining import (
     view_picture,
 )
 
-if TYPE_CHECKING:  # an annotation only: serving an export (ensemble.runtime) must not import TensorFlow
-    from ensemble.engine import Ensemble
-
 CALIBRATION_CAVEAT = (
     "The probabilities were fitted and the threshold chosen on this run's validation images (retrospective "
     "public ISIC data with its own melanoma prevalence). They are not calibrated for another population, "
     "camera or clinic, and an image flagged out of distribution should not be scored at all.")
 MODEL_NOTICE = NOT_A_DEVICE
-
-
-def model_id(run: str | os.PathLike) -> str:
-    """The SHA-256 of the run's ``ensemble/manifest.json`` (or of ``RUN/manifest.json`` for an ensemble folder).
-
-    The manifest signs every file of the bundle, so its hash names the whole model.
-    """
-    path = Path(run)
-    for candidate in (path / "ensemble" / "manifest.json", path / "manifest.json"):
-        if candidate.is_file():
-            return sha256_file(candidate)
-    raise FileNotFoundError(f"{path}: no ensemble manifest")
 
 
 def decode_upload(data: bytes, filename: str) -> np.ndarray:
@@ -164,7 +151,7 @@ def parse_metadata(n_files: int, fields: Mapping[str, str | None], metadata_json
     return [dict(one) for _ in range(n_files)]
 
 
-def metadata_warnings(ens: Ensemble, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
+def metadata_warnings(ens: ScoringEngine, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
     """Readable notes on metadata the ensemble ignores (no metadata fusion, a field it does not use, an unseen site)."""
     given = sorted({k for m in metadata for k, v in m.items() if v is not None})
     if not given:
@@ -183,7 +170,7 @@ def metadata_warnings(ens: Ensemble, metadata: Sequence[Mapping[str, Any]]) -> l
     return notes
 
 
-def fusion_metadata(ens: Ensemble, metadata: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+def fusion_metadata(ens: ScoringEngine, metadata: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
     """What ``Ensemble.fuse`` takes: the fields it uses, per image; None for an images-only ensemble."""
     if not ens.metadata_fields:
         return None
@@ -265,7 +252,7 @@ def explanation_json(expl: Explanation, thresholds: Mapping[str, float | None] |
             "heatmap_method": "Grad-CAM of each branch's melanoma logit at its last convolution (1 = strongest)"}
 
 
-def model_summary(ens: Ensemble, mid: str) -> dict[str, Any]:
+def model_summary(ens: ScoringEngine, mid: str) -> dict[str, Any]:
     """``GET /v1/model``: what the loaded bundle is, how it was validated, and its OOD gate."""
     m = ens.manifest
     ood = m.get("ood")

@@ -22,6 +22,7 @@ from joblib import Parallel, delayed
 from colorspaces.files import atomic_open
 from ensemble.bundle import sha256_file
 from ensemble.metrics import binary_report, choose_threshold
+from ensemble.rundir import RunDir, val_predictions
 from models import BranchConfig, load_branch, predict_images_proba, save_branch
 from models.distribute import (
     is_chief_task,
@@ -106,7 +107,7 @@ def train_branch_run(request: TrainRequest, config: BranchConfig) -> dict[str, A
     if not is_chief(request.strategy):
         with tempfile.TemporaryDirectory(prefix="skinfusion-worker-") as scratch:
             summary = _train_branch_run(request, config, dist, write_dir=scratch)
-        summary["branch_dir"] = f"{Path(request.run_dir) / 'branches' / config.view} (saved by the chief)"
+        summary["branch_dir"] = f"{RunDir(request.run_dir).branch(config.view)} (saved by the chief)"
         return summary
     with run_lock(request.run_dir, f"skinfusion train --view {config.view}"):
         return _train_branch_run(request, config, dist)
@@ -161,7 +162,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     # A non-chief worker reads the chief's split and checkpoint and writes under write_dir.
     # Before the chief has saved the split it makes its own there: the split is seeded, so
     # it is the same one (the agreement check below makes sure).
-    split_run = run_dir if write_dir is None or (read_run / "splits.csv").is_file() else write_dir
+    split_run = run_dir if write_dir is None or RunDir(read_run).splits.is_file() else write_dir
     index, assign, info = prepare_split(request.data_dir, split_run, request.split_seed, request.limit,
                                         dedup=request.dedup)
     run_dir = write_dir or run_dir
@@ -174,17 +175,17 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
             recs[s] = kept
         logger.info("[%s] held out %d images from training and validation", config.view, n_held_out)
         # Recorded for the run, so fuse fits the OOD gate on the same images the branches saw.
-        with atomic_open(Path(run_dir) / "held_out_ids.txt", "w") as fh:
+        with atomic_open(RunDir(run_dir).held_out, "w") as fh:
             fh.write("".join(f"{i}\n" for i in sorted(holdout_ids)))
     if exclude_ids:
         kept = [r for r in recs["train"] if r.image_id not in exclude_ids]
         n_excluded = len(recs["train"]) - len(kept)
         recs["train"] = kept
         logger.info("[%s] excluded %d flagged images from training", config.view, n_excluded)
-    branch_dir = Path(run_dir) / "branches" / config.view
+    branch_dir = RunDir(run_dir).branch(config.view)
     branch_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = branch_dir / ".checkpoint"
-    chief_branch = read_run / "branches" / config.view  # the same as branch_dir, but on a non-chief worker
+    chief_branch = RunDir(read_run).branch(config.view)  # the same as branch_dir, but on a non-chief worker
     point = _resume_point(chief_branch, config, resume)
     if dist is not None and isinstance(dist, _multi_worker_class()):
         with _peer_loss_reported(dist, chief_branch, started=False):
@@ -224,14 +225,14 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
                                  crop_stride=config.crop_stride)
     threshold = choose_threshold(y_val, proba)
     val_metrics = binary_report(y_val, proba, threshold)
-    with atomic_open(branch_dir / "val_predictions.csv", "w", newline="") as fh:
+    with atomic_open(val_predictions(branch_dir), "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image_id", "label", "melanoma_proba"])
         w.writerows((r.image_id, r.label, f"{p:.6f}") for r, p in zip(val_recs, proba))
     save_branch(branch_dir, model, config, {
         "split_seed": info.get("split_seed"),
         # Which split exactly: fuse refuses branches whose splits differ (seed and data alone can agree).
-        "split_sha256": sha256_file(Path(split_run) / "splits.csv"),
+        "split_sha256": sha256_file(RunDir(split_run).splits),
         "dataset_fingerprint": info.get("dataset_fingerprint"),
         "data_dir": info.get("data_dir"),
         "validation_metrics": val_metrics,
@@ -361,7 +362,7 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     assign, info = load_split(run)
     index = index_dataset(recorded_data_dir(run, info))
     records = [r for r in index.records if assign.get(r.image_id) == split]
-    model, config, _ = load_branch(run / "branches" / view)
+    model, config, _ = load_branch(RunDir(run).branch(view))
     imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images",
                                 lesion_margin=lesion_margin(config))
     return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy,
