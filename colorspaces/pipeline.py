@@ -17,6 +17,7 @@ import numpy as np
 from colorspaces.constancy import apply_constancy
 from colorspaces.crops import sliding_windows
 from colorspaces.image import read_image, resize_image
+from colorspaces.lesion import crop_to_lesion
 from colorspaces.quality import image_checks
 from colorspaces.views import VIEWS, apply_view
 
@@ -43,18 +44,24 @@ class Preprocess:
         image_size: the branches' input side.
         load_size: the side every image is resized to (> ``image_size``: test-time windows).
         branches: one ``BranchRecipe`` per branch, in member order.
+        lesion_margin: with lesion-centred input (``BranchConfig.lesion_crop`` "box"), the margin every
+            decoded image is cropped to its located lesion with (``colorspaces.lesion.crop_to_lesion``)
+            before the resize; None: the whole image.
     """
 
     image_size: int
     load_size: int
     branches: tuple[BranchRecipe, ...] = ()
+    lesion_margin: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Preprocess":
         """The recipe from ``preprocess.json`` (or a manifest plus branch configs as dicts); unknown keys ignored."""
         names = {f.name for f in dataclasses.fields(BranchRecipe)}
         branches = tuple(BranchRecipe(**{k: v for k, v in b.items() if k in names}) for b in values.get("branches", ()))
-        return cls(int(values["image_size"]), int(values.get("load_size", values["image_size"])), branches)
+        margin = values.get("lesion_margin")  # absent in exports written before lesion crops: none
+        return cls(int(values["image_size"]), int(values.get("load_size", values["image_size"])), branches,
+                   None if margin is None else float(margin))
 
     def empty_batch(self) -> np.ndarray:
         """An RGB uint8 batch of no images at ``load_size``."""
@@ -69,7 +76,8 @@ def prepare_image(source: Any, recipe: Preprocess) -> tuple[np.ndarray, tuple[st
     """Read one image, check it and resize it for the branches: the one image preparation of inference.
 
     The image-level checks (``colorspaces.quality.image_checks``) look at the decoded image at its
-    own size and shape, before the resize squashes it to a square.
+    own size and shape, before the resize squashes it to a square. A recipe with a ``lesion_margin``
+    then crops the image to its located lesion, exactly as training's decoding did.
 
     Args:
         source: a path, a PIL image or an array (anything ``read_image`` takes).
@@ -82,7 +90,10 @@ def prepare_image(source: Any, recipe: Preprocess) -> tuple[np.ndarray, tuple[st
         ImageError: if the image cannot be read (``MissingImageError`` for a missing path).
     """
     image = read_image(source)
-    return resize_image(image, recipe.load_size), image_checks(image)
+    checks = image_checks(image)
+    if recipe.lesion_margin is not None:
+        image = crop_to_lesion(image, recipe.lesion_margin)
+    return resize_image(image, recipe.load_size), checks
 
 
 def prepare_images(sources: Sequence[Any], recipe: Preprocess) -> tuple[np.ndarray, list[tuple[str, ...]]]:

@@ -22,6 +22,22 @@ from ensemble.scoring import ScoringEngine
 logger = logging.getLogger(__name__)
 
 
+def shared_decode_margin(configs: Sequence) -> float | None:
+    """The lesion-crop margin every branch was trained with (None: whole images).
+
+    Images are decoded once for all branches, so the branches of one ensemble must agree on it.
+
+    Raises:
+        ValueError: if branches were trained with different ``lesion_crop`` / ``lesion_margin``.
+    """
+    margins = {c.decode_margin for c in configs}
+    if len(margins) > 1:
+        found = ", ".join(f"{c.view}: {c.lesion_crop} {c.lesion_margin}" for c in configs)
+        raise ValueError(f"the branches disagree on lesion-centred input ({found}); an ensemble decodes each image "
+                         "once for all branches: retrain them with the same --lesion-crop and --lesion-margin")
+    return margins.pop() if margins else None
+
+
 class Ensemble(ScoringEngine):
     """A loaded bundle: branch models in member order, the fusion estimator and the threshold.
 
@@ -45,7 +61,8 @@ class Ensemble(ScoringEngine):
         image_size = int(manifest["image_size"])
         # Bundles written before crops existed have no load size: no crops.
         self.preprocess = Preprocess(image_size, int(manifest.get("load_size", image_size)),
-                                     tuple(BranchRecipe(c.view, c.color_constancy, c.crop_stride) for c in configs))
+                                     tuple(BranchRecipe(c.view, c.color_constancy, c.crop_stride) for c in configs),
+                                     shared_decode_margin(configs))
         self.threshold = float(manifest["threshold"])
         # Metadata fields the fusion needs next to the images (empty: images only).
         self.metadata_fields = tuple(manifest.get("metadata", ()))

@@ -28,6 +28,7 @@ import numpy as np
 from colorspaces.files import library_versions, write_json_atomic
 from colorspaces.image import RESIZE_RECIPE
 from colorspaces.labels import LABEL_MAP
+from colorspaces.lesion import LESION_RECIPE
 from colorspaces.views import VIEWS
 from ensemble.backends import require
 from ensemble.converters import probe_images
@@ -200,6 +201,9 @@ def _write(ens, ens_dir: Path, run, out: Path, fmt: str, quantize: str | None, c
            "branches": [{"view": c.view, "channels": c.channels, "color_constancy": c.color_constancy,
                          "crop_stride": c.crop_stride, "view_rule": VIEWS[c.view].description}
                         for c in ens.configs],
+           "lesion_margin": ens.preprocess.lesion_margin,
+           "lesion_rule": "with lesion_margin not null: before the resize, crop the decoded image to its located lesion "
+                          "(colorspaces.lesion.crop_to_lesion, recipe " + LESION_RECIPE + "); null: the whole image",
            "order": "colour constancy on the whole image, then windows, then the view"}
     write_json_atomic(out / FUSION_JSON, spec)
     write_json_atomic(out / PREPROCESS_JSON, pre)

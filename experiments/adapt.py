@@ -107,7 +107,7 @@ def measure(run: str, data_dir: str, holdout: str, methods: Sequence[str], grid:
         logger.warning("only %d adaptation images; skinfusion adapt refuses fewer than %d", len(adapt_recs), MIN_IMAGES)
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, recs in (("adapt", adapt_recs), ("val", parts["val"]), ("test", parts["test"])):
-        ok, images, failures = decode_images([r.path for r in recs], ens.load_size)
+        ok, images, failures = decode_images([r.path for r in recs], ens.preprocess)
         keep = set(ok)
         data[name] = (images, np.array([r.label for r in recs if r.path in keep], dtype=int))
         logger.info("%s: %d images (%d melanoma), %d unreadable", name, len(images), data[name][1].sum(), len(failures))

@@ -160,6 +160,11 @@ class BranchConfig:
         return int(round(self.image_size * self.crop_scale))
 
     @property
+    def decode_margin(self) -> float | None:
+        """The margin decoded images are cropped to their lesion with (``lesion_crop`` box), else None."""
+        return self.lesion_margin if self.lesion_crop == "box" else None
+
+    @property
     def channels(self) -> int:
         """Input channels, taken from the view spec."""
         return VIEWS[self.view].channels
@@ -260,11 +265,6 @@ def branch_inputs(config: BranchConfig, images: np.ndarray) -> tuple[np.ndarray,
         ``(x, k)``: float32 view arrays (k·N, S, S, C), window-major (the first N are window 0
         of every image), and k the number of windows per image (1 without crops).
     """
-    if config.lesion_crop != "none":
-        # The crop happens at decode time (colorspaces.lesion.crop_to_lesion, before the resize), which
-        # this function never sees: refuse rather than score uncropped images with a cropped branch.
-        raise ValueError(f"the {config.view} branch was trained on lesion crops (lesion_crop {config.lesion_crop!r}); "
-                         "this inference path does not crop images to the lesion yet, so it cannot score it")
     # The NumPy recipe lives in colorspaces.pipeline, so the exported runtimes share it without Keras.
     return view_inputs(images, config.view, config.image_size, config.color_constancy, config.crop_stride)
 

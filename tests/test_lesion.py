@@ -100,10 +100,28 @@ def test_resized_crops_zoom_in_and_are_seeded(rng):
     np.testing.assert_array_equal(plain, augment_batch(batch, np.random.default_rng(2), None))
 
 
-def test_keras_inference_refuses_a_lesion_crop_branch_it_cannot_crop_for():
-    from models.branch import branch_inputs
+def test_inference_preparation_crops_to_the_lesion_exactly_as_training_decodes(rng):
+    """prepare_image (every inference path: Keras, exports, serve, Ray, adapt) crops like training's decoding."""
+    from colorspaces.image import resize_image
+    from colorspaces.pipeline import Preprocess, prepare_image
 
-    images = np.zeros((2, 16, 16, 3), np.uint8)
-    assert branch_inputs(BranchConfig(image_size=16), images)[0].shape == (2, 16, 16, 3)
-    with pytest.raises(ValueError, match="trained on lesion crops"):
-        branch_inputs(BranchConfig(image_size=16, lesion_crop="box"), images)
+    img = _with_lesion(150, 200, (140, 60), (22, 18), rng)
+    whole, checks = prepare_image(img, Preprocess(32, 32))
+    cropped, checks_cropped = prepare_image(img, Preprocess(32, 32, lesion_margin=0.15))
+    np.testing.assert_array_equal(whole, resize_image(img, 32))
+    np.testing.assert_array_equal(cropped, resize_image(crop_to_lesion(img, 0.15), 32))
+    assert not np.array_equal(whole, cropped)
+    assert checks == checks_cropped  # the image-level checks see the whole decoded image either way
+    # the recipe travels through preprocess.json; an export written before lesion crops has none
+    assert Preprocess.from_dict({"image_size": 32, "lesion_margin": 0.15}).lesion_margin == 0.15
+    assert Preprocess.from_dict({"image_size": 32}).lesion_margin is None
+
+
+def test_an_ensemble_refuses_branches_that_disagree_on_the_lesion_crop():
+    from ensemble.engine import shared_decode_margin
+
+    plain, boxed = BranchConfig(view="rgb"), BranchConfig(view="hsv", lesion_crop="box", lesion_margin=0.2)
+    assert plain.decode_margin is None and boxed.decode_margin == 0.2
+    assert shared_decode_margin([boxed, BranchConfig(view="fft", lesion_crop="box", lesion_margin=0.2)]) == 0.2
+    with pytest.raises(ValueError, match="disagree on lesion-centred input"):
+        shared_decode_margin([plain, boxed])

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from colorspaces import ImageError, read_image, resize_image
+from colorspaces import ImageError
 from colorspaces.files import write_json_atomic
 from colorspaces.image import IMAGE_SUFFIXES
+from colorspaces.pipeline import Preprocess, prepare_image
 from ensemble.bundle import load_ensemble, save_ensemble, sha256_file
 from ensemble.rundir import MANIFEST_FILE, SPLIT_FILE, SPLIT_INFO_FILE, RunDir
 from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, save_branch
@@ -62,15 +63,16 @@ def adaptation_paths(spec: str) -> list[str]:
                          "a list of paths saved as UTF-8") from None
 
 
-def decode_images(paths: Sequence[str], size: int, workers: int = 2) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """Read and resize images to ``size``; unreadable ones are skipped and reported, not raised.
+def decode_images(paths: Sequence[str], recipe: Preprocess,
+                  workers: int = 2) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """Prepare images as the bundle's inference does (``prepare_image``); unreadable ones are skipped and reported.
 
     Returns:
         ``(readable paths, RGB uint8 (n, size, size, 3), [(path, reason)] of the skipped)``.
     """
     def load(path: str):
         try:
-            return resize_image(read_image(path), size), None
+            return prepare_image(path, recipe)[0], None
         except ImageError as exc:
             return None, str(exc)
 
@@ -86,7 +88,7 @@ def decode_images(paths: Sequence[str], size: int, workers: int = 2) -> tuple[li
                 failures.append((path, err))
             if i % step == 0 or i == len(paths):
                 logger.info("read %d/%d images (%d skipped)", i, len(paths), len(failures))
-    array = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    array = np.stack(images) if images else recipe.empty_batch()
     return ok, array, failures
 
 
@@ -218,7 +220,7 @@ def adapt_run(run_dir: str, images: str, out_dir: str, options: AdaptOptions | N
             raise ValueError(f"--run {run}: its fusion takes metadata ({', '.join(ens.metadata_fields)}), which "
                              "unlabelled clinic images do not carry here; fuse the run without --metadata to adapt it")
         calibration = source_calibration(ens, src_dirs)
-        ok, array, failures = decode_images(paths, ens.load_size, workers)
+        ok, array, failures = decode_images(paths, ens.preprocess, workers)
         require_images(len(ok), len(paths), images, min_images)
         adapted = adapt_ensemble(ens, array, calibration, options)
         record = {

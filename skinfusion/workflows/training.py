@@ -113,11 +113,6 @@ def train_branch_run(request: TrainRequest, config: BranchConfig) -> dict[str, A
         return _train_branch_run(request, config, dist)
 
 
-def lesion_margin(config: BranchConfig) -> float | None:
-    """The margin images are cropped to their lesion with when decoded, or None (``lesion_crop`` none)."""
-    return config.lesion_margin if config.lesion_crop == "box" else None
-
-
 def is_chief(strategy: str | None) -> bool:
     """Whether this process writes the run: always, but for a non-chief worker of ``--strategy multi-worker``."""
     return not strategy or resolve(strategy) != "multi-worker" or is_chief_task(read_tf_config())
@@ -205,7 +200,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
         # and training streams it batch by batch, so memory does not grow with the dataset.
         imgs, ok, fails = cached_images([r.path for r in rs], config.load_size, cache_dir=request.cache_dir,
                                         workers=request.workers, desc=f"{s} images",
-                                        lesion_margin=lesion_margin(config))
+                                        lesion_margin=config.decode_margin)
         loaded[s] = (imgs, np.array([rs[i].label for i in ok]), [rs[i] for i in ok])
         failures += fails
     missing = [(p, "listed in the labels but the file is missing") for p in index.missing_files]
@@ -338,7 +333,7 @@ def _train_branches(request: TrainRequest, configs: Sequence[BranchConfig], jobs
         return summaries
     index, assign, _ = prepare_split(request.data_dir, request.run_dir, request.split_seed, request.limit,
                                      dedup=request.dedup)
-    for size, margin in sorted({(c.load_size, lesion_margin(c)) for c in configs}, key=str):
+    for size, margin in sorted({(c.load_size, c.decode_margin) for c in configs}, key=str):
         for split in ("train", "val"):
             cached_images([r.path for r in index.records if assign[r.image_id] == split
                            and r.image_id not in (request.holdout_ids or ())
@@ -364,7 +359,7 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
     records = [r for r in index.records if assign.get(r.image_id) == split]
     model, config, _ = load_branch(RunDir(run).branch(view))
     imgs, ok, _ = cached_images([r.path for r in records], config.load_size, workers=workers, desc=f"{split} images",
-                                lesion_margin=lesion_margin(config))
+                                lesion_margin=config.decode_margin)
     return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy,
                                                           crop_stride=config.crop_stride)
 
