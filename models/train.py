@@ -51,7 +51,8 @@ def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
 def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
                      epochs: int | None = None, start_epoch: int = 0,
                      sources: np.ndarray | None = None, replicas: int = 1,
-                     my_replicas: tuple[int, int] = (0, 1)) -> tuple[Any, int]:
+                     my_replicas: tuple[int, int] = (0, 1),
+                     image_weights: np.ndarray | None = None) -> tuple[Any, int]:
     """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
 
     Args:
@@ -67,6 +68,8 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         replicas: replicas sharing each global batch of ``config.batch_size`` images (a
             ``tf.distribute`` strategy's ``num_replicas_in_sync``); it must divide the batch size.
         my_replicas: ``(first, count)``: the replicas this input pipeline feeds (a worker's).
+        image_weights: a loss weight per training image (N,), multiplying its class weight
+            (e.g. ``BranchConfig.follow_up_weight``); default 1.
 
     Returns:
         ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
@@ -79,6 +82,8 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     """
     y = np.asarray(y).astype(np.float32)
     sample_weight = np.where(y > 0.5, weights[1], weights[0]).astype(np.float32)
+    if image_weights is not None:
+        sample_weight = sample_weight * np.asarray(image_weights, dtype=np.float32)
     bs, epochs = config.batch_size, epochs or config.epochs
     orders: dict[int, np.ndarray] = {}
 
@@ -208,6 +213,7 @@ def fit_branch(
     strategy: tf.distribute.Strategy | None = None,
     mixed_precision: bool = False,
     resume_dir: str | os.PathLike | None = None,
+    train_weights: np.ndarray | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Train one branch from scratch and keep the weights of its best validation-AUC epoch.
 
@@ -234,6 +240,7 @@ def fit_branch(
             float32 (probabilities and loss stay float32); the returned model is float32.
         resume_dir: where to read the checkpoint to resume (default ``checkpoint_dir``): a
             multi-worker run's non-chief workers read the chief's and write their own elsewhere.
+        train_weights: a loss weight per training image, multiplying its class weight (default 1).
 
     Returns:
         ``(model, history)``; history holds per-epoch metrics, the best epoch, the class
@@ -274,7 +281,8 @@ def fit_branch(
     keeper = _BestKeeper(config, checkpoint_dir, build, resume_dir=resume_dir, mixed_precision=mixed_precision)
     with strategy.scope():  # variables (model, optimizer, metrics) are made as the strategy's
         model, initial_epoch = keeper.restore() if resume else (None, 0)
-        _, steps = training_batches(train_images, y_train, config, weights, sources=sources, replicas=replicas)
+        _, steps = training_batches(train_images, y_train, config, weights, sources=sources, replicas=replicas,
+                                    image_weights=train_weights)
         if model is None:
             model = _build_for_training(build, config, mixed_precision)
             model.compile(
@@ -286,14 +294,15 @@ def fit_branch(
     val_size = config.image_size
     if replicas == 1:
         train_ds, _ = training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
-                                       sources=sources)
+                                       sources=sources, image_weights=train_weights)
         val_ds = view_batches(val_images, config.view, 128, y=y_val, constancy=config.color_constancy, crop=val_size)
     else:
         # Each worker's input pipeline feeds its own replicas (ctx names which): the data are
         # sharded by batch slices, not by files, so every worker needs the whole training set.
         def train_fn(ctx):
             return training_batches(train_images, y_train, config, weights, start_epoch=initial_epoch,
-                                    sources=sources, replicas=replicas, my_replicas=_my_replicas(ctx))[0]
+                                    sources=sources, replicas=replicas, my_replicas=_my_replicas(ctx),
+                                    image_weights=train_weights)[0]
 
         def val_fn(ctx):
             # Repeated: with validation_steps given, Keras keeps one iterator for all epochs.
