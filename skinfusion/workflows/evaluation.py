@@ -32,7 +32,7 @@ from skinfusion.workflows.subgroups import one_class_note, records_subgroups, wr
 logger = logging.getLogger(__name__)
 
 #: Version of the ``metrics.json`` layout that ``Evaluator.evaluate`` builds (README: "metrics.json schema").
-METRICS_SCHEMA_VERSION = 3
+METRICS_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,10 @@ def format_dx_type_table(per_dx_type: dict[str, dict], views: Sequence[str]) -> 
     lines = [f"{'dx_type':16} {'n':>5} {'mel':>4} {'nev':>5} " + " ".join(f"{c:>6}" for c in cols)
              + f" {'sens':>6} {'spec':>6}"]
     for dx, row in per_dx_type.items():
-        rates = " ".join("     -" if v != v else f"{v:6.3f}" for v in (row["fused_sensitivity"], row["fused_specificity"]))
-        aucs = f"{row['note']:<{7 * len(cols) - 1}}" if row["note"] else " ".join(f"{row[c]['auc']:6.3f}" for c in cols)
-        lines.append(f"{dx:16} {row['n']:5d} {row['n_melanoma']:4d} {row['n_nevus']:5d} {aucs} {rates}")
+        # NaN (one class) shows as "-", and the note at the end of the row says why.
+        cells = [row[c]["auc"] for c in cols] + [row["fused_sensitivity"], row["fused_specificity"]]
+        lines.append(f"{dx:16} {row['n']:5d} {row['n_melanoma']:4d} {row['n_nevus']:5d} "
+                     + " ".join("     -" if v != v else f"{v:6.3f}" for v in cells) + (f"  {row['note']}" if row["note"] else ""))
     return "\n".join(lines)
 
 
