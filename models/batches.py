@@ -44,7 +44,8 @@ def _numpy_batches(fn, n_steps: int, out_shapes, first: int = 0) -> Any:
 def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[int, float],
                      epochs: int | None = None, start_epoch: int = 0,
                      sources: np.ndarray | None = None, replicas: int = 1,
-                     my_replicas: tuple[int, int] = (0, 1)) -> tuple[Any, int]:
+                     my_replicas: tuple[int, int] = (0, 1),
+                     image_weights: np.ndarray | None = None) -> tuple[Any, int]:
     """Streaming training input: shuffled (re)sampled batches, augmented, as view arrays.
 
     Args:
@@ -60,6 +61,8 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
         replicas: replicas sharing each global batch of ``config.batch_size`` images (a
             ``tf.distribute`` strategy's ``num_replicas_in_sync``); it must divide the batch size.
         my_replicas: ``(first, count)``: the replicas this input pipeline feeds (a worker's).
+        image_weights: a loss weight per training image (N,), multiplying its class weight
+            (e.g. ``BranchConfig.follow_up_weight``); default 1.
 
     Returns:
         ``(dataset, steps_per_epoch)``; the dataset yields ``(x, y, sample_weight)`` for
@@ -72,6 +75,8 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
     """
     y = np.asarray(y).astype(np.float32)
     sample_weight = np.where(y > 0.5, weights[1], weights[0]).astype(np.float32)
+    if image_weights is not None:
+        sample_weight = sample_weight * np.asarray(image_weights, dtype=np.float32)
     bs, epochs = config.batch_size, epochs or config.epochs
     orders: dict[int, np.ndarray] = {}
 

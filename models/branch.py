@@ -25,6 +25,8 @@ def _param(default: Any, help: str, **cli: Any) -> Any:
 
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+#: ``BranchConfig.select_on`` values: which validation images select the epoch and thresholds.
+SELECT_ON = ("all", "histopathology", "not_follow_up")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,18 @@ class BranchConfig:
                                          "merged) gets a share of each class proportional to its image count "
                                          "to the power 1 - this; 0 = as the data are, 1 = every source equally",
                                     metavar="ALPHA")
+    # The nevus label process (experiments/RESULTS.md, label-process rows): HAM10000's follow-up
+    # nevi are benign because they did not change, a population of easy lesions unlike the
+    # biopsied nevi of the ISIC challenges. Validation and test keep every image either way.
+    follow_up_weight: float = _param(1.0, "training weight of images whose diagnosis was confirmed by follow-up "
+                                          "only (dx_type follow_up, in practice HAM10000 nevi): 1 = like any "
+                                          "image, 0 = left out of training, in between = their loss scaled by "
+                                          "this", metavar="W")
+    select_on: str = _param("all", "validation images that pick the best epoch (early stopping) and the "
+                                   "thresholds: all; histopathology (biopsy-confirmed only); or not_follow_up "
+                                   "(all but follow-up-confirmed, so sources that record no dx_type, such as "
+                                   "ISIC 2017, still count); validation metrics are still reported on all",
+                            choices=SELECT_ON)
     augment: bool = _param(True, "random flips and 90-degree rotations of training batches",
                            flag="--no-augment")
     rotate_degrees: float = _param(0.0, "augmentation: also a random rotation by up to +/- this many degrees "
@@ -137,6 +151,9 @@ class BranchConfig:
         for name in ("patience", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.follow_up_weight <= 1.0:
+            raise ValueError(f"follow_up_weight must be in [0, 1] (0 = leave follow-up images out), "
+                             f"got {self.follow_up_weight}")
 
     def _check_types(self) -> None:
         # A --config file is JSON: {"epochs": 1.5}, {"epochs": "two"} or {"augment": "no"} (a

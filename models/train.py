@@ -69,6 +69,7 @@ class FitOptions:
             float32 (probabilities and loss stay float32); the returned model is float32.
         resume_dir: where to read the checkpoint to resume (default ``checkpoint_dir``): a
             multi-worker run's non-chief workers read the chief's and write their own elsewhere.
+        train_weights: a loss weight per training image, multiplying its class weight (default 1).
     """
 
     checkpoint_dir: str | os.PathLike | None = None
@@ -79,6 +80,7 @@ class FitOptions:
     strategy: tf.distribute.Strategy | None = None
     mixed_precision: bool = False
     resume_dir: str | os.PathLike | None = None
+    train_weights: np.ndarray | None = None
 
 
 @dataclass
@@ -198,6 +200,7 @@ def _compiled_model(fit: _Fit, keeper: _BestKeeper) -> tuple[keras.Model, int, i
     with fit.strategy.scope():
         model, initial_epoch = keeper.restore() if opts.resume else (None, 0)
         _, steps = training_batches(fit.train_images, fit.y_train, config, fit.weights, sources=fit.sources,
+                                    image_weights=fit.options.train_weights,
                                     replicas=fit.replicas)
         if model is None:
             model = _build_for_training(opts.build, config, opts.mixed_precision)
@@ -215,7 +218,7 @@ def _input_pipelines(fit: _Fit, initial_epoch: int) -> tuple[Any, Any, int | Non
     config, val_size = fit.config, fit.config.image_size
     if fit.replicas == 1:
         train_ds, _ = training_batches(fit.train_images, fit.y_train, config, fit.weights, start_epoch=initial_epoch,
-                                       sources=fit.sources)
+                                       sources=fit.sources, image_weights=fit.options.train_weights)
         val_ds = view_batches(fit.val_images, config.view, 128, y=fit.y_val, constancy=config.color_constancy,
                               crop=val_size)
         return train_ds, val_ds, None
@@ -224,7 +227,8 @@ def _input_pipelines(fit: _Fit, initial_epoch: int) -> tuple[Any, Any, int | Non
     # sharded by batch slices, not by files, so every worker needs the whole training set.
     def train_fn(ctx):
         return training_batches(fit.train_images, fit.y_train, config, fit.weights, start_epoch=initial_epoch,
-                                sources=fit.sources, replicas=fit.replicas, my_replicas=_my_replicas(ctx))[0]
+                                sources=fit.sources, image_weights=fit.options.train_weights,
+                                replicas=fit.replicas, my_replicas=_my_replicas(ctx))[0]
 
     def val_fn(ctx):
         # Repeated: with validation_steps given, Keras keeps one iterator for all epochs.

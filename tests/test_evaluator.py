@@ -11,7 +11,7 @@ from skinfusion.workflows.evaluation import METRICS_SCHEMA_VERSION, Evaluator, R
 
 # docs/cli.md's "metrics.json schema (version 2)", in file order.
 SCHEMA_KEYS = ["schema_version", "run", "scope", "method", "metadata", "n_images", "n_skipped", "members", "fused",
-               "per_source", "per_subset", "inference_seconds", "tta"]
+               "per_source", "per_dx_type", "per_subset", "inference_seconds", "tta"]
 
 
 def _scored():

@@ -21,6 +21,7 @@ from skinfusion.cli.common import (
     run_command,
 )
 from skinfusion.workflows.tables import (
+    format_dx_type_table,
     format_risk_coverage_table,
     format_source_table,
     format_subgroup_table,
@@ -67,6 +68,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_table({**m["members"], "fused": m["fused"]}))
     print("\nAUC per source:")
     print(format_source_table(m["per_source"], list(m["members"])))
+    if m["per_dx_type"]:
+        print("\nAUC per diagnosis confirmation (dx_type; sens/spec = fused, at the validation threshold):")
+        print(format_dx_type_table(m["per_dx_type"], list(m["members"])))
     if m["per_subset"]:
         print("\nAUC per artefact subset (a shortcut shows up as a gap; spec = fused specificity on its nevi):")
         print(format_source_table(m["per_subset"], list(m["members"]), header="subset"))

@@ -36,7 +36,8 @@ class Record:
 
     ``age``, ``sex`` and ``site`` are the dataset's metadata as written (``""`` when it has
     none); only metadata fusion (``fuse --metadata``) reads them, through
-    ``ensemble.metadata``, which also decides what counts as unknown.
+    ``ensemble.metadata``, which also decides what counts as unknown. ``dx_type`` is how the
+    diagnosis was confirmed, one of ``DX_TYPES`` (``dx_type_of`` normalises the dataset's spelling).
     """
 
     image_id: str
@@ -47,6 +48,7 @@ class Record:
     age: str = ""
     sex: str = ""
     site: str = ""
+    dx_type: str = "unknown"
 
     def metadata(self) -> dict[str, Any]:
         """``{"age", "sex", "site"}`` of this image, the form metadata fusion takes."""
@@ -65,6 +67,29 @@ def source_family(source: str) -> str:
     return _SPLIT_SUFFIX.sub("", source.strip()) or source
 
 
+#: How a diagnosis was confirmed, one vocabulary for every layout: a biopsy, serial imaging that
+#: showed no change (benign by follow-up), expert consensus on one image, reflectance confocal
+#: microscopy, or not recorded.
+DX_TYPES = ("histopathology", "follow_up", "consensus", "confocal", "unknown")
+# Spellings per layout: HAM10000's dx_type (histo, follow_up, consensus, confocal) and the ISIC
+# archive's diagnosis_confirm_type ("serial imaging showing no change", "single image expert
+# consensus", "confocal microscopy with consensus dermoscopy"), both in lower case.
+_DX_SPELLINGS = {
+    "histo": "histopathology", "histopathology": "histopathology", "histology": "histopathology",
+    "follow_up": "follow_up", "follow-up": "follow_up", "followup": "follow_up",
+    "serial imaging showing no change": "follow_up",
+    "consensus": "consensus", "single image expert consensus": "consensus",
+    "confocal": "confocal", "confocal microscopy with consensus dermoscopy": "confocal",
+    "": "unknown", "unknown": "unknown", "na": "unknown", "n/a": "unknown",
+}
+
+
+def dx_type_of(raw: str | None) -> str | None:
+    """The ``DX_TYPES`` name of a confirmation type as a dataset writes it (``histo`` → ``histopathology``;
+    blank → ``unknown``), or ``None`` for a spelling this vocabulary does not know."""
+    return _DX_SPELLINGS.get((raw or "").strip().lower())
+
+
 @dataclass
 class DatasetIndex:
     """The usable records of a folder plus what was left out and why."""
@@ -78,6 +103,8 @@ class DatasetIndex:
     grouped: bool = False
     accepted_labels: str = ""  # how the layout spells the labels it uses, named when others are skipped
     label_file: str = ""  # the file the labels come from ("" for class folders), named in errors
+    # dx_type spellings that DX_TYPES does not know, counted: those images are "unknown", and said so.
+    unread_dx_types: Counter = field(default_factory=Counter)
 
     def fingerprint(self) -> str:
         """A short hash of (image id, label, file size) over all records; changes when the data does."""
@@ -98,6 +125,10 @@ class DatasetIndex:
                          + accepted)
         if self.missing_files:
             parts.append(self.missing_summary())
+        if self.unread_dx_types:
+            parts.append("dx_type not understood, counted as unknown: "
+                         + ", ".join(f"{k!r}={v}" for k, v in sorted(self.unread_dx_types.items()))
+                         + f" (known: {', '.join(DX_TYPES)}, HAM10000's histo and the ISIC archive's spellings)")
         if not self.grouped:
             parts.append(UNGROUPED_WARNING)
         return "; ".join(parts)
@@ -255,7 +286,7 @@ class RecordBuilder:
             expected: where the image was looked for.
             group_id: lesion or patient id (the image id when there is none).
             source: where the image comes from.
-            meta: ``{"age", "sex", "site"}`` as the dataset writes them.
+            meta: ``{"age", "sex", "site", "dx_type"}`` as the dataset writes them.
 
         Raises:
             ValueError: if ``image_id`` was added before.
@@ -271,20 +302,24 @@ class RecordBuilder:
             self.index.missing_ids.append(image_id)
             return
         meta = meta or {}
+        dx_type = dx_type_of(meta.get("dx_type"))
+        if dx_type is None:
+            self.index.unread_dx_types[meta["dx_type"]] += 1
         self.index.records.append(Record(image_id=image_id, path=path, label=LABELS[label],
                                          group_id=group_id or image_id, source=source,
                                          age=meta.get("age", ""), sex=meta.get("sex", ""),
-                                         site=meta.get("site", "")))
+                                         site=meta.get("site", ""), dx_type=dx_type or "unknown"))
 
 
 # Column names for the metadata fields across formats: this dataset's metadata.csv, the ISIC
 # archive (isic-cli) and HAM10000_metadata.csv.
 _META_COLUMNS = {"age": ("age", "age_approx"), "sex": ("sex",),
-                 "site": ("site", "anatom_site_general", "anatom_site_general_challenge", "localization")}
+                 "site": ("site", "anatom_site_general", "anatom_site_general_challenge", "localization"),
+                 "dx_type": ("dx_type", "diagnosis_confirm_type")}
 
 
 def row_metadata(row: dict[str, str]) -> dict[str, str]:
-    """``{"age", "sex", "site"}`` of one CSV row, from whichever known column is filled (``""`` if none)."""
+    """``{"age", "sex", "site", "dx_type"}`` of one CSV row, from whichever known column is filled (``""`` if none)."""
     return {f: next((row[c] for c in cols if row.get(c)), "") for f, cols in _META_COLUMNS.items()}
 
 

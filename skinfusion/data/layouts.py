@@ -402,6 +402,6 @@ def index_dataset(root: str | os.PathLike, log: bool = True) -> DatasetIndex:
     key = (str(root.resolve()), index.fingerprint())
     if log and key not in _SUMMARISED:
         _SUMMARISED.add(key)
-        worrying = index.missing_files or not index.grouped or index.class_problem()
+        worrying = index.missing_files or not index.grouped or index.class_problem() or index.unread_dx_types
         logger.log(logging.WARNING if worrying else logging.INFO, "%s", index.summary())
     return index

@@ -22,13 +22,13 @@ from ensemble.metadata import describe_unreadable, unreadable_values
 from ensemble.metrics import binary_report, roc_auc_ci
 from ensemble.rundir import RunDir
 from skinfusion.data.audit import ARTEFACTS, audit_images
-from skinfusion.data.index import DatasetIndex, Record, write_skip_report
+from skinfusion.data.index import DX_TYPES, DatasetIndex, Record, write_skip_report
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.auditing import read_audit_flags
 from skinfusion.workflows.coverage import scored_risk_coverage, write_risk_coverage
 from skinfusion.workflows.report import write_curves, write_html, write_isic_csv
-from skinfusion.workflows.subgroups import records_subgroups, write_subgroups_csv
+from skinfusion.workflows.subgroups import one_class_note, records_subgroups, write_subgroups_csv
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,10 @@ class Evaluator:
         progress.done("fused")
         per_source = {s: self._auc_row(y, P, fused, sources == s) for s in sorted(set(sources))}
         progress.done(f"AUC per source ({len(per_source)})")
+        dx = np.array([r.dx_type for r in scored.records], dtype=object)
+        # A dataset that records no dx_type gets {}: one "unknown" row would only repeat the total.
+        per_dx_type = {} if (dx == "unknown").all() else {
+            d: self._dx_row(y, P, fused, dx == d) for d in DX_TYPES if (dx == d).any()}
         per_subset = self._per_subset(y, P, fused, [r.image_id for r in scored.records], flags)
         if flags is not None:
             progress.done("AUC per artefact subset")
@@ -141,6 +145,7 @@ class Evaluator:
             "members": members,
             "fused": fused_report,
             "per_source": per_source,
+            "per_dx_type": per_dx_type,
             "per_subset": per_subset,
             "inference_seconds": round(scored.seconds, 3),
             "tta": scored.tta,
@@ -171,6 +176,15 @@ class Evaluator:
         return {"n": int(m.sum()), "n_melanoma": int(y[m].sum()),
                 **{v: self._auc(y[m], P[m, j]) for j, v in enumerate(self.views)},
                 "fused": self._auc(y[m], fused[m])}
+
+    def _dx_row(self, y: np.ndarray, P: np.ndarray, fused: np.ndarray, m: np.ndarray) -> dict[str, Any]:
+        """``_auc_row`` plus ``n_nevus``, the fused sensitivity and specificity at the threshold, and a
+        ``note`` when one class is absent (a follow-up group is nevi only): its AUCs are then NaN."""
+        mel, nev = fused[m & (y == 1)], fused[m & (y == 0)]
+        return {**self._auc_row(y, P, fused, m), "n_nevus": len(nev),
+                "fused_sensitivity": float((mel >= self.threshold).mean()) if len(mel) else math.nan,
+                "fused_specificity": float((nev < self.threshold).mean()) if len(nev) else math.nan,
+                "note": one_class_note(len(mel), len(nev))}
 
     def _per_subset(self, y, P, fused, image_ids: list[str], flags) -> dict[str, Any]:
         # A shortcut (the model reading the artefact, not the lesion) shows up as a gap between

@@ -21,6 +21,7 @@ from models.store import load_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
+from skinfusion.workflows.labelprocess import fusion_selection
 from skinfusion.workflows.oof import oof_member_proba
 from skinfusion.workflows.runlock import run_lock
 
@@ -166,8 +167,9 @@ def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs:
             fit_record = {"on": "validation", "folds": 0, "n_images": int(len(y))}
     # "stack_fit" (the manifest key readers know) records where a label-learning fusion was fitted.
     stack_fit = {"stack_fit": fit_record} if fit_record else {}
-    threshold = choose_threshold(y, fused)
-    val = {v: binary_report(y, P[:, j], choose_threshold(y, P[:, j])) for j, v in enumerate(views)}
+    sel = fusion_selection(run, ids, [c for c, _ in infos])  # --select-on: the images thresholds are chosen on
+    threshold = choose_threshold(y[sel], fused[sel])
+    val = {v: binary_report(y, P[:, j], choose_threshold(y[sel], P[sel, j])) for j, v in enumerate(views)}
     val["fused"] = binary_report(y, fused, threshold)
     weights = fusion.describe(views)
     gate = fit_run_gate(run, branch_dirs, ood_percentile) if ood_percentile is not None else None

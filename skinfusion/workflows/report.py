@@ -176,6 +176,13 @@ def write_html(metrics: dict[str, Any], out_dir: str | os.PathLike, images: Sequ
         + "".join(f"<td>{_fmt(row[c]['auc'])}</td>" for c in cols) + "</tr>"
         for s, row in metrics.get("per_source", {}).items()
     )
+    dx_rows = "".join(
+        f"<tr><th>{html.escape(d)}</th><td>{row['n']}</td><td>{row['n_melanoma']}</td>"
+        + (f'<td colspan="{len(cols)}">{html.escape(row["note"])}</td>' if row["note"]
+           else "".join(f"<td>{_fmt(row[c]['auc'])}</td>" for c in cols))
+        + f"<td>{_fmt(row['fused_sensitivity'])}</td><td>{_fmt(row['fused_specificity'])}</td></tr>"
+        for d, row in metrics.get("per_dx_type", {}).items()
+    )
     subset_rows = "".join(
         f"<tr><th>{html.escape(s)}</th><td>{row['n']}</td><td>{row['n_melanoma']}</td>"
         + "".join(f"<td>{_fmt(row[c]['auc'])}</td>" for c in cols) + "</tr>"
@@ -193,6 +200,7 @@ figure{{display:inline-block;margin:0 12px 16px 0;vertical-align:top}}figcaption
 {html.escape(metrics['method'])} fusion. Thresholds were chosen on validation data. Not a medical device.</p>
 <h2>Per branch and fused</h2><table>{head}{''.join(body)}</table>
 <h2>AUC per source</h2><table>{src_head}{src_rows}</table>
+{f'<h2>AUC per diagnosis confirmation (dx_type)</h2><table>{src_head[:-5]}<th>fused sens</th><th>fused spec</th></tr>{dx_rows}</table>' if dx_rows else ''}
 {f'<h2>AUC per artefact subset</h2><table>{src_head}{subset_rows}</table>' if subset_rows else ''}
 {_subgroup_section(metrics.get("subgroups"))}
 {_coverage_section(metrics.get("risk_coverage"))}

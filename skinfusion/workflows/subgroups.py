@@ -83,6 +83,17 @@ def too_few(n_melanoma: int, n_nevus: int, minimum: int = MIN_PER_CLASS) -> str:
     return "; ".join(short)
 
 
+def one_class_note(n_melanoma: int, n_nevus: int) -> str:
+    """Why a group has no melanoma-vs-nevus AUC because it lacks a class (``"nevi only: AUC undefined;
+    specificity shown"``), or ``""`` when it has both."""
+    if n_melanoma and n_nevus:
+        return ""
+    if not n_melanoma and not n_nevus:
+        return "no images"
+    return ("nevi only: AUC undefined; specificity shown" if n_nevus
+            else "melanomas only: AUC undefined; sensitivity shown")
+
+
 def auc_row(y: np.ndarray, proba: np.ndarray, n_boot: int, minimum: int = MIN_PER_CLASS) -> dict[str, Any]:
     """``{n, n_melanoma, n_nevus, auc, auc_ci95, note}`` of one group; AUC and CI are NaN, and
     ``note`` says why, when the group has fewer than ``minimum`` of either class."""

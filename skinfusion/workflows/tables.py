@@ -33,6 +33,20 @@ def format_source_table(per_source: dict[str, dict], views: Sequence[str], heade
     return "\n".join(lines)
 
 
+def format_dx_type_table(per_dx_type: dict[str, dict], views: Sequence[str]) -> str:
+    """A plain-text table of AUC per diagnosis-confirmation type (``metrics.json`` ``per_dx_type``), per
+    branch and fused, with the fused sensitivity and specificity; a one-class row says why it has no AUC."""
+    cols = [*views, "fused"]
+    lines = [f"{'dx_type':16} {'n':>5} {'mel':>4} {'nev':>5} " + " ".join(f"{c:>6}" for c in cols)
+             + f" {'sens':>6} {'spec':>6}"]
+    for dx, row in per_dx_type.items():
+        # NaN (one class) shows as "-", and the note at the end of the row says why.
+        cells = [row[c]["auc"] for c in cols] + [row["fused_sensitivity"], row["fused_specificity"]]
+        lines.append(f"{dx:16} {row['n']:5d} {row['n_melanoma']:4d} {row['n_nevus']:5d} "
+                     + " ".join("     -" if v != v else f"{v:6.3f}" for v in cells) + (f"  {row['note']}" if row["note"] else ""))
+    return "\n".join(lines)
+
+
 def _auc_cells(row: dict) -> str:
     """``AUC [low, high]`` of a row, or its note (``too few melanomas (n=3)``) when it has no AUC."""
     if row["note"]:

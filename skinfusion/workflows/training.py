@@ -37,6 +37,7 @@ from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family, write_skip_report
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
+from skinfusion.workflows.labelprocess import selection_mask, selection_record, training_records, training_weights
 from skinfusion.workflows.resources import bound_allocator, peak_rss_mb
 from skinfusion.workflows.runlock import run_lock
 from skinfusion.workflows.runsplit import prepare_split
@@ -177,6 +178,11 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
         n_excluded = len(recs["train"]) - len(kept)
         recs["train"] = kept
         logger.info("[%s] excluded %d flagged images from training", config.view, n_excluded)
+    recs["train"], n_follow_up = training_records(recs["train"], config)
+    if n_follow_up:
+        logger.info("[%s] left %d follow-up-confirmed images out of training (--follow-up-weight 0)", config.view,
+                    n_follow_up)
+    selection_mask(recs["val"], config.select_on)  # refuse an impossible --select-on before decoding anything
     branch_dir = RunDir(run_dir).branch(config.view)
     branch_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = branch_dir / ".checkpoint"
@@ -208,9 +214,13 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     if failures:
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
+    # --select-on: the epoch is chosen on those validation images; the split itself never changes.
+    select = selection_mask(loaded["val"][2], config.select_on)
+    sel_images = loaded["val"][0] if select.all() else loaded["val"][0][np.flatnonzero(select)]
     with _peer_loss_reported(dist, chief_branch, started=True):
-        model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], loaded["val"][0],
-                                    loaded["val"][1], checkpoint_dir=checkpoint, resume=resume,
+        model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], sel_images,
+                                    loaded["val"][1][select], checkpoint_dir=checkpoint, resume=resume,
+                                    train_weights=training_weights(loaded["train"][2], config),
                                     train_sources=[source_family(r.source) for r in loaded["train"][2]],
                                     strategy=dist, mixed_precision=request.mixed_precision,
                                     resume_dir=chief_branch / ".checkpoint")
@@ -218,7 +228,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     val_imgs, y_val, val_recs = loaded["val"]
     proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy,
                                  crop_stride=config.crop_stride)
-    threshold = choose_threshold(y_val, proba)
+    threshold = choose_threshold(y_val[select], proba[select])
     val_metrics = binary_report(y_val, proba, threshold)
     with atomic_open(val_predictions(branch_dir), "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -236,6 +246,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
         "skipped_images": len(failures),
         "excluded_from_training": n_excluded,
         "held_out_from_training_and_validation": n_held_out,
+        "label_process": selection_record(select, y_val, config.select_on, n_follow_up),
     })
     shutil.rmtree(checkpoint, ignore_errors=True)  # the branch is saved; nothing left to resume
     logger.info("[%s] saved to %s; validation AUC %.4f; peak RSS %.0f MB", config.view, branch_dir,
