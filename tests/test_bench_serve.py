@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from test_serve import MEAN, start_server  # noqa: E402
 
 from skinfusion.cli.bench_serve import main  # noqa: E402
-from skinfusion.workflows.bench_serve import listener_pid, loopback_url, synthetic_images  # noqa: E402
+from skinfusion.bench.bench_serve import listener_pid, loopback_url, synthetic_images  # noqa: E402
 
 FAST = ["--warmup-requests", "4", "--in-process-s", "0.3", "--in-process-batch", "8", "--n-images", "8",
         "--image-size", "96", "-q"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skinfusion.cli import bench as bench_cli
-from skinfusion.workflows import bench_train
+from skinfusion.bench import bench_train
 
 
 def test_forward_flops_counts_every_convolution_and_the_dense_layer():

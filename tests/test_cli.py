@@ -53,7 +53,7 @@ def test_usage_is_generated_from_the_command_registry(capsys):
     for name, module in cli.COMMANDS.items():
         cli.command_module(name)
         assert f"  {name}" in out and _module_doc_line(module) in out, name
-        if name != "bench":  # bench's parser, and its description, belong to skinfusion.workflows.bench
+        if name != "bench":  # bench's parser, and its description, belong to skinfusion.bench.bench
             assert cli.command_module(name).parser().description == _module_doc_line(module)
     assert cli.main([]) == 2
     assert cli.main(["nosuch"]) == 2 and "unknown command 'nosuch'" in capsys.readouterr().err

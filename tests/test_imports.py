@@ -127,11 +127,12 @@ def test_the_server_and_its_benchmark_import_neither_tensorflow_nor_keras():
     """``serve --run EXPORT`` scores with onnxruntime or LiteRT: building its app must not load TensorFlow,
     and ``bench-serve`` computes the served model id from ``ensemble.rundir``, not from a copy."""
     modules, printed = modules_after(f"""
-        from skinfusion.workflows import bench_serve, serving, serving_io
+        from skinfusion.bench import bench_serve
+        from skinfusion.serve import serving, serving_io
         from ensemble.rundir import model_id
         print(serving_io.model_id is model_id, model_id({str(FIXTURE / "ensemble-mean")!r})[:8])
     """)
     same, mid = printed.split()
     assert same == "True" and len(mid) == 8
-    assert "skinfusion.workflows.serving" in modules
+    assert "skinfusion.serve.serving" in modules
     assert loaded(modules, DEEP_LEARNING) == [], "the server's modules pulled in Keras/TensorFlow"

@@ -1,7 +1,7 @@
 """The layer order, checked by parsing every module's imports: no back-edge, no cycle, no long module.
 
 Layers, lowest first: colorspaces < models < ensemble < skinfusion < experiments, and inside the
-application skinfusion.data < skinfusion.workflows < skinfusion.cli. ``skinfusion/__init__.py``
+application skinfusion.data < skinfusion.workflows < skinfusion.serve < skinfusion.bench < skinfusion.cli. ``skinfusion/__init__.py``
 (the public facade) and ``skinfusion/__main__.py`` (the entry point) sit on top of the application
 and may import anything below them. Every import counts, including those inside functions and
 under ``if TYPE_CHECKING``: an import moved into a function to dodge a circle is still a circle.
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("colorspaces", "models", "ensemble", "skinfusion", "experiments")
 PRODUCT = PACKAGES[:-1]
 # Inside skinfusion, lowest first; the facade and the entry point rank above every sub-layer.
-APPLICATION = ("data", "workflows", "cli")
+APPLICATION = ("data", "workflows", "serve", "bench", "cli")
 TOP_OF_APPLICATION = ("skinfusion", "skinfusion.__main__")
 MAX_LINES = 450
 

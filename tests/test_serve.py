@@ -26,9 +26,9 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from ensemble import load_ensemble  # noqa: E402
-from skinfusion.workflows.batching import MicroBatcher, QueueFull  # noqa: E402
-from skinfusion.workflows.serving import ServeSettings, create_app  # noqa: E402
-from skinfusion.workflows.serving_io import model_id  # noqa: E402
+from skinfusion.serve.batching import MicroBatcher, QueueFull  # noqa: E402
+from skinfusion.serve.serving import ServeSettings, create_app  # noqa: E402
+from skinfusion.serve.serving_io import model_id  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
 MEAN, STACKMETA = FIXTURE / "ensemble-mean", FIXTURE / "ensemble-stackmeta"

@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 import httpx  # noqa: E402
 
 from ensemble import load_ensemble  # noqa: E402
-from skinfusion.workflows.serving_io import model_id  # noqa: E402
+from skinfusion.serve.serving_io import model_id  # noqa: E402
 from test_serve import MEAN, ROOT, lesion, png, upload  # noqa: E402
 
 READY_S = 300  # a start (TensorFlow import, model load, warm-up; per worker) on a busy 2-core CI machine

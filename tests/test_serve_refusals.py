@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 from ensemble import load_ensemble  # noqa: E402
-from skinfusion.workflows.serving import ServeSettings, create_app  # noqa: E402
+from skinfusion.serve.serving import ServeSettings, create_app  # noqa: E402
 from test_serve import MEAN, lesion, no_trace, png, upload  # noqa: E402
 
 

@@ -43,7 +43,7 @@ def test_explain_draws_a_registered_view_from_its_entry_alone(gray_view, tmp_pat
     from ensemble.api import Explanation
     from ensemble.details import PredictionDetails
     from skinfusion.workflows.explaining import heatmap_is_empty, view_caption, view_picture, write_explanation
-    from skinfusion.workflows.serving_io import explanation_json
+    from skinfusion.serve.serving_io import explanation_json
 
     image = np.zeros((24, 24, 3), np.uint8)
     image[6:18, 6:18] = 200

@@ -1,6 +1,6 @@
 """Training and inference throughput, latency and peak RSS, beside the naive per-image loop.
 
-``skinfusion bench`` is ``skinfusion.workflows.bench``, which owns its flags and child processes;
+``skinfusion bench`` is ``skinfusion.bench.bench``, which owns its flags and child processes;
 this module checks them first, so a bad value is refused before minutes of benchmarking.
 """
 
@@ -12,14 +12,14 @@ from typing import Sequence
 
 from colorspaces.files import check_output_file
 from skinfusion.cli.common import run_guarded
-from skinfusion.workflows import bench
+from skinfusion.bench import bench
 
 # bench's counts: each must be at least 1
 _COUNTS = ("train_steps", "n_images", "naive_images", "latency_calls", "batch_size")
 
 
 def parser() -> argparse.ArgumentParser:
-    """The ``skinfusion bench`` parser (``skinfusion.workflows.bench.bench_parser``)."""
+    """The ``skinfusion bench`` parser (``skinfusion.bench.bench.bench_parser``)."""
     return bench.bench_parser()
 
 
@@ -39,12 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0, or 2 if a flag is out of range or the run has no fused ensemble. With ``--train``,
-        ``skinfusion.workflows.bench_train`` (training throughput variants) runs instead.
+        ``skinfusion.bench.bench_train`` (training throughput variants) runs instead.
     """
     if argv is None:
         argv = sys.argv[1:]
     if "--train" in argv:  # training throughput, setting against setting: a parser of its own
-        from skinfusion.workflows import bench_train
+        from skinfusion.bench import bench_train
 
         return bench_train.main(argv)
     p = parser()

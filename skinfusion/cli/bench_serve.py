@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from skinfusion.workflows.bench_serve import BenchConfig, format_table, run_bench
+    from skinfusion.bench.bench_serve import BenchConfig, format_table, run_bench
 
     if args.out:
         check_output_file("--out", args.out)

@@ -1,7 +1,7 @@
 """Serve a run's ensemble over HTTP: a JSON API (predict, explain, model, health, metrics) and a web page.
 
 ``skinfusion serve --run RUN`` loads the bundle, warms it up and listens on 127.0.0.1:8000 by
-default. The work is ``skinfusion.workflows.serving``; this module is its flags. SIGTERM or
+default. The work is ``skinfusion.serve.serving``; this module is its flags. SIGTERM or
 Ctrl-C stops accepting connections and lets the requests in flight finish before the process exits.
 """
 
@@ -81,7 +81,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from skinfusion.workflows.serving import ServeSettings
+    from skinfusion.serve.serving import ServeSettings
 
     return ServeSettings(api_key=args.api_key or os.environ.get(KEY_ENV) or None,
                          max_upload_mb=args.max_upload_mb, cors_origins=tuple(args.cors_origin),
@@ -91,8 +91,8 @@ def _settings(args: argparse.Namespace):
 def app_from_env():
     """The app of one ``--workers`` process, built from the settings the parent put in ``$SKINFUSION_SERVE_SETTINGS``."""
     from ensemble import load
-    from skinfusion.workflows.serving import ServeSettings, create_app
-    from skinfusion.workflows.serving_io import model_id
+    from skinfusion.serve.serving import ServeSettings, create_app
+    from skinfusion.serve.serving_io import model_id
 
     conf = json.loads(os.environ[SETTINGS_ENV])
     settings = ServeSettings(**{**conf["settings"], "cors_origins": tuple(conf["settings"]["cors_origins"])})
@@ -103,8 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ensemble import load
-    from skinfusion.workflows.serving import create_app
-    from skinfusion.workflows.serving_io import model_id
+    from skinfusion.serve.serving import create_app
+    from skinfusion.serve.serving_io import model_id
 
     _check_port_free(args.host, args.port)
     settings = _settings(args)

@@ -1,6 +1,6 @@
 """Inference speed of the Keras bundle and its exports (onnx, onnx-int8, tflite), side by side in one run.
 
-    python -m skinfusion.workflows.bench_export --run RUN [--exports DIR]
+    python -m skinfusion.bench.bench_export --run RUN [--exports DIR]
 
 Exports missing from ``DIR`` (default ``RUN/exports``) are written first (``DIR/onnx``,
 ``DIR/onnx-int8``, ``DIR/tflite``). Each backend is then measured in its own child process, so
@@ -155,7 +155,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The benchmark's flags."""
-    p = argparse.ArgumentParser(prog="python -m skinfusion.workflows.bench_export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m skinfusion.bench.bench_export", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a fused run (its test split names the images)")
     p.add_argument("--exports", help="folder of the exports (default RUN/exports; missing ones are written)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {','.join(BACKENDS)}")
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["peak_gflops"] = CORES * FLOP_PER_CYCLE * result["clock_ghz"]
     for b in backends:
         logger.info("measuring %s", b)
-        cmd = [sys.executable, "-m", "skinfusion.workflows.bench_export", "--run", str(run), "--phase", b,
+        cmd = [sys.executable, "-m", "skinfusion.bench.bench_export", "--run", str(run), "--phase", b,
                "--bundle", str(bundles[b]), "--paths", str(list_file), "--latency-calls", str(args.latency_calls),
                "--batch-size", str(args.batch_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -234,7 +234,7 @@ def _phase_infer_naive(run: Path, n_images: int) -> dict[str, Any]:
 
 
 def _run_phase(args, phase: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "skinfusion.workflows.bench", "--run", str(args.run), "--phase", phase,
+    cmd = [sys.executable, "-m", "skinfusion.bench.bench", "--run", str(args.run), "--phase", phase,
            "--train-steps", str(args.train_steps), "--n-images", str(args.n_images),
            "--naive-images", str(args.naive_images), "--latency-calls", str(args.latency_calls),
            "--batch-size", str(args.batch_size)]

@@ -1,7 +1,7 @@
 """What the HTTP service reads and writes: uploaded images, metadata form fields, and the JSON it answers with.
 
 Nothing here knows about HTTP status codes: bad input raises ``ImageError`` (an upload that is
-not a readable image) or ``ValueError`` (bad metadata), and ``skinfusion.workflows.serving``
+not a readable image) or ``ValueError`` (bad metadata), and ``skinfusion.serve.serving``
 turns them into 422 answers.
 """
 

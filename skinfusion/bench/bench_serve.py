@@ -37,7 +37,7 @@ import numpy as np
 
 from ensemble.rundir import model_id
 
-from skinfusion.workflows.loadgen import (
+from skinfusion.bench.loadgen import (
     READY_TIMEOUT_S,
     ServerProcess,
     free_port,

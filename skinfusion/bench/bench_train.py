@@ -149,7 +149,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(spec: dict[str, Any]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "skinfusion.workflows.bench_train", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "skinfusion.bench.bench_train", "--child", json.dumps(spec)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 

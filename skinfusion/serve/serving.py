@@ -33,10 +33,9 @@ from colorspaces import ImageError
 from ensemble.api import explain_with
 from ensemble.runtime import ExportedEnsemble
 from ensemble.scoring import ScoringEngine
-from skinfusion.workflows.batching import MicroBatcher, QueueFull
-from skinfusion.workflows.explaining import branch_thresholds
-from skinfusion.workflows.serving_guard import AUTH_HELP, GuardMiddleware, Metrics, ServeSettings  # noqa: F401
-from skinfusion.workflows.serving_io import (
+from skinfusion.serve.batching import MicroBatcher, QueueFull
+from skinfusion.serve.serving_guard import AUTH_HELP, GuardMiddleware, Metrics, ServeSettings  # noqa: F401
+from skinfusion.serve.serving_io import (
     decode_upload,
     details_json,
     display_name,
@@ -48,6 +47,7 @@ from skinfusion.workflows.serving_io import (
     parse_metadata,
     prepare_upload,
 )
+from skinfusion.workflows.explaining import branch_thresholds
 
 
 logger = logging.getLogger(__name__)
