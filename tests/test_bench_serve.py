@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from test_serve import MEAN, start_server  # noqa: E402
+from test_serve import MEAN  # noqa: E402
+from test_serve_processes import start_server  # noqa: E402
 
 from skinfusion.cli.bench_serve import main  # noqa: E402
 from skinfusion.bench.bench_serve import listener_pid, loopback_url, synthetic_images  # noqa: E402

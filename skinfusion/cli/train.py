@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from ensemble.rundir import RunDir
-from models import BranchConfig
+from models.config import BranchConfig, read_config_file
 from models.distribute import STRATEGIES, start_strategy
 from skinfusion.cli.common import (
     add_quiet,
@@ -25,8 +25,6 @@ from skinfusion.cli.common import (
     reading,
     run_command,
 )
-from skinfusion.workflows.auditing import artefact_exclusions
-from skinfusion.workflows.training import read_config_file, train_branches
 
 # the train flag's metavar by field type, when the field has no choices and names no metavar
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
@@ -166,6 +164,8 @@ def interrupted_message(args: argparse.Namespace) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from skinfusion.workflows.auditing import artefact_exclusions  # these load TensorFlow: not at --help
+    from skinfusion.workflows.training import train_branches
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
     configs = resolve_configs(args, views)
     args.jobs = start_strategy(args.strategy, args.mixed_precision, args.jobs, [c.batch_size for c in configs])

@@ -373,24 +373,3 @@ def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2)
                                 lesion_margin=config.decode_margin)
     return [records[i] for i in ok], predict_images_proba(model, view, imgs, constancy=config.color_constancy,
                                                           crop_stride=config.crop_stride)
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """Read a JSON ``--config`` file of branch config defaults.
-
-    Raises:
-        FileNotFoundError: if the file is missing.
-        ValueError: if it is not a JSON object.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: config file not found")
-    try:
-        values = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc})") from exc
-    if not isinstance(values, dict):
-        raise ValueError(f"{p}: expected a JSON object of branch config fields")
-    return values
-
-
