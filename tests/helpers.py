@@ -59,3 +59,28 @@ def rehash_manifest(ens_dir: str | os.PathLike) -> dict:
         b["files"] = {name: sha256_file(ens_dir / b["path"] / name) for name in b["files"]}
     (ens_dir / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+def fixture_branches_on_split(data: str | os.PathLike, run: str | os.PathLike, fixture: str | os.PathLike,
+                              views=("rgb", "hsv", "fft")) -> tuple[list, list[Path]]:
+    """Split ``data`` into ``run`` and copy in the committed 16-px branches of ``fixture`` with hand-made,
+    seeded validation scores (melanomas higher), ready to fuse without training.
+
+    Returns:
+        ``(validation records, branch directories)``.
+    """
+    import shutil
+
+    from skinfusion.workflows.runsplit import prepare_split
+
+    index, assign, _ = prepare_split(str(data), str(run))
+    val = [r for r in index.records if assign[r.image_id] == "val"]
+    rng = np.random.default_rng(0)
+    dirs = []
+    for view in views:
+        bdir = Path(shutil.copytree(Path(fixture) / "branches" / view, Path(run) / "branches" / view))
+        lines = "".join(f"{r.image_id},{r.label},{np.clip(0.3 + 0.4 * r.label + rng.normal(0, 0.2), 0.01, 0.99):.6f}\n"
+                        for r in val)
+        (bdir / "val_predictions.csv").write_text("image_id,label,melanoma_proba\n" + lines)
+        dirs.append(bdir)
+    return val, dirs

@@ -4,7 +4,6 @@ records it, AUC per dx_type in evaluate, and the training options follow_up_weig
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from skinfusion.workflows.fusing import fuse_run
 from skinfusion.workflows.labelprocess import selection_mask, training_records, training_weights
 from skinfusion.workflows.runsplit import prepare_split
 from skinfusion.workflows.tables import format_dx_type_table
-from tests.helpers import write_rgb
+from tests.helpers import fixture_branches_on_split, write_rgb
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy-0.1.0"
 # As the datasets write them: HAM10000, the ISIC archive's diagnosis_confirm_type, blank.
@@ -130,14 +129,8 @@ def _run_with_dx_types(tmp_path, select_on=None):
     data = make_synthetic_dataset(tmp_path / "data", n_images=120, melanoma_fraction=0.4, size=32, seed=8)
     _add_dx_types(data, lambda k, label: "histo" if label == "melanoma" else ("histo", "follow_up", "consensus")[k % 3])
     run = tmp_path / "run"
-    index, assign, _ = prepare_split(str(data), str(run))
-    val = [r for r in index.records if assign[r.image_id] == "val"]
-    rng = np.random.default_rng(0)
-    for view in ("rgb", "hsv", "fft"):
-        bdir = shutil.copytree(FIXTURE / "branches" / view, run / "branches" / view)
-        lines = "".join(f"{r.image_id},{r.label},{np.clip(0.3 + 0.4 * r.label + rng.normal(0, 0.2), 0.01, 0.99):.6f}\n"
-                        for r in val)
-        (bdir / "val_predictions.csv").write_text("image_id,label,melanoma_proba\n" + lines)
+    val, dirs = fixture_branches_on_split(data, run, FIXTURE)
+    for bdir in dirs:
         if select_on:
             config = json.loads((bdir / "config.json").read_text())
             (bdir / "config.json").write_text(json.dumps({**config, "select_on": select_on}))

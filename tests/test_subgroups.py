@@ -5,7 +5,6 @@ then once through ``skinfusion evaluate`` on a fused run built without training 
 import csv
 import json
 import logging
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,6 @@ from skinfusion.workflows.coverage import (
     write_risk_coverage_png,
 )
 from skinfusion.workflows.fusing import fuse_run
-from skinfusion.workflows.runsplit import prepare_split
 from skinfusion.workflows.subgroups import (
     SUBGROUP_COLUMNS,
     age_band,
@@ -33,6 +31,7 @@ from skinfusion.workflows.subgroups import (
     subgroup_report,
     write_subgroups_csv,
 )
+from tests.helpers import fixture_branches_on_split
 from skinfusion.workflows.tables import (
     format_risk_coverage_table,
     format_subgroup_table,
@@ -268,14 +267,7 @@ def fused_run(tmp_path_factory):
             w.writerow([r["image_id"], r["group_id"], [25, 40, 55, 70, 80, ""][k % 6], ["male", "female", ""][k % 3],
                         ["back", "head, neck", ""][k % 3]])
     run = root / "run"
-    index, assign, _ = prepare_split(str(data), str(run))
-    val = [r for r in index.records if assign[r.image_id] == "val"]
-    rng = np.random.default_rng(0)
-    for view in ("rgb", "hsv", "fft"):
-        bdir = shutil.copytree(FIXTURE / "branches" / view, run / "branches" / view)
-        lines = "".join(f"{r.image_id},{r.label},{np.clip(0.3 + 0.4 * r.label + rng.normal(0, 0.2), 0.01, 0.99):.6f}\n"
-                        for r in val)
-        (bdir / "val_predictions.csv").write_text("image_id,label,melanoma_proba\n" + lines)
+    fixture_branches_on_split(data, run, FIXTURE)
     fuse_run(str(run), "mean", ("rgb", "hsv", "fft"))
     return run
 
