@@ -259,6 +259,14 @@ def test_the_training_workflow_selects_on_those_validation_rows_and_records_it(d
 @pytest.mark.parametrize("select_on", ["all", "histopathology"])
 def test_fuse_chooses_its_thresholds_on_the_branches_select_on_images(tmp_path, select_on):
     run, val = _run_with_dx_types(tmp_path, select_on)
+    # Follow-up and consensus nevi scored like melanomas: a threshold chosen on them differs.
+    for view in ("rgb", "hsv", "fft"):
+        path = run / "branches" / view / "val_predictions.csv"
+        lines = path.read_text().splitlines()
+        dx = {r.image_id: r.dx_type for r in val}
+        path.write_text("\n".join([lines[0]] + [
+            f"{i},{y},0.75" if dx[i] != "histopathology" else f"{i},{y},{p}"
+            for i, y, p in (line.split(",") for line in lines[1:])]) + "\n")
     result = fuse_run(str(run), "mean", ("rgb", "hsv", "fft"))
     rows = {}
     for view in ("rgb", "hsv", "fft"):
