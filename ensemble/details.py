@@ -38,7 +38,8 @@ class BatchScores:
         return PredictionDetails(
             melanoma_probability=float(self.fused[j]),
             branch_probabilities={v: float(p) for v, p in zip(views, self.P[j])},
-            decision=LABEL_NAMES[int(self.fused[j] >= threshold)],
+            # A flagged image gets no decision: the refusal is the answer (the probability stays, raw).
+            decision=None if flag == 1.0 else LABEL_NAMES[int(self.fused[j] >= threshold)],
             in_distribution_score=None if np.isnan(idx) else idx,
             out_of_distribution=None if np.isnan(flag) else bool(flag),
             ood_reasons=list(self.ood.reasons[j]),
@@ -52,8 +53,8 @@ class PredictionDetails:
     Attributes:
         melanoma_probability: the fused probability, as ``predict`` returns it.
         branch_probabilities: each branch's probability, by view.
-        decision: "melanoma" or "nevus" at the bundle's validation threshold (also given for an
-            out-of-distribution image, where it should not be trusted).
+        decision: "melanoma" or "nevus" at the bundle's validation threshold; None for an image
+            flagged out of distribution (its ``melanoma_probability`` is then the raw output, not to trust).
         in_distribution_score: the fraction of in-distribution validation images at least as
             atypical (1 = most typical, 0 = beyond them all or failing an image-level check);
             None for a bundle without a gate.
@@ -66,7 +67,7 @@ class PredictionDetails:
 
     melanoma_probability: float
     branch_probabilities: dict[str, float]
-    decision: str
+    decision: str | None
     in_distribution_score: float | None
     out_of_distribution: bool | None
     ood_reasons: list[str]

@@ -64,7 +64,9 @@ def test_the_committed_bundle_flags_rendered_images_and_passes_lesions():
     details = ens.details(pages + [lesion(96, seed=s) for s in range(4)])
     for d in details[:3]:
         assert d.out_of_distribution is True and {"uniform_area", "text_like"} & set(d.ood_reasons), d.ood_reasons
+        assert d.decision is None  # the refusal is the answer in the Python API too
     assert all(d.ood_reasons == [] and not d.out_of_distribution for d in details[3:])
+    assert all(d.decision in ("melanoma", "nevus") for d in details[3:])
 
 
 def test_checks_only_report_counts_flags_per_source_and_kind(tmp_path):

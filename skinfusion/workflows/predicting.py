@@ -113,8 +113,9 @@ def write_predictions(ens: Ensemble, paths: Sequence[str], fh: TextIO, batch_siz
     The out-of-distribution columns (``ensemble.ood``): ``in_distribution_score`` is the share of
     in-distribution validation images at least as atypical (1 = most typical; 0 when an image-level
     check failed); ``out_of_distribution`` is 1 or 0; ``ood_reason`` lists the failed checks
-    (``too_small``, ``extreme_aspect_ratio``, ``not_colour``, ``nearly_uniform``) and
-    ``atypical_features``, separated by ``;``. A bundle without a gate leaves the score empty, and
+    (``colorspaces.quality.REASONS``: e.g. ``too_small``, ``not_colour``, ``uniform_area``, ``text_like``)
+    and ``atypical_features``, separated by ``;``. A flagged image gets no decision: its
+    ``melanoma_proba`` is the model's raw output, and a warning says how many were flagged. A bundle without a gate leaves the score empty, and
     the flag empty unless an image-level check failed (a warning says so once).
 
     Args:
