@@ -237,7 +237,7 @@ def test_the_training_workflow_selects_on_those_validation_rows_and_records_it(d
     monkeypatch.setattr(training, "fit_branch", fake_fit)
     config = BranchConfig(image_size=16, select_on=select_on, follow_up_weight=follow_up_weight)
     run = tmp_path / "run"
-    training.train_branch_run(str(dx_data), str(run), config)
+    training.train_branch_run(training.TrainRequest(str(dx_data), str(run)), config)
     index, assign, _ = prepare_split(str(dx_data), str(run))
     split = {s: [r for r in index.records if assign[r.image_id] == s] for s in ("train", "val")}
     chosen = selection_mask(split["val"], select_on)

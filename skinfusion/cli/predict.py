@@ -142,7 +142,8 @@ def _load_backend(run: str, backend: str | None):
     elif backend not in (None, "keras"):
         raise ValueError(f"--backend {backend} scores an export: write one with `skinfusion export --run {run} "
                          f"--format {backend} --out DIR` and pass --run DIR")
-    import_tensorflow_quietly()  # a run's bundle is scored by Keras
+    else:
+        import_tensorflow_quietly()  # a run's bundle is scored by Keras (an export's never loads TensorFlow)
     return load(run)
 
 
