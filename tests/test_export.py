@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from colorspaces import ImageError
+from ensemble.export import INT8_TOLERANCE
 from ensemble.fusion import AverageFusion, FusionEstimator, SelectionFusion, StackingFusion
 from ensemble.fusion_json import JsonFusion
 from ensemble.runtime import ExportedEnsemble
-from ensemble.export import INT8_TOLERANCE
 from helpers import write_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
