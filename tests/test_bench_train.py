@@ -34,6 +34,10 @@ def test_the_table_relates_each_variant_to_the_default_and_to_the_peak():
     (["--train", "--variants", "default,warp"], "--variants default,warp"),
     (["--train", "--variants", "jit"], "must include default"),
     (["--train", "--images", "0"], "--images must be at least 1"),
+    # refused before any measuring (each used to fail only in a child, or after the whole run)
+    (["--train", "--data", "/nonexistent-skinfusion"], "--data /nonexistent-skinfusion: not a folder"),
+    (["--train", "--out", "/nonexistent-skinfusion/x.json"], "--out /nonexistent-skinfusion/x.json"),
+    (["--train", "--views", "rgb,xyz"], "--views rgb,xyz"),
 ])
 def test_bad_bench_train_flags_exit_2_in_one_line(argv, message, capsys):
     assert bench_cli.main(argv) == 2

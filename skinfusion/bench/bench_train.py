@@ -228,6 +228,24 @@ def bench_train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refusal(args: argparse.Namespace, views: Sequence[str]) -> str | None:
+    """Why ``--views``, ``--data`` or ``--out`` cannot work (one line), or None."""
+    from colorspaces import VIEWS as ALL_VIEWS
+    from colorspaces.files import check_output_file
+
+    bad = [v for v in views if v not in ALL_VIEWS]
+    if bad or not views:
+        return f"--views {args.views}: name views from {', '.join(ALL_VIEWS)}"
+    if args.data is not None and not Path(args.data).is_dir():
+        return f"--data {args.data}: not a folder; give a dataset folder, or leave --data out for synthetic images"
+    if args.out is not None:
+        try:
+            check_output_file("--out", args.out)
+        except (ValueError, FileNotFoundError) as exc:
+            return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure every variant, print the table, optionally write the raw JSON."""
     args = bench_train_parser().parse_args(argv)
@@ -247,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or "default" not in names:
         print(f"skinfusion bench: error: --variants {args.variants}: must include default and name only "
               f"{', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    problem = _refusal(args, views)  # everything a child would fail on, before minutes of measuring
+    if problem:
+        print(f"skinfusion bench: error: {problem}", file=sys.stderr)
         return 2
     base = {"data": args.data, "views": views, "image_size": args.image_size, "n_images": args.images,
             "n_pool": max(64, args.images), "repeats": args.repeats}
