@@ -373,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--part", choices=sorted(PARTS), default="tuning")
     p.add_argument("--per-kind", type=int, default=20, metavar="N", help="images of each kind (default 20)")
     args = p.parse_args(argv)
+    if args.per_kind < 1:
+        p.error(f"argument --per-kind: must be at least 1, got {args.per_kind}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
