@@ -39,8 +39,11 @@ endif
 	$(BIN)/skinfusion predict --run $(RUN) \
 	  "$(DEMO_DATA)/images/$$(awk -F, '$$5 == "test" {print $$1; exit}' $(RUN)/splits.csv).jpg"
 
+# Two pytest processes (pytest-xdist) share the suite a whole file at a time, so that a file's
+# trained fixtures are trained once; PYTEST_WORKERS=0 runs it in this one process.
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -ra -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing, since CI must test something"; exit 1; fi; exit $$rc
 
 clean:
