@@ -50,7 +50,7 @@ def test_tensorflow_start_up_notices_appear_at_most_once(keras_run):
                    f"{str(FIXTURE / 'images' / 'gen0.png')!r}]))")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "melanoma_proba" in done.stdout
-    for notice in ("absl::InitializeLog", "cudart_stub", "cpu_feature_guard"):
+    for notice in ("absl::InitializeLog", "cudart_stub", "cpu_feature_guard", "oneDNN custom operations"):
         assert done.stderr.count(notice) <= 1, done.stderr
 
 

@@ -93,3 +93,18 @@ def test_two_train_commands_on_one_new_run_one_trains_the_other_is_refused(synth
     assert f"--run {run}: is being written by PID {winner.pid}" in refused and "Traceback" not in refused
     assert sorted(p.name for p in (run / "branches").iterdir()) == ["rgb"]
     assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.partial"))
+
+
+@pytest.mark.slow
+def test_two_parallel_trainings_in_one_process_each_write_their_own_run(synthetic_data, tmp_path):
+    # loky reuses its worker processes, which keep the environment they started with: the second
+    # `train --view all` in one process used to find its own run "being written by" this process.
+    from skinfusion.cli.train import main as train_main
+
+    for name in ("first", "second"):
+        run = tmp_path / name
+        rc = train_main(["--view", "all", "--jobs", "2", "--data", str(synthetic_data), "--run", str(run),
+                         "--image-size", "16", "--epochs", "1", "--patience", "1", "--limit", "120", "-q"])
+        assert rc == 0, name
+        assert sorted(p.name for p in (run / "branches").iterdir()) == ["fft", "hsv", "rgb"]
+    assert HELD_ENV not in os.environ  # the parent lets go of both runs

@@ -24,11 +24,13 @@ from skinfusion.data.layouts import LAYOUTS
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # TensorFlow >= 2.19 writes its start-up notices on a CPU-only machine (absl's "before
-# absl::InitializeLog" line, "Could not find cuda drivers", the CPU-feature hint) from C++ straight
-# to file descriptor 2, once per bundled library (so twice), ignoring TF_CPP_MIN_LOG_LEVEL
-# (tensorflow/tensorflow#100442). They are not the user's business; anything else it writes is kept.
+# absl::InitializeLog" line, "Could not find cuda drivers", the CPU-feature hint and, since 2.21,
+# "oneDNN custom operations are on") from C++ straight to file descriptor 2, once per bundled
+# library (so twice), ignoring TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442). They are not
+# the user's business; anything else it writes is kept.
 _TF_NOTICES = re.compile(r"absl::InitializeLog|cudart_stub\.cc|cpu_feature_guard\.cc|rebuild TensorFlow with the "
-                         r"appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory")
+                         r"appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory|"
+                         r"oneDNN custom operations are on")
 
 
 def import_tensorflow_quietly() -> None:

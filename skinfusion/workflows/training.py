@@ -39,7 +39,7 @@ from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
 from skinfusion.workflows.labelprocess import selection_mask, selection_record, training_records, training_weights
 from skinfusion.workflows.resources import bound_allocator, peak_rss_mb
-from skinfusion.workflows.runlock import run_lock
+from skinfusion.workflows.runlock import HELD_ENV, run_lock
 from skinfusion.workflows.runsplit import prepare_split
 
 logger = logging.getLogger(__name__)
@@ -284,8 +284,16 @@ def _multi_worker_class() -> type:
     return tf.distribute.MultiWorkerMirroredStrategy
 
 
-def _train_in_worker(threads: int, log_level: int, request: TrainRequest, config: BranchConfig) -> dict[str, Any]:
-    # Runs in a fresh joblib worker process: split the cores before TensorFlow starts.
+def _train_in_worker(threads: int, log_level: int, held_locks: str, request: TrainRequest,
+                     config: BranchConfig) -> dict[str, Any]:
+    # Runs in a joblib (loky) worker process. loky reuses its workers from one call to the next, and a
+    # reused worker keeps the environment it was started with: the run locks our parent holds now are
+    # handed over explicitly, or a second `train --view all` in one process is refused its own run.
+    if held_locks:
+        os.environ[HELD_ENV] = held_locks
+    else:
+        os.environ.pop(HELD_ENV, None)
+    # Split the cores before TensorFlow starts (a reused worker already has this same setting).
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
     import tensorflow as tf
 
@@ -355,7 +363,7 @@ def _train_branches(request: TrainRequest, configs: Sequence[BranchConfig], jobs
     logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
     return Parallel(n_jobs=jobs, backend="loky")(
-        delayed(_train_in_worker)(threads, level, request, c) for c in configs)
+        delayed(_train_in_worker)(threads, level, os.environ.get(HELD_ENV, ""), request, c) for c in configs)
 
 
 def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2) -> tuple[list, np.ndarray]:
