@@ -1,16 +1,21 @@
 """Which part of the OOD gate sees which images, and how the branch scores are best combined, on a fused run.
 
     python -m experiments.ood_rules --run RUN --data DIR --out OUT [--per-kind 30] [--percentile 99.5]
+        [--sweep 99 99.9]
 
 Embeds, with the run's bundle, the images its gate is fitted and thresholded on (a seeded
 subsample of ``GATE_MAX_TRAIN`` training images, as ``skinfusion fuse`` takes them; the
-validation images), its test split, the seborrheic keratoses (near-OOD) and both parts of the
-realistic far-OOD set (``experiments.farood``). It fits the gate with each rule of
+validation images), its test split, the seborrheic keratoses (near-OOD), a leave-one-source-out
+run's held-out source (grouped by its part of the split: ``split_val`` to choose on, ``split_test``
+to report) and both parts of the realistic far-OOD set (``experiments.farood``). It fits the gate with each rule of
 ``ensemble.ood.COMBINE_RULES`` on the same embeddings and reports, per image set, the share
 flagged by the image-level checks alone, by the feature score alone (per rule), and by the gate
 as a whole (per rule), with Wilson 95% intervals, and the median standardised distance of each
 branch (what the scores of white-page text look like). Choose on the ``tuning`` part, report
-the ``heldout`` part. Writes ``OUT/rules.json`` and ``OUT/rules.md``.
+the ``heldout`` part. ``--sweep`` adds, for more validation percentiles (the same fitted gates,
+only the threshold moves), the share each whole gate flags per set and group: the trade-off
+between far-OOD recall and in-distribution or held-out-source flags. Writes ``OUT/rules.json``
+and ``OUT/rules.md``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from colorspaces.files import write_json_atomic
 from colorspaces.image import read_image, resize_image
 from colorspaces.quality import image_checks
+from ensemble.ood import check_percentile
 from experiments.ood import _near_ood, _share
 
 logger = logging.getLogger(__name__)
@@ -51,14 +57,18 @@ def _sets(run: str, data: str, per_kind: int) -> tuple[dict[str, list], dict[str
         "test": [(r.source, r.path) for r in records if assign.get(r.image_id) == "test" and r.image_id not in held],
         "seborrheic_keratosis": [("SK", p) for p in _near_ood(Path(data))]}
     if held:
-        sets["held_out_source"] = [(r.source, r.path) for r in records if r.image_id in held]
+        # Grouped by the held-out images' part of the grouped split: the percentile may be chosen
+        # on the validation part, the test part is reported.
+        sets["held_out_source"] = [(f"split_{assign.get(r.image_id, 'none')}", r.path)
+                                   for r in records if r.image_id in held]
     for part in PARTS:
         sets[f"far_ood_{part}"] = list(realistic_far_ood(part, per_kind))
     return {"train": train, "val": val}, sets
 
 
-def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | None = None) -> dict[str, Any]:
-    """The report described in the module docstring, as a dict."""
+def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | None = None,
+                  sweep: Sequence[float] = ()) -> dict[str, Any]:
+    """The report described in the module docstring, as a dict (``sweep``: more percentiles to report)."""
     from ensemble import load_ensemble
     from ensemble.ood import COMBINE_RULES, fit_gate
     from skinfusion.data.cache import cached_images
@@ -68,8 +78,12 @@ def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | N
     fit, sets = _sets(run, data, per_kind)
     emb = {k: ens.embed(cached_images(paths, ens.load_size, desc=k)[0]) for k, paths in fit.items()}
     gates = {rule: fit_gate(emb["train"], emb["val"], percentile, combine=rule) for rule in COMBINE_RULES}
+    sweep = sorted({float(check_percentile(q)) for q in sweep} - {float(percentile)})
+    # The threshold is the percentile of the validation scores, so a sweep only moves it.
+    cuts = {q: {rule: float(np.percentile(g.val_scores, q)) for rule, g in gates.items()} for q in sweep}
     result: dict[str, Any] = {"run": str(Path(run).resolve()), "percentile": percentile,
-                              "n_fit": len(emb["train"][0]), "n_val": len(emb["val"][0]), "sets": {}}
+                              "n_fit": len(emb["train"][0]), "n_val": len(emb["val"][0]), "sets": {},
+                              "sweep": {f"{q:g}": {} for q in sweep}}
     for name, items in sets.items():
         if not items:
             continue
@@ -83,7 +97,14 @@ def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | N
         E = [np.concatenate([e[j] for e in E]) for j in range(len(ens.models))]
         checks = np.array([bool(r) for r in reasons])
         z = (gates["max"].distances(E) - gates["max"].dist_mean) / gates["max"].dist_std  # same m_j, s_j per rule
-        feats = {rule: g.score(E) > g.threshold for rule, g in gates.items()}
+        scores = {rule: g.score(E) for rule, g in gates.items()}
+        feats = {rule: scores[rule] > g.threshold for rule, g in gates.items()}
+        for q, cut in cuts.items():
+            result["sweep"][f"{q:g}"][name] = {
+                grp: {f"gate_{rule}": _share((checks | (scores[rule] > cut[rule]))[m])
+                      for rule in gates}
+                for grp in sorted(set(groups)) + ["all"]
+                for m in [np.array([grp in ("all", g) for g in groups])]}
         out = {}
         for grp in sorted(set(groups)) + ["all"]:
             m = np.array([grp in ("all", g) for g in groups])
@@ -110,6 +131,14 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r['features_sum']['flagged']:.3f} | {r['features_max']['flagged']:.3f} | "
                          f"{r['gate_sum']['flagged']:.3f} | {r['gate_max']['flagged']:.3f} | {ci[0]:.3f}-{ci[1]:.3f} | "
                          + "/".join(f"{v:.1f}" for v in r["median_z"]) + " |")
+    for q, sets in result.get("sweep", {}).items():
+        lines += ["", f"Whole gate at the {q}th validation percentile (same fitted gates)", "",
+                  "| set | group | n | gate (sum) | gate (sum) 95% CI | gate (max) |", "|---|---|---:|---:|---|---:|"]
+        for name, groups in sets.items():
+            for grp, r in groups.items():
+                lo, hi = r["gate_sum"]["ci95"]
+                lines.append(f"| {name} | {grp} | {r['gate_sum']['n']} | {r['gate_sum']['flagged']:.3f} | "
+                             f"{lo:.3f}-{hi:.3f} | {r['gate_max']['flagged']:.3f} |")
     return "\n".join(lines)
 
 
@@ -121,9 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="OUT")
     p.add_argument("--per-kind", type=int, default=30, help="realistic far-OOD images per kind and part (default 30)")
     p.add_argument("--percentile", type=float, help="validation percentile of the threshold (default: the run's)")
+    p.add_argument("--sweep", type=float, nargs="+", default=[], metavar="P",
+                   help="more validation percentiles (50-100) to report the whole gate at, e.g. --sweep 99 99.9")
     args = p.parse_args(argv)
+    for flag, q in [("--percentile", args.percentile), *(("--sweep", q) for q in args.sweep)]:
+        if q is not None and not 50.0 <= q <= 100.0:  # NaN fails too
+            p.error(f"{flag} takes a validation percentile from 50 to 100, got {q:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    result = compare_rules(args.run, args.data, args.per_kind, args.percentile)
+    result = compare_rules(args.run, args.data, args.per_kind, args.percentile, args.sweep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "rules.json", result)

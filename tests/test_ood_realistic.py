@@ -97,3 +97,29 @@ def test_rule_comparison_on_a_fused_run_reports_both_rules(trained_run, syntheti
         assert far[f"gate_{rule}"]["flagged"] >= max(far["checks"]["flagged"], far[f"features_{rule}"]["flagged"])
     assert far["checks"]["n"] == 10 and len(test["median_z"]) == 3
     assert "| far_ood_heldout | text_page | 1 | 1.000 |" in markdown(r)
+
+
+def test_percentile_sweep_moves_only_the_threshold(trained_run, synthetic_data):
+    from experiments.ood_rules import compare_rules, markdown
+
+    r = compare_rules(str(trained_run), str(synthetic_data), per_kind=1, percentile=95, sweep=[60, 100])
+    assert sorted(r["sweep"]) == ["100", "60"]
+    for name, groups in r["sets"].items():
+        for grp, row in groups.items():
+            lo, hi = (r["sweep"][q][name][grp] for q in ("60", "100"))
+            for rule in ("sum", "max"):
+                # A lower threshold flags a superset, whatever the images: 60th >= 95th >= 100th.
+                assert lo[f"gate_{rule}"]["flagged"] >= row[f"gate_{rule}"]["flagged"] >= hi[f"gate_{rule}"]["flagged"]
+                assert hi[f"gate_{rule}"]["flagged"] >= row["checks"]["flagged"]
+    # The 60th percentile flags about 40% of validation-like images: in-distribution test images too.
+    assert r["sweep"]["60"]["test"]["all"]["gate_sum"]["flagged"] > r["sets"]["test"]["all"]["gate_sum"]["flagged"]
+    assert "Whole gate at the 60th validation percentile" in markdown(r)
+
+
+def test_ood_rules_refuses_a_percentile_out_of_range(capsys):
+    from experiments.ood_rules import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", "R", "--data", "D", "--out", "O", "--sweep", "99", "101"])
+    assert exc.value.code == 2
+    assert "--sweep takes a validation percentile from 50 to 100, got 101" in capsys.readouterr().err
