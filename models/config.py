@@ -118,6 +118,11 @@ class BranchConfig:
                                         "epochs without a better validation AUC; none: constant",
                               choices=("none", "cosine", "plateau"))
     seed: int = _param(0, "seed for weights, shuffling and augmentation")
+    # Self-supervised pre-training (models.pretrain): the encoder's conv and BatchNorm weights
+    # start from `skinfusion pretrain`'s instead of at random; the output layer is new.
+    init_from: str = _param("", "fine-tune from a self-supervised encoder: a directory written by `skinfusion "
+                                "pretrain` for the same view and --base-filters; empty = random start",
+                            metavar="DIR")
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -204,6 +204,10 @@ def _compiled_model(fit: _Fit, keeper: _BestKeeper) -> tuple[keras.Model, int, i
                                     replicas=fit.replicas)
         if model is None:
             model = _build_for_training(opts.build, config, opts.mixed_precision)
+            if config.init_from:
+                from models.pretrain import init_from_encoder
+                init_from_encoder(model, config, config.init_from)
+                logger.info("[%s] encoder initialised from %s", config.view, config.init_from)
             model.compile(
                 optimizer=make_optimizer(config, steps),
                 loss="binary_crossentropy",

@@ -94,7 +94,7 @@ def test_train_flags_are_generated_from_branch_config_fields():
             assert action.const is (not f.default)
             continue
         assert action.type is types[f.name]
-        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "empty"
         assert action.help.endswith(f"(default {default})"), action.help
         if "choices" in f.metadata:
             assert list(action.choices) == list(f.metadata["choices"])

@@ -22,6 +22,7 @@ from skinfusion.cli.common import EXIT_ERROR, EXIT_OK, import_tensorflow_quietly
 # `main(argv=None) -> int`, and its docstring's first line is its summary, here and in its --help.
 COMMANDS: dict[str, str] = {
     "train": "skinfusion.cli.train",
+    "pretrain": "skinfusion.cli.pretrain",
     "fuse": "skinfusion.cli.fuse",
     "evaluate": "skinfusion.cli.evaluate",
     "predict": "skinfusion.cli.predict",
@@ -37,7 +38,7 @@ COMMANDS: dict[str, str] = {
 }
 
 # The commands that always run a Keras model (predict does only for a run, not an export: it asks itself).
-TENSORFLOW_COMMANDS = ("train", "fuse", "evaluate", "explain", "adapt")
+TENSORFLOW_COMMANDS = ("train", "pretrain", "fuse", "evaluate", "explain", "adapt")
 
 _MAINS = {f"{name.replace('-', '_')}_main": module for name, module in COMMANDS.items()}
 __all__ = ["COMMANDS", "command_module", "main", "usage", *sorted(_MAINS)]

@@ -32,7 +32,7 @@ _NOT_FLAGS = ("view",)  # --view is the command's own: required, and it also tak
 
 
 def _default_text(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return "empty" if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type = BranchConfig) -> None:

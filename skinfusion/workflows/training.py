@@ -334,6 +334,10 @@ def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig],
     if jobs > 1 and len(configs) > 1 and strategy and resolve(strategy) != "one-device":
         raise ValueError(f"--jobs {jobs} trains branches in parallel processes, but --strategy {strategy} gives each "
                          "branch all the devices; use --jobs 1 (branches one after another) or --strategy one-device")
+    for c in configs:
+        if c.init_from:  # a missing, damaged or mismatched encoder is refused before the split and the cache
+            from models.pretrain import check_init_from
+            check_init_from(c, c.init_from)
     views = "+".join(c.view for c in configs)
     # A non-chief multi-worker task writes nothing in the run, so it does not lock it (the chief does).
     lock = run_lock(run_dir, f"skinfusion train --view {views}") if is_chief(strategy) else contextlib.nullcontext()

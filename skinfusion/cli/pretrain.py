@@ -1,0 +1,103 @@
+"""Pre-train one view's encoder without labels (SimSiam) for `train --init-from`.
+
+``skinfusion pretrain`` learns the branch's conv layers from every image of the run's training
+split (labels unused) and any extra unlabelled folders, and writes ``encoder.npz`` +
+``pretrain.json`` + ``images.txt`` (default ``RUN/pretrain/<view>/``). Validation and test images
+never enter it. ``skinfusion train --view V --init-from DIR`` then fine-tunes a branch from it.
+The work is ``skinfusion.workflows.pretraining`` and ``models.pretrain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from colorspaces import CONSTANCY, VIEWS
+from colorspaces.lesion import LESION_CROPS
+from models.config import BranchConfig
+from skinfusion.cli.common import add_quiet, check_output_dir, data_help, new_parser, positive_int, run_command
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``skinfusion pretrain`` parser."""
+    d = BranchConfig()
+    p = new_parser("pretrain", __doc__)
+    p.add_argument("--view", required=True, choices=list(VIEWS), help="which view's encoder to pre-train")
+    p.add_argument("--data", required=True, metavar="DIR", help=data_help())
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="run directory whose training split is pre-trained on (its split is made on first use, "
+                        "as `train` makes it, and reused)")
+    p.add_argument("--images", action="append", default=[], metavar="DIR",
+                   help="an extra folder of unlabelled images (searched recursively; repeat for more); files that "
+                        "are validation or test images of the run, by name or by content, are left out")
+    p.add_argument("--out", metavar="DIR", help="where to write the encoder (default RUN/pretrain/<view>)")
+    p.add_argument("--epochs", type=positive_int, default=20, metavar="N", help="passes over the images (default 20)")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
+                   help="images per step, two augmented views each (default 64)")
+    p.add_argument("--learning-rate", type=_rate, metavar="LR",
+                   help="SGD learning rate, cosine-decayed (default 0.05 x batch size / 256)")
+    p.add_argument("--image-size", type=positive_int, default=d.image_size, metavar="N",
+                   help=f"square input side in pixels (default {d.image_size}; fine-tuning may use another)")
+    p.add_argument("--base-filters", type=positive_int, default=d.base_filters, metavar="N",
+                   help=f"width of the first conv layer; must match the branch's (default {d.base_filters})")
+    p.add_argument("--color-constancy", choices=list(CONSTANCY), default=d.color_constancy,
+                   help="preprocessing before the view, as in train (default none)")
+    p.add_argument("--lesion-crop", choices=LESION_CROPS, default=d.lesion_crop,
+                   help="crop images to their located lesion before resizing, as train --lesion-crop (default none)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for weights, order and augmentation (default 0)")
+    p.add_argument("--split-seed", type=int, default=0, metavar="N",
+                   help="seed of the run's split, used only when the split is created (default 0)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="a stratified, grouped subset of about N images (fixed at split creation, as in train)")
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="image decoding threads (default 2)")
+    p.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached (default as train's)")
+    add_quiet(p)
+    return p
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 40:
+        raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
+    if args.image_size < 16:
+        raise ValueError(f"--image-size must be at least 16 (four 2x poolings), got {args.image_size}")
+    if args.out:
+        check_output_dir("--out", args.out)
+    for d in args.images:
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"--images {d}: no such folder; give a folder of unlabelled images")
+    from skinfusion.workflows.pretraining import pretrain_view  # TensorFlow: not for --help
+
+    config = BranchConfig(view=args.view, image_size=args.image_size, base_filters=args.base_filters,
+                          color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
+    s = pretrain_view(args.data, args.run, config, out_dir=args.out, extra_dirs=args.images, epochs=args.epochs,
+                      batch_size=args.batch_size, learning_rate=args.learning_rate, split_seed=args.split_seed,
+                      limit=args.limit, workers=args.workers, cache_dir=args.cache_dir)
+    first, last = s["history"][0], s["history"][-1]
+    probe = (f"; k-NN probe validation AUC {first['knn_auc']:.4f} before, {last['knn_auc']:.4f} after"
+             if "knn_auc" in last else "")
+    print(f"{args.view}: encoder pre-trained on {s['n_images']} images ({s['n_training_images']} training, "
+          f"{s['n_extra_images']} extra, {s['extra_refused']} refused){probe}; collapse indicator "
+          f"{last['collapse_indicator']:.2f} (about 1 healthy, near 0 collapsed) -> {s['out']}")
+    print(f"fine-tune with: skinfusion train --view {args.view} --data {args.data} --run RUN --init-from {s['out']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``skinfusion pretrain``: write an encoder directory.
+
+    Returns:
+        0, 2 on a reported error, 130 after Ctrl-C.
+    """
+    return run_command(parser(), _pretrain, argv,
+                       interrupted_hint="interrupted; the encoder was not written (rerun the command)")

@@ -1,0 +1,139 @@
+"""The pretrain workflow: self-supervised pre-training of one view's encoder on a run's training images.
+
+Which images: every image of the run's **training** split (labels unused; the images a
+leave-one-source-out run holds out are left out too), plus any extra unlabelled folders. The
+validation and test images never enter: extra files whose name is the id of a validation or test
+image, or whose bytes are identical to one, are skipped and counted. The images used are listed
+in ``images.txt`` beside the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from colorspaces.image import IMAGE_SUFFIXES
+from models import BranchConfig
+from skinfusion.data.cache import cached_images
+from skinfusion.workflows.fusing import held_out_ids
+from skinfusion.workflows.runlock import run_lock
+from skinfusion.workflows.runsplit import prepare_split
+
+logger = logging.getLogger(__name__)
+
+#: Labelled training images the k-NN probe compares validation images with (a seeded subsample).
+PROBE_REFERENCE = 2000
+
+
+def _digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def extra_images(dirs: Sequence[str | Path], forbidden_ids: set[str], forbidden_paths: Sequence[str]) -> tuple[list[str], int]:
+    """Image files under ``dirs`` (recursively), minus any that is a validation or test image.
+
+    A file is refused when its name without suffix is one of ``forbidden_ids`` or its bytes equal
+    those of a file in ``forbidden_paths``.
+
+    Returns:
+        ``(paths, n_refused)``.
+
+    Raises:
+        FileNotFoundError: naming a folder that does not exist.
+    """
+    found: list[Path] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(f"--images {d}: no such folder; give a folder of unlabelled images")
+        found += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        return [], 0
+    sizes = {Path(p).stat().st_size for p in forbidden_paths if Path(p).is_file()}
+    # Hash only the candidates whose size matches a forbidden file: cheap on large folders.
+    digests = {_digest(p) for p in forbidden_paths if Path(p).is_file()} if sizes else set()
+    keep, refused = [], 0
+    for p in found:
+        if p.stem in forbidden_ids or (p.stat().st_size in sizes and _digest(p) in digests):
+            refused += 1
+        else:
+            keep.append(str(p))
+    return keep, refused
+
+
+def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: str | None = None,
+                  extra_dirs: Sequence[str] = (), epochs: int = 20, batch_size: int = 64,
+                  learning_rate: float | None = None, split_seed: int = 0, limit: int | None = None,
+                  workers: int = 2, cache_dir: str | None = None) -> dict[str, Any]:
+    """Pre-train ``config.view``'s encoder on the run's training images (+ ``extra_dirs``) and save it.
+
+    Returns:
+        A summary: the encoder directory, image counts, and the history (loss, collapse
+        indicator and k-NN probe validation AUC per epoch).
+
+    Raises:
+        ValueError: if the run's split belongs to other data or too few images remain.
+        FileNotFoundError: if an ``extra_dirs`` folder is missing.
+    """
+    from models.pretrain import IMAGES_FILE, pretrain_encoder, save_encoder
+
+    run = Path(run_dir)
+    out = Path(out_dir) if out_dir else run / "pretrain" / config.view
+    with run_lock(run, f"skinfusion pretrain --view {config.view}"):
+        index, assign, info = prepare_split(data_dir, str(run), split_seed, limit)
+        held = held_out_ids(run)
+        recs = [r for r in index.records if r.image_id not in held]
+        train = [r for r in recs if assign.get(r.image_id) == "train"]
+        val = [r for r in recs if assign.get(r.image_id) == "val"]
+        never = [r for r in index.records if assign.get(r.image_id) in ("val", "test")]
+        extra, refused = extra_images(extra_dirs, {r.image_id for r in never}, [r.path for r in never])
+        if refused:
+            logger.warning("left %d files of --images out of pre-training: they are validation or test images "
+                           "of the run (same name or same bytes)", refused)
+        paths = [r.path for r in train] + extra
+        margin = config.decode_margin
+        images, ok, failed = cached_images(paths, config.image_size, cache_dir=cache_dir, workers=workers,
+                                           desc="pre-training images", lesion_margin=margin)
+        if failed:
+            logger.warning("skipped %d unreadable images", len(failed))
+        # The probe: labelled training images as the reference, validation images as the queries.
+        n_train_ok = int(np.sum(np.asarray(ok) < len(train)))
+        rng = np.random.default_rng(config.seed)
+        ref_pos = np.sort(rng.choice(n_train_ok, min(PROBE_REFERENCE, n_train_ok), replace=False))
+        ref_y = np.array([train[ok[i]].label for i in ref_pos])
+        val_images, val_ok, _ = cached_images([r.path for r in val], config.image_size, cache_dir=cache_dir,
+                                              workers=workers, desc="probe validation images", lesion_margin=margin)
+        val_y = np.array([val[i].label for i in val_ok])
+        probe = (images[ref_pos], ref_y, val_images[np.arange(len(val_images))], val_y) \
+            if len(set(ref_y.tolist())) == 2 and len(set(val_y.tolist())) == 2 else None
+
+        def progress(e: dict[str, Any]) -> None:
+            probe_text = f"  k-NN probe val AUC {e['knn_auc']:.4f}" if "knn_auc" in e else ""
+            if e["epoch"] == 0:
+                logger.info("[%s] before pre-training:%s", config.view, probe_text)
+            else:
+                logger.info("[%s] pretrain epoch %d/%d  loss %.4f  collapse indicator %.2f%s  (%.1fs)", config.view,
+                            e["epoch"], epochs, e["loss"], e["collapse_indicator"], probe_text, e["seconds"])
+
+        logger.info("[%s] pre-training on %d unlabelled images (%d training, %d extra), %d epochs",
+                    config.view, len(images), n_train_ok, len(images) - n_train_ok, epochs)
+        t0 = time.perf_counter()
+        model, history = pretrain_encoder(config, images, epochs=epochs, batch_size=batch_size,
+                                          learning_rate=learning_rate, probe=probe, on_epoch=progress)
+        used = [paths[i] for i in ok]
+        ids = [train[i].image_id for i in ok if i < len(train)] + used[n_train_ok:]
+        save_encoder(out, model, config, {
+            "data_dir": str(Path(data_dir).resolve()), "run": str(run.resolve()),
+            "dataset_fingerprint": info.get("dataset_fingerprint"), "epochs": epochs, "batch_size": batch_size,
+            "learning_rate": learning_rate, "seed": config.seed, "lesion_crop": config.lesion_crop,
+            "n_images": len(images), "n_training_images": n_train_ok, "n_extra_images": len(images) - n_train_ok,
+            "extra_dirs": [str(Path(d).resolve()) for d in extra_dirs], "extra_refused": refused,
+            "probe": {"k": 20, "reference": int(len(ref_pos)), "queries": int(len(val_y))} if probe else None,
+            "history": history, "train_seconds": round(time.perf_counter() - t0, 1)})
+        (out / IMAGES_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    return {"out": str(out), "n_images": len(images), "n_training_images": n_train_ok,
+            "n_extra_images": len(images) - n_train_ok, "extra_refused": refused, "history": history}
