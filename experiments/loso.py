@@ -73,6 +73,12 @@ def _roles(records, assign: dict[str, str], holdout: str) -> dict[str, list]:
     return by_role
 
 
+def branch_configs(overrides: dict[str, Any], views: Sequence[str]) -> list[BranchConfig]:
+    """One config per view; ``{view}`` in a text value becomes the view (``init_from=runs/r/pretrain/{view}``)."""
+    return [BranchConfig.from_dict({**{k: val.replace("{view}", v) if isinstance(val, str) else val
+                                       for k, val in overrides.items()}, "view": v}) for v in views]
+
+
 def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str],
           jobs: int) -> dict[str, Any]:
     """Train ``views`` without the ``holdout`` source and score its val and test images."""
@@ -82,7 +88,7 @@ def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any
         raise SystemExit(f"--holdout {holdout!r}: not a source family of {data}; choose one of {families}")
     held = {r.image_id for r in index.records if source_family(r.source) == holdout}
     run = Path(out) / holdout / name
-    configs = [BranchConfig.from_dict({**overrides, "view": v}) for v in views]
+    configs = branch_configs(overrides, views)
     train_branches(data, str(run), configs, jobs=jobs, holdout_ids=held, resume=True)
     assign, _ = load_split(run)
     by_role = _roles(index.records, assign, holdout)
@@ -185,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--out", required=True, metavar="DIR", help="where LOSO runs live (OUT/<holdout>/<name>)")
     t.add_argument("--holdout", required=True, metavar="SOURCE", help="source family to hold out, e.g. ISIC2017")
     t.add_argument("--name", required=True, help="name of this configuration (a folder under OUT/<holdout>)")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="branch config overrides")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="branch config overrides; {view} in a text value becomes each branch's view "
+                        "(e.g. init_from=runs/r/pretrain/{view})")
     t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help="comma-separated views (default rgb,hsv,fft)")
     t.add_argument("--jobs", type=int, default=2, help="branches trained in parallel (default 2)")
     r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")

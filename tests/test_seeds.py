@@ -1,4 +1,4 @@
-"""experiments.seeds: what averaging several seeds per view gains, from LOSO scores files (no training)."""
+"""experiments.seeds (what averaging several seeds per view gains, from LOSO scores, no training) and loso --set."""
 
 from __future__ import annotations
 
@@ -72,3 +72,11 @@ def test_command_line_writes_the_table(three_seeds, tmp_path, capsys):
     assert main([*map(str, three_seeds), "--out", str(tmp_path / "out"), "--boot", "20"]) == 0
     assert "3 seeds fused" in capsys.readouterr().out
     assert (tmp_path / "out" / "seeds.md").read_text().count("\n") == 5
+
+
+def test_loso_set_values_may_name_each_branch_view():
+    from experiments.loso import _parse_set, branch_configs
+
+    configs = branch_configs(_parse_set(["epochs=12", "seed=1", "init_from=runs/r/pretrain/{view}"]), ["rgb", "fft"])
+    assert [c.init_from for c in configs] == ["runs/r/pretrain/rgb", "runs/r/pretrain/fft"]
+    assert {c.epochs for c in configs} == {12} and {c.seed for c in configs} == {1}
