@@ -15,6 +15,7 @@ from pathlib import Path
 from skinfusion.cli.common import (
     add_quiet,
     exit_for_skipped,
+    learning_rate,
     new_parser,
     positive_int,
     refuse_export_dir,
@@ -49,16 +50,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     """The ``skinfusion adapt`` parser."""
     p = new_parser("adapt", __doc__)
@@ -77,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
                    help="bn and bn-balanced: the share of the clinic's statistics in the new BatchNorm statistics, "
                         "mixed with the source's (default 1: the clinic's only)")
     p.add_argument("--tent-steps", type=positive_int, default=30, metavar="N", help="tent: optimisation steps (default 30)")
-    p.add_argument("--tent-lr", type=_rate, default=5e-4, metavar="LR", help="tent: Adam learning rate (default 5e-4)")
+    p.add_argument("--tent-lr", type=learning_rate, default=5e-4, metavar="LR", help="tent: Adam learning rate (default 5e-4)")
     p.add_argument("--tent-batch", type=positive_int, default=64, metavar="N", help="tent: images per step (default 64)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="tent: seed of the batch order (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per forward pass (default 64)")

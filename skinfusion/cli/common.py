@@ -143,6 +143,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def learning_rate(text: str) -> float:
+    """argparse type: a learning rate in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number >= 0 (a count where 0 means none)."""
     try:

@@ -16,17 +16,15 @@ from pathlib import Path
 from colorspaces import CONSTANCY, VIEWS
 from colorspaces.lesion import LESION_CROPS
 from models.config import BranchConfig
-from skinfusion.cli.common import add_quiet, check_output_dir, data_help, new_parser, positive_int, run_command
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
+from skinfusion.cli.common import (
+    add_quiet,
+    check_output_dir,
+    data_help,
+    learning_rate,
+    new_parser,
+    positive_int,
+    run_command,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=20, metavar="N", help="passes over the images (default 20)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                    help="images per step, two augmented views each (default 64)")
-    p.add_argument("--learning-rate", type=_rate, metavar="LR",
+    p.add_argument("--learning-rate", type=learning_rate, metavar="LR",
                    help="SGD learning rate, cosine-decayed (default 0.05 x batch size / 256)")
     p.add_argument("--image-size", type=positive_int, default=d.image_size, metavar="N",
                    help=f"square input side in pixels (default {d.image_size}; fine-tuning may use another)")
