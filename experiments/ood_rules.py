@@ -154,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="more validation percentiles (50-100) to report the whole gate at, e.g. --sweep 99 99.9")
     args = p.parse_args(argv)
     for flag, q in [("--percentile", args.percentile), *(("--sweep", q) for q in args.sweep)]:
-        if q is not None and not 50.0 <= q <= 100.0:  # NaN fails too
+        try:
+            if q is not None:
+                check_percentile(q)
+        except ValueError:
             p.error(f"{flag} takes a validation percentile from 50 to 100, got {q:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     result = compare_rules(args.run, args.data, args.per_kind, args.percentile, args.sweep)

@@ -119,7 +119,8 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
     n = len(images)
     size = config.image_size
     if n < batch_size:
-        raise ValueError(f"pre-training needs at least one batch of {batch_size} images, got {n}")
+        raise ValueError(f"pre-training needs at least one batch of images: --batch-size {batch_size}, but only {n} "
+                         "images; lower --batch-size or add images (--images)")
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"images must be (N, {size}, {size}, 3) uint8, got {images.shape}")
     keras.utils.set_random_seed(config.seed)

@@ -116,3 +116,10 @@ def test_pretrain_flags_are_checked_before_any_work(synthetic_data, tmp_path, ca
     assert "--learning-rate" in capsys.readouterr().err
     assert pretrain_main([*base, "--image-size", "8"]) == 2
     assert "--image-size must be at least 16" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_data_names_the_flag(synthetic_data, tmp_path, capsys):
+    assert pretrain_main(["--view", "rgb", "--data", str(synthetic_data), "--run", str(tmp_path / "r"),
+                          "--image-size", "32", "--epochs", "1", "--batch-size", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 5000" in err and "Traceback" not in err

@@ -98,4 +98,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         0, 2 on a reported error, 130 after Ctrl-C.
     """
     return run_command(parser(), _pretrain, argv,
-                       interrupted_hint="interrupted; the encoder was not written (rerun the command)")
+                       interrupted_hint="the encoder was not written (rerun the command)")

@@ -79,7 +79,7 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
         ValueError: if the run's split belongs to other data or too few images remain.
         FileNotFoundError: if an ``extra_dirs`` folder is missing.
     """
-    from models.pretrain import IMAGES_FILE, pretrain_encoder, save_encoder
+    from models.pretrain import IMAGES_FILE, PROBE_K, pretrain_encoder, save_encoder
 
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "pretrain" / config.view
@@ -132,7 +132,7 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
             "learning_rate": learning_rate, "seed": config.seed, "lesion_crop": config.lesion_crop,
             "n_images": len(images), "n_training_images": n_train_ok, "n_extra_images": len(images) - n_train_ok,
             "extra_dirs": [str(Path(d).resolve()) for d in extra_dirs], "extra_refused": refused,
-            "probe": {"k": 20, "reference": int(len(ref_pos)), "queries": int(len(val_y))} if probe else None,
+            "probe": {"k": PROBE_K, "reference": int(len(ref_pos)), "queries": int(len(val_y))} if probe else None,
             "history": history, "train_seconds": round(time.perf_counter() - t0, 1)})
         (out / IMAGES_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
     return {"out": str(out), "n_images": len(images), "n_training_images": n_train_ok,
