@@ -131,6 +131,9 @@ def format_rows(rows: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the named experiments in order and print the results table."""
+    from experiments import quiet_tensorflow
+
+    quiet_tensorflow()
     p = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder")

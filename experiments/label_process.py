@@ -66,6 +66,9 @@ def rows(data: str, runs: Sequence[str], view: str, n_boot: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table."""
+    from experiments import quiet_tensorflow
+
+    quiet_tensorflow()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", metavar="RUN")
     ap.add_argument("--data", required=True, help="the dataset the runs were split on")

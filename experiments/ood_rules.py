@@ -144,6 +144,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write ``OUT/rules.json`` and ``OUT/rules.md`` and print the table."""
+    from experiments import quiet_tensorflow
+
+    quiet_tensorflow()
     p = argparse.ArgumentParser(prog="python -m experiments.ood_rules", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, metavar="RUN", help="a fused run")
     p.add_argument("--data", required=True, metavar="DIR", help="the run's dataset")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -81,8 +82,11 @@ def test_init_from_copies_the_encoder_and_fine_tunes(pretrained, synthetic_data,
     run = tmp_path / "ft"
     assert train_main(["--view", "rgb", "--data", str(synthetic_data), "--run", str(run), "--image-size", "32",
                        "--epochs", "1", "--learning-rate", "1e-9", "--init-from", str(pretrained["out"]), "-q"]) == 0
-    branch, cfg, _ = load_branch(run / "branches" / "rgb")
+    branch, cfg, meta = load_branch(run / "branches" / "rgb")
     assert cfg.init_from == str(pretrained["out"])
+    # The branch records which encoder, by the hash of the file it was initialised from.
+    assert meta["init_from"]["encoder_sha256"] == hashlib.sha256(
+        (pretrained["out"] / ENCODER_FILE).read_bytes()).hexdigest()
     for name in ("conv1", "conv4"):
         np.testing.assert_allclose(branch.get_layer(name).get_weights()[0], saved[f"{name}/kernel"], atol=1e-6)
 

@@ -214,6 +214,8 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     if failures:
         logger.warning("%d unreadable images skipped; see %s", len(failures), branch_dir / "skipped.csv")
 
+    # Which encoder a fine-tuned branch started from, by its verified hash (the folder may change later).
+    encoder = _encoder_record(config)
     # --select-on: the epoch is chosen on those validation images; the split itself never changes.
     select = selection_mask(loaded["val"][2], config.select_on)
     sel_images = loaded["val"][0] if select.all() else loaded["val"][0][np.flatnonzero(select)]
@@ -247,6 +249,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
         "excluded_from_training": n_excluded,
         "held_out_from_training_and_validation": n_held_out,
         "label_process": selection_record(select, y_val, config.select_on, n_follow_up),
+        **({"init_from": encoder} if encoder else {}),
     })
     shutil.rmtree(checkpoint, ignore_errors=True)  # the branch is saved; nothing left to resume
     logger.info("[%s] saved to %s; validation AUC %.4f; peak RSS %.0f MB", config.view, branch_dir,
@@ -254,6 +257,17 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     return {"view": config.view, "branch_dir": str(branch_dir), "validation": val_metrics,
             "train_seconds": history["train_seconds"], "skipped": len(failures),
             "peak_rss_mb": history["peak_rss_mb"]}
+
+
+def _encoder_record(config: BranchConfig) -> dict[str, Any] | None:
+    """``{"dir", "encoder_sha256", "pretrain_epochs"}`` of the hash-checked encoder ``init_from`` names, or None."""
+    if not config.init_from:
+        return None
+    from models.pretrain import check_init_from
+
+    info, _ = check_init_from(config, config.init_from)
+    return {"dir": str(Path(config.init_from).resolve()), "encoder_sha256": info["encoder"]["sha256"],
+            "pretrain_epochs": info.get("epochs")}
 
 
 @contextlib.contextmanager
