@@ -101,3 +101,33 @@ def test_an_export_given_as_run_is_named_with_its_source_run(command, extra, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is an export directory" in err and "--run /data/runs/r1" in err, err
     assert "damaged" not in err
+
+
+WORKER_SCRIPT = """
+import pickle, sys
+sys.path.insert(0, {tmp!r})
+from joblib import Parallel, delayed
+from models.quiet import call_quietly, import_tensorflow_quietly
+import_tensorflow_quietly()  # as the commands do first, so only the workers could print
+import tfwork  # a module that imports TensorFlow at module level, as skinfusion.workflows.training does
+if sys.argv[1] == "quiet":
+    tasks = [delayed(call_quietly)(pickle.dumps((tfwork.add_one, (i,)))) for i in range(2)]
+else:
+    tasks = [delayed(tfwork.add_one)(i) for i in range(2)]
+print(Parallel(n_jobs=2, backend="loky")(tasks))
+"""
+
+
+def test_training_workers_start_tensorflow_without_its_notices(tmp_path):
+    # The way train_branches starts its loky workers (call_quietly), against the plain way, which
+    # prints TensorFlow's notices from every worker: the comparison shows the notices exist here.
+    (tmp_path / "tfwork.py").write_text("import tensorflow as tf\n\n\ndef add_one(i):\n    return int(tf.constant(i) + 1)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    runs = {mode: subprocess.run([sys.executable, "-c", WORKER_SCRIPT.format(tmp=str(tmp_path)), mode],
+                                 capture_output=True, text=True, timeout=600, env=env) for mode in ("plain", "quiet")}
+    for done in runs.values():
+        assert done.returncode == 0 and "[1, 2]" in done.stdout, done.stderr[-2000:]
+    if "absl::InitializeLog" not in runs["plain"].stderr:
+        pytest.skip("this TensorFlow build prints no start-up notices in a worker")
+    assert runs["quiet"].stderr.strip() == "", runs["quiet"].stderr

@@ -8,10 +8,8 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,41 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from skinfusion.data.layouts import LAYOUTS
 
-# TensorFlow's C++ start-up chatter (including a harmless cuInit error on CPU-only machines)
-# drowns the progress lines; Python exceptions still surface. Users can override it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-# TensorFlow >= 2.19 writes its start-up notices on a CPU-only machine (absl's "before
-# absl::InitializeLog" line, "Could not find cuda drivers", the CPU-feature hint and, since 2.21,
-# "oneDNN custom operations are on") from C++ straight to file descriptor 2, once per bundled
-# library (so twice), ignoring TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442). They are not
-# the user's business; anything else it writes is kept.
-_TF_NOTICES = re.compile(r"absl::InitializeLog|cudart_stub\.cc|cpu_feature_guard\.cc|rebuild TensorFlow with the "
-                         r"appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory|"
-                         r"oneDNN custom operations are on")
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its start-up notices filtered out of stderr (see ``_TF_NOTICES``).
-
-    Does nothing when TensorFlow is already imported, or when ``TF_CPP_MIN_LOG_LEVEL`` is set to 0
-    (the user asked for TensorFlow's information lines).
-    """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") == "0":
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-            sys.stderr.write("".join(ln for ln in lines if not _TF_NOTICES.search(ln)))
-
+from models.quiet import import_tensorflow_quietly  # noqa: F401 (re-exported: the commands call it)
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool killed by SIGPIPE reports (git, coreutils)

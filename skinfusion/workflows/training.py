@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import zlib
@@ -32,6 +33,7 @@ from models.distribute import (
     worker_values,
 )
 from models.store import read_branch_info
+from models.quiet import call_quietly
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family, write_skip_report
@@ -380,8 +382,9 @@ def _train_branches(request: TrainRequest, configs: Sequence[BranchConfig], jobs
     threads = max(1, (os.cpu_count() or 1) // jobs)
     logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
+    held = os.environ.get(HELD_ENV, "")
     return Parallel(n_jobs=jobs, backend="loky")(
-        delayed(_train_in_worker)(threads, level, os.environ.get(HELD_ENV, ""), request, c) for c in configs)
+        delayed(call_quietly)(pickle.dumps((_train_in_worker, (threads, level, held, request, c)))) for c in configs)
 
 
 def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2) -> tuple[list, np.ndarray]:
