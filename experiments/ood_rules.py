@@ -142,16 +142,30 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_set_arguments(p: argparse.ArgumentParser, run_help: str) -> None:
+    """The flags every experiment on these image sets takes: --run, --data, --out, --per-kind."""
+    p.add_argument("--run", required=True, metavar="RUN", help=run_help)
+    p.add_argument("--data", required=True, metavar="DIR", help="the run's dataset")
+    p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--per-kind", type=int, default=30, help="realistic far-OOD images per kind and part (default 30)")
+
+
+def write_report(out: str, stem: str, result: dict[str, Any], table: str) -> None:
+    """``OUT/<stem>.json`` and ``OUT/<stem>.md``, and the table on stdout."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{stem}.json", result)
+    (folder / f"{stem}.md").write_text(table + "\n")
+    print(table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write ``OUT/rules.json`` and ``OUT/rules.md`` and print the table."""
     from experiments import quiet_tensorflow
 
     quiet_tensorflow()
     p = argparse.ArgumentParser(prog="python -m experiments.ood_rules", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, metavar="RUN", help="a fused run")
-    p.add_argument("--data", required=True, metavar="DIR", help="the run's dataset")
-    p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--per-kind", type=int, default=30, help="realistic far-OOD images per kind and part (default 30)")
+    add_set_arguments(p, "a fused run")
     p.add_argument("--percentile", type=float, help="validation percentile of the threshold (default: the run's)")
     p.add_argument("--sweep", type=float, nargs="+", default=[], metavar="P",
                    help="more validation percentiles (50-100) to report the whole gate at, e.g. --sweep 99 99.9")
@@ -164,12 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"{flag} takes a validation percentile from 50 to 100, got {q:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     result = compare_rules(args.run, args.data, args.per_kind, args.percentile, args.sweep)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "rules.json", result)
-    table = markdown(result)
-    (out / "rules.md").write_text(table + "\n")
-    print(table)
+    write_report(args.out, "rules", result, markdown(result))
     return 0
 
 

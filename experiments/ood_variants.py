@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from colorspaces.files import write_json_atomic
 from ensemble.ood import DEFAULT_PERCENTILE, check_percentile
+from experiments.ood_rules import add_set_arguments, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_tensorflow()
     p = argparse.ArgumentParser(prog="python -m experiments.ood_variants", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, metavar="RUN", help="a fused leave-one-source-out run")
-    p.add_argument("--data", required=True, metavar="DIR", help="the run's dataset")
-    p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--per-kind", type=int, default=30, help="realistic far-OOD images per kind and part (default 30)")
+    add_set_arguments(p, "a fused leave-one-source-out run")
     p.add_argument("--percentiles", type=float, nargs="+", default=[99.5, 99.8, 99.9], metavar="P",
                    help="validation percentiles of the threshold (50-100; default 99.5 99.8 99.9)")
     args = p.parse_args(argv)
@@ -262,12 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--percentiles takes validation percentiles from 50 to 100, got {q:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     result = run_variants(args.run, args.data, args.per_kind, args.percentiles)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "variants.json", result)
-    table = markdown(result)
-    (out / "variants.md").write_text(table + "\n")
-    print(table)
+    write_report(args.out, "variants", result, markdown(result))
     return 0
 
 
