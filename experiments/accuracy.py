@@ -131,9 +131,9 @@ def format_rows(rows: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the named experiments in order and print the results table."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder")

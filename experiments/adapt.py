@@ -185,9 +185,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the measurement; print the table and write ``OUT/adapt.json`` and ``OUT/adapt.md``."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -81,9 +81,9 @@ class TimeBudget(keras.callbacks.Callback):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train and score the baseline; print one results row and write RUN/baseline-<arch>/metrics.json."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.baseline", description=__doc__)
     p.add_argument("--run", required=True, type=Path, help="a run with trained branches (its split, size and budget are reused)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="mobilenetv3small", help="Keras application (default mobilenetv3small)")

@@ -66,9 +66,9 @@ def rows(data: str, runs: Sequence[str], view: str, n_boot: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", metavar="RUN")
     ap.add_argument("--data", required=True, help="the dataset the runs were split on")

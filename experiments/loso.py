@@ -184,9 +184,9 @@ def report(out: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``train`` one LOSO run, or ``report`` all of them."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one configuration with one source held out, and score it")

@@ -305,9 +305,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate the gate of ``--run`` and write ``OUT/ood.json`` and ``OUT/ood.md``."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.ood", description=__doc__.splitlines()[0])
     p.add_argument("--run", metavar="RUN", help="a run fused with an OOD gate (required without --checks-only)")
     p.add_argument("--checks-only", action="store_true", help="only the image-level checks, on every image of --data")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from colorspaces.image import read_image, resize_image
 from colorspaces.quality import image_checks
 from ensemble.ood import check_percentile
 from experiments.ood import _near_ood, _share
+from skinfusion.cli.common import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ def _sets(run: str, data: str, per_kind: int) -> tuple[dict[str, list], dict[str
     return {"train": train, "val": val}, sets
 
 
+def read_in_chunks(items: Sequence[tuple[str, Any]], load_size: int, chunk: int = 64):
+    """Per chunk of ``(group, image)`` items: their groups, whether an image-level check flags each,
+    and the images resized to ``load_size``. One chunk of full-size images is in memory at a time."""
+    for i in range(0, len(items), chunk):
+        imgs = [read_image(x) for _, x in items[i : i + chunk]]
+        yield ([g for g, _ in items[i : i + chunk]], np.array([bool(image_checks(img)) for img in imgs]),
+               np.stack([resize_image(img, load_size) for img in imgs]))
+
+
 def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | None = None,
                   sweep: Sequence[float] = ()) -> dict[str, Any]:
     """The report described in the module docstring, as a dict (``sweep``: more percentiles to report)."""
@@ -88,14 +98,13 @@ def compare_rules(run: str, data: str, per_kind: int = 30, percentile: float | N
         if not items:
             continue
         logger.info("scoring %s (%d images)", name, len(items))
-        groups, reasons, E = [], [], []
-        for i in range(0, len(items), 64):
-            chunk = [(g, read_image(x)) for g, x in items[i : i + 64]]
-            groups += [g for g, _ in chunk]
-            reasons += [image_checks(img) for _, img in chunk]
-            E.append(ens.embed(np.stack([resize_image(img, ens.load_size) for _, img in chunk])))
+        groups, checks, E = [], [], []
+        for g, c, batch in read_in_chunks(items, ens.load_size):
+            groups += g
+            checks.append(c)
+            E.append(ens.embed(batch))
         E = [np.concatenate([e[j] for e in E]) for j in range(len(ens.models))]
-        checks = np.array([bool(r) for r in reasons])
+        checks = np.concatenate(checks)
         z = (gates["max"].distances(E) - gates["max"].dist_mean) / gates["max"].dist_std  # same m_j, s_j per rule
         scores = {rule: g.score(E) for rule, g in gates.items()}
         feats = {rule: scores[rule] > g.threshold for rule, g in gates.items()}
@@ -147,23 +156,37 @@ def add_set_arguments(p: argparse.ArgumentParser, run_help: str) -> None:
     p.add_argument("--run", required=True, metavar="RUN", help=run_help)
     p.add_argument("--data", required=True, metavar="DIR", help="the run's dataset")
     p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--per-kind", type=int, default=30, help="realistic far-OOD images per kind and part (default 30)")
+    p.add_argument("--per-kind", type=positive_int, default=30,
+                   help="realistic far-OOD images per kind and part (default 30)")
 
 
-def write_report(out: str, stem: str, result: dict[str, Any], table: str) -> None:
-    """``OUT/<stem>.json`` and ``OUT/<stem>.md``, and the table on stdout."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"{stem}.json", result)
-    (folder / f"{stem}.md").write_text(table + "\n")
-    print(table)
+def run_report(args: argparse.Namespace, parser: argparse.ArgumentParser, compute: Callable[[], dict[str, Any]],
+               stem: str, markdown: Callable[[dict[str, Any]], str]) -> int:
+    """Run ``compute`` and write ``OUT/<stem>.json`` and ``OUT/<stem>.md``, and the table on stdout.
+
+    Guarded as the ``skinfusion`` commands are: a wrong path or damaged file is one error line
+    (exit 2), Ctrl-C exit 130, a closed pipe a quiet exit; ``--out`` is created before the work.
+    """
+    from models.quiet import import_tensorflow_quietly
+    from skinfusion.cli.common import run_guarded
+
+    def body(a: argparse.Namespace) -> int:
+        folder = Path(a.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        import_tensorflow_quietly()  # before anything imports it, noisily
+        result = compute()
+        write_json_atomic(folder / f"{stem}.json", result)
+        table = markdown(result)
+        (folder / f"{stem}.md").write_text(table + "\n")
+        print(table)
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return run_guarded(body, args, parser=parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write ``OUT/rules.json`` and ``OUT/rules.md`` and print the table."""
-    from experiments import quiet_tensorflow
-
-    quiet_tensorflow()
     p = argparse.ArgumentParser(prog="python -m experiments.ood_rules", description=__doc__.splitlines()[0])
     add_set_arguments(p, "a fused run")
     p.add_argument("--percentile", type=float, help="validation percentile of the threshold (default: the run's)")
@@ -176,10 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_percentile(q)
         except ValueError:
             p.error(f"{flag} takes a validation percentile from 50 to 100, got {q:g}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    result = compare_rules(args.run, args.data, args.per_kind, args.percentile, args.sweep)
-    write_report(args.out, "rules", result, markdown(result))
-    return 0
+    return run_report(args, p, lambda: compare_rules(args.run, args.data, args.per_kind, args.percentile, args.sweep), "rules", markdown)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.ood import DEFAULT_PERCENTILE, check_percentile
-from experiments.ood_rules import add_set_arguments, write_report
+from experiments.ood_rules import add_set_arguments, run_report
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,17 @@ def layer_heads(ens) -> tuple[list, list[str]]:
 
 
 def embed_layers(ens, heads: list, names: list[str], images: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """``{layer: [per-branch n × d]}`` of RGB uint8 images at ``ens.load_size`` (BatchNorm in inference mode)."""
+    """``{layer: [per-branch n × d]}`` of RGB uint8 images at ``ens.load_size`` (BatchNorm in inference
+    mode; sliding-window crops averaged per image, as the gate averages them)."""
+    from colorspaces.pipeline import mean_over_windows
+
     parts: list[list[list[np.ndarray]]] = []
     for i in range(0, len(images), 128):
-        xs, k = ens._view_inputs(np.asarray(images[np.arange(i, min(len(images), i + 128))]))
-        if k != 1:
-            raise SystemExit("this experiment supports branches without sliding-window crops only")
-        parts.append([[np.asarray(a, np.float64) for a in h(x, training=False)] for h, x in zip(heads, xs)])
+        inputs = ens.preprocess.branch_inputs(np.asarray(images[np.arange(i, min(len(images), i + 128))]))
+        parts.append([[mean_over_windows(np.asarray(a, np.float64), k) for a in h(x, training=False)]
+                      for h, (x, k) in zip(heads, inputs)])
+    if not parts:
+        return {n: [np.zeros((0, 0)) for _ in heads] for n in names}
     return {n: [np.concatenate([p[j][li] for p in parts]) for j in range(len(heads))] for li, n in enumerate(names)}
 
 
@@ -103,7 +107,7 @@ def _terms(emb: dict[str, list[np.ndarray]], layers: Sequence[str], transform: s
     return [TRANSFORMS[transform](E) for layer in layers for E in emb[layer]]
 
 
-def _share(flags: np.ndarray) -> float:
+def _rate(flags: np.ndarray) -> float:
     return round(float(np.mean(flags)), 4) if len(flags) else float("nan")
 
 
@@ -122,9 +126,9 @@ def evaluate(fit: dict[str, dict], sets: dict[str, dict], percentiles: Sequence[
             flagged = (score(name) > cut) | s["checks"]
             if name == "held_out_source":
                 for part in ("split_val", "split_test"):
-                    r[f"held_out_{part}"] = _share(flagged[s["groups"] == part])
+                    r[f"held_out_{part}"] = _rate(flagged[s["groups"] == part])
             else:
-                r[name] = _share(flagged)
+                r[name] = _rate(flagged)
         return r
 
     def frontier(score: Callable[[str], np.ndarray]) -> dict[str, float]:
@@ -132,7 +136,7 @@ def evaluate(fit: dict[str, dict], sets: dict[str, dict], percentiles: Sequence[
         misses = np.sort(score("far_ood_tuning")[~far["checks"]])
         allowed = int(np.floor((1 - FAR_GOAL) * len(far["checks"])))
         cut = misses[allowed] - 1e-9 if allowed < len(misses) else -np.inf
-        return {"val_flagged": _share(score("val") > cut), **rates(score, cut)}
+        return {"val_flagged": _rate(score("val") > cut), **rates(score, cut)}
 
     for name, (layers, transform) in VARIANTS.items():
         gate = fit_gate(_terms(fit["train"], layers, transform), _terms(fit["val"], layers, transform))
@@ -173,10 +177,8 @@ def _compositions(k: int, n: int) -> list[tuple[int, ...]]:
 
 def run_variants(run: str, data: str, per_kind: int = 30, percentiles: Sequence[float] = (DEFAULT_PERCENTILE,)) -> dict[str, Any]:
     """Embed the sets once and evaluate every variant (the report of the module docstring, as a dict)."""
-    from colorspaces.image import read_image, resize_image
-    from colorspaces.quality import image_checks
     from ensemble import load_ensemble
-    from experiments.ood_rules import _sets
+    from experiments.ood_rules import _sets, read_in_chunks
     from skinfusion.data.cache import cached_images
 
     ens = load_ensemble(run)
@@ -189,10 +191,11 @@ def run_variants(run: str, data: str, per_kind: int = 30, percentiles: Sequence[
         if not items:
             continue
         logger.info("embedding %s (%d images)", name, len(items))
-        imgs = [read_image(p) for _, p in items]
-        sets[name] = {"emb": embed_layers(ens, heads, names, np.stack([resize_image(i, ens.load_size) for i in imgs])),
-                      "checks": np.array([bool(image_checks(i)) for i in imgs]),
-                      "groups": np.array([g for g, _ in items])}
+        chunks = [(g, c, embed_layers(ens, heads, names, batch)) for g, c, batch in read_in_chunks(items, ens.load_size)]
+        sets[name] = {"emb": {n: [np.concatenate([e[n][j] for _, _, e in chunks]) for j in range(len(heads))]
+                              for n in names},
+                      "checks": np.concatenate([c for _, c, _ in chunks]),
+                      "groups": np.array([g for gs, _, _ in chunks for g in gs])}
     if "held_out_source" not in sets:
         raise SystemExit(f"{run}: no held-out source; train it with `python -m experiments.loso train`")
     result: dict[str, Any] = {"run": str(Path(run).resolve()), "layers": names, "far_goal": FAR_GOAL,
@@ -206,7 +209,7 @@ def run_variants(run: str, data: str, per_kind: int = 30, percentiles: Sequence[
     has_disc = np.array([Path(p).stem in discs for _, p in set_items["held_out_source"]])
     score = gate.score(held["emb"]["gap"])
     result["held_out_by_disc"] = {
-        f"{q:g}": {part: {kind: {"n": int(m.sum()), "flagged": _share((score > cut)[m] | held["checks"][m])}
+        f"{q:g}": {part: {kind: {"n": int(m.sum()), "flagged": _rate((score > cut)[m] | held["checks"][m])}
                           for kind, m in (("colour_disc", sel & has_disc), ("no_disc", sel & ~has_disc))}
                    for part in ("split_val", "split_test") for sel in [held["groups"] == part]}
         for q in percentiles for cut in [float(np.percentile(gate.val_scores, q))]}
@@ -244,9 +247,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write ``OUT/variants.json`` and ``OUT/variants.md`` and print the tables."""
-    from experiments import quiet_tensorflow
-
-    quiet_tensorflow()
     p = argparse.ArgumentParser(prog="python -m experiments.ood_variants", description=__doc__.splitlines()[0])
     add_set_arguments(p, "a fused leave-one-source-out run")
     p.add_argument("--percentiles", type=float, nargs="+", default=[99.5, 99.8, 99.9], metavar="P",
@@ -257,10 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_percentile(q)
         except ValueError:
             p.error(f"--percentiles takes validation percentiles from 50 to 100, got {q:g}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    result = run_variants(args.run, args.data, args.per_kind, args.percentiles)
-    write_report(args.out, "variants", result, markdown(result))
-    return 0
+    return run_report(args, p, lambda: run_variants(args.run, args.data, args.per_kind, args.percentiles), "variants", markdown)
 
 
 if __name__ == "__main__":

@@ -125,9 +125,9 @@ def artefact_study(data: str, out: Path, audit_csv: str | None = None) -> list[s
 
 def main(argv=None) -> int:
     """Run the imbalance and/or artefact study and print Markdown tables."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.studies", description=__doc__)
     p.add_argument("--data", required=True, help="labels.csv + images/ folder with metadata.csv (artefact_visual_review)")
     p.add_argument("--out", default="runs/studies", help="where the study runs go (default runs/studies)")

@@ -125,9 +125,9 @@ def format_rows(rows: Sequence[dict], chosen: dict | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train every grid point in order, print the table and the one-SE choice."""
-    from experiments import quiet_tensorflow
+    from models.quiet import import_tensorflow_quietly
 
-    quiet_tensorflow()
+    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder")

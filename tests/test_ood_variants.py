@@ -79,3 +79,16 @@ def test_cli_rejects_a_bad_percentile(argv, capsys):
         ov.main(argv)
     assert e.value.code == 2
     assert "--percentiles" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_run_in_one_line(tmp_path, capsys):
+    code = ov.main(["--run", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'nope'}: no such run directory" in err
+
+
+def test_cli_refuses_a_per_kind_below_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        ov.main(["--run", "R", "--data", "D", "--out", "O", "--per-kind", "0"])
+    assert e.value.code == 2 and "--per-kind: must be at least 1" in capsys.readouterr().err

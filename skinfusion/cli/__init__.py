@@ -16,7 +16,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from skinfusion.cli.common import EXIT_ERROR, EXIT_OK, import_tensorflow_quietly, summary
+from models.quiet import import_tensorflow_quietly
+from skinfusion.cli.common import EXIT_ERROR, EXIT_OK, summary
 
 # Command name → module, in the order the usage lists them. Each module has `parser()` and
 # `main(argv=None) -> int`, and its docstring's first line is its summary, here and in its --help.

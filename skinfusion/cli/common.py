@@ -17,8 +17,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from skinfusion.data.layouts import LAYOUTS
 
-from models.quiet import import_tensorflow_quietly  # noqa: F401 (re-exported: the commands call it)
-
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool killed by SIGPIPE reports (git, coreutils)
 

@@ -22,12 +22,12 @@ from colorspaces.image import IMAGE_SUFFIXES
 from ensemble import load
 from ensemble.formats import EXPORT_FORMATS, formats_help
 from ensemble.rundir import MANIFEST_FILE
+from models.quiet import import_tensorflow_quietly
 from skinfusion.cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
     Progress,
     add_quiet,
-    import_tensorflow_quietly,
     new_parser,
     positive_int,
     reading,
