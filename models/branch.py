@@ -1,6 +1,10 @@
-"""One 5-weight-layer CNN builder for every view and batch-independent inference; the config is ``models.config``."""
+"""One 5-weight-layer CNN builder for every view (optionally a deep ensemble of several), and batch-independent
+inference; the config is ``models.config``."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -16,6 +20,10 @@ def build_branch(config: BranchConfig) -> keras.Model:
     Each conv block is Conv(3×3) → BatchNorm → ReLU → MaxPool(2); then global average
     pooling, dropout and a sigmoid unit that outputs the melanoma probability.
 
+    With ``config.seeds`` = N > 1 the model holds N such CNNs side by side (a deep ensemble,
+    filled by ``assemble_members`` from N separately trained members): its output is the mean
+    of their probabilities and its ``gap`` layer the concatenation of their pooled features.
+
     Args:
         config: the branch config; input channels come from its view.
 
@@ -23,20 +31,78 @@ def build_branch(config: BranchConfig) -> keras.Model:
         An uncompiled functional ``keras.Model`` named ``branch_<view>``.
     """
     inputs = keras.Input((config.image_size, config.image_size, config.channels), name=config.view)
+    if config.seeds == 1:
+        x = keras.layers.Dropout(config.dropout, name="dropout")(_conv_stack(inputs, config, ""))
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="melanoma_proba")(x)
+        return keras.Model(inputs, outputs, name=f"branch_{config.view}")
+    # N stacks m1_…, mN_, then one Dense of N sigmoid units over the concatenated features whose
+    # kernel is block-diagonal (unit k reads member k's features only: exactly member k's head),
+    # and a fixed mean. Standard layers only, so saving, export and every runtime need nothing new,
+    # and `gap` stays the one embedding layer the OOD gate reads.
+    gaps = [_conv_stack(inputs, config, f"m{k + 1}_") for k in range(config.seeds)]
+    x = keras.layers.Concatenate(name="gap")(gaps)
+    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+    x = keras.layers.Dense(config.seeds, activation="sigmoid", name="member_proba")(x)
+    outputs = keras.layers.Dense(1, name="melanoma_proba", trainable=False,
+                                 kernel_initializer=keras.initializers.Constant(1.0 / config.seeds),
+                                 bias_initializer="zeros")(x)
+    return keras.Model(inputs, outputs, name=f"branch_{config.view}")
+
+
+def _conv_stack(inputs, config: BranchConfig, prefix: str):
+    """The four conv blocks and the global average pooling (``<prefix>gap``) of one CNN."""
     x = inputs
     for block in range(4):
         x = keras.layers.Conv2D(
-            config.base_filters * 2**block, 3, padding="same", use_bias=False, name=f"conv{block + 1}"
+            config.base_filters * 2**block, 3, padding="same", use_bias=False, name=f"{prefix}conv{block + 1}"
         )(x)
         # momentum 0.9 (not Keras' 0.99): with a few hundred steps per run, slower moving
         # statistics lag the weights and make inference-mode predictions poor.
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{block + 1}")(x)
-        x = keras.layers.ReLU(name=f"relu{block + 1}")(x)
-        x = keras.layers.MaxPooling2D(name=f"pool{block + 1}")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="melanoma_proba")(x)
-    return keras.Model(inputs, outputs, name=f"branch_{config.view}")
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{prefix}bn{block + 1}")(x)
+        x = keras.layers.ReLU(name=f"{prefix}relu{block + 1}")(x)
+        x = keras.layers.MaxPooling2D(name=f"{prefix}pool{block + 1}")(x)
+    return keras.layers.GlobalAveragePooling2D(name=f"{prefix}gap")(x)
+
+
+def member_config(config: BranchConfig, k: int) -> BranchConfig:
+    """The config member ``k`` (0-based) of a ``config.seeds`` ensemble trains with: one CNN, seed ``seed + k``."""
+    if not 0 <= k < config.seeds:
+        raise ValueError(f"member {k} of a {config.seeds}-seed branch does not exist")
+    return dataclasses.replace(config, seeds=1, seed=config.seed + k)
+
+
+def assemble_members(config: BranchConfig, members: Sequence[keras.Model]) -> keras.Model:
+    """One branch of ``config`` (``seeds`` = N) holding N trained one-CNN members' weights.
+
+    Member k's conv and BatchNorm layers become ``m{k+1}_*``; its sigmoid head becomes column k of
+    ``member_proba`` (zeros elsewhere), so the branch's probability is exactly the members' mean.
+
+    Raises:
+        ValueError: if the number of members is not ``config.seeds``, or a member is not a
+            one-CNN branch of this config's architecture.
+    """
+    if len(members) != config.seeds:
+        raise ValueError(f"a {config.seeds}-seed branch needs {config.seeds} members, got {len(members)}")
+    if config.seeds == 1:
+        model = build_branch(config)
+        model.set_weights(members[0].get_weights())
+        return model
+    model = build_branch(config)
+    head = model.get_layer("member_proba")
+    kernel = np.zeros(tuple(head.kernel.shape), np.float32)
+    bias = np.zeros(config.seeds, np.float32)
+    width = kernel.shape[0] // config.seeds
+    for k, member in enumerate(members):
+        for layer in member.layers:
+            if layer.weights and layer.name != "melanoma_proba":
+                model.get_layer(f"m{k + 1}_{layer.name}").set_weights(layer.get_weights())
+        w, b = member.get_layer("melanoma_proba").get_weights()
+        if w.shape != (width, 1):
+            raise ValueError(f"member {k + 1}'s head has shape {w.shape}, the branch needs ({width}, 1)")
+        kernel[k * width:(k + 1) * width, k] = w[:, 0]
+        bias[k] = b[0]
+    head.set_weights([kernel, bias])
+    return model
 
 
 def predict_branch_proba(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -118,6 +118,12 @@ class BranchConfig:
                                         "epochs without a better validation AUC; none: constant",
                               choices=("none", "cosine", "plateau"))
     seed: int = _param(0, "seed for weights, shuffling and augmentation")
+    # A deep ensemble inside one branch (models.branch.assemble_members): the bundle, fusion, gate,
+    # export and serve still see one model per view. Measured on the leave-one-source-out proxy
+    # (experiments/RESULTS.md, "3 seeds"): +0.005 (CI -0.009 to +0.019) for 3x the training.
+    seeds: int = _param(1, "train this many copies of the branch, with seeds seed, seed+1, ..., each on its own "
+                           "(own early stopping), and keep them as one branch: its probability is their mean, "
+                           "its OOD-gate embedding their concatenation; N times the training time", metavar="N")
     # Self-supervised pre-training (models.pretrain): the encoder's conv and BatchNorm weights
     # start from `skinfusion pretrain`'s instead of at random; the output layer is new.
     init_from: str = _param("", "fine-tune from a self-supervised encoder: a directory written by `skinfusion "
@@ -132,7 +138,7 @@ class BranchConfig:
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {tuple(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("image_size", "base_filters", "batch_size", "epochs"):
+        for name in ("image_size", "base_filters", "batch_size", "epochs", "seeds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.image_size < 16:

@@ -5,7 +5,8 @@ gradient of a class score over that map, ``alpha_k = mean_ij d score / d A_k[i, 
 the positive part of ``sum_k alpha_k A_k``, upsampled to the input. Here:
 
 * the layer is the branch's last ``Conv2D``, found by type (``last_conv_layer``), not by name:
-  its maps are the coarsest and the most class-specific the branch has;
+  its maps are the coarsest and the most class-specific the branch has (for a branch of several
+  seeds, each member's own last ``Conv2D`` and logit, the members' maps averaged);
 * the score is the melanoma **logit**, the input of the branch's final sigmoid unit, not the
   probability. ``d p = p (1 - p) d logit``: the two maps point the same way, but the probability's
   gradient vanishes (in float32, to exactly 0) for a confident branch, and with sliding windows
@@ -58,26 +59,48 @@ def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
 
 
 def _melanoma_head(model: keras.Model) -> keras.layers.Dense:
-    """The branch's output layer, which must be one sigmoid unit: its input times its kernel is the logit."""
-    head = model.layers[-1]
-    if not (isinstance(head, keras.layers.Dense) and head.units == 1
+    """The layer whose sigmoid units are the branch's members' probabilities: its input times its kernel are the logits.
+
+    A one-CNN branch ends in one sigmoid unit; a ``seeds`` > 1 branch has ``member_proba``, a unit per member.
+    """
+    names = {layer.name for layer in model.layers}
+    head = model.get_layer("member_proba") if "member_proba" in names else model.layers[-1]
+    if not (isinstance(head, keras.layers.Dense) and (head.units == 1 or head.name == "member_proba")
             and head.activation is keras.activations.sigmoid):
         raise ValueError(f"model {model.name!r} does not end in one sigmoid unit (got {head.name!r}); "
                          "Grad-CAM explains the melanoma logit of a branch built by models.branch.build_branch")
     return head
 
 
+def _member_convs(model: keras.Model, members: int) -> list[keras.layers.Layer]:
+    """The last ``Conv2D`` of each member: of the whole model for one CNN, of the ``m<k>_`` layers for several."""
+    if members == 1:
+        return [last_conv_layer(model)]
+    convs = []
+    for k in range(1, members + 1):
+        mine = [layer for layer in model.layers
+                if isinstance(layer, keras.layers.Conv2D) and layer.name.startswith(f"m{k}_")]
+        if not mine:
+            raise ValueError(f"model {model.name!r} has no Conv2D layer of member {k} (m{k}_*)")
+        convs.append(mine[-1])
+    return convs
+
+
 def _grad_model(model: keras.Model) -> tuple[keras.Model, keras.layers.Dense]:
-    """``(model: input -> [last conv maps, the head's input], head)``, cached per branch."""
+    """``(model: input -> [each member's last conv maps..., the head's input], head)``, cached per branch."""
     if model not in _GRAD_MODELS:
         head = _melanoma_head(model)
-        conv = last_conv_layer(model)
-        _GRAD_MODELS[model] = (keras.Model(model.inputs, [conv.output, head.input]), head)
+        convs = _member_convs(model, head.units)
+        _GRAD_MODELS[model] = (keras.Model(model.inputs, [*(c.output for c in convs), head.input]), head)
     return _GRAD_MODELS[model]
 
 
 def gradcam(model: keras.Model, x: np.ndarray, sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Raw Grad-CAM maps of a batch of branch inputs, at the input resolution.
+
+    For a branch of several seeds (``BranchConfig.seeds``) each member is explained by its own
+    logit at its own last convolution, and the map is the mean of the members' maps: the same
+    weight each member has in the branch's probability.
 
     Args:
         model: a branch model (``build_branch``).
@@ -93,16 +116,23 @@ def gradcam(model: keras.Model, x: np.ndarray, sign: float = 1.0) -> tuple[np.nd
         return np.zeros((0, *x.shape[1:3])), np.zeros(0)
     grad_model, head = _grad_model(model)
     with tf.GradientTape() as tape:
-        maps, features = grad_model(x, training=False)  # BatchNorm on its moving statistics; dropout off
-        logits = tf.matmul(features, head.kernel)[:, 0] + (head.bias[0] if head.use_bias else 0.0)
-        # Images do not interact in inference mode, so the gradient of the sum is each image's own.
+        *maps, features = grad_model(x, training=False)  # BatchNorm on its moving statistics; dropout off
+        logits = tf.matmul(features, head.kernel) + (head.bias if head.use_bias else 0.0)  # (N, members)
+        # Images do not interact in inference mode, nor members (each logit reads its own
+        # features only), so the gradient of the sum is each image's and member's own.
         score = tf.reduce_sum(sign * logits)
     grads = tape.gradient(score, maps)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1, keepdims=True))
+    cams = [tf.nn.relu(tf.reduce_sum(tf.reduce_mean(g, axis=(1, 2), keepdims=True) * m, axis=-1, keepdims=True))
+            for g, m in zip(grads, maps)]
+    cam = cams[0] if len(cams) == 1 else tf.add_n(cams) / len(cams)
     # Bilinear with half-pixel centres: conv cell i covers input pixels [i*s, (i+1)*s).
     up = tf.image.resize(cam, x.shape[1:3], method="bilinear")[..., 0]
-    return np.asarray(up, np.float64), np.asarray(logits, np.float64)
+    logits = np.asarray(logits, np.float64)
+    if logits.shape[1] == 1:
+        return np.asarray(up, np.float64), logits[:, 0]
+    # Several members: the logit of their mean probability, so sigmoid(logits) is still the branch's.
+    p = np.clip(np.mean(1.0 / (1.0 + np.exp(-logits)), axis=1), 1e-12, 1 - 1e-12)
+    return np.asarray(up, np.float64), np.log(p / (1.0 - p))
 
 
 def normalise_maps(maps: np.ndarray) -> np.ndarray:

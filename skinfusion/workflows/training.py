@@ -34,6 +34,7 @@ from models.distribute import (
 )
 from models.store import read_branch_info
 from models.quiet import call_quietly
+from models.seeds import fit_seeds
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family, write_skip_report
@@ -199,7 +200,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
         return {"view": config.view, "branch_dir": str(chief_branch), "validation": meta["validation_metrics"],
                 "train_seconds": meta["training"]["train_seconds"], "skipped": meta.get("skipped_images", 0),
                 "peak_rss_mb": meta["training"].get("peak_rss_mb", float("nan"))}
-    if not resume and (checkpoint / "state.json").is_file():
+    if not resume and any(checkpoint.glob("**/state.json")):
         logger.warning("[%s] %s holds an interrupted training; starting again (pass --resume to continue it)",
                        config.view, checkpoint)
     loaded, failures = {}, []
@@ -222,12 +223,11 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     select = selection_mask(loaded["val"][2], config.select_on)
     sel_images = loaded["val"][0] if select.all() else loaded["val"][0][np.flatnonzero(select)]
     with _peer_loss_reported(dist, chief_branch, started=True):
-        model, history = fit_branch(config, loaded["train"][0], loaded["train"][1], sel_images,
-                                    loaded["val"][1][select], checkpoint_dir=checkpoint, resume=resume,
+        model, history = fit_seeds(config, loaded["train"], sel_images, loaded["val"][1][select], checkpoint,
+                                    chief_branch / ".checkpoint", resume, strategy=dist,
+                                    mixed_precision=request.mixed_precision,
                                     train_weights=training_weights(loaded["train"][2], config),
-                                    train_sources=[source_family(r.source) for r in loaded["train"][2]],
-                                    strategy=dist, mixed_precision=request.mixed_precision,
-                                    resume_dir=chief_branch / ".checkpoint")
+                                    train_sources=[source_family(r.source) for r in loaded["train"][2]])
     history["peak_rss_mb"] = peak_rss_mb()
     val_imgs, y_val, val_recs = loaded["val"]
     proba = predict_images_proba(model, config.view, val_imgs, constancy=config.color_constancy,

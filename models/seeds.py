@@ -1,0 +1,102 @@
+"""Training a branch of several seeds (``BranchConfig.seeds``): one member after another, assembled into one branch.
+
+Each member is an ordinary one-CNN ``fit_branch`` run with its own seed, early stopping and
+checkpoint, so an interrupted run resumes inside the member it was training and keeps those
+already finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from colorspaces.files import atomic_open
+from models.branch import BranchConfig, assemble_members, build_branch, member_config
+from models.train import fit_branch
+
+logger = logging.getLogger(__name__)
+
+
+def fit_seeds(config: BranchConfig, train: tuple, val_images, y_val: np.ndarray, checkpoint: Path,
+               resume_from: Path, resume: bool, **fit_options: Any) -> tuple[keras.Model, dict[str, Any]]:
+    """``fit_branch`` once per seed of ``config.seeds``, the members assembled into one branch.
+
+    One seed is ``fit_branch`` itself. With several, member k trains alone (``member_config``: seed
+    ``seed + k``, its own early stopping and checkpoint in ``checkpoint/member<k>/``); a finished
+    member's best weights are kept there (``done.weights.h5``), so ``--resume`` skips it.
+    """
+    images, y = train[0], train[1]
+    if config.seeds == 1:
+        return fit_branch(config, images, y, val_images, y_val, checkpoint_dir=checkpoint, resume=resume,
+                          resume_dir=resume_from, **fit_options)
+    weights, histories = [], []
+    for k in range(config.seeds):
+        mc = member_config(config, k)
+        mine, theirs = checkpoint / f"member{k + 1}", resume_from / f"member{k + 1}"
+        done = _finished_member(theirs, mc) if resume else None
+        if done is not None:
+            logger.info("[%s] member %d of %d (seed %d) already trained; kept", config.view, k + 1, config.seeds,
+                        mc.seed)
+            member_weights, history = done
+        else:
+            logger.info("[%s] training member %d of %d (seed %d)", config.view, k + 1, config.seeds, mc.seed)
+            member, history = fit_branch(mc, images, y, val_images, y_val, checkpoint_dir=mine, resume=resume,
+                                         resume_dir=theirs, **fit_options)
+            member_weights = member.get_weights()
+            mine.mkdir(parents=True, exist_ok=True)
+            with contextlib.ExitStack() as stack:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=mine))
+                member.save_weights(Path(tmp) / "done.weights.h5")
+                os.replace(Path(tmp) / "done.weights.h5", mine / "done.weights.h5")
+            # Written after the weights: done.json names a complete member.
+            with atomic_open(mine / "done.json", "w") as fh:
+                json.dump({"config": mc.to_dict(), "history": history}, fh)
+            del member
+            keras.backend.clear_session()
+            gc.collect()
+        weights.append(member_weights)
+        histories.append({"seed": mc.seed, **history})
+    members = []
+    for k, w in enumerate(weights):
+        members.append(build_branch(member_config(config, k)))
+        members[-1].set_weights(w)
+    model = assemble_members(config, members)
+    first = histories[0]
+    history = {
+        # The totals a run's cost is read from; the first member's best epoch and curve stand for
+        # the run's in tables that show one (every member's are under "members").
+        "epochs_run": sum(h["epochs_run"] for h in histories),
+        "best_epoch": first["best_epoch"], "best_val_auc": first["best_val_auc"],
+        "class_weights": first["class_weights"],
+        "train_seconds": round(sum(h["train_seconds"] for h in histories), 2),
+        "resumed_from_epoch": first["resumed_from_epoch"],
+        "members": [{k: v for k, v in h.items() if k != "class_weights"} for h in histories],
+        "per_epoch": first["per_epoch"],
+    }
+    return model, history
+
+
+def _finished_member(directory: Path, config: BranchConfig) -> tuple[list, dict[str, Any]] | None:
+    """``(weights, history)`` of a member that finished in ``directory`` with this config, else None."""
+    weights_file, record = directory / "done.weights.h5", directory / "done.json"
+    if not (weights_file.is_file() and record.is_file()):
+        return None
+    try:
+        done = json.loads(record.read_text(encoding="utf-8"))
+        if not config.matches(done["config"]):
+            return None
+        model = build_branch(config)
+        model.load_weights(weights_file)
+        return model.get_weights(), done["history"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("[%s] %s: damaged (%s); training that member again", config.view, directory, exc)
+        return None
