@@ -32,7 +32,10 @@ def build_branch(config: BranchConfig) -> keras.Model:
     """
     inputs = keras.Input((config.image_size, config.image_size, config.channels), name=config.view)
     if config.seeds == 1:
-        x = keras.layers.Dropout(config.dropout, name="dropout")(_conv_stack(inputs, config, ""))
+        # The stack first: layers draw their seeds from the global generator as they are created,
+        # so creating Dropout before the convs would change the initial weights of every seed.
+        features = _conv_stack(inputs, config, "")
+        x = keras.layers.Dropout(config.dropout, name="dropout")(features)
         outputs = keras.layers.Dense(1, activation="sigmoid", name="melanoma_proba")(x)
         return keras.Model(inputs, outputs, name=f"branch_{config.view}")
     # N stacks m1_…, mN_, then one Dense of N sigmoid units over the concatenated features whose

@@ -12,6 +12,7 @@ import pytest
 from ensemble.metrics import choose_threshold
 from models import BranchConfig, build_branch
 from models.sampling import epoch_order
+from models import seeds as member_training
 from models.train import training_batches
 from skinfusion.cli import evaluate_main, train_main
 from skinfusion.data.index import DX_TYPES, Record, dx_type_of
@@ -234,7 +235,8 @@ def test_the_training_workflow_selects_on_those_validation_rows_and_records_it(d
         return build_branch(config), {"epochs_run": 0, "best_epoch": 0, "best_val_auc": math.nan,
                                       "class_weights": {}, "train_seconds": 0.0, "per_epoch": {}}
 
-    monkeypatch.setattr(training, "fit_branch", fake_fit)
+    # One seed: the workflow trains through models.seeds.fit_seeds, i.e. one fit_branch call.
+    monkeypatch.setattr(member_training, "fit_branch", fake_fit)
     config = BranchConfig(image_size=16, select_on=select_on, follow_up_weight=follow_up_weight)
     run = tmp_path / "run"
     training.train_branch_run(training.TrainRequest(str(dx_data), str(run)), config)

@@ -74,6 +74,32 @@ def test_a_one_seed_branch_is_the_branch_it_always_was():
                      "relu3", "pool3", "conv4", "bn4", "relu4", "pool4", "gap", "dropout", "melanoma_proba"]
 
 
+def _previous_release_builder(config: BranchConfig) -> keras.Model:
+    """The one-CNN builder as it was before --seeds, layer for layer in its creation order."""
+    inputs = keras.Input((config.image_size, config.image_size, config.channels), name=config.view)
+    x = inputs
+    for block in range(4):
+        x = keras.layers.Conv2D(config.base_filters * 2**block, 3, padding="same", use_bias=False,
+                                name=f"conv{block + 1}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{block + 1}")(x)
+        x = keras.layers.ReLU(name=f"relu{block + 1}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{block + 1}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="melanoma_proba")(x))
+
+
+def test_a_one_seed_branch_starts_from_the_same_weights_as_before():
+    # Layers draw their seeds from the global generator as they are created: building them in
+    # another order changes every seeded training (and every number measured with it).
+    config = BranchConfig(image_size=SIZE)
+    keras.utils.set_random_seed(0)
+    before = _previous_release_builder(config).get_weights()
+    keras.utils.set_random_seed(0)
+    now = build_branch(config).get_weights()
+    assert len(now) == len(before) and all(np.array_equal(a, b) for a, b in zip(now, before))
+
+
 def test_gradcam_of_a_seeds_branch_is_the_mean_of_its_members_maps():
     config = BranchConfig(view="rgb", image_size=SIZE, base_filters=4, seeds=2)
     members = _members(config)

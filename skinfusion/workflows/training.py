@@ -35,7 +35,6 @@ from models.distribute import (
 from models.store import read_branch_info
 from models.quiet import call_quietly
 from models.seeds import fit_seeds
-from models.train import fit_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family, write_skip_report
 from skinfusion.data.layouts import index_dataset
