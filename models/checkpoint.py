@@ -45,6 +45,19 @@ def _set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
             g.state.assign(np.asarray(states[name], dtype=keras.backend.standardize_dtype(g.state.dtype)))
 
 
+def save_atomically(save: Callable[[Path], Any], path: Path) -> None:
+    """``save(file)`` (a Keras ``save``/``save_weights``) written beside ``path`` and renamed over it.
+
+    A kill mid-write leaves the old file or none, never a torn one.
+    """
+    with atomic_path(path) as tmp:
+        real = tmp.with_name(tmp.name + "." + path.name)  # Keras checks the suffix
+        try:
+            save(real)
+            os.replace(real, tmp)
+        finally:
+            real.unlink(missing_ok=True)
+
 class _BestKeeper(keras.callbacks.Callback):
     """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
 
@@ -134,13 +147,7 @@ class _BestKeeper(keras.callbacks.Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, save in (("last.keras", self.model.save),
                            *((("best.weights.h5", self.model.save_weights),) if improved else ())):
-            with atomic_path(self.dir / name) as tmp:
-                real = tmp.with_name(tmp.name + "." + name)  # Keras checks the suffix
-                try:
-                    save(real)
-                    os.replace(real, tmp)
-                finally:
-                    real.unlink(missing_ok=True)
+            save_atomically(save, self.dir / name)
         write_json_atomic(self.dir / "state.json", {
             "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
             "lr_wait": self.lr_wait, "mixed_precision": self.mixed_precision,

@@ -7,20 +7,17 @@ already finished.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from colorspaces.files import atomic_open
+from colorspaces.files import read_json_object, write_json_atomic
 from models.branch import BranchConfig, assemble_members, build_branch, member_config
+from models.checkpoint import save_atomically
 from models.train import fit_branch
 
 logger = logging.getLogger(__name__)
@@ -53,13 +50,9 @@ def fit_seeds(config: BranchConfig, train: tuple, val_images, y_val: np.ndarray,
                                          resume_dir=theirs, **fit_options)
             member_weights = member.get_weights()
             mine.mkdir(parents=True, exist_ok=True)
-            with contextlib.ExitStack() as stack:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=mine))
-                member.save_weights(Path(tmp) / "done.weights.h5")
-                os.replace(Path(tmp) / "done.weights.h5", mine / "done.weights.h5")
+            save_atomically(member.save_weights, mine / "done.weights.h5")
             # Written after the weights: done.json names a complete member.
-            with atomic_open(mine / "done.json", "w") as fh:
-                json.dump({"config": mc.to_dict(), "history": history}, fh)
+            write_json_atomic(mine / "done.json", {"config": mc.to_dict(), "history": history})
             del member
             keras.backend.clear_session()
             gc.collect()
@@ -91,7 +84,7 @@ def _finished_member(directory: Path, config: BranchConfig) -> tuple[list, dict[
     if not (weights_file.is_file() and record.is_file()):
         return None
     try:
-        done = json.loads(record.read_text(encoding="utf-8"))
+        done = read_json_object(record, required=("config", "history"))
         if not config.matches(done["config"]):
             return None
         model = build_branch(config)
