@@ -27,10 +27,8 @@ from colorspaces import DEFAULT_VIEWS as VIEWS
 from colorspaces.files import write_json_atomic
 from ensemble.metadata import parse_fields
 from ensemble.metrics import sensitivity_at_specificity
-from models import BranchConfig
-from skinfusion.workflows.evaluation import EvaluateOptions, evaluate
-from skinfusion.workflows.fusing import fuse_run
-from skinfusion.workflows.training import train_branches
+from experiments.common import run_experiment
+from models.config import BranchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +59,11 @@ def run_config(data: str, out: Path, name: str, audit: str | None, oof_folds: in
                metadata: Sequence[str] = ()) -> list[dict]:
     """Train (or reuse), fuse by mean and stack (and OOF stack, and stack with each metadata
     field set), evaluate one config; one row per fusion."""
+    # Keras: only once the flags are checked
+    from skinfusion.workflows.evaluation import EvaluateOptions, evaluate
+    from skinfusion.workflows.fusing import fuse_run
+    from skinfusion.workflows.training import train_branches
+
     config = load_config(name)
     run = out / name
     if _trained(run, config):
@@ -131,9 +134,6 @@ def format_rows(rows: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the named experiments in order and print the results table."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder")
@@ -150,11 +150,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.oof_folds == 1 or args.oof_folds < 0:
         p.error(f"--oof-folds must be 0 (off) or at least 2, got {args.oof_folds}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in args.configs:
-        load_config(name)  # fail on a typo before hours of training
+        try:
+            load_config(name)  # fail on a typo before hours of training
+        except (OSError, ValueError) as e:
+            p.error(f"--configs {name}: {e}")
     for fields in args.metadata:
-        parse_fields(fields)
+        try:
+            parse_fields(fields)
+        except ValueError as e:
+            p.error(f"--metadata {fields}: {e}")
+    return run_experiment(lambda a: _run(a), args, p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Train, fuse and score every config of ``args.configs``; print and keep the rows."""
     rows = []
     for name in args.configs:
         new_rows = run_config(args.data, args.out, name, args.audit, args.oof_folds, args.metadata)

@@ -31,6 +31,7 @@ from colorspaces.files import write_json_atomic
 from ensemble.bundle import load_ensemble
 from ensemble.engine import Ensemble
 from ensemble.metrics import binary_report, expected_calibration_error, roc_auc_ci
+from experiments.common import run_experiment
 from skinfusion.data.index import Record, source_family
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, make_split
@@ -185,11 +186,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the measurement; print the table and write ``OUT/adapt.json`` and ``OUT/adapt.md``."""
-    from models.quiet import import_tensorflow_quietly
+    p = parser()
+    args = p.parse_args(argv)
+    return run_experiment(_run, args, p)
 
-    import_tensorflow_quietly()  # before anything imports it, noisily
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+def _run(args: argparse.Namespace) -> int:
+    """Measure, write ``OUT/adapt.json`` and ``OUT/adapt.md`` and print the table."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     doc = measure(args.run, args.data, args.holdout_source, methods, grid=not args.no_grid,
                   max_adapt_images=args.max_adapt_images, n_boot=args.n_boot, seed=args.seed)

@@ -22,6 +22,7 @@ import numpy as np
 from colorspaces import VIEWS
 from colorspaces.files import write_json_atomic
 from ensemble.metrics import binary_report, choose_threshold
+from experiments.common import run_experiment
 from models import BranchConfig, predict_images_proba
 from models.train import fit_branch
 from skinfusion.data.cache import cached_images
@@ -81,9 +82,6 @@ class TimeBudget(keras.callbacks.Callback):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train and score the baseline; print one results row and write RUN/baseline-<arch>/metrics.json."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.baseline", description=__doc__)
     p.add_argument("--run", required=True, type=Path, help="a run with trained branches (its split, size and budget are reused)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="mobilenetv3small", help="Keras application (default mobilenetv3small)")
@@ -96,8 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bn-momentum", type=float, default=0.9,
                    help="BatchNorm momentum of the application's layers (default 0.9; see build_standard)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    return run_experiment(_run, args, p, log_format="%(asctime)s %(message)s")
 
+
+def _run(args: argparse.Namespace) -> int:
+    """Train the standard CNN within the budget, score it and write its metrics."""
     run = args.run
     metas = {v: json.loads((run / "branches" / v / "metadata.json").read_text()) for v in VIEWS
              if (run / "branches" / v / "metadata.json").is_file()}

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.common import run_experiment
+from skinfusion.cli.common import positive_int
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,15 +48,21 @@ def _time_pass(scorer, paths: list[str], batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: score the same images locally and through Ray, interleaved, and print the ratios."""
     p = argparse.ArgumentParser(prog="python -m experiments.bench_ray", description=__doc__.splitlines()[0])
     p.add_argument("--run", default=str(ROOT / "runs" / "loso" / "HAM10000" / "baseline"),
                    help="a fused run (default: runs/loso/HAM10000/baseline, 96 px, three branches)")
     p.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "isic-mel-nev" / "images"),
                    help="a folder of images (default: ../shared/data/isic-mel-nev/images)")
-    p.add_argument("--n", type=int, default=2000, help="images per pass (default 2000)")
-    p.add_argument("--rounds", type=int, default=2, help="passes per configuration, interleaved (default 2)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--n", type=positive_int, default=2000, help="images per pass (default 2000)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="passes per configuration, interleaved (default 2)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     args = p.parse_args(argv)
+    return run_experiment(_run, args, p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The benchmark itself (``main``'s body, guarded)."""
 
     import ray
 

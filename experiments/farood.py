@@ -27,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from experiments.common import run_experiment
 from skinfusion.data.synthetic import _lesion
 
 PARTS = {"tuning": 1_000, "heldout": 2_000}  # seed bases: the two parts share no random stream
@@ -375,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.per_kind < 1:
         p.error(f"argument --per-kind: must be at least 1, got {args.per_kind}")
+    return run_experiment(_run, args, p, tensorflow=False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Write the part's images and ``kinds.csv`` into ``--out``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ensemble.metrics import roc_auc_ci
+from experiments.common import run_experiment
 from skinfusion.data.index import source_family
 from skinfusion.data.layouts import index_dataset
 
@@ -66,17 +67,13 @@ def rows(data: str, runs: Sequence[str], view: str, n_boot: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", metavar="RUN")
     ap.add_argument("--data", required=True, help="the dataset the runs were split on")
     ap.add_argument("--view", default="rgb")
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args(argv)
-    print("\n".join(rows(args.data, args.runs, args.view, args.bootstrap)))
-    return 0
+    return run_experiment(lambda a: print("\n".join(rows(a.data, a.runs, a.view, a.bootstrap))) or 0, args, ap)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,13 @@ from colorspaces import DEFAULT_VIEWS, VIEWS
 from colorspaces.files import atomic_open, write_json_atomic
 from ensemble.metrics import roc_auc_ci
 from ensemble.selection import greedy_selection
-from models import BranchConfig, load_branch, predict_images_proba
+from experiments.common import run_experiment
+from skinfusion.cli.common import positive_int
+from models.config import BranchConfig
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
-from skinfusion.workflows.training import train_branches
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,13 @@ def branch_configs(overrides: dict[str, Any], views: Sequence[str]) -> list[Bran
 def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str],
           jobs: int) -> dict[str, Any]:
     """Train ``views`` without the ``holdout`` source and score its val and test images."""
+    from models import load_branch, predict_images_proba  # Keras: only once the flags are checked
+    from skinfusion.workflows.training import train_branches
+
     index = index_dataset(data)
     families = sorted({source_family(r.source) for r in index.records})
     if holdout not in families:
-        raise SystemExit(f"--holdout {holdout!r}: not a source family of {data}; choose one of {families}")
+        raise ValueError(f"--holdout {holdout!r}: not a source family of {data}; choose one of {families}")
     held = {r.image_id for r in index.records if source_family(r.source) == holdout}
     run = Path(out) / holdout / name
     configs = branch_configs(overrides, views)
@@ -160,7 +164,13 @@ def summarise(run: Path, holdout: str, name: str, overrides: dict[str, Any], vie
 
 
 def report(out: str) -> str:
-    """A Markdown table of every ``OUT/*/*/result.json``."""
+    """A Markdown table of every ``OUT/*/*/result.json``.
+
+    Raises:
+        FileNotFoundError: if ``out`` is not a folder.
+    """
+    if not Path(out).is_dir():
+        raise FileNotFoundError(f"--out {out}: no such folder; train a run there with `python -m experiments.loso train` first")
     lines = ["| held out | run | views | rgb | hsv | fft | lab | ycrcb | mean (default views) | mean (all) | "
              "selected on val | holdout val mean | in-dist test mean |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |"]
@@ -184,9 +194,6 @@ def report(out: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``train`` one LOSO run, or ``report`` all of them."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one configuration with one source held out, and score it")
@@ -198,22 +205,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="branch config overrides; {view} in a text value becomes each branch's view "
                         "(e.g. init_from=runs/r/pretrain/{view})")
     t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help="comma-separated views (default rgb,hsv,fft)")
-    t.add_argument("--jobs", type=int, default=2, help="branches trained in parallel (default 2)")
+    t.add_argument("--jobs", type=positive_int, default=2, help="branches trained in parallel (default 2)")
     r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")
     r.add_argument("--out", required=True, metavar="DIR")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.cmd == "report":
-        print(report(args.out))
-        return 0
+        return run_experiment(lambda a: print(report(a.out)) or 0, args, p, tensorflow=False)
     views = [v.strip() for v in args.views.split(",") if v.strip()]
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
-        raise SystemExit(f"--views: unknown {unknown}; choose from {sorted(VIEWS)}")
-    res = train(args.data, args.out, args.holdout, args.name, _parse_set(args.set), views, args.jobs)
-    print(json.dumps(res.get("holdout_test", {}), indent=1))
-    return 0
+        p.error(f"--views: unknown {unknown}; choose from {sorted(VIEWS)}")
+    overrides = _parse_set(args.set)
+    try:
+        branch_configs(overrides, views)  # a bad value fails here, before TensorFlow and the data
+    except (ValueError, TypeError) as e:
+        p.error(f"--set: {e}")
 
+    def body(a: argparse.Namespace) -> int:
+        res = train(a.data, a.out, a.holdout, a.name, overrides, views, a.jobs)
+        print(json.dumps(res.get("holdout_test", {}), indent=1))
+        return 0
+
+    return run_experiment(body, args, p)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 import sys
 import time
@@ -19,6 +18,8 @@ import cv2
 import numpy as np
 
 from colorspaces import read_image
+from experiments.common import run_experiment
+from skinfusion.cli.common import positive_int
 from skinfusion.data.audit import audit_images
 
 # artefact_visual_review value -> audit row column
@@ -108,12 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path,
                         help="isic-mel-nev folder (metadata.csv + images/)")
-    parser.add_argument("--workers", type=int, default=2, help="threads (default 2)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="threads (default 2)")
     parser.add_argument("--sheets", type=Path, default=None,
                         help="folder for contact sheets of false positives/negatives (e.g. /tmp)")
     parser.add_argument("--out", type=Path, default=None, help="write the per-image audit rows to this CSV")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_experiment(_run, args, parser, tensorflow=False, log_format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Audit the reviewed images, print precision and recall per detector; 1 if some were unreadable."""
     cv2.setNumThreads(1)  # the thread pool is the parallelism; do not oversubscribe the cores
 
     review = load_review(args.data)

@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from colorspaces.files import write_json_atomic
+from experiments.common import run_experiment
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 
@@ -305,9 +306,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate the gate of ``--run`` and write ``OUT/ood.json`` and ``OUT/ood.md``."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.ood", description=__doc__.splitlines()[0])
     p.add_argument("--run", metavar="RUN", help="a run fused with an OOD gate (required without --checks-only)")
     p.add_argument("--checks-only", action="store_true", help="only the image-level checks, on every image of --data")
@@ -320,14 +318,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the far-OOD images (default 0)")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not args.checks_only and not args.run:
+        p.error("--run is required (or --checks-only)")
+    return run_experiment(_run, args, p, tensorflow=not args.checks_only)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The checks or the whole gate; write ``OUT/<name>.json`` and ``.md`` and print the table."""
     out = Path(args.out)
     if args.checks_only:
         result = check_rates(args.data, args.per_kind)
         table, name = checks_markdown(result), "checks"
     else:
-        if not args.run:
-            p.error("--run is required (or --checks-only)")
         result = evaluate_gate(args.run, args.data, args.holdout_ids, args.n_far, args.seed, args.batch_size,
                                args.per_kind)
         table, name = markdown(result), "ood"

@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from colorspaces.files import write_json_atomic
 from colorspaces.image import read_image, resize_image
 from colorspaces.quality import image_checks
 from ensemble.ood import check_percentile
+from experiments.common import add_set_arguments, run_report
 from experiments.ood import _near_ood, _share
-from skinfusion.cli.common import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -149,40 +148,6 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {grp} | {r['gate_sum']['n']} | {r['gate_sum']['flagged']:.3f} | "
                              f"{lo:.3f}-{hi:.3f} | {r['gate_max']['flagged']:.3f} |")
     return "\n".join(lines)
-
-
-def add_set_arguments(p: argparse.ArgumentParser, run_help: str) -> None:
-    """The flags every experiment on these image sets takes: --run, --data, --out, --per-kind."""
-    p.add_argument("--run", required=True, metavar="RUN", help=run_help)
-    p.add_argument("--data", required=True, metavar="DIR", help="the run's dataset")
-    p.add_argument("--out", required=True, metavar="OUT")
-    p.add_argument("--per-kind", type=positive_int, default=30,
-                   help="realistic far-OOD images per kind and part (default 30)")
-
-
-def run_report(args: argparse.Namespace, parser: argparse.ArgumentParser, compute: Callable[[], dict[str, Any]],
-               stem: str, markdown: Callable[[dict[str, Any]], str]) -> int:
-    """Run ``compute`` and write ``OUT/<stem>.json`` and ``OUT/<stem>.md``, and the table on stdout.
-
-    Guarded as the ``skinfusion`` commands are: a wrong path or damaged file is one error line
-    (exit 2), Ctrl-C exit 130, a closed pipe a quiet exit; ``--out`` is created before the work.
-    """
-    from models.quiet import import_tensorflow_quietly
-    from skinfusion.cli.common import run_guarded
-
-    def body(a: argparse.Namespace) -> int:
-        folder = Path(a.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        import_tensorflow_quietly()  # before anything imports it, noisily
-        result = compute()
-        write_json_atomic(folder / f"{stem}.json", result)
-        table = markdown(result)
-        (folder / f"{stem}.md").write_text(table + "\n")
-        print(table)
-        return 0
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    return run_guarded(body, args, parser=parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

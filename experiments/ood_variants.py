@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.ood import DEFAULT_PERCENTILE, check_percentile
-from experiments.ood_rules import add_set_arguments, run_report
+from experiments.common import add_set_arguments, run_report
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from colorspaces.files import write_json_atomic
 from ensemble.metrics import roc_auc_ci
+from experiments.common import run_experiment
 
 ROLES = ("holdout_val", "holdout_test", "indist_test")
 
@@ -127,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.boot < 1:
         p.error(f"--boot takes a whole number >= 1, got {args.boot}")
+    return run_experiment(_run, args, p, tensorflow=False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Compare the runs' seeds, print the table and keep it under ``--out``."""
     result = compare_seeds(args.runs, args.boot)
     table = markdown(result)
     if args.out:

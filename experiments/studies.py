@@ -17,9 +17,9 @@ import numpy as np
 
 from colorspaces.files import write_json_atomic
 from ensemble.metrics import binary_report
-from models import BranchConfig
+from experiments.common import run_experiment
+from models.config import BranchConfig
 from skinfusion.workflows.auditing import read_audit_flags
-from skinfusion.workflows.training import TrainRequest, score_branch, train_branch_run
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def _train_and_score(data: str, run: Path, exclude: set[str] | None = None, **ov
 
     A finished branch is reused, so an interrupted study resumes and a rerun only re-scores.
     """
+    from skinfusion.workflows.training import TrainRequest, score_branch, train_branch_run  # Keras
+
     config = BranchConfig.from_dict({**STUDY, **overrides, "view": VIEW})
     meta_path = run / "branches" / config.view / "metadata.json"
     if meta_path.is_file() and config.matches(json.loads((run / "branches" / config.view / "config.json").read_text())):
@@ -125,16 +127,17 @@ def artefact_study(data: str, out: Path, audit_csv: str | None = None) -> list[s
 
 def main(argv=None) -> int:
     """Run the imbalance and/or artefact study and print Markdown tables."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.studies", description=__doc__)
     p.add_argument("--data", required=True, help="labels.csv + images/ folder with metadata.csv (artefact_visual_review)")
     p.add_argument("--out", default="runs/studies", help="where the study runs go (default runs/studies)")
     p.add_argument("--audit", help="audit CSV from `skinfusion audit`; its disc flags join the review's for the test subsets")
     p.add_argument("--study", choices=["imbalance", "artefacts", "both"], default="both", help="which study (default both)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return run_experiment(_run, args, p, log_format="%(asctime)s %(message)s")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen studies, write ``OUT/tables.json`` and print the tables."""
     out = Path(args.out)
     tables = {}
     if args.study in ("imbalance", "both"):

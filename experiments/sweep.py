@@ -29,6 +29,7 @@ import numpy as np
 from colorspaces import VIEWS
 from colorspaces.files import write_json_atomic
 from ensemble.metrics import binary_report
+from experiments.common import run_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,6 @@ def format_rows(rows: Sequence[dict], chosen: dict | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train every grid point in order, print the table and the one-SE choice."""
-    from models.quiet import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # before anything imports it, noisily
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder")
@@ -149,8 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--data {args.data}: no such folder")
     if not args.config.is_file():
         p.error(f"--config {args.config}: no such file")
+    return run_experiment(lambda a: _run(a, points), args, p)
+
+
+def _run(args: argparse.Namespace, points: Sequence[tuple[int, int]]) -> int:
+    """Train every grid point, print the rows and the one-SE choice, keep them in ``OUT``."""
     base = json.loads(args.config.read_text())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     rows, first = [], None
     for i, (size, width) in enumerate(points, 1):
         logger.info("grid point %d/%d: %s at %d px, width %d", i, len(points), args.view, size, width)
