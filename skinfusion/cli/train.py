@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import time
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from ensemble.rundir import RunDir
 from models.config import BranchConfig, read_config_file
 from models.distribute import STRATEGIES, start_strategy
+from models.progress import checkpoint_progress
 from skinfusion.cli.common import (
     add_quiet,
     data_help,
@@ -148,26 +150,42 @@ def resolve_configs(args: argparse.Namespace, views: Sequence[str]) -> list[Bran
 
 
 def interrupted_message(args: argparse.Namespace) -> str:
-    """What Ctrl-C during ``train`` says: the last completed epoch of each interrupted branch, and --resume."""
+    """What Ctrl-C during ``train`` says: the last completed epoch (and member) of each interrupted
+    branch, the branches this command already saved, and --resume."""
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
-    done = []
+    seeds = getattr(args, "resolved_seeds", {})  # set by _train once the configs are known
+    started = getattr(args, "started_at", None)
+    done, saved = [], []
     for view in views:
-        state = RunDir(args.run).branch(view) / ".checkpoint" / "state.json"
-        try:
-            saved = json.loads(state.read_text(encoding="utf-8"))
-            done.append(f"epoch {int(saved['epoch'])} of {int(saved['config']['epochs'])} ({view})")
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not started, finished, or unreadable: nothing to say about this branch
-    where = f" after {', '.join(done)}" if done else " before the first epoch was checkpointed"
-    return (f"interrupted{where}; rerun with --resume to continue from the last completed epoch "
+        branch = RunDir(args.run).branch(view)
+        # Before the configs are resolved, count the member folders a several-seed branch has.
+        n = seeds.get(view) or max(1, len(list((branch / ".checkpoint").glob("member*"))))
+        progress = checkpoint_progress(branch / ".checkpoint", n)
+        if progress is not None:
+            done.append(f"{progress.describe(n if n > 1 else None)} ({view})")
+        elif started is not None and _saved_since(branch, started):
+            saved.append(view)
+    where = f" after {', '.join(done)}" if done else "" if saved else " before the first epoch was checkpointed"
+    kept = f"; {', '.join(saved)} finished and saved" if saved else ""
+    return (f"interrupted{where}{kept}; rerun with --resume to continue from the last completed epoch "
             "(branches already saved are kept)")
+
+
+def _saved_since(branch: Path, started: float) -> bool:
+    """Whether ``branch`` was saved (its ``metadata.json`` written) after ``started``."""
+    try:
+        return (branch / "metadata.json").stat().st_mtime >= started
+    except OSError:
+        return False
 
 
 def _train(args: argparse.Namespace) -> int:
     from skinfusion.workflows.auditing import artefact_exclusions  # these load TensorFlow: not at --help
     from skinfusion.workflows.training import train_branches
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
+    args.started_at = time.time()  # for the Ctrl-C message: which branches this command saved
     configs = resolve_configs(args, views)
+    args.resolved_seeds = {c.view: c.seeds for c in configs}
     args.jobs = start_strategy(args.strategy, args.mixed_precision, args.jobs, [c.batch_size for c in configs])
     if args.limit is not None and args.limit < 40:
         raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import json
 import logging
 import os
 import pickle
@@ -32,6 +31,7 @@ from models.distribute import (
     resolve,
     worker_values,
 )
+from models.progress import checkpoint_progress
 from models.store import read_branch_info
 from models.quiet import call_quietly
 from models.seeds import fit_seeds
@@ -121,31 +121,34 @@ def is_chief(strategy: str | None) -> bool:
     return not strategy or resolve(strategy) != "multi-worker" or is_chief_task(read_tf_config())
 
 
-def _resume_point(branch_dir: Path, config: BranchConfig, resume: bool) -> int:
-    """Where a (re)started training begins: -1 if the branch is already trained, else the epoch."""
+def _resume_point(branch_dir: Path, config: BranchConfig, resume: bool) -> tuple[int, int]:
+    """Where a (re)started training begins: ``(members finished, epoch)``; ``(-1, -1)`` if the
+    branch is already trained. A damaged checkpoint counts as epoch 0 (``fit_branch``'s restore
+    reports it by name)."""
     if not resume:
-        return 0
-    state = branch_dir / ".checkpoint" / "state.json"
-    if state.is_file():
-        try:
-            return int(json.loads(state.read_text(encoding="utf-8"))["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0  # damaged: fit_branch's restore reports it by name
+        return 0, 0
+    progress = checkpoint_progress(branch_dir / ".checkpoint", config.seeds)
+    if progress is not None:
+        return progress.members_done, progress.epoch
     if (branch_dir / "metadata.json").is_file() and read_branch_info(branch_dir)[0] == config:
-        return -1
-    return 0
+        return -1, -1
+    return 0, 0
 
 
-def _check_workers_agree(dist, branch_dir: Path, point: int, train_ids: list[str]) -> None:
-    # Workers that disagree on the data or the starting epoch would run different step counts
-    # and wait for each other forever: compare them first, with one collective.
+def _check_workers_agree(dist, branch_dir: Path, point: tuple[int, int], train_ids: list[str]) -> None:
+    # Workers that disagree on the data or the starting point (member and epoch) would run
+    # different step counts and wait for each other forever: compare them first, with one collective.
     crc = zlib.crc32("\n".join(train_ids).encode())
-    rows = worker_values(dist, [point, len(train_ids), crc])
+    rows = worker_values(dist, [*point, len(train_ids), crc])
     if all(row == rows[0] for row in rows):
         return
-    where = {-1: "already trained", 0: "epoch 0"}
-    seen = "; ".join(f"replica {i}: {where.get(r[0], f'epoch {r[0]}')}, {r[1]} training images"
-                     for i, r in enumerate(rows))
+
+    def where(members: int, epoch: int) -> str:
+        if members == -1:
+            return "already trained"
+        return f"epoch {epoch}" + (f" after {members} finished member(s)" if members else "")
+
+    seen = "; ".join(f"replica {i}: {where(r[0], r[1])}, {r[2]} training images" for i, r in enumerate(rows))
     raise ValueError(f"the workers of --strategy multi-worker disagree ({seen}); every worker needs the same "
                      f"--data and the same files, and with --resume must read the chief's checkpoint in "
                      f"{branch_dir} (put the run on a filesystem all workers share, or copy it to each)")
@@ -193,7 +196,7 @@ def _train_branch_run(request: TrainRequest, config: BranchConfig, dist=None,
     if dist is not None and isinstance(dist, _multi_worker_class()):
         with _peer_loss_reported(dist, chief_branch, started=False):
             _check_workers_agree(dist, chief_branch, point, [r.image_id for r in recs["train"]])
-    if point == -1:
+    if point[0] == -1:
         _, meta = read_branch_info(chief_branch)
         logger.info("[%s] already trained in %s; nothing to resume", config.view, chief_branch)
         return {"view": config.view, "branch_dir": str(chief_branch), "validation": meta["validation_metrics"],
