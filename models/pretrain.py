@@ -17,6 +17,7 @@ its first epoch; the output layer starts from scratch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 ENCODER_FILE = "encoder.npz"
 INFO_FILE = "pretrain.json"
 IMAGES_FILE = "images.txt"
+#: Per-epoch checkpoint of an unfinished pre-training, inside the encoder directory.
+CHECKPOINT_DIR = ".checkpoint"
 ENCODER_LAYERS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "conv4", "bn4")
 #: The augmentations that make the two views of an image: dihedral flips and turns (always), a
 #: random resized crop of 40-100% of the area, and colour jitter. Milder colour changes than on
@@ -92,7 +95,9 @@ def knn_auc(enc: keras.Model, config: BranchConfig, ref_images, ref_y: np.ndarra
 
 def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size: int = 64,
                      learning_rate: float | None = None, probe: tuple | None = None,
-                     on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[keras.Model, list[dict]]:
+                     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                     checkpoint: str | os.PathLike | None = None,
+                     resume: bool = False) -> tuple[keras.Model, list[dict]]:
     """Pre-train a branch's encoder on unlabelled images with SimSiam.
 
     Args:
@@ -106,6 +111,11 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
         probe: ``(ref_images, ref_y, query_images, query_y)`` labelled images for the k-NN
             probe AUC before training and after each epoch (labels are used for nothing else).
         on_epoch: called with each epoch's record (progress).
+        checkpoint: a folder where every finished epoch is saved (all weights, the optimizer's
+            state and the history), so that an interrupted pre-training can continue.
+        resume: continue from ``checkpoint`` if it holds a pre-training of the same settings
+            (config, images, epochs, batch size, learning rate); the batches and augmentations
+            of each epoch depend only on the seed and the epoch, so it continues where it stopped.
 
     Returns:
         ``(branch model whose encoder layers hold the pre-trained weights, history)``; the history
@@ -139,6 +149,17 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
     variables = enc.trainable_variables + projector.trainable_variables + predictor.trainable_variables
     optimizer.build(variables)
     aug = _two_views(config)
+    state = [*enc.variables, *projector.variables, *predictor.variables, *optimizer.variables]
+    # Through JSON, so that it compares equal to what a checkpoint's state.json reads back.
+    settings = json.loads(json.dumps({"config": config.to_dict(), "n_images": int(n), "epochs": int(epochs),
+                                      "batch_size": int(batch_size), "learning_rate": float(lr)}))
+    history: list[dict[str, Any]] = []
+    start = 0
+    if checkpoint is not None and resume:
+        saved = _restore(Path(checkpoint), settings, state)
+        if saved is not None:
+            start, history = saved["epoch"], saved["history"]
+            logger.info("[%s] resuming pre-training after epoch %d of %d", config.view, start, epochs)
 
     def negcos(p, z):
         return -tf.reduce_mean(tf.reduce_sum(tf.math.l2_normalize(p, 1) * tf.math.l2_normalize(tf.stop_gradient(z), 1), 1))
@@ -163,20 +184,22 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
         return tuple(x.astype(np.float32, copy=False) for x in views)
 
     shape = (None, size, size, config.channels)
-    ds = _numpy_batches(load, epochs * steps, [shape, shape])
-    history: list[dict[str, Any]] = []
+    ds = _numpy_batches(load, epochs * steps, [shape, shape], first=start * steps)
 
     def record(epoch: int, loss: float, spread: float, seconds: float) -> None:
         entry = {"epoch": epoch, "loss": loss, "collapse_indicator": spread, "seconds": round(seconds, 1)}
         if probe is not None:
             entry["knn_auc"] = knn_auc(enc, config, *probe)
         history.append(entry)
+        if checkpoint is not None and epoch > 0:
+            _save_state(Path(checkpoint), settings, state, epoch, history)
         if on_epoch:
             on_epoch(entry)
 
-    record(0, float("nan"), float("nan"), 0.0)
+    if start == 0:
+        record(0, float("nan"), float("nan"), 0.0)
     it = iter(ds)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start + 1, epochs + 1):
         t0, losses, spreads = time.perf_counter(), [], []
         for _ in range(steps):
             x1, x2 = next(it)
@@ -185,6 +208,44 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
             spreads.append(float(spread))
         record(epoch, float(np.mean(losses)), float(np.mean(spreads)), time.perf_counter() - t0)
     return branch, history
+
+
+def _save_state(folder: Path, settings: dict[str, Any], variables: list, epoch: int,
+                history: list[dict[str, Any]]) -> None:
+    """Write ``state.npz`` (every variable, in creation order) then ``state.json``, each atomically.
+
+    ``state.json`` holds the npz's SHA-256 and is written last, so it only names a complete epoch.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "state.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, *(np.asarray(keras.ops.convert_to_numpy(v)) for v in variables))
+    write_json_atomic(folder / "state.json", {**settings, "epoch": epoch, "history": history,
+                                              "sha256": sha256_file(folder / "state.npz")})
+
+
+def _restore(folder: Path, settings: dict[str, Any], variables: list) -> dict[str, Any] | None:
+    """Load a checkpoint of the same ``settings`` into ``variables``; None (and why, logged) if there is none."""
+    if not (folder / "state.json").is_file():
+        logger.info("%s: no pre-training checkpoint; starting from the first epoch", folder)
+        return None
+    saved = read_json_object(folder / "state.json", required=("epoch", "history", "sha256", *settings),
+                             hint=f"delete {folder} to start again")
+    differ = sorted(k for k in settings if saved[k] != settings[k])
+    if differ:
+        raise ValueError(f"{folder}: the interrupted pre-training used other settings ({', '.join(differ)}); run "
+                         f"without --resume to start again, or with the settings it used")
+    path = folder / "state.npz"
+    if not path.is_file() or sha256_file(path) != saved["sha256"]:
+        raise ValueError(f"{path}: missing or modified since {folder / 'state.json'} was written; delete {folder} "
+                         "to start again")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if len(arrays) != len(variables) or any(a.shape != tuple(v.shape) for a, v in zip(arrays, variables)):
+        raise ValueError(f"{path}: holds other weights than this pre-training's; delete {folder} to start again")
+    for v, a in zip(variables, arrays):
+        v.assign(a)
+    return saved
 
 
 def encoder_arrays(model: keras.Model) -> dict[str, np.ndarray]:

@@ -51,6 +51,7 @@ def test_only_training_images_and_allowed_extras_enter_pre_training(pretrained):
     info = json.loads((pretrained["out"] / "pretrain.json").read_text())
     assert info["extra_refused"] == 2 and info["n_extra_images"] == 5
     assert info["n_images"] == len(used)
+    assert not (pretrained["out"] / ".checkpoint").exists(), "the finished pre-training left its checkpoint"
 
 
 def test_pre_training_learns_a_useful_embedding_without_collapsing(pretrained):

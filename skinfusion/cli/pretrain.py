@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a stratified, grouped subset of about N images (fixed at split creation, as in train)")
     p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="image decoding threads (default 2)")
     p.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached (default as train's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted pre-training from its last completed epoch (checkpointed in "
+                        "OUT/.checkpoint); the other flags must be the ones it was started with")
     add_quiet(p)
     return p
 
@@ -80,7 +83,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                           color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
     s = pretrain_view(args.data, args.run, config, out_dir=args.out, extra_dirs=args.images, epochs=args.epochs,
                       batch_size=args.batch_size, learning_rate=args.learning_rate, split_seed=args.split_seed,
-                      limit=args.limit, workers=args.workers, cache_dir=args.cache_dir)
+                      limit=args.limit, workers=args.workers, cache_dir=args.cache_dir, resume=args.resume)
     first, last = s["history"][0], s["history"][-1]
     probe = (f"; k-NN probe validation AUC {first['knn_auc']:.4f} before, {last['knn_auc']:.4f} after"
              if "knn_auc" in last else "")
@@ -98,4 +101,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         0, 2 on a reported error, 130 after Ctrl-C.
     """
     return run_command(parser(), _pretrain, argv,
-                       interrupted_hint="the encoder was not written (rerun the command)")
+                       interrupted_hint="the encoder was not written; rerun the command with --resume to continue "
+                                        "from the last completed epoch")

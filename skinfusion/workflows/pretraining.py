@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,8 +69,12 @@ def extra_images(dirs: Sequence[str | Path], forbidden_ids: set[str], forbidden_
 def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: str | None = None,
                   extra_dirs: Sequence[str] = (), epochs: int = 20, batch_size: int = 64,
                   learning_rate: float | None = None, split_seed: int = 0, limit: int | None = None,
-                  workers: int = 2, cache_dir: str | None = None) -> dict[str, Any]:
+                  workers: int = 2, cache_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Pre-train ``config.view``'s encoder on the run's training images (+ ``extra_dirs``) and save it.
+
+    Every finished epoch is checkpointed in ``<out>/.checkpoint``; with ``resume`` an interrupted
+    pre-training of the same settings continues from there. The checkpoint is removed once the
+    encoder is written.
 
     Returns:
         A summary: the encoder directory, image counts, and the history (loss, collapse
@@ -79,7 +84,7 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
         ValueError: if the run's split belongs to other data or too few images remain.
         FileNotFoundError: if an ``extra_dirs`` folder is missing.
     """
-    from models.pretrain import IMAGES_FILE, PROBE_K, pretrain_encoder, save_encoder
+    from models.pretrain import CHECKPOINT_DIR, IMAGES_FILE, PROBE_K, pretrain_encoder, save_encoder
 
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "pretrain" / config.view
@@ -121,9 +126,15 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
 
         logger.info("[%s] pre-training on %d unlabelled images (%d training, %d extra), %d epochs",
                     config.view, len(images), n_train_ok, len(images) - n_train_ok, epochs)
+        checkpoint = out / CHECKPOINT_DIR
+        if not resume and (checkpoint / "state.json").is_file():
+            logger.warning("[%s] %s holds an interrupted pre-training; starting again (pass --resume to continue it)",
+                           config.view, checkpoint)
+            shutil.rmtree(checkpoint)
         t0 = time.perf_counter()
         model, history = pretrain_encoder(config, images, epochs=epochs, batch_size=batch_size,
-                                          learning_rate=learning_rate, probe=probe, on_epoch=progress)
+                                          learning_rate=learning_rate, probe=probe, on_epoch=progress,
+                                          checkpoint=checkpoint, resume=resume)
         used = [paths[i] for i in ok]
         ids = [train[i].image_id for i in ok if i < len(train)] + used[n_train_ok:]
         save_encoder(out, model, config, {
@@ -135,5 +146,6 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
             "probe": {"k": PROBE_K, "reference": int(len(ref_pos)), "queries": int(len(val_y))} if probe else None,
             "history": history, "train_seconds": round(time.perf_counter() - t0, 1)})
         (out / IMAGES_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the encoder is written: nothing left to resume
     return {"out": str(out), "n_images": len(images), "n_training_images": n_train_ok,
             "n_extra_images": len(images) - n_train_ok, "extra_refused": refused, "history": history}
