@@ -128,3 +128,4 @@ def test_a_batch_larger_than_the_data_names_the_flag(synthetic_data, tmp_path, c
                           "--image-size", "32", "--epochs", "1", "--batch-size", "5000"]) == 2
     err = capsys.readouterr().err
     assert "--batch-size 5000" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "splits.csv").exists(), "a refused pre-training left a split in the run"

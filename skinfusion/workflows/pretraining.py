@@ -35,6 +35,20 @@ def _digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def image_files(dirs: Sequence[str | Path]) -> list[Path]:
+    """The image files under ``dirs`` (recursively, sorted per folder).
+
+    Raises:
+        FileNotFoundError: naming a folder that does not exist.
+    """
+    found: list[Path] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(f"--images {d}: no such folder; give a folder of unlabelled images")
+        found += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return found
+
+
 def extra_images(dirs: Sequence[str | Path], forbidden_ids: set[str], forbidden_paths: Sequence[str]) -> tuple[list[str], int]:
     """Image files under ``dirs`` (recursively), minus any that is a validation or test image.
 
@@ -47,11 +61,7 @@ def extra_images(dirs: Sequence[str | Path], forbidden_ids: set[str], forbidden_
     Raises:
         FileNotFoundError: naming a folder that does not exist.
     """
-    found: list[Path] = []
-    for d in map(Path, dirs):
-        if not d.is_dir():
-            raise FileNotFoundError(f"--images {d}: no such folder; give a folder of unlabelled images")
-        found += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = image_files(dirs)
     if not found:
         return [], 0
     sizes = {Path(p).stat().st_size for p in forbidden_paths if Path(p).is_file()}
@@ -89,8 +99,17 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "pretrain" / config.view
     with run_lock(run, f"skinfusion pretrain --view {config.view}"):
-        index, assign, info = prepare_split(data_dir, str(run), split_seed, limit)
         held = held_out_ids(run)
+        n_candidates = len(image_files(extra_dirs))
+
+        def enough_images(new: dict[str, str]) -> None:
+            # Before a new split is saved: a pre-training that cannot run leaves no split in the run.
+            n = sum(s == "train" and i not in held for i, s in new.items()) + n_candidates
+            if n < batch_size:
+                raise ValueError(f"pre-training needs at least one batch of images: --batch-size {batch_size}, but "
+                                 f"only {n} images; lower --batch-size or add images (--images)")
+
+        index, assign, info = prepare_split(data_dir, str(run), split_seed, limit, check=enough_images)
         recs = [r for r in index.records if r.image_id not in held]
         train = [r for r in recs if assign.get(r.image_id) == "train"]
         val = [r for r in recs if assign.get(r.image_id) == "val"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ensemble.rundir import RunDir
@@ -28,16 +29,19 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int | None = None,
-                  dedup: bool = False) -> tuple[DatasetIndex, dict[str, str], dict]:
+                  dedup: bool = False,
+                  check: Callable[[dict[str, str]], None] | None = None) -> tuple[DatasetIndex, dict[str, str], dict]:
     """Index the data and return the run's split, creating ``RUN/splits.csv`` on first use.
 
     A run's split is made once and reused by every branch, so all branches see the same
     images; reusing a run on changed data is refused. With ``dedup``, images whose perceptual
     hashes are near-identical join one group before splitting, which catches re-uploads that
-    the dataset's own group ids miss.
+    the dataset's own group ids miss. ``check(assign)``, if given, runs before a new split is
+    saved: a command that cannot use the split refuses without leaving one in the run.
 
     Raises:
-        ValueError: if the run was split on a different dataset, or the data has one class only.
+        ValueError: if the run was split on a different dataset, or the data has one class only
+            (and whatever ``check`` raises).
     """
     index = index_dataset(data_dir)  # logs its summary, once per process
     index.check_both_classes()  # before the split, which would only say that a split lacks a class
@@ -62,6 +66,8 @@ def prepare_split(data_dir: str, run_dir: str, split_seed: int = 0, limit: int |
             logger.info("perceptual hash: %d near-duplicate pairs merged into shared groups", len(found))
         records = subset(records, limit, split_seed) if limit else records
         assign = make_split(records, seed=split_seed)
+        if check is not None:
+            check(assign)
         info = {
             "data_dir": str(Path(data_dir).resolve()),
             "dataset_fingerprint": fingerprint,
