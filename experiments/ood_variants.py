@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,14 +61,29 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 SETS = ("test", "held_out_source", "far_ood_tuning", "far_ood_heldout", "seborrheic_keratosis")
 
 
+def _member_layers(model, name: str) -> list:
+    """The layers called ``name`` in a branch: itself in a one-seed branch, ``m<k>_<name>`` of each
+    member in a branch of several seeds (``train --seeds N``)."""
+    own = [x for x in model.layers if x.name == name]
+    found = [(int(mt[1]), x) for x in model.layers if (mt := re.fullmatch(rf"m(\d+)_{name}", x.name))]
+    return own or [x for _, x in sorted(found, key=lambda t: t[0])]
+
+
 def layer_heads(ens) -> tuple[list, list[str]]:
-    """Per branch, a model from its input to the global average of each ``reluK`` output and ``gap``."""
+    """Per branch, a model from its input to the global average of each ``reluK`` output and ``gap``.
+
+    In a branch of several seeds each ``reluK`` is its members' pooled maps side by side, as its
+    ``gap`` (the gate's embedding) is.
+    """
     import keras
 
-    names = [n for n in ("relu1", "relu2", "relu3", "relu4") if all(n in [x.name for x in m.layers] for m in ens.models)]
+    names = [n for n in ("relu1", "relu2", "relu3", "relu4") if all(_member_layers(m, n) for m in ens.models)]
     heads = []
     for m in ens.models:
-        outs = [keras.layers.GlobalAveragePooling2D()(m.get_layer(n).output) for n in names]
+        outs = []
+        for n in names:
+            pooled = [keras.layers.GlobalAveragePooling2D()(x.output) for x in _member_layers(m, n)]
+            outs.append(pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled))
         heads.append(keras.Model(m.input, [*outs, m.get_layer("gap").output]))
     return heads, [*names, "gap"]
 

@@ -92,3 +92,26 @@ def test_cli_refuses_a_per_kind_below_one(capsys):
     with pytest.raises(SystemExit) as e:
         ov.main(["--run", "R", "--data", "D", "--out", "O", "--per-kind", "0"])
     assert e.value.code == 2 and "--per-kind: must be at least 1" in capsys.readouterr().err
+
+
+def test_layer_heads_of_a_seeds_branch_put_its_members_side_by_side():
+    from types import SimpleNamespace
+
+    from models import BranchConfig, build_branch
+    from models.branch import assemble_members, member_config
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, seeds=2)
+    members = [build_branch(member_config(config, k)) for k in range(2)]
+    one = build_branch(BranchConfig(view="rgb", image_size=16, base_filters=4))
+    heads, names = ov.layer_heads(SimpleNamespace(models=[assemble_members(config, members), one]))
+    assert names == list(LAYERS)  # the seeds branch keeps the multi-layer variants
+    x = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
+    seeds_out, one_out = heads[0](x, training=False), heads[1](x, training=False)
+    for a, b in zip(seeds_out, one_out):
+        assert a.shape[-1] == 2 * b.shape[-1]
+    # Member 2's pooled relu1 is the second half of the seeds branch's relu1.
+    m2 = members[1]
+    import keras
+
+    pooled = keras.Model(m2.input, keras.layers.GlobalAveragePooling2D()(m2.get_layer("relu1").output))(x)
+    np.testing.assert_allclose(np.asarray(seeds_out[0])[:, 4:], np.asarray(pooled), rtol=1e-5, atol=1e-6)
