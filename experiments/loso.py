@@ -11,11 +11,15 @@ ISIC 2017 subset of the grouped test split.
     python -m experiments.loso train --data DIR --out runs/loso --holdout ISIC2017 --name baseline \\
         --set epochs=12
     python -m experiments.loso report --out runs/loso
+    python -m experiments.loso compare runs/loso/ISIC2017/baseline runs/loso/ISIC2017/lever ...
 
 ``train`` writes ``OUT/<holdout>/<name>/`` (a normal run directory: branches, split) plus
 ``scores.csv`` (every branch's probability on the held-out val/test images and the
 in-distribution test images) and ``result.json``; ``report`` prints one Markdown table of every
-result. A finished branch with the same config is reused, so an interrupted run resumes.
+result; ``compare`` prints, per role, each run's mean-fusion AUC and its paired bootstrap
+difference from the first run (the same resampled images for both), the test of whether a
+lever moved anything. A finished branch with the same config is reused, so an interrupted run
+resumes.
 """
 
 from __future__ import annotations
@@ -132,8 +136,8 @@ def _arrays(rows, role: str, views: Sequence[str]) -> tuple[np.ndarray, np.ndarr
             np.array([[float(r[v]) for v in views] for r in sel]).reshape(len(sel), len(views)))
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    auc, lo, hi = roc_auc_ci(y, p, n_boot=1000)
+def _auc(y: np.ndarray, p: np.ndarray, n_boot: int = 1000) -> dict[str, float]:
+    auc, lo, hi = roc_auc_ci(y, p, n_boot=n_boot)
     return {"auc": round(auc, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
 
 
@@ -192,8 +196,49 @@ def report(out: str) -> str:
     return "\n".join(lines)
 
 
+def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
+    """A Markdown table: per run and role, the mean-fusion AUC of the default views and its paired
+    bootstrap difference from ``runs[0]`` (95% CI).
+
+    Raises:
+        FileNotFoundError: if a run has no ``scores.csv``.
+        ValueError: if the runs do not share their images and roles, or fuse different views.
+    """
+    from experiments.seeds import paired_delta
+
+    loaded = []
+    for run in map(Path, runs):
+        if not (run / "scores.csv").is_file():
+            raise FileNotFoundError(f"{run / 'scores.csv'}: missing; train the run with `python -m experiments.loso "
+                                    "train` first")
+        rows, views = read_scores(run)
+        loaded.append(({r["image_id"]: r for r in rows}, [v for v in DEFAULT_VIEWS if v in views]))
+    ref, ref_views = loaded[0]
+    for run, (rows, views) in zip(runs[1:], loaded[1:]):
+        if views != ref_views:
+            raise ValueError(f"{run}: fuses {views}, {runs[0]} fuses {ref_views}; compare runs of the same views")
+        if {(i, r["role"]) for i, r in rows.items()} != {(i, r["role"]) for i, r in ref.items()}:
+            raise ValueError(f"{run}: its images or their roles differ from {runs[0]}'s; the runs must share one "
+                             "split and held-out source")
+    lines = ["| run | role | n (mel) | mean fusion AUC (95% CI) | minus the first run (paired 95% CI) |",
+             "|---|---|---|---|---|"]
+    for role in ROLES:
+        ids = sorted(i for i, r in ref.items() if r["role"] == role)
+        y = np.array([int(ref[i]["label"]) for i in ids])
+        if len(ids) == 0 or y.min() == y.max():
+            continue
+        fused = [np.array([[float(rows[i][v]) for v in ref_views] for i in ids]).mean(axis=1) for rows, _ in loaded]
+        for run, p in zip(runs, fused):
+            a = _auc(y, p, n_boot)
+            d = paired_delta(y, p, fused[0], n_boot)
+            delta = "(reference)" if p is fused[0] else f"{d['delta']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
+            lines.append(f"| {Path(run).name} | {role} | {len(y)} ({int(y.sum())}) | "
+                         f"{a['auc']:.3f} ({a['lo']:.3f}–{a['hi']:.3f}) | {delta} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``train`` one LOSO run, or ``report`` all of them."""
+    """Command line: ``train`` one LOSO run, ``report`` all of them, or ``compare`` runs with a reference."""
     p = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one configuration with one source held out, and score it")
@@ -208,9 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--jobs", type=positive_int, default=2, help="branches trained in parallel (default 2)")
     r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")
     r.add_argument("--out", required=True, metavar="DIR")
+    c = sub.add_parser("compare", help="paired bootstrap differences of LOSO runs from the first (the reference)")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="LOSO run folders; the first is the reference")
+    c.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     args = p.parse_args(argv)
     if args.cmd == "report":
         return run_experiment(lambda a: print(report(a.out)) or 0, args, p, tensorflow=False)
+    if args.cmd == "compare":
+        if len(args.runs) < 2:
+            c.error("give the reference run and at least one more")
+        return run_experiment(lambda a: print(compare(a.runs, a.boot)) or 0, args, p, tensorflow=False)
     views = [v.strip() for v in args.views.split(",") if v.strip()]
     unknown = [v for v in views if v not in VIEWS]
     if unknown:

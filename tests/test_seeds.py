@@ -80,3 +80,25 @@ def test_loso_set_values_may_name_each_branch_view():
     configs = branch_configs(_parse_set(["epochs=12", "seed=1", "init_from=runs/r/pretrain/{view}"]), ["rgb", "fft"])
     assert [c.init_from for c in configs] == ["runs/r/pretrain/rgb", "runs/r/pretrain/fft"]
     assert {c.epochs for c in configs} == {12} and {c.seed for c in configs} == {1}
+
+
+def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(three_seeds, tmp_path, capsys):
+    from experiments.loso import compare
+    from experiments.loso import main as loso_main
+
+    rng = np.random.default_rng(7)
+    labels = (rng.random(600) < 0.3).astype(int)
+    roles = list(rng.choice(["holdout_val", "holdout_test", "indist_test"], 600))
+    better = _write_run(tmp_path / "better", labels, roles, noise_seed=5, noise=0.3)  # far less noise: a real gain
+    table = compare([three_seeds[0], better], n_boot=200)
+    rows = {(r.split("|")[1].strip(), r.split("|")[2].strip()): r for r in table.splitlines()[2:]}
+    assert len(rows) == 6 and "(reference)" in rows[("s0", "holdout_test")]
+    delta = rows[("better", "holdout_test")].split("|")[5].split()
+    assert float(delta[0]) > 0.05 and float(delta[1].strip("(")) > 0  # the paired CI excludes no change
+    self_delta = compare([three_seeds[0], three_seeds[0]], n_boot=50).splitlines()[3]
+    assert "+0.000 (+0.000 to +0.000)" in self_delta
+    other = _write_run(tmp_path / "other", labels, list(reversed(roles)), noise_seed=1)
+    with pytest.raises(ValueError, match="roles differ"):
+        compare([three_seeds[0], other])
+    assert loso_main(["compare", str(three_seeds[0]), str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
