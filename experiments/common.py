@@ -43,7 +43,8 @@ def run_experiment(body: Callable[[argparse.Namespace], int], args: argparse.Nam
             import_tensorflow_quietly()  # before anything imports it, noisily
         return body(a)
 
-    logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%H:%M:%S", force=True)
+    # Not forced: a caller that already set up logging (a test, a notebook) keeps its handlers.
+    logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%H:%M:%S")
     return run_guarded(guarded, args, parser=parser)
 
 
