@@ -53,13 +53,20 @@ ROLES = ("holdout_val", "holdout_test", "indist_test")
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` branch config overrides; values are JSON when they parse, else strings."""
+    """``key=value`` branch config overrides; values are JSON when they parse, else strings.
+
+    ``key@view=value`` overrides ``key`` for that view's branch only (e.g.
+    ``color_constancy@rgb=shades_of_gray``): branches are trained independently, so a per-view
+    setting is as real a configuration as a shared one.
+    """
     out: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(BranchConfig)}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        field, at, view = key.partition("@")
+        if not sep or field not in fields or (at and view not in VIEWS):
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE or KEY@VIEW=VALUE with KEY one of {sorted(fields)} "
+                             f"and VIEW one of {sorted(VIEWS)}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -79,9 +86,14 @@ def _roles(records, assign: dict[str, str], holdout: str) -> dict[str, list]:
 
 
 def branch_configs(overrides: dict[str, Any], views: Sequence[str]) -> list[BranchConfig]:
-    """One config per view; ``{view}`` in a text value becomes the view (``init_from=runs/r/pretrain/{view}``)."""
-    return [BranchConfig.from_dict({**{k: val.replace("{view}", v) if isinstance(val, str) else val
-                                       for k, val in overrides.items()}, "view": v}) for v in views]
+    """One config per view; ``{view}`` in a text value becomes the view (``init_from=runs/r/pretrain/{view}``),
+    and a ``key@view`` override applies to that view only, over a shared ``key``."""
+    def for_view(v: str) -> dict[str, Any]:
+        shared = {k: val for k, val in overrides.items() if "@" not in k}
+        own = {k.partition("@")[0]: val for k, val in overrides.items() if k.endswith(f"@{v}")}
+        return {k: val.replace("{view}", v) if isinstance(val, str) else val for k, val in {**shared, **own}.items()}
+
+    return [BranchConfig.from_dict({**for_view(v), "view": v}) for v in views]
 
 
 def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str],
@@ -248,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--name", required=True, help="name of this configuration (a folder under OUT/<holdout>)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="branch config overrides; {view} in a text value becomes each branch's view "
-                        "(e.g. init_from=runs/r/pretrain/{view})")
+                        "(e.g. init_from=runs/r/pretrain/{view}); KEY@VIEW=VALUE sets it for one view only "
+                        "(e.g. color_constancy@rgb=shades_of_gray)")
     t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help="comma-separated views (default rgb,hsv,fft)")
     t.add_argument("--jobs", type=positive_int, default=2, help="branches trained in parallel (default 2)")
     r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")

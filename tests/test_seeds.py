@@ -82,6 +82,17 @@ def test_loso_set_values_may_name_each_branch_view():
     assert {c.epochs for c in configs} == {12} and {c.seed for c in configs} == {1}
 
 
+def test_loso_set_may_override_one_view_only():
+    from experiments.loso import _parse_set, branch_configs
+
+    configs = branch_configs(_parse_set(["color_constancy@rgb=shades_of_gray", "color_constancy@hsv=shades_of_gray",
+                                         "epochs=12", "epochs@fft=5"]), ["rgb", "hsv", "fft"])
+    assert [c.color_constancy for c in configs] == ["shades_of_gray", "shades_of_gray", "none"]
+    assert [c.epochs for c in configs] == [12, 12, 5]  # the view's own value wins over the shared one
+    with pytest.raises(SystemExit, match="KEY@VIEW=VALUE"):
+        _parse_set(["epochs@nosuchview=3"])
+
+
 def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(three_seeds, tmp_path, capsys):
     from experiments.loso import compare
     from experiments.loso import main as loso_main
