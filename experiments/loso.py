@@ -37,7 +37,7 @@ import numpy as np
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from colorspaces.files import atomic_open, write_json_atomic
-from ensemble.metrics import roc_auc_ci
+from ensemble.metrics import paired_auc_delta, roc_auc_ci
 from ensemble.selection import greedy_selection
 from experiments.common import run_experiment
 from skinfusion.cli.common import positive_int
@@ -216,8 +216,6 @@ def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
         FileNotFoundError: if a run has no ``scores.csv``.
         ValueError: if the runs do not share their images and roles, or fuse different views.
     """
-    from experiments.seeds import paired_delta
-
     loaded = []
     for run in map(Path, runs):
         if not (run / "scores.csv").is_file():
@@ -242,7 +240,7 @@ def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
         fused = [np.array([[float(rows[i][v]) for v in ref_views] for i in ids]).mean(axis=1) for rows, _ in loaded]
         for run, p in zip(runs, fused):
             a = _auc(y, p, n_boot)
-            d = paired_delta(y, p, fused[0], n_boot)
+            d = paired_auc_delta(y, p, fused[0], n_boot)
             delta = "(reference)" if p is fused[0] else f"{d['delta']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
             lines.append(f"| {Path(run).name} | {role} | {len(y)} ({int(y.sum())}) | "
                          f"{a['auc']:.3f} ({a['lo']:.3f}–{a['hi']:.3f}) | {delta} |")

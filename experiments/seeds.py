@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from colorspaces.files import write_json_atomic
+from ensemble.metrics import paired_auc_delta as paired_delta
 from ensemble.metrics import roc_auc_ci
 from experiments.common import run_experiment
 
@@ -40,21 +41,6 @@ def _load(run: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
     if not views:
         raise SystemExit(f"{path}: no view columns; it is not a scores.csv of experiments.loso")
     return {r["image_id"]: r for r in rows}, views
-
-
-def paired_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """AUC(a) - AUC(b) on the same images, with a paired percentile bootstrap 95% CI."""
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() != y[idx].max():
-            deltas.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
-    d = float(roc_auc_score(y, a) - roc_auc_score(y, b))
-    lo, hi = np.percentile(deltas, [2.5, 97.5]) if deltas else (np.nan, np.nan)
-    return {"delta": round(d, 4), "lo": round(float(lo), 4), "hi": round(float(hi), 4)}
 
 
 def compare_seeds(runs: Sequence[str | Path], n_boot: int = 1000) -> dict[str, Any]:

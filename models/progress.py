@@ -69,3 +69,34 @@ def checkpoint_progress(checkpoint: Path, seeds: int = 1) -> Progress | None:
             return Progress(done, k, *at)
         break
     return Progress(done, min(done + 1, seeds), 0, 0) if done else None
+
+
+def interrupted_training_message(branches: dict[str, Path], seeds: dict[str, int], started: float | None) -> str:
+    """What Ctrl-C during ``train`` says about ``branches`` (``{view: branch dir}``).
+
+    Args:
+        branches: the branches the command trains.
+        seeds: each view's ``BranchConfig.seeds`` once known (else the member folders are counted).
+        started: when the command started (``time.time()``), to tell the branches it saved from
+            older ones; None before that is known.
+    """
+    done, saved = [], []
+    for view, branch in branches.items():
+        n = seeds.get(view) or max(1, len(list((branch / ".checkpoint").glob("member*"))))
+        progress = checkpoint_progress(branch / ".checkpoint", n)
+        if progress is not None:
+            done.append(f"{progress.describe(n if n > 1 else None)} ({view})")
+        elif started is not None and _saved_since(branch, started):
+            saved.append(view)
+    where = f" after {', '.join(done)}" if done else "" if saved else " before the first epoch was checkpointed"
+    kept = f"; {', '.join(saved)} finished and saved" if saved else ""
+    return (f"interrupted{where}{kept}; rerun with --resume to continue from the last completed epoch "
+            "(branches already saved are kept)")
+
+
+def _saved_since(branch: Path, started: float) -> bool:
+    """Whether ``branch`` was saved (its ``metadata.json`` written) after ``started``."""
+    try:
+        return (branch / "metadata.json").stat().st_mtime >= started
+    except OSError:
+        return False

@@ -10,14 +10,13 @@ import argparse
 import dataclasses
 import time
 import typing
-from pathlib import Path
 from typing import Any, Sequence
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from ensemble.rundir import RunDir
 from models.config import BranchConfig, read_config_file
 from models.distribute import STRATEGIES, start_strategy
-from models.progress import checkpoint_progress
+from models.progress import interrupted_training_message
 from skinfusion.cli.common import (
     add_quiet,
     data_help,
@@ -150,33 +149,11 @@ def resolve_configs(args: argparse.Namespace, views: Sequence[str]) -> list[Bran
 
 
 def interrupted_message(args: argparse.Namespace) -> str:
-    """What Ctrl-C during ``train`` says: the last completed epoch (and member) of each interrupted
-    branch, the branches this command already saved, and --resume."""
+    """What Ctrl-C during ``train`` says: where each interrupted branch stopped (member and epoch),
+    the branches this command already saved, and --resume (see ``models.progress``)."""
     views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
-    seeds = getattr(args, "resolved_seeds", {})  # set by _train once the configs are known
-    started = getattr(args, "started_at", None)
-    done, saved = [], []
-    for view in views:
-        branch = RunDir(args.run).branch(view)
-        # Before the configs are resolved, count the member folders a several-seed branch has.
-        n = seeds.get(view) or max(1, len(list((branch / ".checkpoint").glob("member*"))))
-        progress = checkpoint_progress(branch / ".checkpoint", n)
-        if progress is not None:
-            done.append(f"{progress.describe(n if n > 1 else None)} ({view})")
-        elif started is not None and _saved_since(branch, started):
-            saved.append(view)
-    where = f" after {', '.join(done)}" if done else "" if saved else " before the first epoch was checkpointed"
-    kept = f"; {', '.join(saved)} finished and saved" if saved else ""
-    return (f"interrupted{where}{kept}; rerun with --resume to continue from the last completed epoch "
-            "(branches already saved are kept)")
-
-
-def _saved_since(branch: Path, started: float) -> bool:
-    """Whether ``branch`` was saved (its ``metadata.json`` written) after ``started``."""
-    try:
-        return (branch / "metadata.json").stat().st_mtime >= started
-    except OSError:
-        return False
+    return interrupted_training_message({v: RunDir(args.run).branch(v) for v in views},
+                                        getattr(args, "resolved_seeds", {}), getattr(args, "started_at", None))
 
 
 def _train(args: argparse.Namespace) -> int:
