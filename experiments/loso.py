@@ -237,7 +237,13 @@ def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
         y = np.array([int(ref[i]["label"]) for i in ids])
         if len(ids) == 0 or y.min() == y.max():
             continue
-        fused = [np.array([[float(rows[i][v]) for v in ref_views] for i in ids]).mean(axis=1) for rows, _ in loaded]
+        fused = []
+        for run, (rows, _) in zip(runs, loaded):
+            try:
+                fused.append(np.array([[float(rows[i][v]) for v in ref_views] for i in ids]).mean(axis=1))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{Path(run) / 'scores.csv'}: damaged ({exc}); train the run again with "
+                                 "`python -m experiments.loso train`") from None
         for run, p in zip(runs, fused):
             a = _auc(y, p, n_boot)
             d = paired_auc_delta(y, p, fused[0], n_boot)

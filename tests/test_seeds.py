@@ -113,3 +113,9 @@ def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(th
         compare([three_seeds[0], other])
     assert loso_main(["compare", str(three_seeds[0]), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+    damaged = _write_run(tmp_path / "damaged", labels, roles, noise_seed=2)
+    text = (damaged / "scores.csv").read_text().splitlines()
+    text[1] = ",".join(text[1].split(",")[:4] + ["oops"] * 3)
+    (damaged / "scores.csv").write_text("\n".join(text) + "\n")
+    assert loso_main(["compare", str(three_seeds[0]), str(damaged)]) == 2
+    assert f"{damaged / 'scores.csv'}: damaged" in capsys.readouterr().err
