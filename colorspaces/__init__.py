@@ -12,6 +12,7 @@ from colorspaces.image import (
 )
 from colorspaces.views import (
     DEFAULT_VIEWS,
+    DESIGN_VIEWS,
     VIEWS,
     ViewSpec,
     apply_view,
@@ -29,6 +30,7 @@ __all__ = [
     "ImageError",
     "MissingImageError",
     "DEFAULT_VIEWS",
+    "DESIGN_VIEWS",
     "VIEWS",
     "ViewSpec",
     "apply_view",
