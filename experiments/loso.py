@@ -187,9 +187,10 @@ def report(out: str) -> str:
     """
     if not Path(out).is_dir():
         raise FileNotFoundError(f"--out {out}: no such folder; train a run there with `python -m experiments.loso train` first")
-    lines = ["| held out | run | views | rgb | hsv | fft | lab | ycrcb | mean (default views) | mean (all) | "
+    columns = (*DEFAULT_VIEWS, *(v for v in VIEWS if v not in DEFAULT_VIEWS))
+    lines = [f"| held out | run | views | {' | '.join(columns)} | mean (default views) | mean (all) | "
              "selected on val | holdout val mean | in-dist test mean |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |"]
+             "| --- | --- | --- | " + "---: | " * len(columns) + "--- | --- | --- | ---: | ---: |"]
     for path in sorted(Path(out).glob("*/*/result.json")):
         res = json.loads(path.read_text())
         t = res.get("holdout_test", {})
@@ -198,7 +199,7 @@ def report(out: str) -> str:
             e = t.get(key)
             return "" if e is None else f"{e['auc']:.3f} ({e['lo']:.3f}–{e['hi']:.3f})"
 
-        branch = [f"{t[v]['auc']:.3f}" if v in t else "" for v in ("rgb", "hsv", "fft", "lab", "ycrcb")]
+        branch = [f"{t[v]['auc']:.3f}" if v in t else "" for v in columns]
         sel = ", ".join(f"{v} {w:.2f}" for v, w in res["selected_weights"].items() if w > 0)
         hv = res.get("holdout_val", {}).get("mean_default", {}).get("auc", float("nan"))
         it = res.get("indist_test", {}).get("mean_default", {}).get("auc", float("nan"))
@@ -209,12 +210,14 @@ def report(out: str) -> str:
 
 
 def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
-    """A Markdown table: per run and role, the mean-fusion AUC of the default views and its paired
-    bootstrap difference from ``runs[0]`` (95% CI).
+    """A Markdown table: per run and role, the mean-fusion AUC of the run's default views and its
+    paired bootstrap difference from ``runs[0]`` (95% CI). Runs may fuse different views (a lever
+    that adds a view is compared with the reference as a user would fuse each); the table names them.
 
     Raises:
         FileNotFoundError: if a run has no ``scores.csv``.
-        ValueError: if the runs do not share their images and roles, or fuse different views.
+        ValueError: if the runs do not share their images and roles, a run holds none of the
+            default views, or a score is not a number.
     """
     loaded = []
     for run in map(Path, runs):
@@ -222,33 +225,34 @@ def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
             raise FileNotFoundError(f"{run / 'scores.csv'}: missing; train the run with `python -m experiments.loso "
                                     "train` first")
         rows, views = read_scores(run)
-        loaded.append(({r["image_id"]: r for r in rows}, [v for v in DEFAULT_VIEWS if v in views]))
-    ref, ref_views = loaded[0]
-    for run, (rows, views) in zip(runs[1:], loaded[1:]):
-        if views != ref_views:
-            raise ValueError(f"{run}: fuses {views}, {runs[0]} fuses {ref_views}; compare runs of the same views")
+        fused_views = [v for v in DEFAULT_VIEWS if v in views]
+        if not fused_views:
+            raise ValueError(f"{run / 'scores.csv'}: holds none of the default views {', '.join(DEFAULT_VIEWS)}")
+        loaded.append(({r["image_id"]: r for r in rows}, fused_views))
+    ref = loaded[0][0]
+    for run, (rows, _) in zip(runs[1:], loaded[1:]):
         if {(i, r["role"]) for i, r in rows.items()} != {(i, r["role"]) for i, r in ref.items()}:
             raise ValueError(f"{run}: its images or their roles differ from {runs[0]}'s; the runs must share one "
                              "split and held-out source")
-    lines = ["| run | role | n (mel) | mean fusion AUC (95% CI) | minus the first run (paired 95% CI) |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | views fused | role | n (mel) | mean fusion AUC (95% CI) | minus the first run (paired 95% CI) |",
+             "|---|---|---|---|---|---|"]
     for role in ROLES:
         ids = sorted(i for i, r in ref.items() if r["role"] == role)
         y = np.array([int(ref[i]["label"]) for i in ids])
         if len(ids) == 0 or y.min() == y.max():
             continue
         fused = []
-        for run, (rows, _) in zip(runs, loaded):
+        for run, (rows, views) in zip(runs, loaded):
             try:
-                fused.append(np.array([[float(rows[i][v]) for v in ref_views] for i in ids]).mean(axis=1))
+                fused.append(np.array([[float(rows[i][v]) for v in views] for i in ids]).mean(axis=1))
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{Path(run) / 'scores.csv'}: damaged ({exc}); train the run again with "
                                  "`python -m experiments.loso train`") from None
-        for run, p in zip(runs, fused):
+        for run, (_, views), p in zip(runs, loaded, fused):
             a = _auc(y, p, n_boot)
             d = paired_auc_delta(y, p, fused[0], n_boot)
             delta = "(reference)" if p is fused[0] else f"{d['delta']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
-            lines.append(f"| {Path(run).name} | {role} | {len(y)} ({int(y.sum())}) | "
+            lines.append(f"| {Path(run).name} | {','.join(views)} | {role} | {len(y)} ({int(y.sum())}) | "
                          f"{a['auc']:.3f} ({a['lo']:.3f}–{a['hi']:.3f}) | {delta} |")
     return "\n".join(lines)
 
@@ -266,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="branch config overrides; {view} in a text value becomes each branch's view "
                         "(e.g. init_from=runs/r/pretrain/{view}); KEY@VIEW=VALUE sets it for one view only "
                         "(e.g. color_constancy@rgb=shades_of_gray)")
-    t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help="comma-separated views (default rgb,hsv,fft)")
+    t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help=f"comma-separated views (default {','.join(DEFAULT_VIEWS)})")
     t.add_argument("--jobs", type=positive_int, default=2, help="branches trained in parallel (default 2)")
     r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")
     r.add_argument("--out", required=True, metavar="DIR")

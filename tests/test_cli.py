@@ -119,7 +119,7 @@ def test_a_view_registered_later_is_a_train_and_fuse_choice(gray_view):
     args = train.parser().parse_args(["--view", gray_view, "--data", "d", "--run", "r"])
     assert args.view == "gray" and BranchConfig(view=args.view).channels == 1
     assert fuse.parse_views("rgb,gray") == ["rgb", "gray"]
-    assert fuse.parser().parse_args(["--run", "r"]).views == ",".join(DEFAULT_VIEWS)
+    assert fuse.parser().parse_args(["--run", "r"]).views is None  # fuse_run picks the default (default_fuse_views)
     with pytest.raises(ValueError, match="rgb,nope"):
         fuse.parse_views("rgb,nope")
     with pytest.raises(ValueError, match="twice"):

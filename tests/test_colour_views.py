@@ -1,9 +1,10 @@
-"""The optional LAB and YCrCb views: known colours, RGB (not BGR) order, and one VIEWS entry each."""
+"""The optional LAB and YCrCb views (known colours, RGB order, one VIEWS entry each), and the default
+Shades-of-Gray twins of the colour views."""
 
 import numpy as np
 import pytest
 
-from colorspaces import DEFAULT_VIEWS, VIEWS, apply_view, to_lab, to_ycrcb
+from colorspaces import DEFAULT_VIEWS, DESIGN_VIEWS, VIEWS, apply_constancy, apply_view, to_lab, to_ycrcb
 
 
 def solid(rgb, shape=(4, 5)):
@@ -42,7 +43,30 @@ def test_batch_equals_single_images_and_values_are_in_0_1(view, rng):
 def test_they_are_options_trainable_by_name_but_not_defaults():
     from skinfusion.cli.train import parser
 
-    assert {"lab", "ycrcb"} <= set(VIEWS) and DEFAULT_VIEWS == ("rgb", "hsv", "fft")
+    assert {"lab", "ycrcb"} <= set(VIEWS) and not {"lab", "ycrcb"} & set(DEFAULT_VIEWS)
     for view in ("lab", "ycrcb"):
         args = parser().parse_args(["--view", view, "--data", "d", "--run", "r"])
         assert args.view == view
+
+
+def test_the_default_keeps_the_design_views_first_and_adds_the_colour_normalised_twins():
+    assert DESIGN_VIEWS == ("rgb", "hsv", "fft") and DEFAULT_VIEWS == DESIGN_VIEWS + ("rgb_sog", "hsv_sog")
+
+
+@pytest.mark.parametrize("view, base", [("rgb_sog", "rgb"), ("hsv_sog", "hsv")])
+def test_sog_views_are_the_base_view_of_the_colour_normalised_image(view, base, rng):
+    img = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    # Exactly what a branch of the base view trained with --color-constancy shades_of_gray receives.
+    np.testing.assert_array_equal(apply_view(view, img), apply_view(base, apply_constancy("shades_of_gray", img)))
+    for i in range(3):
+        np.testing.assert_array_equal(apply_view(view, img)[i], apply_view(view, img[i]))
+
+
+def test_sog_views_undo_an_illuminant_cast_that_the_plain_views_keep(rng):
+    # A lesion photographed under a warm light: the same scene with red up and blue down.
+    scene = rng.integers(40, 180, (1, 32, 32, 3), dtype=np.uint8)
+    cast = np.clip(scene.astype(np.float32) * np.array([1.3, 1.0, 0.75]), 0, 255).round().astype(np.uint8)
+    for view, base in (("rgb_sog", "rgb"), ("hsv_sog", "hsv")):
+        plain = np.abs(apply_view(base, cast) - apply_view(base, scene)).mean()
+        normalised = np.abs(apply_view(view, cast) - apply_view(view, scene)).mean()
+        assert normalised < plain / 4, (view, normalised, plain)

@@ -257,3 +257,19 @@ def test_fuse_refuses_branches_trained_on_different_splits(tmp_path, rng):
         fuse_run(str(run), "mean", VIEWS3)
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "split_sha256": sha256_file(run / "splits.csv")}))
     _check_split(run)  # a recorded hash that matches the run's split, next to branches that record none
+
+
+def test_fuse_without_views_fuses_the_default_or_the_design_three_of_an_older_run(tmp_path, rng, caplog):
+    from colorspaces import DEFAULT_VIEWS, DESIGN_VIEWS
+    from skinfusion.workflows.fusing import default_fuse_views
+
+    run, _, _ = _fake_run(tmp_path, rng)  # rgb, hsv, fft: a run trained before the twins joined the default
+    with caplog.at_level("WARNING"):
+        assert default_fuse_views(run) == DESIGN_VIEWS
+        assert list(fuse_run(str(run), "mean", ood_percentile=None)["validation"]) == [*DESIGN_VIEWS, "fused"]
+    assert "no rgb_sog, hsv_sog branch" in caplog.text and "--view VIEW" in caplog.text
+    shutil.copytree(run / "branches" / "rgb", run / "branches" / "rgb_sog")
+    # One twin there: the run is meant to be a default one, so fuse names the missing branch.
+    assert default_fuse_views(run) == DEFAULT_VIEWS
+    with pytest.raises(FileNotFoundError, match="hsv_sog"):
+        fuse_run(str(run), "mean", ood_percentile=None)

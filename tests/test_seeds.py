@@ -13,15 +13,16 @@ from experiments.seeds import compare_seeds, main, markdown
 VIEWS = ("rgb", "hsv", "fft")
 
 
-def _write_run(run: Path, labels: np.ndarray, roles: list[str], noise_seed: int, noise: float = 1.5) -> Path:
+def _write_run(run: Path, labels: np.ndarray, roles: list[str], noise_seed: int, noise: float = 1.5,
+               views: tuple[str, ...] = VIEWS) -> Path:
     """A scores.csv whose every view is the label's signal plus this seed's own noise."""
     rng = np.random.default_rng(noise_seed)
     run.mkdir(parents=True)
     with open(run / "scores.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["image_id", "label", "source", "role", *VIEWS])
+        w.writerow(["image_id", "label", "source", "role", *views])
         for i, (y, role) in enumerate(zip(labels, roles)):
-            logits = y + noise * rng.standard_normal(len(VIEWS))
+            logits = y + noise * rng.standard_normal(len(views))
             w.writerow([f"img{i:04d}", int(y), "SRC", role, *(1 / (1 + np.exp(-logits)))])
     return run
 
@@ -102,12 +103,16 @@ def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(th
     roles = list(rng.choice(["holdout_val", "holdout_test", "indist_test"], 600))
     better = _write_run(tmp_path / "better", labels, roles, noise_seed=5, noise=0.3)  # far less noise: a real gain
     table = compare([three_seeds[0], better], n_boot=200)
-    rows = {(r.split("|")[1].strip(), r.split("|")[2].strip()): r for r in table.splitlines()[2:]}
+    rows = {(r.split("|")[1].strip(), r.split("|")[3].strip()): r for r in table.splitlines()[2:]}
     assert len(rows) == 6 and "(reference)" in rows[("s0", "holdout_test")]
-    delta = rows[("better", "holdout_test")].split("|")[5].split()
+    delta = rows[("better", "holdout_test")].split("|")[6].split()
     assert float(delta[0]) > 0.05 and float(delta[1].strip("(")) > 0  # the paired CI excludes no change
     self_delta = compare([three_seeds[0], three_seeds[0]], n_boot=50).splitlines()[3]
     assert "+0.000 (+0.000 to +0.000)" in self_delta
+    # A run with more views (a lever that adds a branch) fuses its own: the table says which.
+    wider = _write_run(tmp_path / "wider", labels, roles, noise_seed=6, views=(*VIEWS, "rgb_sog", "lab"))
+    row = next(r for r in compare([three_seeds[0], wider], n_boot=50).splitlines() if r.startswith("| wider"))
+    assert row.split("|")[2].strip() == "rgb,hsv,fft,rgb_sog"  # the default views it has; lab is an option
     other = _write_run(tmp_path / "other", labels, list(reversed(roles)), noise_seed=1)
     with pytest.raises(ValueError, match="roles differ"):
         compare([three_seeds[0], other])

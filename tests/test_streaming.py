@@ -11,7 +11,7 @@ import pytest
 
 import ensemble
 import skinfusion.data.index
-from colorspaces import apply_view, read_image, resize_image
+from colorspaces import DEFAULT_VIEWS, apply_view, read_image, resize_image
 from skinfusion.data.cache import ImageCache, cache_key, cached_images
 from skinfusion.cli import predict_main, train_main
 from models import BranchConfig, predict_images_proba
@@ -209,7 +209,7 @@ def test_train_all_views_in_parallel_processes(synthetic_data, tmp_path):
     runs = {jobs: tmp_path / f"jobs{jobs}" for jobs in (3, 1)}
     for jobs, run in runs.items():
         assert train_main([*common, "--jobs", str(jobs), "--run", str(run)]) == 0
-    for view in ("rgb", "hsv", "fft"):
+    for view in DEFAULT_VIEWS:
         parallel, serial = (runs[j] / "branches" / view for j in (3, 1))
         assert json.loads((parallel / "config.json").read_text())["view"] == view
         auc = json.loads((parallel / "metadata.json").read_text())["validation_metrics"]["auc"]

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from colorspaces import DEFAULT_VIEWS
+
 logger = logging.getLogger(__name__)
 
 # name -> settings; "threads" is per process, "memory" holds the batches (views made) in memory,
@@ -43,7 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "parallel3x1": {"threads": 1, "parallel": True},
 }
 DEFAULT_VARIANTS = ("default", "memory", "jit", "bf16", "batch64", "batch128", "jit+batch128", "parallel3x1")
-VIEWS = ("rgb", "hsv", "fft")
+VIEWS = DEFAULT_VIEWS
 
 
 def forward_flops(model) -> int:
@@ -218,7 +220,7 @@ def bench_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder to take the images from (default: synthetic images)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--views", default=",".join(VIEWS), help="branches to measure (default rgb,hsv,fft)")
+    p.add_argument("--views", default=",".join(VIEWS), help=f"branches to measure (default {','.join(VIEWS)})")
     p.add_argument("--image-size", type=int, default=96, help="input side in pixels (default 96)")
     p.add_argument("--images", type=int, default=256, help="timed training images per branch and repeat (default 256)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats within a child, the fastest kept (default 2)")

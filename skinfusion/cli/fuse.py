@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from colorspaces import DEFAULT_VIEWS, VIEWS
+from colorspaces import DEFAULT_VIEWS, DESIGN_VIEWS, VIEWS
 from ensemble.fusion import FUSION_METHODS
 from ensemble.ood import DEFAULT_PERCENTILE
 from skinfusion.cli.common import (
@@ -48,9 +48,9 @@ def parser() -> argparse.ArgumentParser:
     methods = "; ".join(f"{name}: {summary(cls.__doc__)}" for name, cls in FUSION_METHODS.items())
     p.add_argument("--method", default="mean", choices=list(FUSION_METHODS),
                    help=f"{methods} (default mean)".replace("%", "%%"))
-    default_views = ",".join(DEFAULT_VIEWS)
-    p.add_argument("--views", default=default_views, metavar="LIST",
-                   help=f"comma-separated branches to fuse, in order, from {', '.join(VIEWS)} (default {default_views})")
+    p.add_argument("--views", metavar="LIST",
+                   help=f"comma-separated branches to fuse, in order, from {', '.join(VIEWS)} (default "
+                        f"{','.join(DEFAULT_VIEWS)}; in a run holding only {','.join(DESIGN_VIEWS)} of them, those three)")
     p.add_argument("--folds", type=int, default=0, metavar="K",
                    help="stack only: fit the stacker on out-of-fold probabilities of the training split, training "
                         "each branch K more times (in RUN/oof/; resumable) instead of on the validation split "
@@ -76,7 +76,7 @@ def _fuse(args: argparse.Namespace) -> int:
     refuse_export_dir(args.run, "fuse")
     from skinfusion.workflows.fusing import fuse_run  # TensorFlow: not for --help
 
-    result = fuse_run(args.run, args.method, parse_views(args.views), folds=args.folds, jobs=args.jobs,
+    result = fuse_run(args.run, args.method, parse_views(args.views) if args.views else None, folds=args.folds, jobs=args.jobs,
                       metadata=args.metadata, ood_percentile=args.ood_percentile)
     with_meta = f" with metadata {', '.join(result['metadata'])}" if result["metadata"] else ""
     print(f"fusion '{args.method}'{with_meta} written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} "
