@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +74,37 @@ def run_report(args: argparse.Namespace, parser: argparse.ArgumentParser, comput
         return 0
 
     return run_experiment(body, args, parser)
+
+
+def paired_rows(names: Sequence[str], labels: Mapping[str, int], fused: Sequence[Mapping[str, float]],
+                groups: Mapping[str, Sequence[str]], n_boot: int = 1000,
+                extra: Sequence[str] | None = None) -> list[str]:
+    """Markdown rows: per group of images and per run, its AUC (95% CI) and the paired bootstrap
+    difference from the first run (the same resampled images for both).
+
+    Args:
+        names: a short name per run, first the reference.
+        labels: image id -> 0/1.
+        fused: per run, image id -> its fused probability (every id of every group must be there).
+        groups: group name -> the image ids it holds; a group without both classes is left out.
+        n_boot: bootstrap resamples.
+        extra: per run, one more cell placed after its name (e.g. the views it fuses).
+    """
+    import numpy as np
+
+    from ensemble.metrics import paired_auc_delta, roc_auc_ci
+
+    lines = []
+    for group, ids in groups.items():
+        y = np.array([labels[i] for i in ids])
+        if len(ids) == 0 or y.min() == y.max():
+            continue
+        ps = [np.array([f[i] for i in ids]) for f in fused]
+        for k, (name, p) in enumerate(zip(names, ps)):
+            auc, lo, hi = roc_auc_ci(y, p, n_boot=n_boot)
+            d = paired_auc_delta(y, p, ps[0], n_boot)
+            delta = "(reference)" if k == 0 else f"{d['delta']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
+            cells = [name, *([extra[k]] if extra else []), group, f"{len(y)} ({int(y.sum())})",
+                     f"{auc:.3f} ({lo:.3f}–{hi:.3f})", delta]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -37,9 +37,9 @@ import numpy as np
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from colorspaces.files import atomic_open, write_json_atomic
-from ensemble.metrics import paired_auc_delta, roc_auc_ci
+from ensemble.metrics import roc_auc_ci
 from ensemble.selection import greedy_selection
-from experiments.common import run_experiment
+from experiments.common import paired_rows, run_experiment
 from skinfusion.cli.common import positive_int
 from models.config import BranchConfig
 from skinfusion.data.cache import cached_images
@@ -234,26 +234,23 @@ def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
         if {(i, r["role"]) for i, r in rows.items()} != {(i, r["role"]) for i, r in ref.items()}:
             raise ValueError(f"{run}: its images or their roles differ from {runs[0]}'s; the runs must share one "
                              "split and held-out source")
+    ids = sorted(ref)
+    fused = []
+    for run, (rows, views) in zip(runs, loaded):
+        try:
+            fused.append({i: float(np.mean([float(rows[i][v]) for v in views])) for i in ids})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{Path(run) / 'scores.csv'}: damaged ({exc}); train the run again with "
+                             "`python -m experiments.loso train`") from None
+    try:
+        labels = {i: int(ref[i]["label"]) for i in ids}
+    except ValueError as exc:
+        raise ValueError(f"{Path(runs[0]) / 'scores.csv'}: damaged ({exc})") from None
+    groups = {role: [i for i in ids if ref[i]["role"] == role] for role in ROLES}
     lines = ["| run | views fused | role | n (mel) | mean fusion AUC (95% CI) | minus the first run (paired 95% CI) |",
-             "|---|---|---|---|---|---|"]
-    for role in ROLES:
-        ids = sorted(i for i, r in ref.items() if r["role"] == role)
-        y = np.array([int(ref[i]["label"]) for i in ids])
-        if len(ids) == 0 or y.min() == y.max():
-            continue
-        fused = []
-        for run, (rows, views) in zip(runs, loaded):
-            try:
-                fused.append(np.array([[float(rows[i][v]) for v in views] for i in ids]).mean(axis=1))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{Path(run) / 'scores.csv'}: damaged ({exc}); train the run again with "
-                                 "`python -m experiments.loso train`") from None
-        for run, (_, views), p in zip(runs, loaded, fused):
-            a = _auc(y, p, n_boot)
-            d = paired_auc_delta(y, p, fused[0], n_boot)
-            delta = "(reference)" if p is fused[0] else f"{d['delta']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
-            lines.append(f"| {Path(run).name} | {','.join(views)} | {role} | {len(y)} ({int(y.sum())}) | "
-                         f"{a['auc']:.3f} ({a['lo']:.3f}–{a['hi']:.3f}) | {delta} |")
+             "|---|---|---|---|---|---|",
+             *paired_rows([Path(r).name for r in runs], labels, fused, groups, n_boot,
+                          extra=[",".join(views) for _, views in loaded])]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ WRONG_PATHS = [
     ("adapt", ["--run", "{missing}", "--data", "{missing}", "--out", "{tmp}/adapt", "--holdout-source", "ISIC2017"],
      "{missing}"),
     ("farood", ["--out", "{file}/sub", "--per-kind", "1"], "{file}"),
+    ("compare_runs", ["{missing}", "{missing}"], "{missing}"),
 ]
 
 

@@ -285,3 +285,27 @@ def test_verify_split_cli_finds_a_planted_crossing_pair(trained_run, tmp_path, c
     assert main(["verify-split", "--run", str(trained_run), "--no-hash", "--pairs", str(pairs), "-q"]) == 1
     out = capsys.readouterr().out
     assert a in out and b in out and "1 problems" in out
+
+
+def test_evaluate_split_val_scores_the_validation_images_per_source(trained_run, capsys, tmp_path):
+    assert evaluate_main(["--run", str(trained_run), "--split", "val", "--bootstrap", "200", "--no-plots",
+                          "--no-audit"]) == 0
+    captured = capsys.readouterr()
+    assert "not reporting one" in captured.err  # the validation images chose epochs and thresholds
+    assert captured.out.startswith("validation split:")
+    out = trained_run / "eval-val"
+    m = json.loads((out / "metrics.json").read_text())
+    with open(trained_run / "splits.csv", newline="") as fh:
+        val_ids = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == "val"}
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert m["scope"] == "validation split" and {r["image_id"] for r in rows} == val_ids
+    assert "per_source" in m and m["n_images"] == len(val_ids)
+    # The bundle's scores of these images are the ones training saved for them (val_predictions.csv).
+    with open(trained_run / "branches" / "rgb" / "val_predictions.csv", newline="") as fh:
+        saved = {r["image_id"]: float(r["melanoma_proba"]) for r in csv.DictReader(fh)}
+    np.testing.assert_allclose([float(r["rgb"]) for r in rows], [saved[r["image_id"]] for r in rows], atol=1e-4)
+    assert not (trained_run / "metrics.json").exists() or json.loads(
+        (trained_run / "metrics.json").read_text())["scope"] == "test split"  # the test results stay apart
+    assert evaluate_main(["--run", str(trained_run), "--split", "val", "--data", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err

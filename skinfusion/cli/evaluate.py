@@ -1,4 +1,4 @@
-"""Score the test split (or another folder): AUC with 95% CI, sensitivity, specificity.
+"""Score the test split (or the validation split, or another folder): AUC with 95% CI, sensitivity, specificity.
 
 ``skinfusion evaluate`` writes metrics.json, predictions.csv and subgroups.csv (and risk_coverage.csv
 when the bundle scores how typical each image is) and prints the results tables.
@@ -34,6 +34,10 @@ def parser() -> argparse.ArgumentParser:
     p = new_parser("evaluate", __doc__)
     p.add_argument("--run", required=True, metavar="DIR", help="run directory with a fused ensemble")
     p.add_argument("--data", metavar="DIR", help=data_help("score every image of this labelled folder instead of the test split"))
+    p.add_argument("--split", choices=["test", "val"],
+                   help="which of the run's splits to score (default test); val writes RUN/eval-val/ and serves to "
+                        "compare runs per source on the images that chose their epochs and thresholds, never to "
+                        "report a result")
     p.add_argument("--data-root", metavar="DIR",
                    help="where the run's dataset is now, if it moved since the run was split (default: the folder "
                         "RUN/split.json records); it must hold the same images, or evaluate refuses")
@@ -62,7 +66,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     options = EvaluateOptions(n_boot=args.bootstrap, workers=args.workers, batch_size=args.batch_size, tta=args.tta,
                               audit=args.run_audit, audit_csv=args.audit, isic_csv=args.isic_csv, plots=args.plots)
-    m = evaluate(args.run, args.data, args.out, options, data_root=args.data_root)
+    if args.split and args.data:
+        raise ValueError(f"--split {args.split} scores the run's own split; --data {args.data} scores a folder: "
+                         "give one of them")
+    m = evaluate(args.run, args.data, args.out, options, data_root=args.data_root, split=args.split or "test")
     print(f"{m['scope']}: {m['n_images']} images, {m['fused']['n_melanoma']} melanoma; {m['method']} fusion"
           + (" with test-time averaging over 8 rotations/flips" if args.tta else ""))
     print(format_table({**m["members"], "fused": m["fused"]}))

@@ -258,7 +258,12 @@ def _run_dataset(run: Path, info: Mapping[str, Any], data_root: str | None) -> P
     return Path(recorded)
 
 
-def _test_split(run: Path, out_dir: str | None, data_root: str | None) -> _Target:
+SPLIT_SCOPES = {"test": "test split", "val": "validation split"}
+
+
+def _run_split(run: Path, split: str, out_dir: str | None, data_root: str | None, manifest: Mapping[str, Any]) -> _Target:
+    if split not in SPLIT_SCOPES:
+        raise ValueError(f"--split {split}: choose one of {', '.join(SPLIT_SCOPES)}")
     assign, info = load_split(run)
     root = _run_dataset(run, info, data_root)
     index = index_dataset(root)
@@ -271,15 +276,23 @@ def _test_split(run: Path, out_dir: str | None, data_root: str | None) -> _Targe
                              f"({info.get('data_dir')}, fingerprint {recorded}; {root} has {found}); point "
                              f"--data-root at an unchanged copy of it")
         raise ValueError(f"{root} changed since {run} was split (fingerprint {found}, {run / 'split.json'} "
-                         f"records {recorded}); its test split cannot be re-scored on changed data: restore the "
+                         f"records {recorded}); its {SPLIT_SCOPES[split]} cannot be re-scored on changed data: restore the "
                          "folder, or give an unchanged copy with --data-root")
     if data_root is not None and Path(info.get("data_dir") or root).resolve() != root.resolve():
-        logger.info("scoring the test split from %s (the run was split on %s, which has moved)", root, info.get("data_dir"))
-    records = [r for r in index.records if assign.get(r.image_id) == "test"]
+        logger.info("scoring the %s from %s (the run was split on %s, which has moved)", SPLIT_SCOPES[split], root,
+                    info.get("data_dir"))
+    records = [r for r in index.records if assign.get(r.image_id) == split]
     if not records:
-        raise ValueError(f"{RunDir(run).splits}: none of the {len(index.records)} images of {root} is in its test "
-                         "split; the file may be damaged: restore it, or train a new run")
-    return _Target(records, index.missing_files, "test split", Path(out_dir) if out_dir else run)
+        raise ValueError(f"{RunDir(run).splits}: none of the {len(index.records)} images of {root} is in its "
+                         f"{SPLIT_SCOPES[split]}; the file may be damaged: restore it, or train a new run")
+    if split == "val":
+        # The validation images chose each branch's epoch and the thresholds (and fitted a stack
+        # fusion): fine for comparing configurations, optimistic as a result.
+        logger.warning("scoring the validation split: it chose the branches' epochs and the thresholds%s, so its "
+                       "AUCs suit choosing between runs, not reporting one; report the test split",
+                       " and fitted the fusion" if manifest.get("stack_fit", {}).get("on") == "validation" else "")
+    out = Path(out_dir) if out_dir else (run if split == "test" else run / "eval-val")
+    return _Target(records, index.missing_files, SPLIT_SCOPES[split], out)
 
 
 def _other_folder(run: Path, data_dir: str, out_dir: str | None, data_root: str | None) -> _Target:
@@ -391,8 +404,9 @@ def _artefact_flags(records: Sequence[Record], options: EvaluateOptions) -> dict
 
 
 def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = None,
-             options: EvaluateOptions = EvaluateOptions(), data_root: str | None = None) -> dict[str, Any]:
-    """Score the run's test split (or every image of ``data_dir``) and write the results.
+             options: EvaluateOptions = EvaluateOptions(), data_root: str | None = None,
+             split: str = "test") -> dict[str, Any]:
+    """Score the run's test split (or its validation split, or every image of ``data_dir``) and write the results.
 
     Writes ``metrics.json`` (see ``Evaluator``, plus the ``subgroups`` and ``risk_coverage``
     sections), ``predictions.csv``, ``subgroups.csv`` and ``skipped.csv``, and ``risk_coverage.csv``
@@ -406,10 +420,13 @@ def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = No
     Args:
         run_dir: a run with a fused ensemble.
         data_dir: score every image of this labelled folder instead of the test split.
-        out_dir: where to write (default: the run, or ``RUN/eval-<folder>`` with ``data_dir``).
+        out_dir: where to write (default: the run; ``RUN/eval-val`` for the validation split;
+            ``RUN/eval-<folder>`` with ``data_dir``).
         options: see ``EvaluateOptions``.
         data_root: where the run's dataset is now, when it moved since the run was split
             (default: the ``data_dir`` its ``split.json`` recorded); it must hold the same images.
+        split: the run's split to score without ``data_dir``: "test", or "val" (the images that
+            chose epochs and thresholds: for comparing runs, per source, not for reporting).
 
     Returns:
         The metrics written to ``metrics.json``, plus ``out_dir``.
@@ -421,7 +438,7 @@ def evaluate(run_dir: str, data_dir: str | None = None, out_dir: str | None = No
     """
     run = Path(run_dir)
     ens = load_ensemble(run)  # first: it names a missing run or bundle best
-    target = (_test_split(run, out_dir, data_root) if data_dir is None
+    target = (_run_split(run, split, out_dir, data_root, ens.manifest) if data_dir is None
               else _other_folder(run, data_dir, out_dir, data_root))
     target.out.mkdir(parents=True, exist_ok=True)
     scored = score_records(ens, target.records, options)
