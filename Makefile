@@ -33,6 +33,8 @@ endif
 	$(BIN)/skinfusion train --view rgb --data $(DEMO_DATA) --run $(RUN) $(TRAIN_ARGS) || [ $$? -eq 1 ]
 	$(BIN)/skinfusion train --view hsv --data $(DEMO_DATA) --run $(RUN) $(TRAIN_ARGS) || [ $$? -eq 1 ]
 	$(BIN)/skinfusion train --view fft --data $(DEMO_DATA) --run $(RUN) $(TRAIN_ARGS) || [ $$? -eq 1 ]
+	$(BIN)/skinfusion train --view rgb_sog --data $(DEMO_DATA) --run $(RUN) $(TRAIN_ARGS) || [ $$? -eq 1 ]
+	$(BIN)/skinfusion train --view hsv_sog --data $(DEMO_DATA) --run $(RUN) $(TRAIN_ARGS) || [ $$? -eq 1 ]
 	$(BIN)/skinfusion fuse --run $(RUN) --method mean
 	$(BIN)/skinfusion evaluate --run $(RUN) || [ $$? -eq 1 ]
 	@# predict one held-out test image through the Python-facing bundle
