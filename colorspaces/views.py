@@ -212,9 +212,11 @@ VIEWS: dict[str, ViewSpec] = {
     "lab": ViewSpec("lab", 3, to_lab, "OpenCV CIE L*a*b* (8-bit), every channel / 255", ("L*", "a*", "b*")),
     "ycrcb": ViewSpec("ycrcb", 3, to_ycrcb, "OpenCV YCrCb (BT.601, 8-bit), every channel / 255", ("Y", "Cr", "Cb")),
     # Defaults since 2026-12-06 (see DEFAULT_VIEWS).
-    "rgb_sog": ViewSpec("rgb_sog", 3, to_rgb_sog, "RGB after Shades-of-Gray colour constancy (p = 6), scaled to [0, 1]",
+    "rgb_sog": ViewSpec("rgb_sog", 3, to_rgb_sog,
+                        "Shades-of-Gray colour constancy (p = 6) of the branch input (after any window), then RGB / 255",
                         ("R", "G", "B")),
-    "hsv_sog": ViewSpec("hsv_sog", 3, to_hsv_sog, "OpenCV HSV after Shades-of-Gray colour constancy (p = 6)",
+    "hsv_sog": ViewSpec("hsv_sog", 3, to_hsv_sog,
+                        "Shades-of-Gray colour constancy (p = 6) of the branch input (after any window), then the hsv view",
                         ("H", "S", "V")),
 }
 

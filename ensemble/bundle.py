@@ -13,13 +13,12 @@ from typing import Any, Sequence
 
 import joblib
 
-from colorspaces import DEFAULT_VIEWS
 from colorspaces.files import atomic_path, library_versions, read_json_object, sha256_file, write_json_atomic
 from colorspaces.labels import LABEL_MAP
 from ensemble.engine import Ensemble
 from ensemble.fusion import FUSION_METHODS, fusion_class
 from ensemble.ood import DEFAULT_PERCENTILE, OOD_FILE, OODGate, check_percentile, embedding_layer
-from ensemble.rundir import ENSEMBLE_DIR, MANIFEST_FILE, RunDir, find_bundle, is_branch_dir
+from ensemble.rundir import ENSEMBLE_DIR, MANIFEST_FILE, RunDir, default_fuse_views, find_bundle, is_branch_dir
 from models.branch import BranchConfig
 from models.store import CONFIG_FILE, METADATA_FILE, MODEL_FILE, load_branch
 
@@ -200,7 +199,7 @@ def fuse_command(run: str | os.PathLike, manifest: dict[str, Any] | None = None)
     if not manifest:
         return cmd
     views = [b["view"] for b in manifest["branches"]]
-    if tuple(views) != DEFAULT_VIEWS:
+    if tuple(views) != default_fuse_views(run, warn=False):  # what `fuse` would pick without --views
         cmd += f" --views {','.join(views)}"
     if manifest["method"] != "mean":
         cmd += f" --method {manifest['method']}"

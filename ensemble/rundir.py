@@ -12,10 +12,14 @@ write and look for each file. No TensorFlow, no file contents: names and paths o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
 from colorspaces.files import sha256_file
+from colorspaces.views import DEFAULT_VIEWS, DESIGN_VIEWS
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"  # a bundle's manifest, a run's ensemble or an export alike
 SPLIT_FILE, SPLIT_INFO_FILE = "splits.csv", "split.json"
@@ -105,5 +109,21 @@ def model_id(run: str | os.PathLike) -> str:
     return sha256_file(manifest)
 
 
+def default_fuse_views(run: str | os.PathLike, warn: bool = True) -> tuple[str, ...]:
+    """The branches ``fuse`` fuses without ``--views``: ``DEFAULT_VIEWS``, or only the design's three
+    (``DESIGN_VIEWS``) in a run that holds none of the newer default branches (one trained before
+    they joined the default), with a warning (``warn``) that names what to train for the default."""
+    trained = {v for v in DEFAULT_VIEWS if RunDir(run).branch(v).is_dir()}
+    missing = [v for v in DEFAULT_VIEWS if v not in trained]
+    if missing and not any(v in trained for v in DEFAULT_VIEWS if v not in DESIGN_VIEWS):
+        if warn:
+            logger.warning("%s has no %s branch: fusing %s only, the ensemble of runs trained before %s joined the "
+                           "default; train them (`skinfusion train --view VIEW --run %s ...`) for the default "
+                           "ensemble", run, ", ".join(missing), ", ".join(DESIGN_VIEWS), ", ".join(missing), run)
+        return DESIGN_VIEWS
+    return DEFAULT_VIEWS
+
+
 __all__ = ["BRANCHES_DIR", "ENSEMBLE_DIR", "HELD_OUT_FILE", "MANIFEST_FILE", "SPLIT_FILE", "SPLIT_INFO_FILE",
-           "VAL_PREDICTIONS_FILE", "RunDir", "bundle_manifest", "find_bundle", "is_branch_dir", "model_id", "val_predictions"]
+           "VAL_PREDICTIONS_FILE", "RunDir", "bundle_manifest", "default_fuse_views", "find_bundle", "is_branch_dir",
+           "model_id", "val_predictions"]

@@ -261,7 +261,7 @@ def test_fuse_refuses_branches_trained_on_different_splits(tmp_path, rng):
 
 def test_fuse_without_views_fuses_the_default_or_the_design_three_of_an_older_run(tmp_path, rng, caplog):
     from colorspaces import DEFAULT_VIEWS, DESIGN_VIEWS
-    from skinfusion.workflows.fusing import default_fuse_views
+    from ensemble.rundir import default_fuse_views
 
     run, _, _ = _fake_run(tmp_path, rng)  # rgb, hsv, fft: a run trained before the twins joined the default
     with caplog.at_level("WARNING"):

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from colorspaces import read_image
+from colorspaces import DEFAULT_VIEWS, read_image
 from models import BranchConfig, build_branch
 from models.branch import assemble_members, member_config, predict_branch_proba
 from models.gradcam import gradcam
@@ -124,7 +124,7 @@ def test_train_with_two_seeds_then_fuse_predict_explain_and_export(synthetic_dat
     rc = train_main(["--view", "all", "--seeds", "2", "--data", str(synthetic_data), "--run", str(run),
                      "--image-size", str(SIZE), "--epochs", "5", "--patience", "5", "-q"])
     assert rc == 0
-    for view in ("rgb", "hsv", "fft"):
+    for view in DEFAULT_VIEWS:
         meta = json.loads((run / "branches" / view / "metadata.json").read_text())
         members = meta["training"]["members"]
         assert [m["seed"] for m in members] == [0, 1]
@@ -140,7 +140,7 @@ def test_train_with_two_seeds_then_fuse_predict_explain_and_export(synthetic_dat
     for view in ens.views:
         auc = json.loads((run / "branches" / view / "metadata.json").read_text())["validation_metrics"]["auc"]
         assert auc > 0.75, (view, auc)
-    assert ens.gate is not None and ens.embedding_dims == [2 * 8 * 16] * 3  # two members' 128-wide gap each
+    assert ens.gate is not None and ens.embedding_dims == [2 * 8 * 16] * len(DEFAULT_VIEWS)  # two members' 128-wide gap each
 
     images = sorted(Path(synthetic_data, "images").glob("*.jpg"))[:6]
     rgbs = [read_image(p) for p in images]

@@ -76,7 +76,8 @@ def _fuse(args: argparse.Namespace) -> int:
     refuse_export_dir(args.run, "fuse")
     from skinfusion.workflows.fusing import fuse_run  # TensorFlow: not for --help
 
-    result = fuse_run(args.run, args.method, parse_views(args.views) if args.views else None, folds=args.folds, jobs=args.jobs,
+    views = parse_views(args.views) if args.views else None  # None: fuse_run's default_fuse_views
+    result = fuse_run(args.run, args.method, views, folds=args.folds, jobs=args.jobs,
                       metadata=args.metadata, ood_percentile=args.ood_percentile)
     with_meta = f" with metadata {', '.join(result['metadata'])}" if result["metadata"] else ""
     print(f"fusion '{args.method}'{with_meta} written to {result['ensemble_dir']}; threshold {result['threshold']:.4f} "

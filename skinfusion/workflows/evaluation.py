@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +15,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from colorspaces.files import atomic_open, write_json_atomic
-from ensemble.bundle import load_ensemble, sha256_file
+from ensemble.bundle import load_ensemble
 from ensemble.engine import Ensemble
 from ensemble.metadata import describe_unreadable, unreadable_values
 from ensemble.metrics import binary_report, roc_auc_ci
 from ensemble.rundir import RunDir
 from skinfusion.data.audit import ARTEFACTS, audit_images
-from skinfusion.data.index import DX_TYPES, DatasetIndex, Record, write_skip_report
+from skinfusion.data.index import DX_TYPES, Record, write_skip_report
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
 from skinfusion.workflows.auditing import read_audit_flags
 from skinfusion.workflows.coverage import scored_risk_coverage, write_risk_coverage
+from skinfusion.workflows.overlap import run_dataset, warn_training_overlap
 from skinfusion.workflows.report import write_curves, write_html, write_isic_csv
 from skinfusion.workflows.subgroups import one_class_note, records_subgroups, write_subgroups_csv
 
@@ -242,22 +242,6 @@ class _Target:
     out: Path
 
 
-def _run_dataset(run: Path, info: Mapping[str, Any], data_root: str | None) -> Path:
-    """Where the run's dataset is now: ``data_root`` when given, else the folder split.json recorded."""
-    if data_root is not None:
-        if not Path(data_root).is_dir():
-            raise FileNotFoundError(f"--data-root {data_root}: no such folder")
-        return Path(data_root)
-    recorded = info.get("data_dir")
-    if not recorded:
-        raise ValueError(f"{run / 'split.json'}: records no data_dir; pass --data-root DIR, "
-                         f"the dataset folder {run} was split on")
-    if not Path(recorded).is_dir():
-        raise FileNotFoundError(f"{recorded}: the dataset {run} was split on (recorded in {run / 'split.json'}) is "
-                                "not there; if it moved, pass --data-root NEW_FOLDER")
-    return Path(recorded)
-
-
 SPLIT_SCOPES = {"test": "test split", "val": "validation split"}
 
 
@@ -265,7 +249,7 @@ def _run_split(run: Path, split: str, out_dir: str | None, data_root: str | None
     if split not in SPLIT_SCOPES:
         raise ValueError(f"--split {split}: choose one of {', '.join(SPLIT_SCOPES)}")
     assign, info = load_split(run)
-    root = _run_dataset(run, info, data_root)
+    root = run_dataset(run, info, data_root)
     index = index_dataset(root)
     recorded, found = info.get("dataset_fingerprint"), index.fingerprint()
     if found != recorded:
@@ -300,57 +284,10 @@ def _other_folder(run: Path, data_dir: str, out_dir: str | None, data_root: str 
     if index.class_problem():
         logger.warning("%s holds %s images only: its AUCs are undefined (written as null); only sensitivity or "
                        "specificity is measured", data_dir, "melanoma" if index.records[0].label else "nevus")
-    _warn_training_overlap(run, index, data_dir, data_root)
+    warn_training_overlap(run, index, data_dir, data_root)
     folder = Path(data_dir).resolve()
     return _Target(index.records, index.missing_files, f"all images of {folder}",
                    Path(out_dir) if out_dir else run / f"eval-{folder.name}")
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return -1
-
-
-def _same_content(records: Sequence[Record], trained_paths: Sequence[str]) -> set[str]:
-    """Ids of ``records`` whose file bytes equal one of ``trained_paths`` (only equal sizes are hashed)."""
-    sizes = {_size(r.path) for r in records} - {-1}
-    candidates = [p for p in trained_paths if _size(p) in sizes]
-    if not candidates:
-        return set()
-    logger.info("comparing %d images with %d same-size training/validation images by content", len(records), len(candidates))
-    hashes = {sha256_file(p) for p in candidates}
-    same = {_size(p) for p in candidates}
-    return {r.image_id for r in records if _size(r.path) in same and sha256_file(r.path) in hashes}
-
-
-def _warn_training_overlap(run: Path, index: DatasetIndex, data_dir: str, data_root: str | None) -> None:
-    """Warn when images of ``data_dir`` are among the run's training or validation images (by id or bytes)."""
-    if not RunDir(run).splits.is_file():
-        logger.warning("%s has no splits.csv: cannot check whether %s overlaps its training images", run, data_dir)
-        return
-    assign, info = load_split(run)
-    trained = {i for i, s in assign.items() if s in ("train", "val")}
-    by_id = {r.image_id for r in index.records if r.image_id in trained}
-    by_content: set[str] = set()
-    try:
-        # The run's own images, to compare bytes: a copy renamed or re-listed under other ids is
-        # still an image the model has seen.
-        run_root = _run_dataset(run, info, data_root)
-        trained_paths = [r.path for r in index_dataset(run_root, log=False).records if r.image_id in trained]
-        by_content = _same_content([r for r in index.records if r.image_id not in by_id], trained_paths)
-    except (OSError, ValueError) as exc:  # the run's folder gone or unreadable: ids are still compared
-        logger.warning("%s was compared with the run's training images by image id only, not by content (%s)",
-                       data_dir, exc)
-    n = len(by_id) + len(by_content)
-    if n:
-        same = index.fingerprint() == info.get("dataset_fingerprint")
-        logger.warning("%d of %d images of %s are in this run's training or validation split (%d by image id, %d more "
-                       "by identical content; e.g. %s); their scores are optimistic: %s", n, len(index.records),
-                       data_dir, len(by_id), len(by_content), ", ".join(sorted(by_id | by_content)[:3]),
-                       "omit --data to score the run's test split" if same
-                       else "remove them from the folder for an unbiased score")
 
 
 def score_records(ens: Ensemble, records: Sequence[Record], options: EvaluateOptions) -> Scored:

@@ -9,14 +9,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from colorspaces import DEFAULT_VIEWS, DESIGN_VIEWS
 from ensemble.bundle import check_branch, retrain_hint, save_ensemble, sha256_file
 from ensemble.engine import Ensemble
 from ensemble.fusion import fusion_class, make_fusion, methods_that
 from ensemble.metadata import clean_age, clean_text, parse_fields
 from ensemble.metrics import binary_report, choose_threshold, roc_auc_ci
 from ensemble.ood import DEFAULT_PERCENTILE, MIN_IMAGES, OODGate, check_percentile, embedding_layer, fit_gate
-from ensemble.rundir import HELD_OUT_FILE, SPLIT_FILE, RunDir, val_predictions
+from ensemble.rundir import HELD_OUT_FILE, SPLIT_FILE, RunDir, default_fuse_views, val_predictions
 from models.store import load_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
@@ -120,20 +119,6 @@ def fuse_run(run_dir: str, method: str = "mean", views: Sequence[str] | None = N
     views = default_fuse_views(run) if views is None else tuple(views)
     with run_lock(run, f"skinfusion fuse --method {method}"):
         return _fuse_locked(run, method, views, folds, jobs, metadata, ood_percentile)
-
-
-def default_fuse_views(run: str | Path) -> tuple[str, ...]:
-    """The branches ``fuse`` fuses without ``--views``: ``DEFAULT_VIEWS``, or only the design's three
-    (``DESIGN_VIEWS``) in a run that lacks a newer default branch (one trained before it joined the
-    default), with a warning that names what to train for the default ensemble."""
-    trained = {v for v in DEFAULT_VIEWS if RunDir(run).branch(v).is_dir()}
-    missing = [v for v in DEFAULT_VIEWS if v not in trained]
-    if missing and not any(v in trained for v in DEFAULT_VIEWS if v not in DESIGN_VIEWS):
-        logger.warning("%s has no %s branch: fusing %s only, the ensemble of runs trained before %s joined the "
-                       "default; train them (`skinfusion train --view VIEW --run %s ...`) for the default ensemble",
-                       run, ", ".join(missing), ", ".join(DESIGN_VIEWS), ", ".join(missing), run)
-        return DESIGN_VIEWS
-    return DEFAULT_VIEWS
 
 
 def _fuse_locked(run: Path, method: str, views: Sequence[str], folds: int, jobs: int | None,
