@@ -35,10 +35,13 @@ def _load(run: Path, split: str) -> dict[str, tuple[int, str, float]]:
                                 + (" --split val`" if split == "val" else "`"))
     try:
         with open(path, newline="") as fh:
-            return {r["image_id"]: (int(r["label"]), r["source"], float(r["fused"])) for r in csv.DictReader(fh)}
+            rows = {r["image_id"]: (int(r["label"]), r["source"], float(r["fused"])) for r in csv.DictReader(fh)}
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: damaged ({exc.__class__.__name__}: {exc}); score the run again with "
                          "`skinfusion evaluate`") from None
+    if not rows:
+        raise ValueError(f"{path}: holds no scored image; score the run again with `skinfusion evaluate`")
+    return rows
 
 
 def compare(runs: Sequence[str | Path], split: str = "val", n_boot: int = 1000) -> str:
@@ -82,10 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give the reference run and at least one more")
 
     def body(a: argparse.Namespace) -> int:
+        from colorspaces.files import atomic_open, check_output_file
+
+        if a.out:
+            check_output_file("--out", a.out)  # before minutes of bootstrap, not after
         table = compare(a.runs, a.split, a.boot)
         if a.out:
-            from colorspaces.files import atomic_open
-
             with atomic_open(a.out, "w") as fh:
                 fh.write(table + "\n")
         print(table)

@@ -73,3 +73,14 @@ def test_out_writes_the_table(runs, tmp_path, capsys):
     ref, lever, _, _ = runs
     assert main([str(ref), str(lever), "--boot", "100", "--out", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").read_text().strip() == capsys.readouterr().out.strip()
+    assert main([str(ref), str(lever), "--out", str(tmp_path / "no-such-folder" / "t.md")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_file_with_no_scored_image_is_refused_not_an_empty_table(runs, tmp_path, capsys):
+    ref, _, _, _ = runs
+    empty = tmp_path / "empty" / "eval-val" / "predictions.csv"
+    empty.parent.mkdir(parents=True)
+    empty.write_text("image_id,label,source,rgb,fused\n")
+    assert main([str(ref), str(tmp_path / "empty")]) == 2
+    assert f"{empty}: holds no scored image" in capsys.readouterr().err
