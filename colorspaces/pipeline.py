@@ -68,8 +68,32 @@ class Preprocess:
         return np.zeros((0, self.load_size, self.load_size, 3), np.uint8)
 
     def branch_inputs(self, batch: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        """``view_inputs`` of every branch for a prepared batch, in member order."""
-        return [view_inputs(batch, b.view, self.image_size, b.color_constancy, b.crop_stride) for b in self.branches]
+        """``view_inputs`` of every branch for a prepared batch, in member order.
+
+        The same arrays as calling ``view_inputs`` branch by branch, but work that branches share is
+        done once per batch: the colour constancy and windows of branches with the same settings, and
+        the colour-constancy step of views built on another view (the default's rgb_sog and hsv_sog
+        both start from one Shades-of-Gray image).
+        """
+        batch = np.asarray(batch)
+        windows: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+        corrected: dict[tuple[str, int, str], np.ndarray] = {}
+        out = []
+        for b in self.branches:
+            key = (b.color_constancy, b.crop_stride)
+            if key not in windows:
+                windows[key] = _windows(batch, self.image_size, b.color_constancy, b.crop_stride)
+            wins, k = windows[key]
+            spec = VIEWS.get(b.view)
+            if spec is None or spec.base is None:
+                x = apply_view(b.view, wins)  # an unknown view raises apply_view's error
+            else:
+                step = key + (spec.constancy,)
+                if step not in corrected:
+                    corrected[step] = apply_constancy(spec.constancy, wins)
+                x = apply_view(spec.base, corrected[step])
+            out.append((np.asarray(x, dtype=np.float32), k))
+        return out
 
 
 def prepare_image(source: Any, recipe: Preprocess) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -127,12 +151,16 @@ def view_inputs(images: np.ndarray, view: str, image_size: int, constancy: str =
         ``(x, k)``: float32 view arrays (k·N, S, S, C), window-major (the first N are window 0
         of every image), and k the number of windows per image (1 without crops).
     """
-    batch = apply_constancy(constancy, np.asarray(images))
-    if batch.shape[1] > image_size:
-        batch, k = sliding_windows(batch, image_size, crop_stride)
-    else:
-        k = 1
+    batch, k = _windows(np.asarray(images), image_size, constancy, crop_stride)
     return np.asarray(apply_view(view, batch), dtype=np.float32), k
+
+
+def _windows(images: np.ndarray, image_size: int, constancy: str, crop_stride: int) -> tuple[np.ndarray, int]:
+    """Colour constancy on the whole images, then the test-time windows when they are larger than a branch input."""
+    batch = apply_constancy(constancy, images)
+    if batch.shape[1] > image_size:
+        return sliding_windows(batch, image_size, crop_stride)
+    return batch, 1
 
 
 def mean_over_windows(proba: np.ndarray, k: int) -> np.ndarray:

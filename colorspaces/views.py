@@ -187,6 +187,10 @@ class ViewSpec:
         frequency: the view's image axes are frequencies, not positions (fft): its Grad-CAM maps
             are averaged over sliding windows in frequency space and drawn over its spectrum,
             never over the photo.
+        constancy, base: a view that is another view of a colour-constancy-corrected image
+            (``transform(x) == VIEWS[base].transform(apply_constancy(constancy, x))``) says so, so
+            that a bundle scoring several such views corrects each batch once
+            (``colorspaces.pipeline.Preprocess.branch_inputs``); ``base`` None: a view of its own.
     """
 
     name: str
@@ -196,6 +200,8 @@ class ViewSpec:
     channel_names: tuple[str, ...] = ()
     display_range: tuple[float, float] | None = (0.0, 1.0)
     frequency: bool = False
+    constancy: str = "none"
+    base: str | None = None
 
     def channel_name(self, k: int) -> str:
         """Channel ``k``'s name (``c{k}`` when the spec names none)."""
@@ -214,10 +220,10 @@ VIEWS: dict[str, ViewSpec] = {
     # Defaults since 2026-12-06 (see DEFAULT_VIEWS).
     "rgb_sog": ViewSpec("rgb_sog", 3, to_rgb_sog,
                         "Shades-of-Gray colour constancy (p = 6) of the branch input (after any window), then RGB / 255",
-                        ("R", "G", "B")),
+                        ("R", "G", "B"), constancy="shades_of_gray", base="rgb"),
     "hsv_sog": ViewSpec("hsv_sog", 3, to_hsv_sog,
                         "Shades-of-Gray colour constancy (p = 6) of the branch input (after any window), then the hsv view",
-                        ("H", "S", "V")),
+                        ("H", "S", "V"), constancy="shades_of_gray", base="hsv"),
 }
 
 # The design's three views: every default ensemble has them, and a run that holds only them

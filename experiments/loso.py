@@ -142,6 +142,32 @@ def read_scores(run: Path) -> tuple[list[dict[str, str]], list[str]]:
     return rows, [c for c in reader.fieldnames or () if c in VIEWS]
 
 
+def load_runs(runs: Sequence[str | Path]) -> list[tuple[dict[str, dict[str, str]], list[str]]]:
+    """Each run's ``scores.csv``, as ``(rows by image id, view columns)``, checked to share the first
+    run's images and roles (one split and held-out source), as every comparison of runs needs.
+
+    Raises:
+        FileNotFoundError: if a run has no ``scores.csv``.
+        ValueError: if one has no view or id/role/label column, or the runs' images or roles differ.
+    """
+    loaded = []
+    for run in map(Path, runs):
+        path = run / "scores.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; train the run with `python -m experiments.loso train` first")
+        rows, views = read_scores(run)
+        if not views or not rows or not {"image_id", "role", "label"} <= set(rows[0]):
+            raise ValueError(f"{path}: no scored images, or no image_id/role/label/view columns; it is not a "
+                             "scores.csv of `python -m experiments.loso train`")
+        loaded.append(({r["image_id"]: r for r in rows}, views))
+    ref = loaded[0][0]
+    for run, (rows, _) in zip(runs[1:], loaded[1:]):
+        if {(i, r["role"]) for i, r in rows.items()} != {(i, r["role"]) for i, r in ref.items()}:
+            raise ValueError(f"{run}: its images or their roles differ from {runs[0]}'s; the runs must share one "
+                             "split and held-out source")
+    return loaded
+
+
 def _arrays(rows, role: str, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     sel = [r for r in rows if r["role"] == role]
     return (np.array([int(r["label"]) for r in sel]),
@@ -220,20 +246,12 @@ def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
             default views, or a score is not a number.
     """
     loaded = []
-    for run in map(Path, runs):
-        if not (run / "scores.csv").is_file():
-            raise FileNotFoundError(f"{run / 'scores.csv'}: missing; train the run with `python -m experiments.loso "
-                                    "train` first")
-        rows, views = read_scores(run)
+    for run, (rows, views) in zip(runs, load_runs(runs)):
         fused_views = [v for v in DEFAULT_VIEWS if v in views]
         if not fused_views:
-            raise ValueError(f"{run / 'scores.csv'}: holds none of the default views {', '.join(DEFAULT_VIEWS)}")
-        loaded.append(({r["image_id"]: r for r in rows}, fused_views))
+            raise ValueError(f"{Path(run) / 'scores.csv'}: holds none of the default views {', '.join(DEFAULT_VIEWS)}")
+        loaded.append((rows, fused_views))
     ref = loaded[0][0]
-    for run, (rows, _) in zip(runs[1:], loaded[1:]):
-        if {(i, r["role"]) for i, r in rows.items()} != {(i, r["role"]) for i, r in ref.items()}:
-            raise ValueError(f"{run}: its images or their roles differ from {runs[0]}'s; the runs must share one "
-                             "split and held-out source")
     ids = sorted(ref)
     fused = []
     for run, (rows, views) in zip(runs, loaded):

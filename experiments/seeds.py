@@ -31,30 +31,17 @@ from experiments.common import run_experiment
 ROLES = ("holdout_val", "holdout_test", "indist_test")
 
 
-def _load(run: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
-    from experiments.loso import read_scores
-
-    path = run / "scores.csv"
-    if not path.is_file():
-        raise SystemExit(f"{path}: missing; train the run with `python -m experiments.loso train` first")
-    rows, views = read_scores(run)
-    if not views:
-        raise SystemExit(f"{path}: no view columns; it is not a scores.csv of experiments.loso")
-    return {r["image_id"]: r for r in rows}, views
-
-
 def compare_seeds(runs: Sequence[str | Path], n_boot: int = 1000) -> dict[str, Any]:
     """The report of the module docstring, as a dict."""
+    from experiments.loso import load_runs
+
     if len(runs) < 2:
-        raise SystemExit("give at least two runs: the reference seed and one more")
-    loaded = [_load(Path(r)) for r in runs]
+        raise ValueError("give at least two runs: the reference seed and one more")
+    loaded = load_runs(runs)
     views = loaded[0][1]
-    for run, (rows, v) in zip(runs[1:], loaded[1:]):
+    for run, (_, v) in zip(runs[1:], loaded[1:]):
         if v != views:
-            raise SystemExit(f"{run}: views {v} differ from {runs[0]}'s {views}; compare runs of one configuration")
-        if {(i, r["role"]) for i, r in rows.items()} != {(i, r["role"]) for i, r in loaded[0][0].items()}:
-            raise SystemExit(f"{run}: its images or their roles differ from {runs[0]}'s; the runs must share "
-                             "one split and held-out source")
+            raise ValueError(f"{run}: views {v} differ from {runs[0]}'s {views}; compare runs of one configuration")
     ids = sorted(loaded[0][0])
 
     def auc(y, p):
@@ -70,7 +57,11 @@ def compare_seeds(runs: Sequence[str | Path], n_boot: int = 1000) -> dict[str, A
         if y.min() == y.max():
             continue
         # P[s, n, v]: seed s, image n, view v.
-        P = np.array([[[float(rows[i][v]) for v in views] for i in sel] for rows, _ in loaded])
+        try:
+            P = np.array([[[float(rows[i][v]) for v in views] for i in sel] for rows, _ in loaded])
+        except ValueError as exc:
+            raise ValueError(f"a scores.csv of {', '.join(map(str, runs))} is damaged ({exc}); train that run "
+                             "again with `python -m experiments.loso train`") from None
         per_seed = [auc(y, P[s].mean(axis=1)) for s in range(len(runs))]
         entry = {
             "n": len(sel), "n_melanoma": int(y.sum()),

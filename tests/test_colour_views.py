@@ -70,3 +70,35 @@ def test_sog_views_undo_an_illuminant_cast_that_the_plain_views_keep(rng):
         plain = np.abs(apply_view(base, cast) - apply_view(base, scene)).mean()
         normalised = np.abs(apply_view(view, cast) - apply_view(view, scene)).mean()
         assert normalised < plain / 4, (view, normalised, plain)
+
+
+@pytest.mark.parametrize("view", [v for v, spec in VIEWS.items() if spec.base is not None])
+def test_a_view_built_on_another_is_exactly_that_view_of_the_corrected_image(view, rng):
+    # branch_inputs relies on the declaration to share the correction: a wrong one would score
+    # a branch on arrays it never saw in training.
+    spec = VIEWS[view]
+    img = rng.integers(0, 256, (2, 12, 12, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(spec.transform(img), apply_view(spec.base, apply_constancy(spec.constancy, img)))
+
+
+def test_branch_inputs_equal_each_branch_alone_and_correct_each_batch_once(rng, monkeypatch):
+    import colorspaces.constancy as constancy
+    from colorspaces.pipeline import BranchRecipe, Preprocess, view_inputs
+
+    branches = tuple(BranchRecipe(v) for v in DEFAULT_VIEWS) + (
+        BranchRecipe("rgb", "shades_of_gray"), BranchRecipe("hsv_sog", "shades_of_gray"), BranchRecipe("hsv", "none", 3))
+    recipe = Preprocess(16, 20, branches)
+    batch = rng.integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
+    alone = [view_inputs(batch, b.view, 16, b.color_constancy, b.crop_stride) for b in branches]
+
+    calls = []
+    real = constancy.shades_of_gray
+    monkeypatch.setitem(constancy.CONSTANCY, "shades_of_gray", lambda x: calls.append(x.shape) or real(x))
+    shared = recipe.branch_inputs(batch)
+    assert len(shared) == len(alone)
+    for (x, k), (y, j), b in zip(shared, alone, branches):
+        assert k == j and x.dtype == np.float32, b
+        np.testing.assert_array_equal(x, y, err_msg=str(b))
+    # Three corrections: rgb_sog and hsv_sog share one (of the 9 windows); the branch trained with
+    # constancy corrects the whole images once; hsv_sog on those corrects its windows once more.
+    assert calls == [(27, 16, 16, 3), (3, 20, 20, 3), (27, 16, 16, 3)]

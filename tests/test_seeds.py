@@ -63,10 +63,20 @@ def test_runs_of_different_splits_are_refused(tmp_path, capsys):
     labels = np.array([0, 1] * 50)
     a = _write_run(tmp_path / "a", labels, ["holdout_test"] * 100, 1)
     b = _write_run(tmp_path / "b", labels, ["holdout_val"] * 100, 2)
-    with pytest.raises(SystemExit, match="roles differ"):
+    with pytest.raises(ValueError, match="roles differ"):
         compare_seeds([a, b])
-    with pytest.raises(SystemExit, match="scores.csv: missing"):
-        main([str(a), str(tmp_path / "nowhere")])
+    assert main([str(a), str(tmp_path / "nowhere")]) == 2
+    assert "scores.csv: missing" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "scores.csv").write_text("no,columns\n1,2\n")
+    assert main([str(a), str(tmp_path / "c")]) == 2
+    assert "not a scores.csv" in capsys.readouterr().err
+    text = (a / "scores.csv").read_text().splitlines()
+    text[1] = ",".join(text[1].split(",")[:4] + ["oops"] * 3)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "scores.csv").write_text("\n".join(text) + "\n")
+    assert main([str(a), str(tmp_path / "d")]) == 2
+    assert "damaged" in capsys.readouterr().err
 
 
 def test_command_line_writes_the_table(three_seeds, tmp_path, capsys):
