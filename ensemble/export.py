@@ -1,6 +1,6 @@
 """Writing an export bundle: a run's Keras ensemble as one ONNX or TFLite graph plus pickle-free JSON.
 
-The graph holds the three branches (inputs named by view, outputs the member probabilities and
+The graph holds every branch of the bundle (inputs named by view, outputs the member probabilities and
 each branch's embedding for the OOD gate). The views, colour constancy and test-time windows
 stay in NumPy and are recorded as a recipe (``preprocess.json``): the FFT view is a
 ``scipy.fft`` half spectrum that a graph would reproduce only approximately, and keeping the

@@ -1,7 +1,7 @@
 """Loading and running an exported bundle (``skinfusion export``) without TensorFlow.
 
 An export directory holds ``manifest.json`` (the SHA-256 of every other file), the branches'
-model file (``model.onnx`` or ``model.tflite``: the three branches in one graph, inputs named by
+model file (``model.onnx`` or ``model.tflite``: every branch in one graph, inputs named by
 view, outputs the member probabilities and each branch's embedding), ``fusion.json``,
 ``preprocess.json`` and, when the source bundle had one, the pickle-free ``ood.npz`` gate.
 Nothing is pickled. ``ExportedEnsemble`` scores images with onnxruntime or the LiteRT
