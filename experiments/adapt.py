@@ -23,13 +23,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from colorspaces.files import write_json_atomic
-from ensemble.bundle import load_ensemble
-from ensemble.engine import Ensemble
 from ensemble.metrics import binary_report, expected_calibration_error, roc_auc_ci
 from experiments.common import run_experiment
 from skinfusion.data.index import Record, source_family
@@ -42,7 +40,9 @@ from skinfusion.workflows.adaptation import (
     parse_methods,
     source_calibration,
 )
-from skinfusion.workflows.adapting import MIN_IMAGES, bundle_branch_dirs, decode_images
+
+if TYPE_CHECKING:
+    from ensemble.engine import Ensemble
 
 logger = logging.getLogger("experiments.adapt")
 
@@ -87,7 +87,7 @@ def _settings(methods: tuple[str, ...], grid: bool) -> list[dict[str, Any]]:
     return [{"bn_alpha": a, "tent_steps": s, "tent_lr": lr} for a, (s, lr) in itertools.product(alphas, tents)]
 
 
-def _scores(ens: Ensemble, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scores(ens: "Ensemble", images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     P = member_proba(ens, images)
     return P, ens.fuse(P)
 
@@ -97,6 +97,10 @@ def measure(run: str, data_dir: str, holdout: str, methods: Sequence[str], grid:
     """Adapt, select on validation and score on test for every method; returns the JSON document."""
     run_path = Path(run)
     parts = split_holdout(run_path, holdout_records(data_dir, holdout), seed)
+    # Here, not at the top: `--help` and flag errors need no TensorFlow.
+    from ensemble.bundle import load_ensemble
+    from skinfusion.workflows.adapting import MIN_IMAGES, bundle_branch_dirs, decode_images
+
     ens = load_ensemble(run_path)
     _, branch_dirs = bundle_branch_dirs(run_path, ens.manifest)
     calibration = source_calibration(ens, branch_dirs)

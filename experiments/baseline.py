@@ -16,15 +16,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import keras
 import numpy as np
 
 from colorspaces import VIEWS
 from colorspaces.files import write_json_atomic
 from ensemble.metrics import binary_report, choose_threshold
 from experiments.common import run_experiment
-from models import BranchConfig, predict_images_proba
-from models.train import fit_branch
 from skinfusion.data.cache import cached_images
 from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split
@@ -43,7 +40,9 @@ def build_standard(arch: str, bn_momentum: float = 0.9):
     (``training=False``) every image then gets the same probability: validation AUC 0.500 in
     every epoch on the ISIC data, measured.
     """
-    def build(config: BranchConfig) -> keras.Model:
+    import keras  # here, not at the top: `--help` and flag errors need no TensorFlow
+
+    def build(config) -> keras.Model:
         shape = (config.image_size, config.image_size, 3)
         if arch == "mobilenetv3small":
             # The rgb view is already in [0, 1]; the built-in rescaling expects 0-255.
@@ -64,20 +63,24 @@ def build_standard(arch: str, bn_momentum: float = 0.9):
     return build
 
 
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training at the end of the first epoch that ends past ``seconds``."""
+def time_budget(seconds: float):
+    """A Keras callback that stops training at the end of the first epoch that ends past ``seconds``."""
+    import keras
 
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds, self._t0 = seconds, 0.0
+    class TimeBudget(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self._t0 = 0.0
 
-    def on_train_begin(self, logs=None):
-        self._t0 = time.perf_counter()
+        def on_train_begin(self, logs=None):
+            self._t0 = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
-        if time.perf_counter() - self._t0 > self.seconds:
-            logger.info("time budget of %.0fs reached after epoch %d", self.seconds, epoch + 1)
-            self.model.stop_training = True
+        def on_epoch_end(self, epoch, logs=None):
+            if time.perf_counter() - self._t0 > seconds:
+                logger.info("time budget of %.0fs reached after epoch %d", seconds, epoch + 1)
+                self.model.stop_training = True
+
+    return TimeBudget()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Train the standard CNN within the budget, score it and write its metrics."""
+    from models import BranchConfig, predict_images_proba
+    from models.train import fit_branch
+
     run = args.run
     metas = {v: json.loads((run / "branches" / v / "metadata.json").read_text()) for v in VIEWS
              if (run / "branches" / v / "metadata.json").is_file()}
@@ -117,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         sets[split] = (imgs, np.array([recs[i].label for i in ok]))
     logger.info("baseline %s, budget %.0fs, image size %d", args.arch, budget, config.image_size)
     model, history = fit_branch(config, *sets["train"], *sets["val"], build=build_standard(args.arch, args.bn_momentum),
-                                callbacks=[TimeBudget(budget)])
+                                callbacks=[time_budget(budget)])
     val_proba = predict_images_proba(model, "rgb", sets["val"][0], crop_stride=config.crop_stride)
     threshold = choose_threshold(sets["val"][1], val_proba)
     test_proba = predict_images_proba(model, "rgb", sets["test"][0], crop_stride=config.crop_stride)

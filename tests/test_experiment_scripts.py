@@ -53,7 +53,10 @@ results = {}
 for script, argv in [("loso", ["train", "--data", "D", "--out", "O", "--holdout", "H", "--name", "n", "--set", "epochs=0"]),
                      ("loso", ["--help"]), ("accuracy", ["--data", "D", "--configs", "no-such-config"]),
                      ("studies", ["--help"]), ("sweep", ["--data", "D", "--grid", "96"]), ("ood", ["--data", "D", "--out", "O"]),
-                     ("label_process", ["--help"]), ("seeds", ["--help"]), ("measure_audit", ["--help"])]:
+                     ("label_process", ["--help"]), ("seeds", ["--help"]), ("measure_audit", ["--help"]),
+                     ("compare_runs", ["--help"]), ("farood", ["--help"]), ("ood_rules", ["--help"]),
+                     ("ood_variants", ["--help"]), ("bench_ray", ["--help"]), ("bench_views", ["--views", "nope"]),
+                     ("adapt", ["--help"]), ("baseline", ["--help"])]:
     module = __import__(f"experiments.{script}", fromlist=["main"])
     try:
         module.main(argv)
@@ -69,3 +72,15 @@ print(json.dumps(results))
     for name, (code, tensorflow) in results.items():
         assert code in (0, 2), (name, code)
         assert not tensorflow, f"{name}: imported TensorFlow before answering"
+
+
+def test_bench_views_times_both_sides_on_identical_arrays(capsys):
+    from experiments.bench_views import main
+
+    assert main(["--size", "16", "--crop-scale", "1.25", "--batch", "4", "--batches", "2", "--rounds", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identical_arrays"] is True and report["load"] == 20 and report["images_per_pass"] == 8
+    assert report["views"] == ["rgb", "hsv", "fft", "rgb_sog", "hsv_sog"]
+    assert all(report[side]["cpu_ms_per_image"] > 0 for side in ("branch by branch", "shared"))
+    assert main(["--crop-scale", "3"]) == 2
+    assert "--crop-scale must be in [1, 2]" in capsys.readouterr().err
