@@ -71,7 +71,7 @@ class _BestKeeper(keras.callbacks.Callback):
 
     def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None,
                  build: Callable[[BranchConfig], keras.Model] = build_branch,
-                 resume_dir: str | os.PathLike | None = None, mixed_precision: bool = False):
+                 resume_dir: str | os.PathLike | None = None, mixed_precision: str = ""):
         super().__init__()
         self.config, self.mixed_precision = config, mixed_precision
         self.build = build  # the architecture the checkpoint's best weights belong to
@@ -100,9 +100,12 @@ class _BestKeeper(keras.callbacks.Callback):
         if not same:
             raise ValueError(f"{self.source}: the checkpoint was made with another config ({state['config']}); "
                              "resume with the same settings, or train without --resume")
-        if bool(state.get("mixed_precision", False)) != self.mixed_precision:
-            was = "with" if state.get("mixed_precision") else "without"
-            raise ValueError(f"{self.source}: the checkpoint was trained {was} --mixed-precision; resume {was} it, "
+        # Checkpoints written before bfloat16 record true/false (true: float16).
+        raw = state.get("mixed_precision")
+        was = "float16" if raw is True else "" if raw in (False, None) else str(raw)
+        if was != (self.mixed_precision or ""):
+            how = f"with --mixed-precision {was}" if was else "without --mixed-precision"
+            raise ValueError(f"{self.source}: the checkpoint was trained {how}; resume {how}, "
                              "or train without --resume")
         model = keras.saving.load_model(self.source / "last.keras", compile=True)
         _set_seed_states(model, state.get("seed_states", {}))

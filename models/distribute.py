@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
@@ -347,14 +348,51 @@ def worker_values(strategy: Any, values: list[int]) -> list[list[int]]:
     return [list(map(int, row)) for row in gather().numpy()]
 
 
-def warn_mixed_precision_without_gpu() -> None:
-    """Log that ``--mixed-precision`` is meant for GPUs when none is visible (it still runs, slower)."""
-    if gpu_count() == 0:
-        logger.warning("--mixed-precision without a GPU: float16 is emulated on the CPU and slower than float32; "
-                       "the option is meant for GPUs (compute capability 7.0 or later)")
+# Compute types of --mixed-precision: float16 for GPUs; bfloat16 for GPUs and for CPUs with native
+# bf16 arithmetic (avx512_bf16 or AMX), where it measured 1.06-1.12x per CPU-second (experiments/RESULTS.md).
+MIXED_PRECISION = ("float16", "bfloat16")
 
 
-def start_strategy(name: str, mixed_precision: bool, jobs: int | None, batch_sizes: Sequence[int]) -> int | None:
+def mixed_precision_name(value: str | bool | None) -> str:
+    """``--mixed-precision``'s compute type: "" (off), "float16" or "bfloat16"; ``True`` means float16.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if value is True:
+        return "float16"
+    if not value:
+        return ""
+    if value not in MIXED_PRECISION:
+        raise ValueError(f"--mixed-precision {value!r}: choose one of {', '.join(MIXED_PRECISION)}")
+    return str(value)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def warn_mixed_precision_without_gpu(mixed_precision: str | bool = "float16") -> None:
+    """Log when ``--mixed-precision`` will be slower than float32: float16 on a CPU, or bfloat16 on a
+    CPU without native bf16 (it still runs)."""
+    name = mixed_precision_name(mixed_precision)
+    if not name or gpu_count() > 0:
+        return
+    if name == "float16":
+        logger.warning("--mixed-precision float16 without a GPU: float16 is emulated on the CPU and slower than "
+                       "float32; it is meant for GPUs (compute capability 7.0 or later); on a CPU with avx512_bf16 "
+                       "or AMX, use --mixed-precision bfloat16")
+    elif not cpu_has_native_bf16():
+        logger.warning("--mixed-precision bfloat16 without a GPU on a CPU without avx512_bf16 or AMX: bfloat16 is "
+                       "emulated and about 4x slower than float32 (measured); train without --mixed-precision")
+
+
+def start_strategy(name: str, mixed_precision: str | bool, jobs: int | None, batch_sizes: Sequence[int]) -> int | None:
     """Check ``--strategy`` (and TF_CONFIG) for ``skinfusion train`` and, for several replicas, make it now.
 
     Now: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything else in the
@@ -369,8 +407,7 @@ def start_strategy(name: str, mixed_precision: bool, jobs: int | None, batch_siz
             start within ``$SKINFUSION_WORKER_TIMEOUT_S`` (see :func:`make_strategy`).
     """
     resolved = resolve(name)  # a bad TF_CONFIG is reported here, by name
-    if mixed_precision:
-        warn_mixed_precision_without_gpu()
+    warn_mixed_precision_without_gpu(mixed_precision)
     if resolved == "one-device":
         return jobs  # made where the branch trains (each --jobs worker process makes its own)
     if jobs is not None and jobs > 1 and len(batch_sizes) > 1:

@@ -25,6 +25,7 @@ from models.batches import (  # noqa: F401  (re-exported, as before the pipeline
 )
 from models.branch import BranchConfig, build_branch
 from models.checkpoint import _BestKeeper
+from models.distribute import mixed_precision_name
 from models.sampling import class_weights, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ class FitOptions:
             TensorFlow's default (one device). ``config.batch_size`` stays the global batch: each of
             the strategy's replicas takes an equal slice of it, and BatchNorm layers compute their
             batch statistics over the whole global batch (synchronised), as on one device.
-        mixed_precision: build the model under Keras' ``mixed_float16`` policy, its output layer in
-            float32 (probabilities and loss stay float32); the returned model is float32.
+        mixed_precision: "float16" or "bfloat16": build the model under Keras' ``mixed_float16`` or
+            ``mixed_bfloat16`` policy, its output layer in float32 (probabilities and loss stay
+            float32); "" (or False): float32. ``True`` means "float16". The returned model is float32.
         resume_dir: where to read the checkpoint to resume (default ``checkpoint_dir``): a
             multi-worker run's non-chief workers read the chief's and write their own elsewhere.
         train_weights: a loss weight per training image, multiplying its class weight (default 1).
@@ -78,7 +80,7 @@ class FitOptions:
     callbacks: Sequence[keras.callbacks.Callback] = ()
     train_sources: Sequence[str] | None = None
     strategy: tf.distribute.Strategy | None = None
-    mixed_precision: bool = False
+    mixed_precision: str | bool = ""
     resume_dir: str | os.PathLike | None = None
     train_weights: np.ndarray | None = None
 
@@ -129,7 +131,7 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
     keras.utils.set_random_seed(config.seed)
     opts = fit.options
     keeper = _BestKeeper(config, opts.checkpoint_dir, opts.build, resume_dir=opts.resume_dir,
-                         mixed_precision=opts.mixed_precision)
+                         mixed_precision=mixed_precision_name(opts.mixed_precision))
     model, initial_epoch, steps = _compiled_model(fit, keeper)
     train_ds, val_ds, val_steps = _input_pipelines(fit, initial_epoch)
     logger.info(
@@ -258,21 +260,24 @@ def _history(keeper: _BestKeeper, weights: dict[int, float], seconds: float, ini
         "class_weights": {str(k): v for k, v in weights.items()},
         "train_seconds": round(seconds, 2),
         "resumed_from_epoch": initial_epoch,
+        "mixed_precision": keeper.mixed_precision or "off",  # what computed the steps: provenance
         "per_epoch": per_epoch,
     }
 
 
 def _build_for_training(build: Callable[[BranchConfig], keras.Model], config: BranchConfig,
-                        mixed_precision: bool) -> keras.Model:
-    """``build(config)``, under the ``mixed_float16`` policy when asked, with its output layer in float32.
+                        mixed_precision: str | bool) -> keras.Model:
+    """``build(config)``, under the ``mixed_float16`` or ``mixed_bfloat16`` policy when asked, with its
+    output layer in float32.
 
     Keras' mixed-precision rule: the last layer computes in float32, so the sigmoid's
-    probabilities and the loss are not rounded to float16 (which saturates near 0 and 1).
+    probabilities and the loss are not rounded to 16 bits (which saturates near 0 and 1).
     """
-    if not mixed_precision:
+    name = mixed_precision_name(mixed_precision)
+    if not name:
         return build(config)
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16")
+    keras.config.set_dtype_policy(f"mixed_{name}")
     try:
         model = build(config)
         last = model.layers[-1]

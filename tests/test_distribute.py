@@ -213,7 +213,47 @@ def test_mixed_precision_trains_in_float16_and_returns_a_float32_branch(rng, cap
     y = (np.arange(24) % 2).astype(int)
     model, history = fit_branch(config, x, y, x, y, mixed_precision=True)
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
-    assert np.isfinite(history["best_val_auc"])
+    assert np.isfinite(history["best_val_auc"]) and history["mixed_precision"] == "float16"
+
+
+def test_bfloat16_mixed_precision_trains_in_bfloat16_and_returns_a_float32_branch(rng):
+    import keras
+
+    from models import build_branch
+    from models.train import _build_for_training, fit_branch
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, batch_size=8, epochs=2, patience=2)
+    mixed = _build_for_training(build_branch, config, "bfloat16")
+    assert mixed.layers[1].dtype_policy.name == "mixed_bfloat16" and mixed.layers[1].compute_dtype == "bfloat16"
+    assert mixed.layers[-1].dtype_policy.name == "float32" and mixed.output.dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32", "the global policy is put back"
+    # A separable task: bright images are melanoma. Trained in bfloat16, the float32 branch still learns it.
+    y = (np.arange(48) % 2).astype(int)
+    x = np.where(y[:, None, None, None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 30, (48, 16, 16, 3)).astype(np.uint8)
+    model, history = fit_branch(config, x, y, x, y, mixed_precision="bfloat16")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert history["mixed_precision"] == "bfloat16" and history["best_val_auc"] > 0.9
+    with pytest.raises(ValueError, match="--mixed-precision 'float8'"):
+        fit_branch(config, x, y, x, y, mixed_precision="float8")
+
+
+def test_mixed_precision_flag_takes_a_compute_type_and_warns_where_it_is_slow(monkeypatch, caplog):
+    import models.distribute as d
+    from skinfusion.cli.train import parser
+
+    common = ["--view", "rgb", "--data", "D", "--run", "R"]
+    assert parser().parse_args(common).mixed_precision == ""
+    assert parser().parse_args([*common, "--mixed-precision"]).mixed_precision == "float16"
+    assert parser().parse_args([*common, "--mixed-precision", "bfloat16"]).mixed_precision == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser().parse_args([*common, "--mixed-precision", "float8"])
+    monkeypatch.setattr(d, "gpu_count", lambda: 0)
+    for native, name, warned in [(True, "bfloat16", False), (False, "bfloat16", True), (True, "float16", True),
+                                 (False, "", False)]:
+        monkeypatch.setattr(d, "cpu_has_native_bf16", lambda native=native: native)
+        caplog.clear()
+        d.warn_mixed_precision_without_gpu(name)
+        assert ("slower" in caplog.text) == warned, (native, name, caplog.text)
 
 
 # The two-logical-CPU run happens in a subprocess: devices must be split before TensorFlow

@@ -66,7 +66,8 @@ class TrainRequest:
         holdout_ids: images left out of training and validation (recorded in the run).
         strategy: a ``models.distribute`` strategy name (``auto``, ``one-device``, ``mirrored``,
             ``multi-worker``; default: TensorFlow's default device).
-        mixed_precision: train under Keras' ``mixed_float16`` policy (the branch is saved float32).
+        mixed_precision: "float16" or "bfloat16": train under Keras' ``mixed_float16`` or
+            ``mixed_bfloat16`` policy (the branch is saved float32); "": float32.
     """
 
     data_dir: str
@@ -80,7 +81,7 @@ class TrainRequest:
     resume: bool = False
     holdout_ids: set[str] | None = None
     strategy: str | None = None
-    mixed_precision: bool = False
+    mixed_precision: str = ""
 
 
 def train_branch_run(request: TrainRequest, config: BranchConfig) -> dict[str, Any]:
