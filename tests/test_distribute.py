@@ -376,3 +376,25 @@ def test_two_local_workers_resume_after_the_chief_is_killed_and_write_one_branch
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_resume_refuses_another_compute_type_and_reads_old_true_as_float16(tmp_path):
+    from models import build_branch
+    from models.train import _BestKeeper, make_optimizer
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=4, lr_schedule="none")
+    model = build_branch(config)
+    model.compile(optimizer=make_optimizer(config, 1), loss="binary_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    keeper = _BestKeeper(config, tmp_path)  # float32
+    keeper.set_model(model)
+    keeper.on_epoch_end(0, {"val_auc": 0.7})
+    with pytest.raises(ValueError, match="trained without --mixed-precision; resume without --mixed-precision"):
+        _BestKeeper(config, tmp_path, mixed_precision="bfloat16").restore()
+    state_file = tmp_path / "state.json"
+    state = json.loads(state_file.read_text())
+    state["mixed_precision"] = True  # a checkpoint written when the flag was float16 only
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="trained with --mixed-precision float16"):
+        _BestKeeper(config, tmp_path, mixed_precision="bfloat16").restore()
+    assert _BestKeeper(config, tmp_path, mixed_precision="float16").restore()[1] == 1
