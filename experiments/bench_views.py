@@ -22,24 +22,17 @@ from typing import Sequence
 
 import numpy as np
 
-from colorspaces import DEFAULT_VIEWS, VIEWS
+from colorspaces import DEFAULT_VIEWS
 from colorspaces.pipeline import BranchRecipe, Preprocess, view_inputs
 from experiments.common import run_experiment
 from skinfusion.cli.common import positive_int
-
-
-def _views(text: str) -> tuple[str, ...]:
-    views = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in views if v not in VIEWS]
-    if not views or unknown:
-        raise argparse.ArgumentTypeError(f"unknown or no views {unknown or text!r}; choose from {','.join(VIEWS)}")
-    return views
+from skinfusion.cli.fuse import parse_views
 
 
 def parser() -> argparse.ArgumentParser:
     """The flags of ``python -m experiments.bench_views``."""
     p = argparse.ArgumentParser(prog="python -m experiments.bench_views", description=__doc__.splitlines()[0])
-    p.add_argument("--views", type=_views, default=DEFAULT_VIEWS,
+    p.add_argument("--views", default=",".join(DEFAULT_VIEWS),
                    help=f"comma-separated branch views (default {','.join(DEFAULT_VIEWS)})")
     p.add_argument("--size", type=positive_int, default=96, help="branch input side in pixels (default 96)")
     p.add_argument("--crop-scale", type=float, default=1.0,
@@ -61,8 +54,9 @@ def _time(fn, batches: list[np.ndarray]) -> tuple[float, float]:
 def _body(args: argparse.Namespace) -> int:
     if not 1.0 <= args.crop_scale <= 2.0:
         raise ValueError(f"--crop-scale must be in [1, 2], got {args.crop_scale}")
+    views = parse_views(args.views)
     load = int(round(args.size * args.crop_scale))
-    recipe = Preprocess(args.size, load, tuple(BranchRecipe(v) for v in args.views))
+    recipe = Preprocess(args.size, load, tuple(BranchRecipe(v) for v in views))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (args.batch, load, load, 3), dtype=np.uint8) for _ in range(args.batches)]
 
@@ -79,7 +73,7 @@ def _body(args: argparse.Namespace) -> int:
             times[name].append(_time(sides[name], batches))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     n = args.batch * args.batches
-    report = {"views": list(args.views), "size": args.size, "load": load, "images_per_pass": n,
+    report = {"views": views, "size": args.size, "load": load, "images_per_pass": n,
               "identical_arrays": identical}
     for name, ts in times.items():
         report[name] = {"cpu_ms_per_image": 1e3 * statistics.median(c for c, _ in ts) / n,
@@ -89,7 +83,7 @@ def _body(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"views {','.join(args.views)}, {args.size} px branch input, {load} px load, "
+    print(f"views {','.join(views)}, {args.size} px branch input, {load} px load, "
           f"{n} images per pass, median of {args.rounds} rounds; arrays identical: {identical}")
     print("| side | CPU ms/image | wall ms/image |\n| --- | ---: | ---: |")
     for name in sides:

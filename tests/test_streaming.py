@@ -242,3 +242,16 @@ def test_bench_runs_every_phase_and_prints_ratios(trained_run, tmp_path, capsys)
     assert f"batch inference, {len(raw['infer-ours']['views'])} branches + fusion" in table
     assert raw["infer-ours"]["images_per_s"] > 0 and raw["infer-naive"]["latency_ms_p50"] > 0
     assert 0.0 <= raw["train-ours"]["rgb"]["input_wait_share"] < 1.0
+
+
+def test_bench_table_names_the_fused_bundles_branch_count():
+    from skinfusion.bench.bench import format_table
+
+    train = {"images_per_s": 100.0, "input_wait_share": 0.01, "input_cost_share": 0.1}
+    infer = {"images_per_s": 200.0, "latency_ms_p50": 5.0, "latency_ms_p95": 6.0, "fuse_ms_per_image": 0.001,
+             "peak_rss_mb": 1000.0}
+    for views in (["rgb", "hsv", "fft", "rgb_sog", "hsv_sog"], ["rgb", "fft"]):
+        report = {"train-ours": {**{v: train for v in views}, "peak_rss_mb": 1.0},
+                  "train-naive": {**{v: train for v in views}, "peak_rss_mb": 1.0},
+                  "infer-ours": {**infer, "views": views}, "infer-naive": infer}
+        assert f"| batch inference, {len(views)} branches + fusion (images/s) | 200 |" in format_table(report)

@@ -205,8 +205,8 @@ def _phase_infer_ours(run: Path, n_images: int, latency_calls: int, batch_size: 
         lat.append((time.perf_counter() - t0) * 1e3)
     lat = np.array(lat[5:])
     return {"images_per_s": batch_rate, "n_images": n, "fuse_ms_per_image": fuse_ms_per_image,
-            "views": list(ens.views), "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p95": float(np.percentile(lat, 95)),
-            "peak_rss_mb": _peak_rss_mb()}
+            "views": list(ens.views), "latency_ms_p50": float(np.percentile(lat, 50)),
+            "latency_ms_p95": float(np.percentile(lat, 95)), "peak_rss_mb": _peak_rss_mb()}
 
 
 def _phase_infer_naive(run: Path, n_images: int) -> dict[str, Any]:
