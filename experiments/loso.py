@@ -139,7 +139,33 @@ def read_scores(run: Path) -> tuple[list[dict[str, str]], list[str]]:
     with open(run / "scores.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
-    return rows, [c for c in reader.fieldnames or () if c in VIEWS]
+        # Read inside the block: on an empty file DictReader reads its header only when asked.
+        columns = list(reader.fieldnames or ())
+    return rows, [c for c in columns if c in VIEWS]
+
+
+def _check_rows(path: Path, rows: list[dict[str, str]], views: Sequence[str]) -> None:
+    """Refuse a damaged scores.csv by name, so that every reader can trust its cells."""
+    for n, row in enumerate(rows, start=2):  # line 1 is the header
+        problem = None
+        if None in row:  # DictReader's key for cells beyond the header
+            problem = "more cells than the header"
+        elif any(row.get(k) in (None, "") for k in ("image_id", "role", "label", *views)):
+            problem = "a missing cell"
+        elif row["label"] not in ("0", "1"):
+            problem = f"label {row['label']!r} (0 or 1 expected)"
+        else:
+            for v in views:
+                try:
+                    value = float(row[v])
+                except ValueError:
+                    value = float("nan")
+                if not 0.0 <= value <= 1.0:
+                    problem = f"{v} score {row[v]!r} (a probability expected)"
+                    break
+        if problem:
+            raise ValueError(f"{path}: line {n} is damaged ({problem}); train the run again with "
+                             "`python -m experiments.loso train`")
 
 
 def load_runs(runs: Sequence[str | Path]) -> list[tuple[dict[str, dict[str, str]], list[str]]]:
@@ -148,7 +174,8 @@ def load_runs(runs: Sequence[str | Path]) -> list[tuple[dict[str, dict[str, str]
 
     Raises:
         FileNotFoundError: if a run has no ``scores.csv``.
-        ValueError: if one has no view or id/role/label column, or the runs' images or roles differ.
+        ValueError: if one has no view or id/role/label column, a row with a missing cell, a label
+            other than 0/1 or a score that is not a number in [0, 1], or the runs' images or roles differ.
     """
     loaded = []
     for run in map(Path, runs):
@@ -159,6 +186,7 @@ def load_runs(runs: Sequence[str | Path]) -> list[tuple[dict[str, dict[str, str]
         if not views or not rows or not {"image_id", "role", "label"} <= set(rows[0]):
             raise ValueError(f"{path}: no scored images, or no image_id/role/label/view columns; it is not a "
                              "scores.csv of `python -m experiments.loso train`")
+        _check_rows(path, rows, views)
         loaded.append(({r["image_id"]: r for r in rows}, views))
     ref = loaded[0][0]
     for run, (rows, _) in zip(runs[1:], loaded[1:]):

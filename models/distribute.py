@@ -377,11 +377,39 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """The compute capability (major, minor) of each GPU TensorFlow sees that reports one."""
+    import tensorflow as tf
+
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        except (RuntimeError, ValueError):  # a device that reports no details: nothing to judge by
+            continue
+        if cc:
+            found.append((int(cc[0]), int(cc[1])))
+    return found
+
+
+# The oldest GPU generation with native tensor-core arithmetic for each compute type
+# (float16: Volta, 7.0; bfloat16: Ampere, 8.0); older ones emulate it, slower than float32.
+_NATIVE_FROM = {"float16": (7, 0), "bfloat16": (8, 0)}
+
+
 def warn_mixed_precision_without_gpu(mixed_precision: str | bool = "float16") -> None:
-    """Log when ``--mixed-precision`` will be slower than float32: float16 on a CPU, or bfloat16 on a
-    CPU without native bf16 (it still runs)."""
+    """Log when ``--mixed-precision`` will be slower than float32: float16 on a CPU, bfloat16 on a
+    CPU without native bf16, or either on a GPU older than its native generation (it still runs)."""
     name = mixed_precision_name(mixed_precision)
-    if not name or gpu_count() > 0:
+    if not name:
+        return
+    if gpu_count() > 0:
+        old = [cc for cc in gpu_compute_capabilities() if cc < _NATIVE_FROM[name]]
+        if old:
+            need = ".".join(map(str, _NATIVE_FROM[name]))
+            other = " (float16 is native from 7.0)" if name == "bfloat16" else ""
+            logger.warning("--mixed-precision %s on a GPU of compute capability %s: it is native from %s, and "
+                           "emulated (slower than float32) before%s", name, ".".join(map(str, old[0])), need, other)
         return
     if name == "float16":
         logger.warning("--mixed-precision float16 without a GPU: float16 is emulated on the CPU and slower than "

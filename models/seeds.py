@@ -18,6 +18,7 @@ import numpy as np
 from colorspaces.files import read_json_object, write_json_atomic
 from models.branch import BranchConfig, assemble_members, build_branch, member_config
 from models.checkpoint import save_atomically
+from models.distribute import mixed_precision_name
 from models.train import fit_branch
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def fit_seeds(config: BranchConfig, train: tuple, val_images, y_val: np.ndarray,
     for k in range(config.seeds):
         mc = member_config(config, k)
         mine, theirs = checkpoint / f"member{k + 1}", resume_from / f"member{k + 1}"
-        done = _finished_member(theirs, mc) if resume else None
+        done = _finished_member(theirs, mc, fit_options.get("mixed_precision", "")) if resume else None
         if done is not None:
             logger.info("[%s] member %d of %d (seed %d) already trained; kept", config.view, k + 1, config.seeds,
                         mc.seed)
@@ -72,14 +73,21 @@ def fit_seeds(config: BranchConfig, train: tuple, val_images, y_val: np.ndarray,
         "class_weights": first["class_weights"],
         "train_seconds": round(sum(h["train_seconds"] for h in histories), 2),
         "resumed_from_epoch": first["resumed_from_epoch"],
+        "mixed_precision": first.get("mixed_precision", "off"),  # one compute type per branch (refused otherwise)
         "members": [{k: v for k, v in h.items() if k != "class_weights"} for h in histories],
         "per_epoch": first["per_epoch"],
     }
     return model, history
 
 
-def _finished_member(directory: Path, config: BranchConfig) -> tuple[list, dict[str, Any]] | None:
-    """``(weights, history)`` of a member that finished in ``directory`` with this config, else None."""
+def _finished_member(directory: Path, config: BranchConfig,
+                     mixed_precision: str | bool = "") -> tuple[list, dict[str, Any]] | None:
+    """``(weights, history)`` of a member that finished in ``directory`` with this config, else None.
+
+    Raises:
+        ValueError: if it was trained with another ``--mixed-precision`` compute type (as an
+            unfinished member's checkpoint is refused: one branch, one compute type).
+    """
     weights_file, record = directory / "done.weights.h5", directory / "done.json"
     if not (weights_file.is_file() and record.is_file()):
         return None
@@ -87,6 +95,17 @@ def _finished_member(directory: Path, config: BranchConfig) -> tuple[list, dict[
         done = read_json_object(record, required=("config", "history"))
         if not config.matches(done["config"]):
             return None
+        # fit_branch records "off", "float16" or "bfloat16"; a member of an older release, nothing.
+        raw = done["history"].get("mixed_precision", "off") if isinstance(done["history"], dict) else "off"
+        was = "" if raw in ("off", False, None) else mixed_precision_name(raw)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("[%s] %s: damaged (%s); training that member again", config.view, directory, exc)
+        return None
+    now = mixed_precision_name(mixed_precision)
+    if was != now:
+        how = f"with --mixed-precision {was}" if was else "without --mixed-precision"
+        raise ValueError(f"{directory}: this member was trained {how}; resume {how}, or train without --resume")
+    try:
         model = build_branch(config)
         model.load_weights(weights_file)
         return model.get_weights(), done["history"]

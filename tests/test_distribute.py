@@ -254,6 +254,17 @@ def test_mixed_precision_flag_takes_a_compute_type_and_warns_where_it_is_slow(mo
         caplog.clear()
         d.warn_mixed_precision_without_gpu(name)
         assert ("slower" in caplog.text) == warned, (native, name, caplog.text)
+    monkeypatch.setattr(d, "gpu_count", lambda: 1)
+    for cc, name, warned in [((7, 5), "bfloat16", True), ((8, 0), "bfloat16", False), ((6, 1), "float16", True),
+                             ((7, 0), "float16", False), ((9, 0), "", False)]:
+        monkeypatch.setattr(d, "gpu_compute_capabilities", lambda cc=cc: [cc])
+        caplog.clear()
+        d.warn_mixed_precision_without_gpu(name)
+        assert ("slower" in caplog.text) == warned, (cc, name, caplog.text)
+    monkeypatch.setattr(d, "gpu_compute_capabilities", lambda: [])  # a GPU that reports nothing: no guess
+    caplog.clear()
+    d.warn_mixed_precision_without_gpu("bfloat16")
+    assert "slower" not in caplog.text
 
 
 # The two-logical-CPU run happens in a subprocess: devices must be split before TensorFlow

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.loso import main as loso_main
 from experiments.seeds import compare_seeds, main, markdown
 
 VIEWS = ("rgb", "hsv", "fft")
@@ -79,6 +80,29 @@ def test_runs_of_different_splits_are_refused(tmp_path, capsys):
     assert "damaged" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage, reason", [
+    (lambda lines: lines[:2] + [",".join(lines[2].split(",")[:5])] + lines[3:], "a missing cell"),
+    (lambda lines: lines[:3] + [lines[3] + ",0.5"] + lines[4:], "more cells than the header"),
+    (lambda lines: lines[:2] + [",".join("2" if i == 1 else c for i, c in enumerate(lines[2].split(",")))]
+     + lines[3:], "label '2'"),
+    (lambda lines: lines[:2] + [",".join(lines[2].split(",")[:-1] + ["1.5"])] + lines[3:], "score '1.5'"),
+    (lambda lines: [], "not a scores.csv"),
+])
+def test_a_damaged_scores_csv_is_refused_by_line(tmp_path, capsys, damage, reason):
+    """Every reader (seeds, loso compare) gets a named refusal, never a traceback."""
+    labels = np.array([0, 1] * 20)
+    roles = ["holdout_test"] * 40
+    a = _write_run(tmp_path / "a", labels, roles, 1)
+    b = _write_run(tmp_path / "b", labels, roles, 2)
+    lines = damage((b / "scores.csv").read_text().splitlines())
+    (b / "scores.csv").write_text("\n".join(lines) + ("\n" if lines else ""))
+    for command in (lambda: main([str(a), str(b)]), lambda: loso_main(["compare", str(a), str(b)])):
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert str(b / "scores.csv") in err and reason in err, err
+        assert "Traceback" not in err
+
+
 def test_command_line_writes_the_table(three_seeds, tmp_path, capsys):
     assert main([*map(str, three_seeds), "--out", str(tmp_path / "out"), "--boot", "20"]) == 0
     assert "3 seeds fused" in capsys.readouterr().out
@@ -106,7 +130,6 @@ def test_loso_set_may_override_one_view_only():
 
 def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(three_seeds, tmp_path, capsys):
     from experiments.loso import compare
-    from experiments.loso import main as loso_main
 
     rng = np.random.default_rng(7)
     labels = (rng.random(600) < 0.3).astype(int)
@@ -133,4 +156,4 @@ def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(th
     text[1] = ",".join(text[1].split(",")[:4] + ["oops"] * 3)
     (damaged / "scores.csv").write_text("\n".join(text) + "\n")
     assert loso_main(["compare", str(three_seeds[0]), str(damaged)]) == 2
-    assert f"{damaged / 'scores.csv'}: damaged" in capsys.readouterr().err
+    assert f"{damaged / 'scores.csv'}: line 2 is damaged" in capsys.readouterr().err

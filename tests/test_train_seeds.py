@@ -178,3 +178,27 @@ def test_a_resumed_seeds_training_keeps_the_finished_member(synthetic_data, tmp_
     assert calls == [4], "the finished member (seed 3) was trained again, or member 2 was not"
     meta = json.loads((Path(summary["branch_dir"]) / "metadata.json").read_text())
     assert [m["seed"] for m in meta["training"]["members"]] == [3, 4]
+    assert meta["training"]["mixed_precision"] == "off"  # the branch's compute type, not only its members'
+
+
+@pytest.mark.parametrize("recorded, resumed, kept", [
+    ("off", "", True), ("bfloat16", "bfloat16", True), (True, "float16", True),  # True: a release before bfloat16
+    (None, "", True),  # no record at all: a release before the field
+    ("off", "bfloat16", False), ("float16", "", False), ("bfloat16", "float16", False),
+])
+def test_a_finished_member_of_another_compute_type_is_refused(tmp_path, recorded, resumed, kept):
+    """One branch, one compute type: --resume neither mixes members nor silently retrains one."""
+    from models.seeds import _finished_member
+
+    config = member_config(BranchConfig(view="rgb", image_size=SIZE, base_filters=4, seeds=2), 0)
+    member = tmp_path / "member1"
+    member.mkdir()
+    build_branch(config).save_weights(member / "done.weights.h5")
+    history = {"epochs_run": 1} if recorded is None else {"epochs_run": 1, "mixed_precision": recorded}
+    (member / "done.json").write_text(json.dumps({"config": config.to_dict(), "history": history}))
+    if kept:
+        weights, got = _finished_member(member, config, resumed)
+        assert got == history and len(weights) == len(build_branch(config).get_weights())
+    else:
+        with pytest.raises(ValueError, match=r"member1: this member was trained (with|without) --mixed-precision"):
+            _finished_member(member, config, resumed)

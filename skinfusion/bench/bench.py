@@ -210,7 +210,7 @@ def _phase_infer_ours(run: Path, n_images: int, latency_calls: int, batch_size: 
 
 
 def _phase_infer_naive(run: Path, n_images: int) -> dict[str, Any]:
-    """Per image: cv2.imread, three views in Python, three model.predict calls, then the fusion."""
+    """Per image: cv2.imread, every fused branch's view in Python, one model.predict call per branch, then the fusion."""
     import cv2
     import joblib
     import keras
