@@ -263,19 +263,27 @@ def report(out: str) -> str:
     return "\n".join(lines)
 
 
-def compare(runs: Sequence[str | Path], n_boot: int = 1000) -> str:
-    """A Markdown table: per run and role, the mean-fusion AUC of the run's default views and its
-    paired bootstrap difference from ``runs[0]`` (95% CI). Runs may fuse different views (a lever
-    that adds a view is compared with the reference as a user would fuse each); the table names them.
+def compare(runs: Sequence[str | Path], n_boot: int = 1000, views: Sequence[str] | None = None) -> str:
+    """A Markdown table: per run and role, the mean-fusion AUC of the run's default views (or of
+    ``views``, e.g. one branch) and its paired bootstrap difference from ``runs[0]`` (95% CI). Runs
+    may fuse different views (a lever that adds a view is compared with the reference as a user
+    would fuse each); the table names them.
 
     Raises:
         FileNotFoundError: if a run has no ``scores.csv``.
         ValueError: if the runs do not share their images and roles, a run holds none of the
-            default views, or a score is not a number.
+            default views or not every one of ``views``, or a score is not a number.
     """
     loaded = []
-    for run, (rows, views) in zip(runs, load_runs(runs)):
-        fused_views = [v for v in DEFAULT_VIEWS if v in views]
+    for run, (rows, held) in zip(runs, load_runs(runs)):
+        if views:
+            missing = [v for v in views if v not in held]
+            if missing:
+                raise ValueError(f"{Path(run) / 'scores.csv'}: has no {', '.join(missing)} scores (it holds "
+                                 f"{', '.join(held)}); choose --views among the runs' common views")
+            fused_views = list(views)
+        else:
+            fused_views = [v for v in DEFAULT_VIEWS if v in held]
         if not fused_views:
             raise ValueError(f"{Path(run) / 'scores.csv'}: holds none of the default views {', '.join(DEFAULT_VIEWS)}")
         loaded.append((rows, fused_views))
@@ -320,13 +328,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("compare", help="paired bootstrap differences of LOSO runs from the first (the reference)")
     c.add_argument("runs", nargs="+", metavar="RUN", help="LOSO run folders; the first is the reference")
     c.add_argument("--boot", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    c.add_argument("--views", metavar="V[,V...]",
+                   help="fuse these views in every run instead of each run's default views (one view: compare a branch)")
     args = p.parse_args(argv)
     if args.cmd == "report":
         return run_experiment(lambda a: print(report(a.out)) or 0, args, p, tensorflow=False)
     if args.cmd == "compare":
         if len(args.runs) < 2:
             c.error("give the reference run and at least one more")
-        return run_experiment(lambda a: print(compare(a.runs, a.boot)) or 0, args, p, tensorflow=False)
+        chosen = [v.strip() for v in (args.views or "").split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in VIEWS]
+        if unknown or (args.views is not None and not chosen) or len(set(chosen)) != len(chosen):
+            c.error(f"--views {args.views!r}: give distinct views among {', '.join(VIEWS)}")
+        return run_experiment(lambda a: print(compare(a.runs, a.boot, chosen or None)) or 0, args, p,
+                              tensorflow=False)
     views = [v.strip() for v in args.views.split(",") if v.strip()]
     unknown = [v for v in views if v not in VIEWS]
     if unknown:

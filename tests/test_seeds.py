@@ -157,3 +157,19 @@ def test_loso_compare_gives_each_run_its_paired_difference_from_the_reference(th
     (damaged / "scores.csv").write_text("\n".join(text) + "\n")
     assert loso_main(["compare", str(three_seeds[0]), str(damaged)]) == 2
     assert f"{damaged / 'scores.csv'}: line 2 is damaged" in capsys.readouterr().err
+
+
+def test_compare_can_fuse_chosen_views_in_every_run(three_seeds, capsys):
+    """`loso compare --views rgb` compares one branch across runs, paired, instead of the fused default."""
+    from experiments.loso import compare
+
+    assert loso_main(["compare", str(three_seeds[0]), str(three_seeds[1]), "--views", "rgb"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| s")]
+    assert rows and all(r.split("|")[2].strip() == "rgb" for r in rows)
+    fused = compare(three_seeds[:2], n_boot=50)
+    assert compare(three_seeds[:2], n_boot=50, views=["rgb"]) != fused  # one branch is not the fused AUC
+    with pytest.raises(ValueError, match="has no lab scores"):
+        compare(three_seeds[:2], n_boot=50, views=["lab"])
+    for bad in ("nope", "rgb,rgb", ","):
+        with pytest.raises(SystemExit):
+            loso_main(["compare", str(three_seeds[0]), str(three_seeds[1]), "--views", bad])
