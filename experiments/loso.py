@@ -41,6 +41,7 @@ from ensemble.metrics import roc_auc_ci
 from ensemble.selection import greedy_selection
 from experiments.common import paired_rows, run_experiment
 from skinfusion.cli.common import positive_int
+from skinfusion.cli.fuse import parse_views
 from models.config import BranchConfig
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family
@@ -336,16 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "compare":
         if len(args.runs) < 2:
             c.error("give the reference run and at least one more")
-        chosen = [v.strip() for v in (args.views or "").split(",") if v.strip()]
-        unknown = [v for v in chosen if v not in VIEWS]
-        if unknown or (args.views is not None and not chosen) or len(set(chosen)) != len(chosen):
-            c.error(f"--views {args.views!r}: give distinct views among {', '.join(VIEWS)}")
-        return run_experiment(lambda a: print(compare(a.runs, a.boot, chosen or None)) or 0, args, p,
-                              tensorflow=False)
-    views = [v.strip() for v in args.views.split(",") if v.strip()]
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        p.error(f"--views: unknown {unknown}; choose from {sorted(VIEWS)}")
+        try:
+            chosen = parse_views(args.views) if args.views is not None else None
+        except ValueError as e:
+            c.error(str(e))
+        return run_experiment(lambda a: print(compare(a.runs, a.boot, chosen)) or 0, args, p, tensorflow=False)
+    try:
+        views = parse_views(args.views)
+    except ValueError as e:
+        p.error(str(e))
     overrides = _parse_set(args.set)
     try:
         branch_configs(overrides, views)  # a bad value fails here, before TensorFlow and the data

@@ -19,6 +19,7 @@ import numpy as np
 
 from colorspaces.files import atomic_path, read_json_object, write_json_atomic
 from models.branch import BranchConfig, build_branch
+from models.distribute import recorded_mixed_precision, refuse_other_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +101,11 @@ class _BestKeeper(keras.callbacks.Callback):
         if not same:
             raise ValueError(f"{self.source}: the checkpoint was made with another config ({state['config']}); "
                              "resume with the same settings, or train without --resume")
-        # Checkpoints written before bfloat16 record true/false (true: float16).
-        raw = state.get("mixed_precision")
-        was = "float16" if raw is True else "" if raw in (False, None) else str(raw)
-        if was != (self.mixed_precision or ""):
-            how = f"with --mixed-precision {was}" if was else "without --mixed-precision"
-            raise ValueError(f"{self.source}: the checkpoint was trained {how}; resume {how}, "
-                             "or train without --resume")
+        try:
+            recorded_mixed_precision(state.get("mixed_precision"))
+        except ValueError as exc:
+            raise ValueError(f"{state_file}: damaged, its mixed_precision is invalid ({exc}); {fresh}") from None
+        refuse_other_mixed_precision(self.source, state.get("mixed_precision"), self.mixed_precision, "the checkpoint")
         model = keras.saving.load_model(self.source / "last.keras", compile=True)
         _set_seed_states(model, state.get("seed_states", {}))
         best_model = self.build(self.config)

@@ -368,6 +368,31 @@ def mixed_precision_name(value: str | bool | None) -> str:
     return str(value)
 
 
+def recorded_mixed_precision(raw: Any) -> str:
+    """The compute type a checkpoint or history recorded: "", "float16" or "bfloat16".
+
+    Releases before bfloat16 recorded ``true``/``false`` (true: float16); a history records "off"
+    for float32; a record from before the field has nothing (``None``).
+
+    Raises:
+        ValueError: for any other value (a damaged record).
+    """
+    return "" if raw in ("off", False, None) else mixed_precision_name(raw)
+
+
+def refuse_other_mixed_precision(source: Any, raw: Any, now: str | bool, what: str) -> None:
+    """Refuse to resume ``what`` (in ``source``) trained with another compute type than ``now``:
+    one branch, one compute type.
+
+    Raises:
+        ValueError: naming ``source`` and the flag to resume with.
+    """
+    was = recorded_mixed_precision(raw)
+    if was != mixed_precision_name(now):
+        how = f"with --mixed-precision {was}" if was else "without --mixed-precision"
+        raise ValueError(f"{source}: {what} was trained {how}; resume {how}, or train without --resume")
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU does bfloat16 arithmetic in hardware (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
     try:
@@ -397,7 +422,7 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
 _NATIVE_FROM = {"float16": (7, 0), "bfloat16": (8, 0)}
 
 
-def warn_mixed_precision_without_gpu(mixed_precision: str | bool = "float16") -> None:
+def warn_if_mixed_precision_is_slow(mixed_precision: str | bool = "float16") -> None:
     """Log when ``--mixed-precision`` will be slower than float32: float16 on a CPU, bfloat16 on a
     CPU without native bf16, or either on a GPU older than its native generation (it still runs)."""
     name = mixed_precision_name(mixed_precision)
@@ -435,7 +460,7 @@ def start_strategy(name: str, mixed_precision: str | bool, jobs: int | None, bat
             start within ``$SKINFUSION_WORKER_TIMEOUT_S`` (see :func:`make_strategy`).
     """
     resolved = resolve(name)  # a bad TF_CONFIG is reported here, by name
-    warn_mixed_precision_without_gpu(mixed_precision)
+    warn_if_mixed_precision_is_slow(mixed_precision)
     if resolved == "one-device":
         return jobs  # made where the branch trains (each --jobs worker process makes its own)
     if jobs is not None and jobs > 1 and len(batch_sizes) > 1:

@@ -18,7 +18,7 @@ import numpy as np
 from colorspaces.files import read_json_object, write_json_atomic
 from models.branch import BranchConfig, assemble_members, build_branch, member_config
 from models.checkpoint import save_atomically
-from models.distribute import mixed_precision_name
+from models.distribute import recorded_mixed_precision, refuse_other_mixed_precision
 from models.train import fit_branch
 
 logger = logging.getLogger(__name__)
@@ -95,16 +95,12 @@ def _finished_member(directory: Path, config: BranchConfig,
         done = read_json_object(record, required=("config", "history"))
         if not config.matches(done["config"]):
             return None
-        # fit_branch records "off", "float16" or "bfloat16"; a member of an older release, nothing.
-        raw = done["history"].get("mixed_precision", "off") if isinstance(done["history"], dict) else "off"
-        was = "" if raw in ("off", False, None) else mixed_precision_name(raw)
+        raw = done["history"].get("mixed_precision") if isinstance(done["history"], dict) else None
+        recorded_mixed_precision(raw)  # a damaged record is a damaged member
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("[%s] %s: damaged (%s); training that member again", config.view, directory, exc)
         return None
-    now = mixed_precision_name(mixed_precision)
-    if was != now:
-        how = f"with --mixed-precision {was}" if was else "without --mixed-precision"
-        raise ValueError(f"{directory}: this member was trained {how}; resume {how}, or train without --resume")
+    refuse_other_mixed_precision(directory, raw, mixed_precision, "this member")
     try:
         model = build_branch(config)
         model.load_weights(weights_file)

@@ -252,18 +252,18 @@ def test_mixed_precision_flag_takes_a_compute_type_and_warns_where_it_is_slow(mo
                                  (False, "", False)]:
         monkeypatch.setattr(d, "cpu_has_native_bf16", lambda native=native: native)
         caplog.clear()
-        d.warn_mixed_precision_without_gpu(name)
+        d.warn_if_mixed_precision_is_slow(name)
         assert ("slower" in caplog.text) == warned, (native, name, caplog.text)
     monkeypatch.setattr(d, "gpu_count", lambda: 1)
     for cc, name, warned in [((7, 5), "bfloat16", True), ((8, 0), "bfloat16", False), ((6, 1), "float16", True),
                              ((7, 0), "float16", False), ((9, 0), "", False)]:
         monkeypatch.setattr(d, "gpu_compute_capabilities", lambda cc=cc: [cc])
         caplog.clear()
-        d.warn_mixed_precision_without_gpu(name)
+        d.warn_if_mixed_precision_is_slow(name)
         assert ("slower" in caplog.text) == warned, (cc, name, caplog.text)
     monkeypatch.setattr(d, "gpu_compute_capabilities", lambda: [])  # a GPU that reports nothing: no guess
     caplog.clear()
-    d.warn_mixed_precision_without_gpu("bfloat16")
+    d.warn_if_mixed_precision_is_slow("bfloat16")
     assert "slower" not in caplog.text
 
 
@@ -409,3 +409,7 @@ def test_resume_refuses_another_compute_type_and_reads_old_true_as_float16(tmp_p
     with pytest.raises(ValueError, match="trained with --mixed-precision float16"):
         _BestKeeper(config, tmp_path, mixed_precision="bfloat16").restore()
     assert _BestKeeper(config, tmp_path, mixed_precision="float16").restore()[1] == 1
+    state["mixed_precision"] = "float8"  # a damaged record: named as damaged, not read as a compute type
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="state.json: damaged, its mixed_precision is invalid"):
+        _BestKeeper(config, tmp_path, mixed_precision="float16").restore()

@@ -84,3 +84,15 @@ def test_bench_views_times_both_sides_on_identical_arrays(capsys):
     assert all(report[side]["cpu_ms_per_image"] > 0 for side in ("branch by branch", "shared"))
     assert main(["--crop-scale", "3"]) == 2
     assert "--crop-scale must be in [1, 2]" in capsys.readouterr().err
+
+
+def test_bench_views_fails_in_both_modes_when_the_shared_path_differs(monkeypatch, capsys):
+    """A timing of two paths that compute different arrays is meaningless: exit 1, JSON or table."""
+    import experiments.bench_views as bv
+
+    real = bv.Preprocess.branch_inputs
+    monkeypatch.setattr(bv.Preprocess, "branch_inputs", lambda self, b: [(x + 1, k) for x, k in real(self, b)])
+    common = ["--views", "rgb", "--size", "16", "--batch", "2", "--batches", "1", "--rounds", "1"]
+    assert bv.main([*common, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["identical_arrays"] is False
+    assert bv.main(common) == 1
