@@ -19,7 +19,7 @@ import numpy as np
 
 from colorspaces.files import atomic_path, read_json_object, write_json_atomic
 from models.branch import BranchConfig, build_branch
-from models.distribute import recorded_mixed_precision, refuse_other_mixed_precision
+from models.precision import recorded_mixed_precision, refuse_other_mixed_precision
 
 logger = logging.getLogger(__name__)
 

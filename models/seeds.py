@@ -18,7 +18,7 @@ import numpy as np
 from colorspaces.files import read_json_object, write_json_atomic
 from models.branch import BranchConfig, assemble_members, build_branch, member_config
 from models.checkpoint import save_atomically
-from models.distribute import recorded_mixed_precision, refuse_other_mixed_precision
+from models.precision import recorded_mixed_precision, refuse_other_mixed_precision
 from models.train import fit_branch
 
 logger = logging.getLogger(__name__)

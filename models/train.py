@@ -25,7 +25,7 @@ from models.batches import (  # noqa: F401  (re-exported, as before the pipeline
 )
 from models.branch import BranchConfig, build_branch
 from models.checkpoint import _BestKeeper
-from models.distribute import mixed_precision_name
+from models.precision import mixed_precision_name
 from models.sampling import class_weights, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from colorspaces import DEFAULT_VIEWS, VIEWS
 from ensemble.rundir import RunDir
 from models.config import BranchConfig, read_config_file
-from models.distribute import MIXED_PRECISION, STRATEGIES, start_strategy
+from models.distribute import STRATEGIES, start_strategy
+from models.precision import MIXED_PRECISION
 from models.progress import interrupted_training_message
 from skinfusion.cli.common import (
     add_quiet,
