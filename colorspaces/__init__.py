@@ -1,5 +1,5 @@
 """Layer 0: image reading, the deterministic views (RGB, HSV, FFT; LAB and YCrCb as options), crops,
-the label table and file helpers; pure NumPy and OpenCV."""
+the label table, file helpers and Ctrl-C deferral (``interrupts``); pure NumPy and OpenCV."""
 
 from colorspaces.constancy import CONSTANCY, apply_constancy, shades_of_gray
 from colorspaces.crops import centre_crop, random_crops, sliding_windows, window_offsets

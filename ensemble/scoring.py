@@ -17,6 +17,7 @@ import numpy as np
 
 from colorspaces import ImageError
 from colorspaces.crops import DIHEDRAL, dihedral
+from colorspaces.interrupts import deferred_sigint
 from colorspaces.pipeline import Preprocess, mean_over_windows, prepare_image, prepare_images
 from ensemble.details import BatchScores, FileBatch, PredictionDetails
 from ensemble.ood import OODGate, judge
@@ -85,9 +86,18 @@ class ScoringEngine:
     # ---------------------------------------------------------------- forward pass, batched
     def member_outputs_batch(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """``(P, embeddings)`` for RGB uint8 images at ``load_size``: P is n × branches, one n × d_j
-        embedding per branch, both averaged over the sliding windows of branches trained with crops."""
+        embedding per branch, both averaged over the sliding windows of branches trained with crops.
+
+        Ctrl-C during the forward pass is delivered when it returns (``deferred_sigint``): raised
+        inside TensorFlow's C++ callbacks it can come out as another error with a printed traceback.
+        """
         if len(batch) == 0:
             return np.zeros((0, len(self.views)), np.float64), [np.zeros((0, d)) for d in self.embedding_dims]
+        with deferred_sigint():
+            return self._member_outputs(batch)
+
+    def _member_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``member_outputs_batch`` of a non-empty batch, split into pipelined chunks when it is large."""
         rows = self.pipeline_rows
         if not rows or len(batch) < 2 * rows:
             xs, k = self._view_inputs(batch)

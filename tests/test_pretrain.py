@@ -121,6 +121,36 @@ def test_pretrain_flags_are_checked_before_any_work(synthetic_data, tmp_path, ca
     assert "--learning-rate" in capsys.readouterr().err
     assert pretrain_main([*base, "--image-size", "8"]) == 2
     assert "--image-size must be at least 16" in capsys.readouterr().err
+    assert pretrain_main([*base, "--jobs", "2"]) == 2
+    assert "--jobs 2 pre-trains several views at once; it needs --view all" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "splits.csv").exists()
+
+
+def test_pretrain_all_views_in_parallel_processes(synthetic_data, tmp_path, capsys):
+    """--view all --jobs 2: one lock, one split, every default view's encoder in OUT/<view>, each learned."""
+    from colorspaces import DEFAULT_VIEWS
+    from skinfusion.workflows.runlock import run_lock
+
+    run, out = tmp_path / "r", tmp_path / "enc"
+    rc = pretrain_main(["--view", "all", "--jobs", "2", "--data", str(synthetic_data), "--run", str(run),
+                        "--out", str(out), "--image-size", "32", "--epochs", "3", "--batch-size", "32", "-q"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assign, _ = load_split(run)
+    train_ids = sorted(i for i, s in assign.items() if s == "train")
+    for view in DEFAULT_VIEWS:
+        enc = out / view
+        info = json.loads((enc / "pretrain.json").read_text())
+        assert info["view"] == view
+        assert sorted((enc / "images.txt").read_text().split()) == train_ids
+        hist = info["history"]
+        assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+        assert all(0.5 < h["collapse_indicator"] <= 1.5 for h in hist[1:]), f"{view} collapsed"
+        assert f"--init-from {enc}" in printed
+    # What it learned: as in the one-view test, the rgb probe finds the synthetic melanomas.
+    assert json.loads((out / "rgb" / "pretrain.json").read_text())["history"][-1]["knn_auc"] >= 0.85
+    with run_lock(run, "test"):  # the parent's lock was released
+        pass
 
 
 def test_a_batch_larger_than_the_data_names_the_flag(synthetic_data, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Pre-train one view's encoder without labels (SimSiam) for `train --init-from`.
+"""Pre-train a view's encoder (or every default view's) without labels (SimSiam) for `train --init-from`.
 
 ``skinfusion pretrain`` learns the branch's conv layers from every image of the run's training
 split (labels unused) and any extra unlabelled folders, and writes ``encoder.npz`` +
@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from colorspaces import CONSTANCY, VIEWS
+from colorspaces import CONSTANCY, DEFAULT_VIEWS, VIEWS
 from colorspaces.lesion import LESION_CROPS
 from models.config import BranchConfig
 from skinfusion.cli.common import (
@@ -31,7 +31,11 @@ def parser() -> argparse.ArgumentParser:
     """The ``skinfusion pretrain`` parser."""
     d = BranchConfig()
     p = new_parser("pretrain", __doc__)
-    p.add_argument("--view", required=True, choices=list(VIEWS), help="which view's encoder to pre-train")
+    p.add_argument("--view", required=True, choices=[*VIEWS, "all"],
+                   help=f"which view's encoder to pre-train; 'all' pre-trains {', '.join(DEFAULT_VIEWS)}")
+    p.add_argument("--jobs", type=positive_int, metavar="N",
+                   help="with --view all: views pre-trained at once, each in its own process with cores/N TensorFlow "
+                        "threads (default: one process per view, as train; 1 = one after another in this process, less memory)")
     p.add_argument("--data", required=True, metavar="DIR", help=data_help())
     p.add_argument("--run", required=True, metavar="DIR",
                    help="run directory whose training split is pre-trained on (its split is made on first use, "
@@ -39,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--images", action="append", default=[], metavar="DIR",
                    help="an extra folder of unlabelled images (searched recursively; repeat for more); files that "
                         "are validation or test images of the run, by name or by content, are left out")
-    p.add_argument("--out", metavar="DIR", help="where to write the encoder (default RUN/pretrain/<view>)")
+    p.add_argument("--out", metavar="DIR",
+                   help="where to write the encoder (default RUN/pretrain/<view>); with --view all, each view's "
+                        "encoder goes to DIR/<view>")
     p.add_argument("--epochs", type=positive_int, default=20, metavar="N", help="passes over the images (default 20)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                    help="images per step, two augmented views each (default 64)")
@@ -77,20 +83,28 @@ def _pretrain(args: argparse.Namespace) -> int:
     for d in args.images:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--images {d}: no such folder; give a folder of unlabelled images")
-    from skinfusion.workflows.pretraining import pretrain_view  # TensorFlow: not for --help
+    if args.jobs is not None and args.view != "all":
+        raise ValueError(f"--jobs {args.jobs} pre-trains several views at once; it needs --view all")
+    from skinfusion.workflows.pretraining import pretrain_views  # TensorFlow: not for --help
 
-    config = BranchConfig(view=args.view, image_size=args.image_size, base_filters=args.base_filters,
-                          color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
-    s = pretrain_view(args.data, args.run, config, out_dir=args.out, extra_dirs=args.images, epochs=args.epochs,
-                      batch_size=args.batch_size, learning_rate=args.learning_rate, split_seed=args.split_seed,
-                      limit=args.limit, workers=args.workers, cache_dir=args.cache_dir, resume=args.resume)
-    first, last = s["history"][0], s["history"][-1]
-    probe = (f"; k-NN probe validation AUC {first['knn_auc']:.4f} before, {last['knn_auc']:.4f} after"
-             if "knn_auc" in last else "")
-    print(f"{args.view}: encoder pre-trained on {s['n_images']} images ({s['n_training_images']} training, "
-          f"{s['n_extra_images']} extra, {s['extra_refused']} refused){probe}; collapse indicator "
-          f"{last['collapse_indicator']:.2f} (about 1 healthy, near 0 collapsed) -> {s['out']}")
-    print(f"fine-tune with: skinfusion train --view {args.view} --data {args.data} --run RUN --init-from {s['out']}")
+    views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
+    configs = [BranchConfig(view=v, image_size=args.image_size, base_filters=args.base_filters,
+                            color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
+               for v in views]
+    outs = [str(Path(args.out) / v) if args.out and args.view == "all" else args.out for v in views]
+    summaries = pretrain_views(args.data, args.run, configs, outs, jobs=args.jobs if args.jobs is not None else len(configs), extra_dirs=args.images,
+                               epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                               split_seed=args.split_seed, limit=args.limit, workers=args.workers,
+                               cache_dir=args.cache_dir, resume=args.resume)
+    for view, s in zip(views, summaries):
+        first, last = s["history"][0], s["history"][-1]
+        probe = (f"; k-NN probe validation AUC {first['knn_auc']:.4f} before, {last['knn_auc']:.4f} after"
+                 if "knn_auc" in last else "")
+        print(f"{view}: encoder pre-trained on {s['n_images']} images ({s['n_training_images']} training, "
+              f"{s['n_extra_images']} extra, {s['extra_refused']} refused){probe}; collapse indicator "
+              f"{last['collapse_indicator']:.2f} (about 1 healthy, near 0 collapsed) -> {s['out']}")
+    for view, s in zip(views, summaries):
+        print(f"fine-tune with: skinfusion train --view {view} --data {args.data} --run RUN --init-from {s['out']}")
     return 0
 
 

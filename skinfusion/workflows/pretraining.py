@@ -22,6 +22,7 @@ from colorspaces.image import IMAGE_SUFFIXES
 from models import BranchConfig
 from skinfusion.data.cache import cached_images
 from skinfusion.workflows.fusing import held_out_ids
+from skinfusion.workflows.processes import in_processes, threads_per_job
 from skinfusion.workflows.runlock import run_lock
 from skinfusion.workflows.runsplit import prepare_split
 
@@ -76,6 +77,33 @@ def extra_images(dirs: Sequence[str | Path], forbidden_ids: set[str], forbidden_
     return keep, refused
 
 
+def _pretraining_images(data_dir: str, run: Path, extra_dirs: Sequence[str], batch_size: int, split_seed: int,
+                        limit: int | None) -> tuple[list, list, list[str], int, dict[str, Any]]:
+    """The run's split (made on first use) and what pre-training reads; call it holding the run lock.
+
+    Returns:
+        ``(train records, validation records, extra image paths, extra files refused, split info)``;
+        the images a leave-one-source-out run holds out are in neither list.
+    """
+    held = held_out_ids(run)
+    n_candidates = len(image_files(extra_dirs))
+
+    def enough_images(new: dict[str, str]) -> None:
+        # Before a new split is saved: a pre-training that cannot run leaves no split in the run.
+        n = sum(s == "train" and i not in held for i, s in new.items()) + n_candidates
+        if n < batch_size:
+            raise ValueError(f"pre-training needs at least one batch of images: --batch-size {batch_size}, but "
+                             f"only {n} images; lower --batch-size or add images (--images)")
+
+    index, assign, info = prepare_split(data_dir, str(run), split_seed, limit, check=enough_images)
+    recs = [r for r in index.records if r.image_id not in held]
+    train = [r for r in recs if assign.get(r.image_id) == "train"]
+    val = [r for r in recs if assign.get(r.image_id) == "val"]
+    never = [r for r in index.records if assign.get(r.image_id) in ("val", "test")]
+    extra, refused = extra_images(extra_dirs, {r.image_id for r in never}, [r.path for r in never])
+    return train, val, extra, refused, info
+
+
 def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: str | None = None,
                   extra_dirs: Sequence[str] = (), epochs: int = 20, batch_size: int = 64,
                   learning_rate: float | None = None, split_seed: int = 0, limit: int | None = None,
@@ -99,25 +127,10 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "pretrain" / config.view
     with run_lock(run, f"skinfusion pretrain --view {config.view}"):
-        held = held_out_ids(run)
-        n_candidates = len(image_files(extra_dirs))
-
-        def enough_images(new: dict[str, str]) -> None:
-            # Before a new split is saved: a pre-training that cannot run leaves no split in the run.
-            n = sum(s == "train" and i not in held for i, s in new.items()) + n_candidates
-            if n < batch_size:
-                raise ValueError(f"pre-training needs at least one batch of images: --batch-size {batch_size}, but "
-                                 f"only {n} images; lower --batch-size or add images (--images)")
-
-        index, assign, info = prepare_split(data_dir, str(run), split_seed, limit, check=enough_images)
-        recs = [r for r in index.records if r.image_id not in held]
-        train = [r for r in recs if assign.get(r.image_id) == "train"]
-        val = [r for r in recs if assign.get(r.image_id) == "val"]
-        never = [r for r in index.records if assign.get(r.image_id) in ("val", "test")]
-        extra, refused = extra_images(extra_dirs, {r.image_id for r in never}, [r.path for r in never])
+        train, val, extra, refused, info = _pretraining_images(data_dir, run, extra_dirs, batch_size, split_seed, limit)
         if refused:
-            logger.warning("left %d files of --images out of pre-training: they are validation or test images "
-                           "of the run (same name or same bytes)", refused)
+            logger.warning("[%s] left %d files of --images out of pre-training: they are validation or test images "
+                           "of the run (same name or same bytes)", config.view, refused)
         paths = [r.path for r in train] + extra
         margin = config.decode_margin
         images, ok, failed = cached_images(paths, config.image_size, cache_dir=cache_dir, workers=workers,
@@ -168,3 +181,53 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
         shutil.rmtree(checkpoint, ignore_errors=True)  # the encoder is written: nothing left to resume
     return {"out": str(out), "n_images": len(images), "n_training_images": n_train_ok,
             "n_extra_images": len(images) - n_train_ok, "extra_refused": refused, "history": history}
+
+
+def pretrain_views(data_dir: str, run_dir: str, configs: Sequence[BranchConfig], out_dirs: Sequence[str | None],
+                   jobs: int = 1, **options: Any) -> list[dict[str, Any]]:
+    """``pretrain_view`` for several views of one run: one after another, or ``jobs`` at once in processes.
+
+    The run is locked once for all of them. With ``jobs > 1`` the split and the decoded-image caches
+    are made first, in this process, so the workers share them instead of racing to write them,
+    and each worker gets ``cores // jobs`` TensorFlow threads.
+
+    Args:
+        data_dir, run_dir: as for ``pretrain_view``.
+        configs: one config per view.
+        out_dirs: each view's encoder directory (None: ``RUN/pretrain/<view>``), in ``configs`` order.
+        jobs: views pre-trained at once.
+        **options: the other arguments of ``pretrain_view`` (extra_dirs, epochs, batch_size, ...).
+
+    Returns:
+        The summaries of ``pretrain_view``, in ``configs`` order.
+    """
+    if len(out_dirs) != len(configs):
+        raise ValueError(f"got {len(out_dirs)} encoder directories for {len(configs)} views")
+    run = Path(run_dir)
+    calls = [(data_dir, run_dir, c, o) for c, o in zip(configs, out_dirs)]
+    with run_lock(run, "skinfusion pretrain --view " + "+".join(c.view for c in configs)):
+        if jobs == 1 or len(configs) == 1:
+            import keras  # the first pre-training loads TensorFlow anyway
+
+            summaries = []
+            for call in calls:
+                summaries.append(pretrain_view(*call, **options))
+                keras.backend.clear_session()  # free the finished encoder's graph before the next one
+            return summaries
+        train, val, extra, _, _ = _pretraining_images(data_dir, run, options.get("extra_dirs", ()),
+                                                      options.get("batch_size", 64), options.get("split_seed", 0),
+                                                      options.get("limit"))
+        for size, margin in sorted({(c.image_size, c.decode_margin) for c in configs}, key=str):
+            for paths, desc in (([r.path for r in train] + extra, "pre-training images"),
+                                ([r.path for r in val], "probe validation images")):
+                cached_images(paths, size, cache_dir=options.get("cache_dir"), workers=options.get("workers", 2),
+                              desc=desc, lesion_margin=margin)
+        logger.info("pre-training %d views in %d processes, %d TensorFlow threads each", len(configs), jobs,
+                    threads_per_job(jobs))
+        return in_processes(_pretrain_view_kwargs, [(*call, options) for call in calls], jobs)
+
+
+def _pretrain_view_kwargs(data_dir: str, run_dir: str, config: BranchConfig, out_dir: str | None,
+                          options: dict[str, Any]) -> dict[str, Any]:
+    """``pretrain_view`` with its keyword options as one argument: what a worker process runs."""
+    return pretrain_view(data_dir, run_dir, config, out_dir, **options)

@@ -6,8 +6,6 @@ import contextlib
 import csv
 import gc
 import logging
-import os
-import pickle
 import shutil
 import tempfile
 import zlib
@@ -17,7 +15,6 @@ from typing import Any, Sequence
 
 import keras
 import numpy as np
-from joblib import Parallel, delayed
 
 from colorspaces.files import atomic_open
 from ensemble.bundle import sha256_file
@@ -33,7 +30,6 @@ from models.distribute import (
 )
 from models.progress import checkpoint_progress
 from models.store import read_branch_info
-from models.quiet import call_quietly
 from models.seeds import fit_seeds
 from skinfusion.data.cache import cached_images
 from skinfusion.data.index import source_family, write_skip_report
@@ -41,7 +37,8 @@ from skinfusion.data.layouts import index_dataset
 from skinfusion.data.splits import load_split, recorded_data_dir
 from skinfusion.workflows.labelprocess import selection_mask, selection_record, training_records, training_weights
 from skinfusion.workflows.resources import bound_allocator, peak_rss_mb
-from skinfusion.workflows.runlock import HELD_ENV, run_lock
+from skinfusion.workflows.processes import in_processes, threads_per_job
+from skinfusion.workflows.runlock import run_lock
 from skinfusion.workflows.runsplit import prepare_split
 
 logger = logging.getLogger(__name__)
@@ -303,24 +300,6 @@ def _multi_worker_class() -> type:
     return tf.distribute.MultiWorkerMirroredStrategy
 
 
-def _train_in_worker(threads: int, log_level: int, held_locks: str, request: TrainRequest,
-                     config: BranchConfig) -> dict[str, Any]:
-    # Runs in a joblib (loky) worker process. loky reuses its workers from one call to the next, and a
-    # reused worker keeps the environment it was started with: the run locks our parent holds now are
-    # handed over explicitly, or a second `train --view all` in one process is refused its own run.
-    if held_locks:
-        os.environ[HELD_ENV] = held_locks
-    else:
-        os.environ.pop(HELD_ENV, None)
-    # Split the cores before TensorFlow starts (a reused worker already has this same setting).
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    return train_branch_run(request, config)
-
-
 def train_branches(data_dir: str, run_dir: str, configs: Sequence[BranchConfig], jobs: int = 1,
                    **options: Any) -> list[dict[str, Any]]:
     """Train several branches on one run, one after another (``jobs=1``) or in parallel processes.
@@ -382,12 +361,9 @@ def _train_branches(request: TrainRequest, configs: Sequence[BranchConfig], jobs
                            and not (split == "train" and r.image_id in (request.exclude_ids or ()))],
                           size, cache_dir=request.cache_dir, workers=request.workers, desc=f"{split} images",
                           lesion_margin=margin)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs, threads)
-    level = logging.getLogger().getEffectiveLevel()
-    held = os.environ.get(HELD_ENV, "")
-    return Parallel(n_jobs=jobs, backend="loky")(
-        delayed(call_quietly)(pickle.dumps((_train_in_worker, (threads, level, held, request, c)))) for c in configs)
+    logger.info("training %d branches in %d processes, %d TensorFlow threads each", len(configs), jobs,
+                threads_per_job(jobs))
+    return in_processes(train_branch_run, [(request, c) for c in configs], jobs)
 
 
 def score_branch(run_dir: str, view: str, split: str = "test", workers: int = 2) -> tuple[list, np.ndarray]:

@@ -1,0 +1,47 @@
+"""Ctrl-C held while native code runs, then delivered where Python can handle it cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold Ctrl-C inside the block and deliver it, to the handler that was set before, when the block ends.
+
+    A ``KeyboardInterrupt`` raised while TensorFlow's C++ code is calling back into Python (a lazy
+    import inside ``nest.flatten``, seen in a predict) can surface as ``SystemError: ... returned a
+    result with an exception set``, and TensorFlow prints that traceback itself before our handler
+    sees anything. Wrapping each forward pass defers the signal by at most one batch. A second
+    Ctrl-C inside the block is not held: a user who presses it twice wants out now.
+
+    Outside the main thread (a server's worker) Python allows no handler to be set, and a handler
+    of ``SIG_IGN`` or ``SIG_DFL`` is left alone; in those cases the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN, SIG_DFL, or set from C (None): not ours to change
+        yield
+        return
+    held: list[int] = []  # the signal noted, then a marker once the previous handler has had it
+
+    def hold(signum, frame) -> None:
+        if held:
+            held.append(-1)
+            previous(signum, frame)
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if len(held) == 1:
+            # Here only Python code runs: the handler's KeyboardInterrupt (run_guarded's, or
+            # Python's default) propagates normally and replaces any error the block raised.
+            previous(held[0], None)

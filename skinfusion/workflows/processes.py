@@ -1,0 +1,57 @@
+"""Several TensorFlow jobs at once, one process each: the cores split between them, the run locks handed over.
+
+``train --view all --jobs N`` and ``pretrain --view all --jobs N`` share this. Processes rather than
+threads, because a Keras model's training step holds the GIL in its Python callbacks and one
+TensorFlow runtime per process is the only way to give each job its own thread pools.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from typing import Any, Callable, Sequence
+
+from joblib import Parallel, delayed
+
+from models.quiet import call_quietly
+from skinfusion.workflows.runlock import HELD_ENV
+
+
+def threads_per_job(jobs: int) -> int:
+    """TensorFlow threads each of ``jobs`` parallel processes gets: the cores, split equally (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _in_worker(threads: int, log_level: int, held_locks: str, function: Callable[..., Any], args: tuple) -> Any:
+    # Runs in a joblib (loky) worker process. loky reuses its workers from one call to the next, and a
+    # reused worker keeps the environment it was started with: the run locks our parent holds now are
+    # handed over explicitly, or a second `train --view all` in one process is refused its own run.
+    if held_locks:
+        os.environ[HELD_ENV] = held_locks
+    else:
+        os.environ.pop(HELD_ENV, None)
+    # Split the cores before TensorFlow starts (a reused worker already has this same setting).
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    return function(*args)
+
+
+def in_processes(function: Callable[..., Any], calls: Sequence[tuple], jobs: int) -> list[Any]:
+    """``[function(*args) for args in calls]``, ``jobs`` at a time in loky worker processes.
+
+    Each worker gets ``threads_per_job(jobs)`` TensorFlow threads, this process's log level, and the
+    run locks this process holds (so ``run_lock`` in the worker lets it write the run its parent
+    locked). ``function`` must be importable by name (a module-level function).
+
+    Returns:
+        The results, in ``calls`` order.
+    """
+    threads, level = threads_per_job(jobs), logging.getLogger().getEffectiveLevel()
+    held = os.environ.get(HELD_ENV, "")
+    return Parallel(n_jobs=jobs, backend="loky")(
+        delayed(call_quietly)(pickle.dumps((_in_worker, (threads, level, held, function, tuple(args)))))
+        for args in calls)

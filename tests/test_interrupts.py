@@ -1,0 +1,121 @@
+"""Ctrl-C held during a forward pass and delivered after it (colorspaces.interrupts.deferred_sigint).
+
+The CI flake this guards against: a SIGINT that landed inside TensorFlow's C++ ``nest.flatten``
+made TensorFlow print a ``SystemError`` traceback before ``run_guarded`` reported the interrupt.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from colorspaces.interrupts import deferred_sigint
+from colorspaces.pipeline import BranchRecipe, Preprocess
+from ensemble.scoring import ScoringEngine
+
+
+@pytest.fixture
+def noting_handler():
+    """A Python SIGINT handler that raises KeyboardInterrupt and records each call, as run_guarded's does."""
+    calls: list[int] = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, handler)
+    yield handler, calls
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_inside_the_block_is_delivered_when_it_ends(noting_handler):
+    handler, calls = noting_handler
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)
+            finished.append("the rest of the block ran")
+    assert finished and calls == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is handler, "the previous handler is put back"
+
+
+def test_the_interrupt_replaces_an_error_the_held_signal_caused(noting_handler):
+    with pytest.raises(KeyboardInterrupt) as info:
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)
+            raise SystemError("returned a result with an exception set")
+    assert isinstance(info.value.__context__, SystemError)
+
+
+def test_a_second_ctrl_c_is_not_held(noting_handler):
+    _, calls = noting_handler
+    after_second = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            after_second.append(True)
+    assert not after_second and calls == [signal.SIGINT]
+
+
+def test_no_ctrl_c_no_change(noting_handler):
+    handler, calls = noting_handler
+    with deferred_sigint():
+        value = 1 + 1
+    assert value == 2 and calls == [] and signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ignored_ctrl_c_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_sigint():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_outside_the_main_thread_the_block_runs_unchanged():
+    errors = []
+
+    def body():
+        try:
+            with deferred_sigint():
+                pass
+        except Exception as exc:  # signal.signal outside the main thread raises ValueError
+            errors.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert errors == []
+
+
+class _SlowBackend(ScoringEngine):
+    """A backend whose forward pass receives Ctrl-C halfway through, as a TensorFlow call would."""
+
+    def __init__(self):
+        self.views = ["rgb"]
+        self.preprocess = Preprocess(image_size=8, load_size=8, branches=(BranchRecipe("rgb"),))
+        self.embedding_dims = [2]
+        self.completed = 0
+
+    def forward(self, xs):
+        signal.raise_signal(signal.SIGINT)
+        # Held: a KeyboardInterrupt here is what TensorFlow's C++ turned into a SystemError.
+        n = len(xs[0])
+        self.completed += 1
+        return [np.full((n, 1), 0.5), np.zeros((n, 2))]
+
+
+def test_the_engine_holds_ctrl_c_until_its_forward_pass_returns(noting_handler):
+    _, calls = noting_handler
+    engine = _SlowBackend()
+    with pytest.raises(KeyboardInterrupt):
+        engine.member_outputs_batch(np.zeros((3, 8, 8, 3), np.uint8))
+    assert engine.completed == 1, "the forward pass ran to its end before the interrupt"
+    assert calls == [signal.SIGINT]
