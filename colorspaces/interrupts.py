@@ -16,7 +16,8 @@ def deferred_sigint() -> Iterator[None]:
     import inside ``nest.flatten``, seen in a predict) can surface as ``SystemError: ... returned a
     result with an exception set``, and TensorFlow prints that traceback itself before our handler
     sees anything. Wrapping each forward pass defers the signal by at most one batch. A second
-    Ctrl-C inside the block is not held: a user who presses it twice wants out now.
+    Ctrl-C inside the block is not held: a user who presses it twice wants out now, so every press
+    so far goes to the previous handler at once, in order (a handler that counts presses sees all).
 
     Outside the main thread (a server's worker) Python allows no handler to be set, and a handler
     of ``SIG_IGN`` or ``SIG_DFL`` is left alone; in those cases the block runs unchanged.
@@ -28,20 +29,29 @@ def deferred_sigint() -> Iterator[None]:
     if not callable(previous):  # SIG_IGN, SIG_DFL, or set from C (None): not ours to change
         yield
         return
-    held: list[int] = []  # the signal noted, then a marker once the previous handler has had it
+    held: list[int] = []
+    delivered = [0]
+
+    def deliver(frame) -> None:
+        while delivered[0] < len(held):
+            signum = held[delivered[0]]
+            delivered[0] += 1
+            try:
+                previous(signum, frame)  # run_guarded's handler (or Python's) raises KeyboardInterrupt here
+            except BaseException:
+                delivered[0] = len(held)  # one KeyboardInterrupt on its way out is enough
+                raise
 
     def hold(signum, frame) -> None:
-        if held:
-            held.append(-1)
-            previous(signum, frame)
         held.append(signum)
+        if len(held) > 1:
+            deliver(frame)
 
     signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if len(held) == 1:
-            # Here only Python code runs: the handler's KeyboardInterrupt (run_guarded's, or
-            # Python's default) propagates normally and replaces any error the block raised.
-            previous(held[0], None)
+        # Here only Python code runs: the handler's KeyboardInterrupt propagates normally and
+        # replaces any error the block raised.
+        deliver(None)

@@ -181,6 +181,9 @@ def load_runs(runs: Sequence[str | Path]) -> list[tuple[dict[str, dict[str, str]
     loaded = []
     for run in map(Path, runs):
         path = run / "scores.csv"
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, not the file `python -m experiments.loso train` writes; "
+                             "move it away and train the run again")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; train the run with `python -m experiments.loso train` first")
         rows, views = read_scores(run)

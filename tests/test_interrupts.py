@@ -61,6 +61,49 @@ def test_a_second_ctrl_c_is_not_held(noting_handler):
     assert not after_second and calls == [signal.SIGINT]
 
 
+def test_a_handler_that_only_counts_sees_every_press():
+    """serve's handler notes presses without raising: two presses inside the block reach it as two."""
+    presses: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: presses.append(signum))
+    try:
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)
+            assert presses == []  # held
+            signal.raise_signal(signal.SIGINT)
+            assert presses == [signal.SIGINT, signal.SIGINT]  # the second press delivers both at once
+            signal.raise_signal(signal.SIGINT)
+        assert presses == [signal.SIGINT] * 3
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_nested_blocks_hold_one_press_and_pass_a_second_out(noting_handler):
+    _, calls = noting_handler
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            with deferred_sigint():
+                signal.raise_signal(signal.SIGINT)
+            assert calls == [], "the inner block handed the press to the outer one, which holds it"
+    assert calls == [signal.SIGINT]
+    calls.clear()
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            with deferred_sigint():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+                reached.append(True)
+    assert not reached and calls == [signal.SIGINT]
+
+
+def test_the_handler_is_put_back_after_an_error(noting_handler):
+    handler, calls = noting_handler
+    with pytest.raises(RuntimeError):
+        with deferred_sigint():
+            raise RuntimeError("a bug in the block")
+    assert signal.getsignal(signal.SIGINT) is handler and calls == []
+
+
 def test_no_ctrl_c_no_change(noting_handler):
     handler, calls = noting_handler
     with deferred_sigint():

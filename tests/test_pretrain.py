@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -129,13 +131,15 @@ def test_pretrain_flags_are_checked_before_any_work(synthetic_data, tmp_path, ca
 def test_pretrain_all_views_in_parallel_processes(synthetic_data, tmp_path, capsys):
     """--view all --jobs 2: one lock, one split, every default view's encoder in OUT/<view>, each learned."""
     from colorspaces import DEFAULT_VIEWS
-    from skinfusion.workflows.runlock import run_lock
+    from skinfusion.workflows.runlock import HELD_ENV, LOCK_FILE
 
     run, out = tmp_path / "r", tmp_path / "enc"
-    rc = pretrain_main(["--view", "all", "--jobs", "2", "--data", str(synthetic_data), "--run", str(run),
-                        "--out", str(out), "--image-size", "32", "--epochs", "3", "--batch-size", "32", "-q"])
-    assert rc == 0
-    printed = capsys.readouterr().out
+    argv = ["--view", "all", "--jobs", "2", "--data", str(synthetic_data), "--run", str(run),
+            "--out", str(out), "--image-size", "32", "--epochs", "3", "--batch-size", "32"]
+    assert pretrain_main(argv) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert f"pre-training {len(DEFAULT_VIEWS)} views in 2 processes" in captured.err
     assign, _ = load_split(run)
     train_ids = sorted(i for i, s in assign.items() if s == "train")
     for view in DEFAULT_VIEWS:
@@ -149,8 +153,42 @@ def test_pretrain_all_views_in_parallel_processes(synthetic_data, tmp_path, caps
         assert f"--init-from {enc}" in printed
     # What it learned: as in the one-view test, the rgb probe finds the synthetic melanomas.
     assert json.loads((out / "rgb" / "pretrain.json").read_text())["history"][-1]["knn_auc"] >= 0.85
-    with run_lock(run, "test"):  # the parent's lock was released
-        pass
+    # The parent's lock was released: a new descriptor of the lock file can take it (the same
+    # process is refused while another descriptor holds it), and no worker hand-over is left set.
+    assert HELD_ENV not in os.environ
+    fd = os.open(run / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+    # --resume after one view was lost: that view is pre-trained again, the others are kept as they are.
+    digests = {v: hashlib.sha256((out / v / "encoder.npz").read_bytes()).hexdigest() for v in DEFAULT_VIEWS}
+    shutil.rmtree(out / "fft")
+    assert pretrain_main([*argv, "--resume", "-q"]) == 0
+    printed = capsys.readouterr().out
+    for view in DEFAULT_VIEWS:
+        kept = f"{view}: encoder kept (already pre-trained with these settings)" in printed
+        assert kept == (view != "fft"), printed
+        if view != "fft":
+            assert hashlib.sha256((out / view / "encoder.npz").read_bytes()).hexdigest() == digests[view]
+    assert (out / "fft" / "encoder.npz").is_file()
+
+
+def test_resume_keeps_only_an_encoder_finished_with_the_same_settings(pretrained, caplog):
+    from models import BranchConfig
+    from skinfusion.workflows.pretraining import _finished_encoder
+
+    out = pretrained["out"]
+    info = json.loads((out / "pretrain.json").read_text())
+    config = BranchConfig(view="rgb", image_size=32)
+    settings = {k: info[k] for k in ("data_dir", "run", "dataset_fingerprint", "epochs", "batch_size",
+                                     "learning_rate", "seed", "lesion_crop", "extra_dirs")}
+    kept = _finished_encoder(out, config, settings)
+    assert kept["kept"] and kept["history"] == info["history"]
+    assert _finished_encoder(out, config, {**settings, "epochs": 4}) is None
+    assert "other settings (epochs 3, now 4)" in caplog.text
+    assert _finished_encoder(out, BranchConfig(view="rgb", image_size=48), settings) is None
 
 
 def test_a_batch_larger_than_the_data_names_the_flag(synthetic_data, tmp_path, capsys):

@@ -68,6 +68,9 @@ def test_runs_of_different_splits_are_refused(tmp_path, capsys):
         compare_seeds([a, b])
     assert main([str(a), str(tmp_path / "nowhere")]) == 2
     assert "scores.csv: missing" in capsys.readouterr().err
+    (tmp_path / "e" / "scores.csv").mkdir(parents=True)
+    assert main([str(a), str(tmp_path / "e")]) == 2
+    assert "scores.csv: is a directory" in capsys.readouterr().err
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "scores.csv").write_text("no,columns\n1,2\n")
     assert main([str(a), str(tmp_path / "c")]) == 2

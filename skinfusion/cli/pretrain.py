@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"which view's encoder to pre-train; 'all' pre-trains {', '.join(DEFAULT_VIEWS)}")
     p.add_argument("--jobs", type=positive_int, metavar="N",
                    help="with --view all: views pre-trained at once, each in its own process with cores/N TensorFlow "
-                        "threads (default: one process per view, as train; 1 = one after another in this process, less memory)")
+                        "threads (default: one process per view, as train; 1 = one after another in this process, "
+                        "less memory)")
     p.add_argument("--data", required=True, metavar="DIR", help=data_help())
     p.add_argument("--run", required=True, metavar="DIR",
                    help="run directory whose training split is pre-trained on (its split is made on first use, "
@@ -78,8 +79,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 40 images to leave both classes in every split, got {args.limit}")
     if args.image_size < 16:
         raise ValueError(f"--image-size must be at least 16 (four 2x poolings), got {args.image_size}")
-    if args.out:
-        check_output_dir("--out", args.out)
+    views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
+    outs = [str(Path(args.out) / v) if args.out and args.view == "all" else args.out for v in views]
+    for out in outs:
+        if out:
+            check_output_dir("--out", out)
     for d in args.images:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--images {d}: no such folder; give a folder of unlabelled images")
@@ -87,12 +91,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs {args.jobs} pre-trains several views at once; it needs --view all")
     from skinfusion.workflows.pretraining import pretrain_views  # TensorFlow: not for --help
 
-    views = DEFAULT_VIEWS if args.view == "all" else (args.view,)
     configs = [BranchConfig(view=v, image_size=args.image_size, base_filters=args.base_filters,
                             color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
                for v in views]
-    outs = [str(Path(args.out) / v) if args.out and args.view == "all" else args.out for v in views]
-    summaries = pretrain_views(args.data, args.run, configs, outs, jobs=args.jobs if args.jobs is not None else len(configs), extra_dirs=args.images,
+    jobs = args.jobs if args.jobs is not None else len(configs)
+    summaries = pretrain_views(args.data, args.run, configs, outs, jobs=jobs, extra_dirs=args.images,
                                epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                split_seed=args.split_seed, limit=args.limit, workers=args.workers,
                                cache_dir=args.cache_dir, resume=args.resume)
@@ -100,7 +103,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         first, last = s["history"][0], s["history"][-1]
         probe = (f"; k-NN probe validation AUC {first['knn_auc']:.4f} before, {last['knn_auc']:.4f} after"
                  if "knn_auc" in last else "")
-        print(f"{view}: encoder pre-trained on {s['n_images']} images ({s['n_training_images']} training, "
+        done = "kept (already pre-trained with these settings), pre-trained" if s.get("kept") else "pre-trained"
+        print(f"{view}: encoder {done} on {s['n_images']} images ({s['n_training_images']} training, "
               f"{s['n_extra_images']} extra, {s['extra_refused']} refused){probe}; collapse indicator "
               f"{last['collapse_indicator']:.2f} (about 1 healthy, near 0 collapsed) -> {s['out']}")
     for view, s in zip(views, summaries):
@@ -115,5 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         0, 2 on a reported error, 130 after Ctrl-C.
     """
     return run_command(parser(), _pretrain, argv,
-                       interrupted_hint="the encoder was not written; rerun the command with --resume to continue "
-                                        "from the last completed epoch")
+                       interrupted_hint="an encoder whose pre-training was cut short was not written; rerun the "
+                                        "command with --resume to continue from its last completed epoch (encoders "
+                                        "already written with the same settings are kept)")

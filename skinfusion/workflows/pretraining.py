@@ -88,20 +88,48 @@ def _pretraining_images(data_dir: str, run: Path, extra_dirs: Sequence[str], bat
     held = held_out_ids(run)
     n_candidates = len(image_files(extra_dirs))
 
-    def enough_images(new: dict[str, str]) -> None:
-        # Before a new split is saved: a pre-training that cannot run leaves no split in the run.
-        n = sum(s == "train" and i not in held for i, s in new.items()) + n_candidates
+    def enough_images(assign: dict[str, str]) -> None:
+        n = sum(s == "train" and i not in held for i, s in assign.items()) + n_candidates
         if n < batch_size:
             raise ValueError(f"pre-training needs at least one batch of images: --batch-size {batch_size}, but "
                              f"only {n} images; lower --batch-size or add images (--images)")
 
+    # Checked before a new split is saved (a pre-training that cannot run leaves no split in the
+    # run), and again on a split that existed, before any image is decoded.
     index, assign, info = prepare_split(data_dir, str(run), split_seed, limit, check=enough_images)
+    enough_images(assign)
     recs = [r for r in index.records if r.image_id not in held]
     train = [r for r in recs if assign.get(r.image_id) == "train"]
     val = [r for r in recs if assign.get(r.image_id) == "val"]
     never = [r for r in index.records if assign.get(r.image_id) in ("val", "test")]
     extra, refused = extra_images(extra_dirs, {r.image_id for r in never}, [r.path for r in never])
     return train, val, extra, refused, info
+
+
+def _finished_encoder(out: Path, config: BranchConfig, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of an encoder in ``out`` that finished with these settings (``--resume`` keeps it), else None.
+
+    One with an unfinished checkpoint beside it, other settings, or a damaged file is not finished:
+    it is pre-trained again (with a warning for the last two).
+    """
+    from models.pretrain import CHECKPOINT_DIR, INFO_FILE, read_encoder
+
+    if not (out / INFO_FILE).is_file() or (out / CHECKPOINT_DIR / "state.json").is_file():
+        return None
+    try:
+        recorded, _ = read_encoder(out)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.warning("[%s] %s; pre-training it again", config.view, exc)
+        return None
+    expected = {**settings, "view": config.view, "image_size": config.image_size,
+                "base_filters": config.base_filters, "color_constancy": config.color_constancy}
+    differ = sorted(k for k, v in expected.items() if recorded.get(k) != v)
+    if differ:
+        logger.warning("[%s] %s was pre-trained with other settings (%s); pre-training it again", config.view, out,
+                       ", ".join(f"{k} {recorded.get(k)!r}, now {expected[k]!r}" for k in differ))
+        return None
+    return {"out": str(out), **{k: recorded[k] for k in ("n_images", "n_training_images", "n_extra_images",
+                                                          "extra_refused", "history")}, "kept": True}
 
 
 def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: str | None = None,
@@ -111,8 +139,9 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
     """Pre-train ``config.view``'s encoder on the run's training images (+ ``extra_dirs``) and save it.
 
     Every finished epoch is checkpointed in ``<out>/.checkpoint``; with ``resume`` an interrupted
-    pre-training of the same settings continues from there. The checkpoint is removed once the
-    encoder is written.
+    pre-training of the same settings continues from there, and an encoder already finished with
+    the same settings is kept (its summary says ``"kept": True``). The checkpoint is removed once
+    the encoder is written.
 
     Returns:
         A summary: the encoder directory, image counts, and the history (loss, collapse
@@ -128,6 +157,14 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
     out = Path(out_dir) if out_dir else run / "pretrain" / config.view
     with run_lock(run, f"skinfusion pretrain --view {config.view}"):
         train, val, extra, refused, info = _pretraining_images(data_dir, run, extra_dirs, batch_size, split_seed, limit)
+        settings = {"data_dir": str(Path(data_dir).resolve()), "run": str(run.resolve()),
+                    "dataset_fingerprint": info.get("dataset_fingerprint"), "epochs": epochs,
+                    "batch_size": batch_size, "learning_rate": learning_rate, "seed": config.seed,
+                    "lesion_crop": config.lesion_crop, "extra_dirs": [str(Path(d).resolve()) for d in extra_dirs]}
+        finished = _finished_encoder(out, config, settings) if resume else None
+        if finished is not None:
+            logger.info("[%s] %s is already pre-trained with these settings: kept", config.view, out)
+            return finished
         if refused:
             logger.warning("[%s] left %d files of --images out of pre-training: they are validation or test images "
                            "of the run (same name or same bytes)", config.view, refused)
@@ -170,11 +207,8 @@ def pretrain_view(data_dir: str, run_dir: str, config: BranchConfig, out_dir: st
         used = [paths[i] for i in ok]
         ids = [train[i].image_id for i in ok if i < len(train)] + used[n_train_ok:]
         save_encoder(out, model, config, {
-            "data_dir": str(Path(data_dir).resolve()), "run": str(run.resolve()),
-            "dataset_fingerprint": info.get("dataset_fingerprint"), "epochs": epochs, "batch_size": batch_size,
-            "learning_rate": learning_rate, "seed": config.seed, "lesion_crop": config.lesion_crop,
-            "n_images": len(images), "n_training_images": n_train_ok, "n_extra_images": len(images) - n_train_ok,
-            "extra_dirs": [str(Path(d).resolve()) for d in extra_dirs], "extra_refused": refused,
+            **settings, "n_images": len(images), "n_training_images": n_train_ok,
+            "n_extra_images": len(images) - n_train_ok, "extra_refused": refused,
             "probe": {"k": PROBE_K, "reference": int(len(ref_pos)), "queries": int(len(val_y))} if probe else None,
             "history": history, "train_seconds": round(time.perf_counter() - t0, 1)})
         (out / IMAGES_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")

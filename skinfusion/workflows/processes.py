@@ -17,6 +17,8 @@ from joblib import Parallel, delayed
 from models.quiet import call_quietly
 from skinfusion.workflows.runlock import HELD_ENV
 
+logger = logging.getLogger(__name__)
+
 
 def threads_per_job(jobs: int) -> int:
     """TensorFlow threads each of ``jobs`` parallel processes gets: the cores, split equally (at least 1)."""
@@ -31,12 +33,18 @@ def _in_worker(threads: int, log_level: int, held_locks: str, function: Callable
         os.environ[HELD_ENV] = held_locks
     else:
         os.environ.pop(HELD_ENV, None)
-    # Split the cores before TensorFlow starts (a reused worker already has this same setting).
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    # Split the cores before TensorFlow starts. A worker reused from an earlier call with another
+    # --jobs has started TensorFlow already, and TensorFlow refuses a new thread count after that.
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        logger.warning("this worker process already runs TensorFlow with %s threads (not %d): kept",
+                       current or "its default number of", threads)
     return function(*args)
 
 
