@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from colorspaces import DEFAULT_VIEWS, VIEWS
+from colorspaces.crops import DIHEDRAL, dihedral
 from colorspaces.files import atomic_open, write_json_atomic
 from ensemble.metrics import roc_auc_ci
 from ensemble.selection import greedy_selection
@@ -97,10 +98,27 @@ def branch_configs(overrides: dict[str, Any], views: Sequence[str]) -> list[Bran
     return [BranchConfig.from_dict({**for_view(v), "view": v}) for v in views]
 
 
+def branch_scores(model, config: BranchConfig, images, tta: bool = False) -> np.ndarray:
+    """One branch's melanoma probability per image (RGB uint8 at ``config.load_size``).
+
+    With ``tta``: the mean over the 8 rotations and flips of each image, so that a turned or
+    mirrored image scores the same.
+    """
+    from models import predict_images_proba
+
+    variants = [dihedral(np.asarray(images), k) for k in range(len(DIHEDRAL))] if tta else [images]
+    return np.mean([predict_images_proba(model, config.view, x, constancy=config.color_constancy,
+                                         crop_stride=config.crop_stride) for x in variants], axis=0)
+
+
 def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str],
-          jobs: int) -> dict[str, Any]:
-    """Train ``views`` without the ``holdout`` source and score its val and test images."""
-    from models import load_branch, predict_images_proba  # Keras: only once the flags are checked
+          jobs: int, tta: bool = False) -> dict[str, Any]:
+    """Train ``views`` without the ``holdout`` source and score its val and test images.
+
+    With ``tta`` each branch's probability is its mean over the 8 rotations and flips of the image,
+    as ``skinfusion evaluate --tta`` scores (the flips of the RGB image, before its views).
+    """
+    from models import load_branch  # Keras: only once the flags are checked
     from skinfusion.workflows.training import train_branches
 
     index = index_dataset(data)
@@ -121,8 +139,7 @@ def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any
         model, config, _ = load_branch(run / "branches" / v)
         for role, recs in by_role.items():
             imgs, ok, _ = cached_images([r.path for r in recs], config.load_size, desc=f"{role} images")
-            proba = predict_images_proba(model, v, imgs, constancy=config.color_constancy,
-                                         crop_stride=config.crop_stride)
+            proba = branch_scores(model, config, imgs, tta)
             for i, p in zip(ok, proba):
                 rows[recs[i].image_id][v] = float(p)
     kept = [row for row in rows.values() if all(v in row for v in views)]
@@ -130,7 +147,7 @@ def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any
         w = csv.DictWriter(fh, ["image_id", "label", "source", "role", *views], lineterminator="\n")
         w.writeheader()
         w.writerows(kept)
-    result = summarise(run, holdout, name, overrides, views)
+    result = {**summarise(run, holdout, name, overrides, views), "tta": tta}
     write_json_atomic(run / "result.json", result)
     return result
 
@@ -327,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(e.g. color_constancy@rgb=shades_of_gray)")
     t.add_argument("--views", default=",".join(DEFAULT_VIEWS), help=f"comma-separated views (default {','.join(DEFAULT_VIEWS)})")
     t.add_argument("--jobs", type=positive_int, default=2, help="branches trained in parallel (default 2)")
+    t.add_argument("--tta", action="store_true",
+                   help="score each image as the mean over its 8 rotations and flips, as `skinfusion evaluate --tta` "
+                        "(to measure it on finished branches, copy a run's split files and branches to a new --name)")
     r = sub.add_parser("report", help="print the Markdown table of every finished LOSO run")
     r.add_argument("--out", required=True, metavar="DIR")
     c = sub.add_parser("compare", help="paired bootstrap differences of LOSO runs from the first (the reference)")
@@ -356,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--set: {e}")
 
     def body(a: argparse.Namespace) -> int:
-        res = train(a.data, a.out, a.holdout, a.name, overrides, views, a.jobs)
+        res = train(a.data, a.out, a.holdout, a.name, overrides, views, a.jobs, a.tta)
         print(json.dumps(res.get("holdout_test", {}), indent=1))
         return 0
 

@@ -176,3 +176,20 @@ def test_compare_can_fuse_chosen_views_in_every_run(three_seeds, capsys):
     for bad in ("nope", "rgb,rgb", ","):
         with pytest.raises(SystemExit):
             loso_main(["compare", str(three_seeds[0]), str(three_seeds[1]), "--views", bad])
+
+
+def test_loso_tta_scores_a_turned_or_mirrored_image_the_same():
+    """``loso train --tta``: each image's score is its mean over the 8 symmetries; without it, it is not."""
+    from colorspaces.crops import dihedral
+    from experiments.loso import branch_scores
+    from models import BranchConfig, build_branch
+
+    config = BranchConfig(view="fft", image_size=16, base_filters=4, seed=3)
+    model = build_branch(config)
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    turned = dihedral(images, 5)
+    plain, plain_turned = branch_scores(model, config, images), branch_scores(model, config, turned)
+    with_tta, with_tta_turned = branch_scores(model, config, images, tta=True), branch_scores(model, config, turned, tta=True)
+    assert np.allclose(with_tta, with_tta_turned, atol=1e-5)
+    assert not np.allclose(plain, plain_turned, atol=1e-5), "an untrained branch is not symmetric by itself"
+    assert with_tta.shape == (6,) and np.all((with_tta > 0) & (with_tta < 1))
