@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from colorspaces import apply_constancy, apply_view
 from colorspaces.files import atomic_path, read_json_object, sha256_file, write_json_atomic
+from colorspaces.interrupts import deferred_sigint
 from models.augment import augment_batch
 from models.batches import _numpy_batches, view_batches
 from models.branch import build_branch
@@ -202,8 +203,9 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
     for epoch in range(start + 1, epochs + 1):
         t0, losses, spreads = time.perf_counter(), [], []
         for _ in range(steps):
-            x1, x2 = next(it)
-            loss, spread = step(x1, x2)
+            with deferred_sigint():  # Ctrl-C raised between steps, not inside TensorFlow's C++ (colorspaces.interrupts)
+                x1, x2 = next(it)
+                loss, spread = step(x1, x2)
             losses.append(float(loss))
             spreads.append(float(spread))
         record(epoch, float(np.mean(losses)), float(np.mean(spreads)), time.perf_counter() - t0)

@@ -5,6 +5,7 @@ The augmentation itself lives in ``models.augment``, the input pipelines in ``mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from colorspaces.interrupts import deferred_sigint
 from models.augment import augment_batch  # noqa: F401  (re-exported: tests and callers import it from here)
 from models.batches import (  # noqa: F401  (re-exported, as before the pipelines had their own module)
     _my_replicas,
@@ -49,6 +51,33 @@ class _EpochLogger(keras.callbacks.Callback):
             logs.get("auc", float("nan")), logs.get("val_loss", float("nan")),
             logs.get("val_auc", float("nan")), time.perf_counter() - self._t0,
         )
+
+
+class _CtrlCBetweenSteps(keras.callbacks.Callback):
+    """Holds Ctrl-C during each training and validation step and delivers it between steps.
+
+    A KeyboardInterrupt raised inside TensorFlow's C++ step can come out as another error with a
+    traceback TensorFlow prints itself (``colorspaces.interrupts``); held, it is raised here, from
+    a Python callback, at most one step later. ``release`` must also run when ``fit`` ends by an
+    error, or the holding handler would stay installed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._held: contextlib.AbstractContextManager | None = None
+
+    def hold(self, *_args, **_kwargs) -> None:
+        self.release()
+        self._held = deferred_sigint()
+        self._held.__enter__()
+
+    def release(self, *_args, **_kwargs) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)  # raises the held KeyboardInterrupt, if any
+
+    on_train_batch_begin = on_test_batch_begin = hold
+    on_train_batch_end = on_test_batch_end = release
 
 
 @dataclass(frozen=True)
@@ -141,17 +170,21 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
     )
     t0 = time.perf_counter()
     if initial_epoch < config.epochs and not keeper.stopped:
-        model.fit(
-            train_ds,
-            steps_per_epoch=steps,
-            shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
-            validation_data=val_ds,
-            validation_steps=val_steps,
-            initial_epoch=initial_epoch,
-            epochs=config.epochs,
-            callbacks=[keeper, _EpochLogger(config.view, config.epochs), *opts.callbacks],
-            verbose=0,
-        )
+        ctrl_c = _CtrlCBetweenSteps()
+        try:
+            model.fit(
+                train_ds,
+                steps_per_epoch=steps,
+                shuffle=False,  # the dataset shuffles (seeded, per epoch) itself
+                validation_data=val_ds,
+                validation_steps=val_steps,
+                initial_epoch=initial_epoch,
+                epochs=config.epochs,
+                callbacks=[ctrl_c, keeper, _EpochLogger(config.view, config.epochs), *opts.callbacks],
+                verbose=0,
+            )
+        finally:
+            ctrl_c.release()
     keeper.restore_best(model)
     if fit.replicas > 1 or opts.mixed_precision:
         # The branch is stored as a one-device float32 model, whatever trained it: the same

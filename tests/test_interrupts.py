@@ -162,3 +162,33 @@ def test_the_engine_holds_ctrl_c_until_its_forward_pass_returns(noting_handler):
         engine.member_outputs_batch(np.zeros((3, 8, 8, 3), np.uint8))
     assert engine.completed == 1, "the forward pass ran to its end before the interrupt"
     assert calls == [signal.SIGINT]
+
+
+def test_training_holds_ctrl_c_inside_a_step_and_stops_between_steps(noting_handler):
+    """fit_branch: Ctrl-C pressed inside a training step is raised after that step, from a callback,
+    and the previous handler is back once fit_branch has stopped."""
+    import keras
+
+    from models import BranchConfig
+    from models.train import fit_branch
+
+    handler, calls = noting_handler
+    steps = []
+
+    class PressDuringStep(keras.callbacks.Callback):
+        # Runs after the holding callback's on_train_batch_begin: the press lands inside the step.
+        def on_train_batch_begin(self, batch, logs=None):
+            steps.append(batch)
+            if batch == 1:
+                signal.raise_signal(signal.SIGINT)
+                steps.append("step 1 ran on")
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 32)
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, epochs=2, batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        fit_branch(config, images, y, images[:16], y[:16], callbacks=[PressDuringStep()])
+    assert steps == [0, 1, "step 1 ran on"], "the step in which Ctrl-C came was finished, the next never began"
+    assert calls == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is handler
