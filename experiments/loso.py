@@ -106,9 +106,14 @@ def branch_scores(model, config: BranchConfig, images, tta: bool = False) -> np.
     """
     from models import predict_images_proba
 
-    variants = [dihedral(np.asarray(images), k) for k in range(len(DIHEDRAL))] if tta else [images]
-    return np.mean([predict_images_proba(model, config.view, x, constancy=config.color_constancy,
-                                         crop_stride=config.crop_stride) for x in variants], axis=0)
+    def score(x) -> np.ndarray:
+        return predict_images_proba(model, config.view, x, constancy=config.color_constancy,
+                                    crop_stride=config.crop_stride)
+
+    if not tta:
+        return score(images)
+    arr = np.asarray(images)  # one copy in memory; each turned copy is made when scored, not all 8 at once
+    return np.mean([score(dihedral(arr, k)) for k in range(len(DIHEDRAL))], axis=0)
 
 
 def train(data: str, out: str, holdout: str, name: str, overrides: dict[str, Any], views: Sequence[str],

@@ -192,3 +192,30 @@ def test_training_holds_ctrl_c_inside_a_step_and_stops_between_steps(noting_hand
     assert steps == [0, 1, "step 1 ran on"], "the step in which Ctrl-C came was finished, the next never began"
     assert calls == [signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_pre_training_holds_ctrl_c_inside_a_step(noting_handler, monkeypatch):
+    """pretrain_encoder: Ctrl-C while a step fetches its batch lets that step finish, then stops."""
+    import models.pretrain as pretrain
+    from models import BranchConfig
+
+    _, calls = noting_handler
+    fetched = []
+
+    def fake_batches(fn, n_steps, out_shapes, first=0):
+        def batches():
+            for k in range(first, n_steps):
+                x1, x2 = fn(k)
+                if k == 1:
+                    signal.raise_signal(signal.SIGINT)  # inside step 1, as a press during TensorFlow's work
+                fetched.append(k)
+                yield x1, x2
+        return batches()
+
+    monkeypatch.setattr(pretrain, "_numpy_batches", fake_batches)
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain_encoder(config, images, epochs=2, batch_size=8)
+    assert fetched == [0, 1], "step 1 got its batch and ran; step 2 never began"
+    assert calls == [signal.SIGINT]
