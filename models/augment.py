@@ -45,6 +45,36 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: BranchCo
     return out
 
 
+def mixup(images: np.ndarray, y: np.ndarray, weights: np.ndarray, rng: np.random.Generator,
+          alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mixup (Zhang et al., 2018): each image blended with a random partner from the same batch.
+
+    Image i becomes ``l_i * x_i + (1 - l_i) * x_p(i)`` with ``l_i ~ Beta(alpha, alpha)`` and ``p`` a
+    random permutation of the batch; its label and loss weight are blended with the same ``l_i``
+    (binary cross-entropy takes the soft label as it is). A training-only regulariser.
+
+    Args:
+        images: RGB uint8 (N, S, S, 3).
+        y: labels (N,), 0 or 1.
+        weights: loss weights (N,).
+        rng: the batch's random generator.
+        alpha: the Beta distribution's parameter, > 0 (small: most blends stay close to one image).
+
+    Returns:
+        ``(images, y, weights)``: RGB uint8, and float32 soft labels and weights, of the same shapes.
+    """
+    n = len(images)
+    lam = rng.beta(alpha, alpha, n).astype(np.float32)
+    partner = rng.permutation(n)
+    x = lam[:, None, None, None] * images.astype(np.float32) + (1 - lam[:, None, None, None]) * images[partner]
+
+    def blend(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, np.float32)
+        return lam * v + (1 - lam) * v[partner]
+
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8), blend(y), blend(weights)
+
+
 def resized_crops(images: np.ndarray, rng: np.random.Generator, r: float) -> np.ndarray:
     """Random resized crops: per image, a square window of a uniform 1 - ``r`` to 1 of the area, placed
     uniformly, resized back to the full side (scale augmentation: lesions seen at several zooms)."""

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from colorspaces import VIEWS, apply_constancy, apply_view, centre_crop, random_crops
-from models.augment import augment_batch
+from models.augment import augment_batch, mixup
 from models.branch import BranchConfig
 from models.sampling import epoch_order
 
@@ -113,8 +113,13 @@ def training_batches(images, y: np.ndarray, config: BranchConfig, weights: dict[
             # The whole global batch is augmented, from the generator of (seed, epoch, b), and
             # then sliced: each replica's images are those it would see on one device.
             batch = augment_batch(batch, np.random.default_rng([config.seed, epoch, b]), config)
-        idx, batch = idx[mine], batch[mine]
-        return apply_view(config.view, batch).astype(np.float32, copy=False), y[idx], sample_weight[idx]
+        labels, weights_ = y[idx], sample_weight[idx]
+        if config.mixup > 0:
+            # Blended over the whole global batch, as the augmentation, before each replica's slice.
+            batch, labels, weights_ = mixup(batch, labels, weights_, np.random.default_rng([config.seed, epoch, b, 2]),
+                                            config.mixup)
+        batch, labels, weights_ = batch[mine], labels[mine], weights_[mine]
+        return apply_view(config.view, batch).astype(np.float32, copy=False), labels, weights_
 
     size, ch = config.image_size, config.channels
     ds = _numpy_batches(load, epochs * steps, [(None, size, size, ch), (None,), (None,)], first=start_epoch * steps)

@@ -94,6 +94,10 @@ class BranchConfig:
                                      "re-encoding, blur or down-then-up scaling, gamma, white balance and "
                                      "colour temperature, aspect squash (see models.augment); 0 = off",
                                  metavar="A")
+    # Mixup (Zhang et al., 2018) blends the photographs, before the view, so each view sees a
+    # blended image's own HSV or spectrum; labels and loss weights are blended alike.
+    mixup: float = _param(0.0, "augmentation: mixup, each training image blended with another of its batch by a "
+                               "Beta(M, M) weight, their labels and loss weights alike; 0 = off", metavar="M")
     color_constancy: str = _param("none", "preprocessing of every image before its view, in training and "
                                           "inference alike (shades_of_gray: p = 6)", choices=CONSTANCY)
     # Lesion-centred input (colorspaces.lesion): images are cropped to the located lesion when
@@ -159,6 +163,8 @@ class BranchConfig:
         for name in ("scale_jitter", "color_jitter", "resized_crop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.mixup <= 10.0:
+            raise ValueError(f"mixup must be in [0, 10] (the Beta distribution's parameter; 0 = off), got {self.mixup}")
         if not 0.0 < self.learning_rate < 10.0:
             raise ValueError(f"learning_rate must be in (0, 10), got {self.learning_rate}")
         for name in ("patience", "seed"):
