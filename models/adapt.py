@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from colorspaces.interrupts import deferred_sigint
 from models.branch import (
     BranchConfig,
     branch_inputs,
@@ -57,7 +58,8 @@ def _weighted_channel_moments(sub: keras.Model, config: BranchConfig, images, we
     """Weighted mean and (population) variance per channel of ``sub``'s output over images and positions."""
     s0, s1, s2 = 0.0, 0.0, 0.0
     for x, w in _batches(config, images, weights, batch_size):
-        h = np.asarray(sub(x, training=False), dtype=np.float64)  # (n, H, W, C)
+        with deferred_sigint():  # Ctrl-C raised between batches, never inside TensorFlow's C++
+            h = np.asarray(sub(x, training=False), dtype=np.float64)  # (n, H, W, C)
         positions = h.shape[1] * h.shape[2]
         s0 += w.sum() * positions
         s1 = s1 + np.einsum("n,nhwc->c", w, h)
@@ -137,7 +139,8 @@ def predict_images(model: keras.Model, config: BranchConfig, images, batch_size:
     probs = []
     for i in range(0, len(images), batch_size):
         x, k = branch_inputs(config, images[np.arange(i, min(len(images), i + batch_size))])
-        probs.append(mean_over_windows(predict_branch_proba(model, x, batch_size * k), k))
+        with deferred_sigint():
+            probs.append(mean_over_windows(predict_branch_proba(model, x, batch_size * k), k))
     return np.concatenate(probs) if probs else np.zeros(0)
 
 
@@ -208,16 +211,18 @@ def tent(model: keras.Model, config: BranchConfig, images, weights=None, steps: 
         if len(order) < min(batch_size, len(images)):
             order = np.concatenate([order, rng.permutation(len(images))])
         idx, order = np.sort(order[:batch_size]), order[batch_size:]
-        x, k = branch_inputs(config, images[idx])
-        wb = tf.constant(np.tile(w[idx], k), tf.float32)
-        with tf.GradientTape() as tape:
-            p = tf.clip_by_value(tf.reshape(model(x, training=False), [-1]), _EPS, 1.0 - _EPS)
-            total = tf.maximum(tf.reduce_sum(wb), _EPS)
-            entropy = tf.reduce_sum(wb * -(p * tf.math.log(p) + (1.0 - p) * tf.math.log(1.0 - p))) / total
-            m = tf.clip_by_value(tf.reduce_sum(wb * p) / total, _EPS, 1.0 - _EPS)
-            anchor = m0 * tf.math.log(m0 / m) + (1.0 - m0) * tf.math.log((1.0 - m0) / (1.0 - m))
-            loss = entropy + anchor
-        optimizer.apply(tape.gradient(loss, variables), variables)
+        # One step at a time under held Ctrl-C: a press is raised between steps, after a whole update.
+        with deferred_sigint():
+            x, k = branch_inputs(config, images[idx])
+            wb = tf.constant(np.tile(w[idx], k), tf.float32)
+            with tf.GradientTape() as tape:
+                p = tf.clip_by_value(tf.reshape(model(x, training=False), [-1]), _EPS, 1.0 - _EPS)
+                total = tf.maximum(tf.reduce_sum(wb), _EPS)
+                entropy = tf.reduce_sum(wb * -(p * tf.math.log(p) + (1.0 - p) * tf.math.log(1.0 - p))) / total
+                m = tf.clip_by_value(tf.reduce_sum(wb * p) / total, _EPS, 1.0 - _EPS)
+                anchor = m0 * tf.math.log(m0 / m) + (1.0 - m0) * tf.math.log((1.0 - m0) / (1.0 - m))
+                loss = entropy + anchor
+            optimizer.apply(tape.gradient(loss, variables), variables)
     p1 = predict_images(model, config, images, batch_size)
     return TentResult(steps, float(np.average(binary_entropy(p0), weights=w)),
                       float(np.average(binary_entropy(p1), weights=w)), m0, float(np.average(p1, weights=w)))

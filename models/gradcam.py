@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from colorspaces.crops import window_offsets
+from colorspaces.interrupts import deferred_sigint
 from colorspaces.views import VIEWS
 from models.branch import BranchConfig, branch_inputs, mean_over_windows
 
@@ -95,6 +96,9 @@ def _grad_model(model: keras.Model) -> tuple[keras.Model, keras.layers.Dense]:
     return _GRAD_MODELS[model]
 
 
+# Held Ctrl-C (colorspaces.interrupts): a press inside the gradient pass is raised once it returns,
+# so TensorFlow's C++ never turns it into a SystemError of its own.
+@deferred_sigint()
 def gradcam(model: keras.Model, x: np.ndarray, sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Raw Grad-CAM maps of a batch of branch inputs, at the input resolution.
 

@@ -219,3 +219,70 @@ def test_pre_training_holds_ctrl_c_inside_a_step(noting_handler, monkeypatch):
         pretrain.pretrain_encoder(config, images, epochs=2, batch_size=8)
     assert fetched == [0, 1], "step 1 got its batch and ran; step 2 never began"
     assert calls == [signal.SIGINT]
+
+
+def _tiny_branch():
+    from models import BranchConfig
+    from models.branch import build_branch
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4)
+    return config, build_branch(config)
+
+
+def test_grad_cam_holds_ctrl_c_until_its_gradient_pass_returns(noting_handler, monkeypatch):
+    """explain: a press while Grad-CAM's model runs lets the pass finish (maps made), then stops."""
+    import tensorflow as tf
+
+    import models.gradcam as gradcam_module
+
+    _, calls = noting_handler
+    _, model = _tiny_branch()
+    real = gradcam_module._grad_model
+
+    def pressed_grad_model(m):
+        grad_model, head = real(m)
+
+        def run(x, training=False):
+            signal.raise_signal(signal.SIGINT)  # a press during TensorFlow's forward pass
+            return grad_model(x, training=training)
+        return run, head
+
+    resized = []
+    real_resize = tf.image.resize
+    monkeypatch.setattr(gradcam_module, "_grad_model", pressed_grad_model)
+    monkeypatch.setattr(tf.image, "resize", lambda *a, **k: resized.append(1) or real_resize(*a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        gradcam_module.gradcam(model, np.zeros((2, 16, 16, 3), np.float32))
+    assert resized == [1], "the gradient pass ran to its end (the maps were upsampled) before the interrupt"
+    assert calls == [signal.SIGINT]
+
+
+def test_tent_holds_ctrl_c_inside_a_step_and_stops_between_steps(noting_handler, monkeypatch):
+    """adapt: a press inside TENT step 1 lets that step's update happen; step 2 never begins."""
+    import keras
+
+    import models.adapt as adapt
+
+    _, calls = noting_handler
+    config, model = _tiny_branch()
+    updates, inputs = [], []
+    real_inputs = adapt.branch_inputs
+
+    class CountingAdam(keras.optimizers.Adam):
+        def apply(self, grads, variables=None):
+            updates.append(len(updates))
+            return super().apply(grads, variables)
+
+    def pressed_inputs(cfg, images):
+        inputs.append(len(images))
+        if len(inputs) == 3:  # 1: the probabilities before; 2: step 0; 3: step 1
+            signal.raise_signal(signal.SIGINT)
+        return real_inputs(cfg, images)
+
+    monkeypatch.setattr(adapt.keras.optimizers, "Adam", CountingAdam)
+    monkeypatch.setattr(adapt, "branch_inputs", pressed_inputs)
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.tent(model, config, images, steps=5, batch_size=8)
+    assert updates == [0, 1], "step 1's update was applied; step 2 never began"
+    assert len(inputs) == 3 and calls == [signal.SIGINT]
