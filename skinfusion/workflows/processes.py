@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from typing import Any, Callable, Sequence
 
 from joblib import Parallel, delayed
+from joblib.externals.loky.process_executor import BrokenProcessPool
 
 from models.quiet import call_quietly
 from skinfusion.workflows.runlock import HELD_ENV
@@ -57,9 +59,26 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple], jobs: int
 
     Returns:
         The results, in ``calls`` order.
+
+    Raises:
+        ChildProcessError: a worker process died (killed, most often by the system for lack of
+            memory); the message says what to do, and the CLI prints it as one line.
     """
     threads, level = threads_per_job(jobs), logging.getLogger().getEffectiveLevel()
     held = os.environ.get(HELD_ENV, "")
-    return Parallel(n_jobs=jobs, backend="loky")(
-        delayed(call_quietly)(pickle.dumps((_in_worker, (threads, level, held, function, tuple(args)))))
-        for args in calls)
+    try:
+        return Parallel(n_jobs=jobs, backend="loky")(
+            delayed(call_quietly)(pickle.dumps((_in_worker, (threads, level, held, function, tuple(args)))))
+            for args in calls)
+    except BrokenProcessPool as exc:
+        raise ChildProcessError(worker_lost_message(str(exc), jobs)) from None
+
+
+def worker_lost_message(detail: str, jobs: int) -> str:
+    """What to tell a user whose worker process died: the exit codes loky saw, the likely cause, what to do."""
+    codes = re.search(r"exit codes of the workers are (\{[^}]*\})", detail)
+    seen = f" (exit codes {codes.group(1)})" if codes else ""
+    fewer = f"--jobs {jobs // 2}" if jobs > 1 else "a machine with more memory"
+    return (f"a worker process of the {jobs} running in parallel stopped unexpectedly{seen}; most often the "
+            f"system killed it for lack of memory (each runs its own TensorFlow). Finished work is kept: "
+            f"rerun with --resume and {fewer}")
