@@ -59,6 +59,19 @@ def save_atomically(save: Callable[[Path], Any], path: Path) -> None:
         finally:
             real.unlink(missing_ok=True)
 
+def averaged_weights(model: keras.Model) -> list:
+    """The model's weights with its optimizer's moving averages (``BranchConfig.weight_ema``) in place of the
+    trainable ones; its plain weights without EMA. The model keeps its training weights."""
+    optimizer = getattr(model, "optimizer", None)
+    if not getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False):
+        return model.get_weights()
+    raw = model.get_weights()
+    optimizer.finalize_variable_values(model.trainable_variables)  # Keras' public way to apply the average
+    averaged = model.get_weights()
+    model.set_weights(raw)
+    return averaged
+
+
 class _BestKeeper(keras.callbacks.Callback):
     """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
 
@@ -130,7 +143,7 @@ class _BestKeeper(keras.callbacks.Callback):
         self.wait += 1
         if self.best_weights is None or current > self.best:
             self.best, self.best_epoch, self.wait = current, epoch, 0
-            self.best_weights = self.model.get_weights()
+            self.best_weights = averaged_weights(self.model)
             improved = True
         else:
             improved = False
@@ -148,7 +161,7 @@ class _BestKeeper(keras.callbacks.Callback):
     def _save(self, epochs_done: int, improved: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, save in (("last.keras", self.model.save),
-                           *((("best.weights.h5", self.model.save_weights),) if improved else ())):
+                           *((("best.weights.h5", self._save_best_weights),) if improved else ())):
             save_atomically(save, self.dir / name)
         write_json_atomic(self.dir / "state.json", {
             "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
@@ -157,6 +170,15 @@ class _BestKeeper(keras.callbacks.Callback):
             "seed_states": _seed_states(self.model),
             "seconds": self.seconds_before + time.perf_counter() - self._t0,
         })
+
+    def _save_best_weights(self, path: Path) -> None:
+        # The best weights are the model's own unless they are its averaged (EMA) weights.
+        raw = self.model.get_weights()
+        self.model.set_weights(self.best_weights)
+        try:
+            self.model.save_weights(path)
+        finally:
+            self.model.set_weights(raw)
 
     def restore_best(self, model: keras.Model) -> None:
         """Give ``model`` the weights of the best validation-AUC epoch."""

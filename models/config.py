@@ -118,6 +118,11 @@ class BranchConfig:
     # Decoupled (Loshchilov & Hutter, 2019), as Keras' optimizers do it: Adam with it is AdamW.
     weight_decay: float = _param(0.0, "decoupled weight decay, training only: each step scales every weight "
                                       "by 1 - this x the current learning rate; 0 = off")
+    # Polyak averaging (Keras' optimizer EMA): weight averages generalise better to new domains
+    # (Arpit et al., 2022, "Ensemble of Averages"; Cha et al., 2021, SWAD).
+    weight_ema: float = _param(0.0, "training: keep an exponential moving average of the weights with this "
+                                    "momentum per step (e.g. 0.998); validation, early stopping and the saved branch "
+                                    "use the averaged weights; 0 = off", metavar="M")
     lr_schedule: str = _param("cosine", "cosine: decay to 0 over the epochs; plateau: halve the rate after 2 "
                                         "epochs without a better validation AUC; none: constant",
                               choices=("none", "cosine", "plateau"))
@@ -163,6 +168,8 @@ class BranchConfig:
         for name in ("scale_jitter", "color_jitter", "resized_crop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_ema != 0.0 and not 0.5 <= self.weight_ema < 1.0:
+            raise ValueError(f"weight_ema must be 0 (off) or in [0.5, 1), got {self.weight_ema}")
         if not 0.0 <= self.mixup <= 10.0:
             raise ValueError(f"mixup must be in [0, 10] (the Beta distribution's parameter; 0 = off), got {self.mixup}")
         if not 0.0 < self.learning_rate < 10.0:

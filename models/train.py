@@ -180,7 +180,8 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
                 validation_steps=val_steps,
                 initial_epoch=initial_epoch,
                 epochs=config.epochs,
-                callbacks=[ctrl_c, keeper, _EpochLogger(config.view, config.epochs), *opts.callbacks],
+                callbacks=[ctrl_c, *_ema_swap(config), keeper, _EpochLogger(config.view, config.epochs),
+                           *opts.callbacks],
                 verbose=0,
             )
         finally:
@@ -195,6 +196,11 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
     logger.info("[%s] done in %.1fs; best epoch %d with val_auc %.4f", config.view, history["train_seconds"],
                 history["best_epoch"], history["best_val_auc"])
     return model, history
+
+
+def _ema_swap(config: BranchConfig) -> list[keras.callbacks.Callback]:
+    """With ``weight_ema``: validate on the averaged weights (swapped in for each evaluation, then back)."""
+    return [keras.callbacks.SwapEMAWeights()] if config.weight_ema else []
 
 
 def _checked(config: BranchConfig, options: FitOptions, train_images, y_train, val_images, y_val) -> _Fit:
@@ -346,6 +352,7 @@ def make_optimizer(config: BranchConfig, steps_per_epoch: int) -> keras.optimize
     # excluding some by name would not survive a --resume (the exclusion is not saved with
     # the optimizer).
     decay = config.weight_decay or None
+    ema = {"use_ema": True, "ema_momentum": config.weight_ema} if config.weight_ema else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay)
-    return keras.optimizers.Adam(lr, weight_decay=decay)
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay, **ema)
+    return keras.optimizers.Adam(lr, weight_decay=decay, **ema)
