@@ -59,6 +59,7 @@ def save_atomically(save: Callable[[Path], Any], path: Path) -> None:
         finally:
             real.unlink(missing_ok=True)
 
+
 def averaged_weights(model: keras.Model) -> list:
     """The model's weights with its optimizer's moving averages (``BranchConfig.weight_ema``) in place of the
     trainable ones; its plain weights without EMA. The model keeps its training weights."""
