@@ -50,29 +50,32 @@ def mixup(images: np.ndarray, y: np.ndarray, weights: np.ndarray, rng: np.random
     """Mixup (Zhang et al., 2018): each image blended with a random partner from the same batch.
 
     Image i becomes ``l_i * x_i + (1 - l_i) * x_p(i)`` with ``l_i ~ Beta(alpha, alpha)`` and ``p`` a
-    random permutation of the batch; its label and loss weight are blended with the same ``l_i``
-    (binary cross-entropy takes the soft label as it is). A training-only regulariser.
+    random permutation of the batch. Its loss is the blend of the two images' weighted losses,
+    ``l_i w_i BCE(y_i) + (1 - l_i) w_p BCE(y_p)``; binary cross-entropy is linear in the label, so
+    that is one weighted loss ``W BCE(t)`` with ``W = l_i w_i + (1 - l_i) w_p`` and the soft label
+    ``t = (l_i w_i y_i + (1 - l_i) w_p y_p) / W`` (with equal weights, simply the blended label; with
+    class weights, a melanoma's larger weight still counts in a blended pair). Training only.
 
     Args:
         images: RGB uint8 (N, S, S, 3).
         y: labels (N,), 0 or 1.
-        weights: loss weights (N,).
+        weights: loss weights (N,), >= 0.
         rng: the batch's random generator.
         alpha: the Beta distribution's parameter, > 0 (small: most blends stay close to one image).
 
     Returns:
-        ``(images, y, weights)``: RGB uint8, and float32 soft labels and weights, of the same shapes.
+        ``(images, labels, weights)``: RGB uint8, and float32 soft labels ``t`` and weights ``W``.
     """
     n = len(images)
     lam = rng.beta(alpha, alpha, n).astype(np.float32)
     partner = rng.permutation(n)
     x = lam[:, None, None, None] * images.astype(np.float32) + (1 - lam[:, None, None, None]) * images[partner]
-
-    def blend(v: np.ndarray) -> np.ndarray:
-        v = np.asarray(v, np.float32)
-        return lam * v + (1 - lam) * v[partner]
-
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8), blend(y), blend(weights)
+    y, w = np.asarray(y, np.float32), np.asarray(weights, np.float32)
+    total = lam * w + (1 - lam) * w[partner]
+    positive = lam * w * y + (1 - lam) * (w * y)[partner]
+    # Two weightless images (e.g. follow-up nevi left out) keep a weight of 0: their label is moot.
+    labels = np.where(total > 0, positive / np.where(total > 0, total, 1), lam * y + (1 - lam) * y[partner])
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8), labels.astype(np.float32), total.astype(np.float32)
 
 
 def resized_crops(images: np.ndarray, rng: np.random.Generator, r: float) -> np.ndarray:

@@ -97,7 +97,7 @@ class BranchConfig:
     # Mixup (Zhang et al., 2018) blends the photographs, before the view, so each view sees a
     # blended image's own HSV or spectrum; labels and loss weights are blended alike.
     mixup: float = _param(0.0, "augmentation: mixup, each training image blended with another of its batch by a "
-                               "Beta(M, M) weight, their labels and loss weights alike; 0 = off", metavar="M")
+                               "Beta(M, M) weight, its loss the same blend of the two weighted losses; 0 = off", metavar="M")
     color_constancy: str = _param("none", "preprocessing of every image before its view, in training and "
                                           "inference alike (shades_of_gray: p = 6)", choices=CONSTANCY)
     # Lesion-centred input (colorspaces.lesion): images are cropped to the located lesion when

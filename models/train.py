@@ -33,6 +33,21 @@ from models.sampling import class_weights, epoch_order  # noqa: F401  (epoch_ord
 logger = logging.getLogger(__name__)
 
 
+@keras.saving.register_keras_serializable(package="skinfusion")
+class DominantLabelAUC(keras.metrics.AUC):
+    """ROC AUC whose labels are each image's larger share: the training AUC under mixup's soft labels.
+
+    Keras' AUC casts a label to bool, so a blend with 2% melanoma would count as a melanoma; here
+    a label counts as melanoma from 0.5 up. Hard labels (validation) are unchanged. Registered, so a
+    checkpoint compiled with it loads on ``--resume``.
+    """
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = keras.ops.convert_to_tensor(y_pred)
+        y_true = keras.ops.cast(keras.ops.greater_equal(y_true, 0.5), y_pred.dtype)
+        return super().update_state(y_true, y_pred, sample_weight=sample_weight)
+
+
 class _EpochLogger(keras.callbacks.Callback):
     """Logs one progress line per epoch, so long runs show where they are."""
 
@@ -252,7 +267,7 @@ def _compiled_model(fit: _Fit, keeper: _BestKeeper) -> tuple[keras.Model, int, i
             model.compile(
                 optimizer=make_optimizer(config, steps),
                 loss="binary_crossentropy",
-                metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
+                metrics=[(DominantLabelAUC if config.mixup else keras.metrics.AUC)(name="auc", num_thresholds=1000)],
             )
         _synchronise_batchnorm(model, fit.replicas > 1)
     return model, initial_epoch, steps

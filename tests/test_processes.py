@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,12 +18,13 @@ def test_results_come_back_in_call_order():
 
 
 def test_a_killed_worker_is_a_child_process_error_that_says_what_to_do():
-    # os.abort kills the worker with SIGABRT, as the system's out-of-memory killer would with SIGKILL.
+    # The worker kills itself with SIGKILL, as the system's out-of-memory killer does.
     with pytest.raises(ChildProcessError) as info:
-        in_processes(os.abort, [()], jobs=2)
+        in_processes(signal.raise_signal, [(signal.SIGKILL,), (signal.SIGKILL,)], jobs=8)
     message = str(info.value)
-    assert "stopped unexpectedly" in message and "--resume" in message and "--jobs 1" in message
-    assert "exit codes" in message  # what loky saw, kept for the user
+    assert "stopped unexpectedly" in message and "--resume" in message
+    assert "of the 2 running" in message and "--jobs 1" in message  # the processes that ran, not --jobs 8
+    assert "SIGKILL(-9)" in message  # what loky saw, kept for the user
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
@@ -41,7 +43,9 @@ def test_the_cli_prints_one_line_for_a_dead_worker(tmp_path):
         import argparse, os, sys
         from skinfusion.cli.common import run_guarded
         from skinfusion.workflows.processes import in_processes
-        sys.exit(run_guarded(lambda a: in_processes(os.abort, [()], 3) and 0, argparse.Namespace()))
+        import signal
+        sys.exit(run_guarded(lambda a: in_processes(signal.raise_signal, [(signal.SIGKILL,)] * 3, 3) and 0,
+                             argparse.Namespace()))
     """))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,

@@ -71,11 +71,13 @@ def in_processes(function: Callable[..., Any], calls: Sequence[tuple], jobs: int
             delayed(call_quietly)(pickle.dumps((_in_worker, (threads, level, held, function, tuple(args)))))
             for args in calls)
     except BrokenProcessPool as exc:
-        raise ChildProcessError(worker_lost_message(str(exc), jobs)) from None
+        # The advice counts the processes that really ran (--jobs 16 for 5 views runs 5).
+        raise ChildProcessError(worker_lost_message(str(exc), min(jobs, len(calls)))) from None
 
 
 def worker_lost_message(detail: str, jobs: int) -> str:
-    """What to tell a user whose worker process died: the exit codes loky saw, the likely cause, what to do."""
+    """What to tell a user whose worker process died (one of ``jobs`` running): the exit codes loky saw,
+    the likely cause, what to do."""
     codes = re.search(r"exit codes of the workers are (\{[^}]*\})", detail)
     seen = f" (exit codes {codes.group(1)})" if codes else ""
     fewer = f"--jobs {jobs // 2}" if jobs > 1 else "a machine with more memory"
