@@ -60,14 +60,18 @@ def save_atomically(save: Callable[[Path], Any], path: Path) -> None:
             real.unlink(missing_ok=True)
 
 
+def _uses_ema(model: keras.Model) -> bool:
+    optimizer = getattr(model, "optimizer", None)
+    return bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
+
+
 def averaged_weights(model: keras.Model) -> list:
     """The model's weights with its optimizer's moving averages (``BranchConfig.weight_ema``) in place of the
     trainable ones; its plain weights without EMA. The model keeps its training weights."""
-    optimizer = getattr(model, "optimizer", None)
-    if not getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False):
+    if not _uses_ema(model):
         return model.get_weights()
     raw = model.get_weights()
-    optimizer.finalize_variable_values(model.trainable_variables)  # Keras' public way to apply the average
+    model.optimizer.finalize_variable_values(model.trainable_variables)  # Keras' public way to apply the average
     averaged = model.get_weights()
     model.set_weights(raw)
     return averaged
@@ -173,7 +177,10 @@ class _BestKeeper(keras.callbacks.Callback):
         })
 
     def _save_best_weights(self, path: Path) -> None:
-        # The best weights are the model's own unless they are its averaged (EMA) weights.
+        # Called on an improved epoch: the best weights are the model's own, unless averaged (EMA).
+        if not _uses_ema(self.model):
+            self.model.save_weights(path)
+            return
         raw = self.model.get_weights()
         self.model.set_weights(self.best_weights)
         try:
