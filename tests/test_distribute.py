@@ -315,13 +315,9 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(synthetic_data, tmp_pat
 
 
 def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    from skinfusion.bench.loadgen import free_ports
+
+    return free_ports(n)
 
 
 def _workers(data, run, tmp_path, epochs, *extra):

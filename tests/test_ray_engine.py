@@ -232,9 +232,9 @@ def test_ray_only_flags_and_uris_are_refused_by_the_local_engine(tmp_path, capsy
 
 # ------------------------------------------------------------------------------ a real `ray start --head`
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from skinfusion.bench.loadgen import free_port
+
+    return free_port()
 
 
 def test_an_address_where_nothing_listens_is_refused_at_once():

@@ -25,6 +25,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 import httpx  # noqa: E402
 
 from ensemble import load_ensemble  # noqa: E402
+from skinfusion.bench.loadgen import address_in_use, free_port  # noqa: E402
 from skinfusion.serve.serving_io import model_id  # noqa: E402
 from test_serve import MEAN, ROOT, lesion, png, upload  # noqa: E402
 
@@ -163,19 +164,31 @@ def test_serving_an_export_never_loads_tensorflow(onnx_export):
 
 
 # ---------------------------------------------------------------- the real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_log(proc: subprocess.Popen) -> str:
     """What a server started by ``start_server`` printed so far (stdout and stderr)."""
     return Path(proc.log_path).read_text(errors="replace")
 
 
 def start_server(*flags: str, run: Path = MEAN) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    """``skinfusion serve`` on a free loopback port, once ``/readyz`` answers; ``(process, url)``.
+
+    The port is chosen before the server binds it, after a few seconds of start-up; if another process
+    takes it meanwhile the server exits with "address already in use", and a new port is tried.
+    """
+    for attempt in range(3):
+        try:
+            return _start_server_on(free_port(), flags, run)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(AssertionError):
+    pass
+
+
+def _start_server_on(port: int, flags, run: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Output to a file, not a pipe: nobody reads a pipe while the server runs, and once its 64 KB
     # fill up (uvicorn logs a line per request) the server blocks in its event loop.
@@ -188,7 +201,8 @@ def start_server(*flags: str, run: Path = MEAN) -> tuple[subprocess.Popen, str]:
     deadline = time.time() + READY_S
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {server_log(proc)}")
+            log = server_log(proc)
+            raise (PortTaken if address_in_use(log) else AssertionError)(f"server exited {proc.returncode}: {log}")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return proc, url
@@ -276,6 +290,59 @@ def test_sigterm_lets_the_request_in_flight_finish_before_the_server_exits():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_port_taken_before_the_server_binds_it_is_chosen_again(monkeypatch):
+    # The test's side of a port race: between the choice and the server's start another process can
+    # take the port (CI once lost one to a Ray cluster on the other test worker). Here the first port
+    # chosen is already listened on; the server refuses it and the harness chooses again.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken, fresh = busy.getsockname()[1], free_port()
+        chosen = iter([taken, fresh])
+        monkeypatch.setitem(start_server.__globals__, "free_port", lambda: next(chosen))
+        proc, url = start_server()
+        try:
+            assert url.endswith(f":{fresh}")
+            assert httpx.get(url + "/readyz", timeout=30).status_code == 200
+        finally:
+            _stop(proc)
+    with pytest.raises(StopIteration):
+        next(chosen)  # both ports were used: the first start failed on the taken one
+
+
+def test_the_server_holds_its_port_from_the_start_not_only_once_it_is_ready():
+    # The server's side of the race: the port is bound before the model loads (seconds), so no other
+    # process can take it then. Before, it was only checked there and bound again after the warm-up.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    fd, log_path = tempfile.mkstemp(prefix="skinfusion-serve-", suffix=".log")
+    proc = subprocess.Popen([sys.executable, "-m", "skinfusion", "serve", "--run", str(MEAN), "--port", str(port)],
+                            cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT)
+    os.close(fd)
+    proc.log_path = log_path
+    held_since = None
+    try:
+        deadline = time.time() + READY_S
+        while time.time() < deadline and proc.poll() is None:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    held_since = held_since or time.time()
+            try:
+                if httpx.get(url + "/readyz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass  # refused, or waiting in the backlog while the model loads
+            time.sleep(0.05)
+        ready_at = time.time()
+        assert proc.poll() is None, server_log(proc)
+        assert held_since is not None and ready_at - held_since > 1.0, (held_since, ready_at, server_log(proc))
+    finally:
+        _stop(proc)
 
 
 def test_serve_refuses_a_missing_run_and_a_bad_flag_with_one_line():

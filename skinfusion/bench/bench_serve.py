@@ -40,6 +40,7 @@ from ensemble.rundir import model_id
 from skinfusion.bench.loadgen import (
     READY_TIMEOUT_S,
     ServerProcess,
+    address_in_use,
     free_port,
     listener_pid,
     loopback_url,
@@ -232,9 +233,21 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = lambda s: print(s, 
                 extra += ["--max-batch", str(cfg.max_batch)]
             if cfg.api_key:
                 extra += ["--api-key", cfg.api_key]
-            say(f"starting skinfusion serve --run {cfg.run} on 127.0.0.1:{port} ...")
-            server = ServerProcess(cfg.run, port, extra, tmp)
-            server.wait_ready(READY_TIMEOUT_S, lambda s: progress(f"waiting for the server to warm up: {s:.0f} s"))
+            for attempt in range(3):
+                say(f"starting skinfusion serve --run {cfg.run} on 127.0.0.1:{port} ...")
+                server = ServerProcess(cfg.run, port, extra, tmp)
+                try:
+                    server.wait_ready(READY_TIMEOUT_S,
+                                      lambda s: progress(f"waiting for the server to warm up: {s:.0f} s"))
+                    break
+                except RuntimeError:
+                    # A port this benchmark chose was taken by another process before the server bound it
+                    # (the server binds after its warm-up): choose again. A --port the user gave is theirs.
+                    if cfg.port or attempt == 2 or not address_in_use(server.log_tail(50)):
+                        raise
+                    server.stop()  # it has exited; this closes its log
+                    port = free_port()
+                    say(f"note: that port was taken meanwhile; trying port {port}")
             pid = server.proc.pid
         served_mid = _served_model_id(host, port, base, headers)
         report["server_url"] = f"http://{host}:{port}{base}"

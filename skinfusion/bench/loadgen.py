@@ -102,11 +102,64 @@ def listener_pid(port: int) -> int | None:
     return min(candidates) if candidates else None
 
 
+# Ports below the kernel's ephemeral range (where bind(port 0) and every outgoing connection draw theirs)
+# and above Ray's default worker ports (10002-19999): a port chosen here is taken in the gap before the
+# server binds it only by another explicit bind, not by any process opening connections. A port drawn
+# with bind(0) was once taken in that gap by a Ray cluster on the other test worker (CI, stop 41).
+_QUIET_PORTS = (20000, 32768)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; elsewhere the draw below still checks each port
+
+
+def free_ports(n: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` now, outside the ephemeral range where the system can.
+
+    A port can still be taken before the caller binds it; callers that start a server retry on
+    "address already in use" (see ``address_in_use``).
+    """
+    import random
+
+    lo, hi = _QUIET_PORTS
+    e_lo, e_hi = _ephemeral_range()
+    hi = min(hi, e_lo) if e_lo > lo else hi
+    draw = random.SystemRandom()  # not the seeded global generator: parallel test workers must differ
+    ports: list[int] = []
+    for _ in range(200 * n):
+        if len(ports) == n:
+            return ports
+        port = draw.randrange(lo, hi)
+        if port in ports or e_lo <= port <= e_hi:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+    # A crowded quiet range: fall back to the kernel's choice.
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            if (port := s.getsockname()[1]) not in ports:
+                ports.append(port)
+    return ports
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now (see ``free_ports``)."""
+    return free_ports(1)[0]
+
+
+def address_in_use(log: str) -> bool:
+    """Whether a server's log says its port was taken: ``skinfusion serve``'s own refusal, or the
+    system's "address already in use" from a server that binds later."""
+    return "already in use" in log.lower()
 
 
 def loopback_url(url: str) -> tuple[str, int, str]:

@@ -8,6 +8,7 @@ Ctrl-C stops accepting connections and lets the requests in flight finish before
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import ipaddress
 import json
@@ -26,6 +27,7 @@ KEY_ENV = "SKINFUSION_API_KEY"  # the key from the environment: unlike --api-key
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode (serving_guard)
 GRACEFUL_S = 30  # the longest SIGTERM waits for in-flight requests
 WORKER_HEALTHCHECK_S = 120  # how long a --workers process may be too busy to answer uvicorn's ping
+BACKLOG = 2048  # uvicorn's own default; the connections that may wait while the model loads
 
 
 def _megabytes(text: str) -> float:
@@ -68,16 +70,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse a port another process holds before minutes of loading, not after (uvicorn binds later)."""
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` now and keep it: the socket uvicorn then listens on.
+
+    A port another process holds is refused before minutes of loading, not after; and because the
+    socket listens from here on, no other process can take the port during the loading (CI once lost
+    a port that way when it was only checked here and bound again by uvicorn after the warm-up). It must
+    listen, not only be bound: Linux lets a second SO_REUSEADDR socket bind a port nobody listens on.
+    A client that connects during the loading waits in the backlog until the server answers (as with
+    gunicorn, which also listens before its workers load the app); ``/readyz`` says when it is ready.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            reason = "already in use" if exc.errno == 98 else (exc.strerror or str(exc))
-            raise ValueError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
+    sock.set_inheritable(True)  # --workers: uvicorn hands it to each worker process
+    return sock
 
 
 def _settings(args: argparse.Namespace):
@@ -100,13 +114,20 @@ def app_from_env():
 
 
 def _serve(args: argparse.Namespace) -> int:
+    sock = _reserve_port(args.host, args.port)
+    try:
+        return _serve_on(args, sock)
+    finally:
+        sock.close()
+
+
+def _serve_on(args: argparse.Namespace, sock: socket.socket) -> int:
     import dataclasses
 
     from ensemble import load
     from skinfusion.serve.serving import create_app
     from skinfusion.serve.serving_io import model_id
 
-    _check_port_free(args.host, args.port)
     settings = _settings(args)
     ens = load(args.run)  # a missing or damaged run stops here, with one error line
     mid = model_id(args.run)
@@ -122,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = dict(host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                    timeout_graceful_shutdown=GRACEFUL_S, server_header=False, proxy_headers=False)
     if args.workers == 1:
-        stopped_by = _run_uvicorn(create_app(ens, mid, settings), 1, options)
+        stopped_by = _run_uvicorn(create_app(ens, mid, settings), 1, options, sock)
     else:
         metrics_dir = tempfile.mkdtemp(prefix="skinfusion-metrics-")
         # A fresh folder per start: the workers' counters are summed from its files, and a
@@ -131,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[SETTINGS_ENV] = json.dumps({"run": os.path.abspath(args.run),
                                                "settings": dataclasses.asdict(settings)})
         try:
-            stopped_by = _run_uvicorn("skinfusion.cli.serve:app_from_env", args.workers, options)
+            stopped_by = _run_uvicorn("skinfusion.cli.serve:app_from_env", args.workers, options, sock)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     if stopped_by == signal.SIGINT:
@@ -140,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_uvicorn(app, workers: int, options: dict) -> int | None:
+def _run_uvicorn(app, workers: int, options: dict, sock: socket.socket) -> int | None:
     """Serve until SIGTERM or SIGINT has drained the requests in flight; returns that signal (None if none).
 
     ``uvicorn.run`` would swallow Ctrl-C's KeyboardInterrupt and return as after SIGTERM; this is
@@ -163,9 +184,9 @@ def _run_uvicorn(app, workers: int, options: dict) -> int | None:
     previous = {sig: signal.signal(sig, lambda sig, _frame: stopped.append(sig)) for sig in handled}
     try:
         if workers == 1:
-            server.run()
+            server.run(sockets=[sock])
         else:
-            given = {"sockets": [config.bind_socket()]}
+            given = {"sockets": [sock]}
             if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36 took the worker's target
                 given["target"] = server.run
             supervisor = Multiprocess(config, **given)
