@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Iterator
+
+HELD_MESSAGE = "skinfusion: stopping after the current batch (press Ctrl-C again to stop at once)"
+# Whether the first held press was answered: once per outermost block, not again by a nested one
+# when the inner block hands its press outwards.
+_announced = [False]
 
 
 @contextlib.contextmanager
@@ -18,6 +24,9 @@ def deferred_sigint() -> Iterator[None]:
     sees anything. Wrapping each forward pass defers the signal by at most one batch. A second
     Ctrl-C inside the block is not held: a user who presses it twice wants out now, so every press
     so far goes to the previous handler at once, in order (a handler that counts presses sees all).
+
+    The first held press is answered at once on stderr (``HELD_MESSAGE``), so that a user waiting
+    on a long batch (test-time averaging scores eight copies of each image) knows it was heard.
 
     Outside the main thread (a server's worker) Python allows no handler to be set, and a handler
     of ``SIG_IGN`` or ``SIG_DFL`` is left alone; in those cases the block runs unchanged.
@@ -46,12 +55,19 @@ def deferred_sigint() -> Iterator[None]:
         held.append(signum)
         if len(held) > 1:
             deliver(frame)
+        elif not _announced[0]:
+            _announced[0] = True
+            print(HELD_MESSAGE, file=sys.stderr, flush=True)
 
+    hold.holds_sigint = True  # type: ignore[attr-defined]
+    outermost = not getattr(previous, "holds_sigint", False)
     signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        if outermost:
+            _announced[0] = False
         # Here only Python code runs: the handler's KeyboardInterrupt propagates normally and
         # replaces any error the block raised.
         deliver(None)

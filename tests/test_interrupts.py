@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from colorspaces.interrupts import deferred_sigint
+from colorspaces.interrupts import HELD_MESSAGE, deferred_sigint
 from colorspaces.pipeline import BranchRecipe, Preprocess
 from ensemble.scoring import ScoringEngine
 
@@ -94,6 +94,24 @@ def test_nested_blocks_hold_one_press_and_pass_a_second_out(noting_handler):
                 signal.raise_signal(signal.SIGINT)
                 reached.append(True)
     assert not reached and calls == [signal.SIGINT]
+
+
+def test_the_first_held_press_is_answered_once_even_in_nested_blocks(noting_handler, capsys):
+    # A user pressing Ctrl-C during a long batch sees at once that it was heard, once, not once
+    # per block the press passes through on its way out.
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            with deferred_sigint():
+                signal.raise_signal(signal.SIGINT)
+                assert capsys.readouterr().err.count(HELD_MESSAGE) == 1, "answered at once, inside the block"
+    assert HELD_MESSAGE not in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            signal.raise_signal(signal.SIGINT)
+    assert capsys.readouterr().err.count(HELD_MESSAGE) == 1, "a later block answers its own first press"
+    with deferred_sigint():
+        pass
+    assert capsys.readouterr().err == ""
 
 
 def test_the_handler_is_put_back_after_an_error(noting_handler):
