@@ -188,7 +188,8 @@ class PortTaken(AssertionError):
     pass
 
 
-def _start_server_on(port: int, flags, run: Path) -> tuple[subprocess.Popen, str]:
+def _launch(port: int, flags=(), run: Path = MEAN) -> subprocess.Popen:
+    """``skinfusion serve`` started on ``port``, not waited for; its log in ``proc.log_path``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Output to a file, not a pipe: nobody reads a pipe while the server runs, and once its 64 KB
     # fill up (uvicorn logs a line per request) the server blocks in its event loop.
@@ -197,6 +198,11 @@ def _start_server_on(port: int, flags, run: Path) -> tuple[subprocess.Popen, str
                             cwd=ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT, text=True)
     os.close(fd)
     proc.log_path = log_path
+    return proc
+
+
+def _start_server_on(port: int, flags, run: Path) -> tuple[subprocess.Popen, str]:
+    proc = _launch(port, flags, run)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + READY_S
     while time.time() < deadline:
@@ -317,11 +323,7 @@ def test_the_server_holds_its_port_from_the_start_not_only_once_it_is_ready():
     # process can take it then. Before, it was only checked there and bound again after the warm-up.
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    fd, log_path = tempfile.mkstemp(prefix="skinfusion-serve-", suffix=".log")
-    proc = subprocess.Popen([sys.executable, "-m", "skinfusion", "serve", "--run", str(MEAN), "--port", str(port)],
-                            cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT)
-    os.close(fd)
-    proc.log_path = log_path
+    proc = _launch(port)
     held_since = None
     try:
         deadline = time.time() + READY_S
@@ -341,6 +343,34 @@ def test_the_server_holds_its_port_from_the_start_not_only_once_it_is_ready():
         ready_at = time.time()
         assert proc.poll() is None, server_log(proc)
         assert held_since is not None and ready_at - held_since > 1.0, (held_since, ready_at, server_log(proc))
+    finally:
+        _stop(proc)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_host_is_served_on_the_reserved_socket_and_shown_as_a_usable_url():
+    port = free_port()
+    proc = _launch(port, ("--host", "::1"))
+    url = f"http://[::1]:{port}"
+    try:
+        deadline = time.time() + READY_S
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        assert httpx.get(url + "/v1/model", timeout=30).status_code == 200, server_log(proc)
+        assert f"on {url}/" in server_log(proc)  # bracketed: the printed address can be pasted
     finally:
         _stop(proc)
 

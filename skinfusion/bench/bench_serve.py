@@ -241,8 +241,8 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = lambda s: print(s, 
                                       lambda s: progress(f"waiting for the server to warm up: {s:.0f} s"))
                     break
                 except RuntimeError:
-                    # A port this benchmark chose was taken by another process before the server bound it
-                    # (the server binds after its warm-up): choose again. A --port the user gave is theirs.
+                    # A port this benchmark chose was taken by another process before the server started
+                    # and took it: choose again. A --port the user gave is theirs: refused as it is.
                     if cfg.port or attempt == 2 or not address_in_use(server.log_tail(50)):
                         raise
                     server.stop()  # it has exited; this closes its log

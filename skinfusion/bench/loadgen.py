@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import resource
 import signal
 import socket
@@ -123,11 +124,8 @@ def free_ports(n: int = 1, host: str = "127.0.0.1") -> list[int]:
     A port can still be taken before the caller binds it; callers that start a server retry on
     "address already in use" (see ``address_in_use``).
     """
-    import random
-
     lo, hi = _QUIET_PORTS
     e_lo, e_hi = _ephemeral_range()
-    hi = min(hi, e_lo) if e_lo > lo else hi
     draw = random.SystemRandom()  # not the seeded global generator: parallel test workers must differ
     ports: list[int] = []
     for _ in range(200 * n):

@@ -107,8 +107,9 @@ def _serve_on(args: argparse.Namespace, sock: socket.socket) -> int:
     m = ens.manifest
     method = m.get("method") or (m.get("source") or {}).get("method", "?")  # an export names its run's method
     kind = f"{m['format']} export" if "format" in m and "source" in m else "Keras bundle"
+    where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address is bracketed in a URL
     print(f"skinfusion: serving {args.run} ({kind}, model {mid[:12]}, {'+'.join(ens.views)}, {method}) on "
-          f"http://{args.host}:{args.port}/  API key: {'required' if settings.api_key else 'none'}", file=sys.stderr)
+          f"http://{where}:{args.port}/  API key: {'required' if settings.api_key else 'none'}", file=sys.stderr)
     if not local and not settings.api_key:
         print(f"skinfusion: warning: listening on {args.host} without --api-key: anyone who can reach this machine "
               "can use the model", file=sys.stderr)
