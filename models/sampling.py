@@ -68,14 +68,38 @@ def _balance_sources(idx: np.ndarray, y: np.ndarray, sources: np.ndarray, alpha:
     # measure, not a default).
     out = []
     for c in (0, 1):
-        total = int(np.sum(y[idx] == c))
         members = [np.flatnonzero((y == c) & (sources == s)) for s in np.unique(sources)]
         members = [m for m in members if len(m)]
-        if not total or not members:
-            continue
-        w = np.array([len(m) for m in members], dtype=float) ** (1.0 - alpha)
-        counts = np.floor(total * w / w.sum()).astype(int)
-        counts[np.argsort(-(total * w / w.sum() - counts))[: total - counts.sum()]] += 1  # largest remainders
+        counts = _shares(int(np.sum(y[idx] == c)), [len(m) for m in members], alpha)
         for m, k in zip(members, counts):
             out.append(rng.choice(m, size=k, replace=k > len(m)))
     return np.concatenate(out)
+
+
+def _shares(total: int, sizes: list[int], alpha: float) -> np.ndarray:
+    """``total`` draws shared out ∝ ``size ** (1 - alpha)``, rounded by largest remainders."""
+    if not total or not sizes:
+        return np.zeros(len(sizes), dtype=int)
+    w = np.array(sizes, dtype=float) ** (1.0 - alpha)
+    counts = np.floor(total * w / w.sum()).astype(int)
+    counts[np.argsort(-(total * w / w.sum() - counts))[: total - counts.sum()]] += 1
+    return counts
+
+
+def describe_source_balance(y: np.ndarray, sources: np.ndarray, sampling: str, alpha: float) -> str:
+    """One line saying what ``source_balance`` does to an epoch: each source's draws per class.
+
+    For example ``HAM10000 nevi 4210/5100 (x0.8), melanomas ...``: the draws of each source and
+    class per epoch against the images it has, so a user sees how often a small source repeats.
+    """
+    y, sources = np.asarray(y).astype(int), np.asarray(sources)
+    n = np.bincount(y, minlength=2)
+    totals = {"none": n, "undersample": [min(n)] * 2, "oversample": [n[0]] * 2}[sampling]
+    names = [s for s in np.unique(sources)]
+    parts = []
+    for c, label in ((0, "nevi"), (1, "melanomas")):
+        have = [int(np.sum((y == c) & (sources == s))) for s in names]
+        kept = [(s, h) for s, h in zip(names, have) if h]
+        draws = _shares(int(totals[c]), [h for _, h in kept], alpha)
+        parts.append(f"{label} " + ", ".join(f"{s} {k}/{h} (x{k / h:.1f})" for (s, h), k in zip(kept, draws)))
+    return "; ".join(parts)

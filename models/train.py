@@ -28,7 +28,7 @@ from models.batches import (  # noqa: F401  (re-exported, as before the pipeline
 from models.branch import BranchConfig, build_branch
 from models.checkpoint import _BestKeeper
 from models.precision import mixed_precision_name
-from models.sampling import class_weights, epoch_order  # noqa: F401  (epoch_order: re-exported)
+from models.sampling import class_weights, describe_source_balance, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,10 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
         config.view, len(fit.y_train), int(fit.y_train.sum()), len(fit.y_val),
         {k: round(v, 3) for k, v in fit.weights.items()},
     )
+    if config.source_balance > 0 and fit.sources is not None and len(set(fit.sources.tolist())) > 1:
+        logger.info("[%s] source balance %g, draws per epoch of the images each source has: %s", config.view,
+                    config.source_balance, describe_source_balance(fit.y_train, fit.sources, config.sampling,
+                                                                   config.source_balance))
     t0 = time.perf_counter()
     if initial_epoch < config.epochs and not keeper.stopped:
         ctrl_c = _CtrlCBetweenSteps()

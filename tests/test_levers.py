@@ -11,6 +11,7 @@ from ensemble.selection import greedy_selection
 from models import BranchConfig
 from models.augment import acquisition_shift, augment_batch
 from models.branch import predict_branch_proba
+from models.sampling import describe_source_balance
 from models.train import epoch_order, fit_branch, training_batches
 from skinfusion.data.index import source_family
 
@@ -166,3 +167,16 @@ def test_select_fusion_weights_the_members_that_earn_their_place(rng):
     assert fusion.held_out_proba_.shape == (400,)
     assert not np.allclose(fusion.held_out_proba_, P @ fusion.weights_)
     assert fusion.describe(["rgb", "noise", "hsv"])["noise"] == 0
+
+
+def test_the_source_balance_summary_counts_what_an_epoch_draws(two_sources):
+    y, src = two_sources
+    line = describe_source_balance(y, src, "oversample", 1.0)
+    # oversampling makes 440 draws of each class; full balance gives each source half
+    assert line == ("nevi big 220/400 (x0.6), small 220/40 (x5.5); "
+                    "melanomas big 220/80 (x2.8), small 220/10 (x22.0)")
+    idx = epoch_order(y, "oversample", np.random.default_rng(0), src, 0.5)
+    cells = _cells(idx, y, src)
+    half = describe_source_balance(y, src, "oversample", 0.5)
+    assert f"small {cells[('small', 0)]}/40" in half and f"big {cells[('big', 1)]}/80" in half
+    assert describe_source_balance(y, src, "none", 0.0).startswith("nevi big 400/400 (x1.0), small 40/40 (x1.0)")
