@@ -27,6 +27,7 @@ from models.batches import (  # noqa: F401  (re-exported, as before the pipeline
 )
 from models.branch import BranchConfig, build_branch
 from models.checkpoint import _BestKeeper
+from models.ema import SwapEMAWithBatchNorm, batchnorm_sample
 from models.precision import mixed_precision_name
 from models.sampling import class_weights, describe_source_balance, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
@@ -199,7 +200,7 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
                 validation_steps=val_steps,
                 initial_epoch=initial_epoch,
                 epochs=config.epochs,
-                callbacks=[ctrl_c, *_ema_swap(config), keeper, _EpochLogger(config.view, config.epochs),
+                callbacks=[ctrl_c, *_ema_swap(fit), keeper, _EpochLogger(config.view, config.epochs),
                            *opts.callbacks],
                 verbose=0,
             )
@@ -217,9 +218,19 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
     return model, history
 
 
-def _ema_swap(config: BranchConfig) -> list[keras.callbacks.Callback]:
-    """With ``weight_ema``: validate on the averaged weights (swapped in for each evaluation, then back)."""
-    return [keras.callbacks.SwapEMAWeights()] if config.weight_ema else []
+def _ema_swap(fit: _Fit) -> list[keras.callbacks.Callback]:
+    """With ``weight_ema``: validate on the averaged weights (swapped in for each evaluation, then
+    back), with BatchNorm statistics re-estimated for them on a fixed sample of training images."""
+    config = fit.config
+    if not config.weight_ema:
+        return []
+    images = fit.train_images[batchnorm_sample(len(fit.train_images), config.seed)]
+
+    def batches():
+        return view_batches(images, config.view, config.batch_size, constancy=config.color_constancy,
+                            crop=config.image_size)
+
+    return [SwapEMAWithBatchNorm(batches, fit.replicas)]
 
 
 def _checked(config: BranchConfig, options: FitOptions, train_images, y_train, val_images, y_val) -> _Fit:

@@ -101,3 +101,33 @@ def test_a_resumed_averaged_run_ends_where_an_uninterrupted_one_does(data, tmp_p
 def test_weight_ema_outside_its_range_is_refused(value):
     with pytest.raises(ValueError, match="weight_ema"):
         BranchConfig(weight_ema=value)
+
+
+def test_batchnorm_statistics_are_re_estimated_as_the_average_of_the_batches():
+    from models.ema import reestimate_batchnorm
+
+    inputs = keras.Input((4, 4, 2))
+    bn = keras.layers.BatchNormalization(momentum=0.9)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(bn(inputs))))
+    rng = np.random.default_rng(1)
+    batches = [(rng.normal([3.0, -1.0], [2.0, 0.5], size=(8, 4, 4, 2)).astype(np.float32),) for _ in range(3)]
+    assert reestimate_batchnorm(model, batches) == 3
+    values = np.stack([b[0] for b in batches])  # (batch, 8, 4, 4, 2)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), values.mean(axis=(0, 1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), values.var(axis=(1, 2, 3)).mean(axis=0), rtol=1e-4)
+    assert bn.momentum == 0.9, "the layer's own momentum is put back"
+
+
+def test_the_kept_averaged_weights_carry_batchnorm_statistics_of_their_own(data):
+    """bn1 normalises conv1's output: its statistics must be those of the averaged conv1 on training images."""
+    xt, yt, xv, yv = data
+    config = BranchConfig(image_size=16, base_filters=4, epochs=3, patience=3, batch_size=16, weight_ema=0.9)
+    model, _ = fit_branch(config, xt, yt, xv, yv)
+    probe = keras.Model(model.inputs[0], model.get_layer("bn1").input)
+    x = apply_view("rgb", xt)  # 64 images: fewer than BN_IMAGES, so all of them, in order, 16 a batch
+    outs = [probe(x[k:k + 16], training=False).numpy() for k in range(0, len(x), 16)]
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), np.mean([o.mean(axis=(0, 1, 2)) for o in outs], axis=0),
+                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), np.mean([o.var(axis=(0, 1, 2)) for o in outs], axis=0),
+                               rtol=1e-3, atol=1e-5)
