@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import keras
 import numpy as np
 
+from models.sampling import epoch_order
+
 logger = logging.getLogger(__name__)
 
 #: Training images whose statistics the averaged weights' BatchNorm layers are re-estimated on
@@ -80,8 +82,13 @@ class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
         reestimate_batchnorm(self.model, self.make_batches())
 
 
-def batchnorm_sample(n: int, seed: int) -> np.ndarray:
-    """The sorted indices of the (at most ``BN_IMAGES``) training images the statistics are estimated on."""
-    if n <= BN_IMAGES:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 1024]).choice(n, size=BN_IMAGES, replace=False))
+def batchnorm_sample(y: np.ndarray, sampling: str, seed: int, sources: np.ndarray | None = None,
+                     source_balance: float = 0.0) -> np.ndarray:
+    """Indices of the training images the statistics are estimated on: the first ``BN_IMAGES`` of one
+    epoch's order under the training's own sampling (shuffled, fixed by ``seed``).
+
+    The training's class mix matters: BatchNorm learnt with oversampled (half melanoma) batches, and
+    statistics of the natural 16% mix shift every feature and the probabilities with them.
+    """
+    order = epoch_order(np.asarray(y), sampling, np.random.default_rng([seed, BN_IMAGES]), sources, source_balance)
+    return order[:BN_IMAGES]

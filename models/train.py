@@ -224,7 +224,8 @@ def _ema_swap(fit: _Fit) -> list[keras.callbacks.Callback]:
     config = fit.config
     if not config.weight_ema:
         return []
-    images = fit.train_images[batchnorm_sample(len(fit.train_images), config.seed)]
+    images = fit.train_images[batchnorm_sample(fit.y_train, config.sampling, config.seed, fit.sources,
+                                               config.source_balance)]
 
     def batches():
         return view_batches(images, config.view, config.batch_size, constancy=config.color_constancy,

@@ -124,7 +124,11 @@ def test_the_kept_averaged_weights_carry_batchnorm_statistics_of_their_own(data)
     config = BranchConfig(image_size=16, base_filters=4, epochs=3, patience=3, batch_size=16, weight_ema=0.9)
     model, _ = fit_branch(config, xt, yt, xv, yv)
     probe = keras.Model(model.inputs[0], model.get_layer("bn1").input)
-    x = apply_view("rgb", xt)  # 64 images: fewer than BN_IMAGES, so all of them, in order, 16 a batch
+    from models.ema import batchnorm_sample
+
+    picked = batchnorm_sample(yt, config.sampling, config.seed)  # one epoch's order under oversampling
+    assert np.mean(yt[picked]) == pytest.approx(0.5), "the training's class mix, not the data's"
+    x = apply_view("rgb", xt[picked])
     outs = [probe(x[k:k + 16], training=False).numpy() for k in range(0, len(x), 16)]
     bn1 = model.get_layer("bn1")
     np.testing.assert_allclose(bn1.moving_mean.numpy(), np.mean([o.mean(axis=(0, 1, 2)) for o in outs], axis=0),
