@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import keras
 import numpy as np
 
+from models.checkpoint import _seed_states, _set_seed_states
 from models.sampling import epoch_order
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,15 @@ def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
 
     Each batch runs forward in training mode (each layer normalises by its batch's statistics, as
     in training); layer momenta are set so the moving statistics end as the plain average of the
-    batches' statistics (PyTorch's ``momentum=None``), then put back. Returns the number of batches.
+    batches' statistics (PyTorch's ``momentum=None``), then put back, as are the dropout generators. Returns the number of batches.
     """
     layers = batchnorm_layers(model)
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
+    # Training-mode calls draw dropout masks; put the generators back so the training that
+    # follows draws exactly what it would have without the re-estimation.
+    seeds = _seed_states(model)
     seen = 0
     try:
         for x in batches:
@@ -52,6 +56,7 @@ def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
+        _set_seed_states(model, seeds)
     return seen
 
 
