@@ -122,7 +122,8 @@ class BranchConfig:
     # (Arpit et al., 2022, "Ensemble of Averages"; Cha et al., 2021, SWAD).
     weight_ema: float = _param(0.0, "training: keep an exponential moving average of the weights with this "
                                     "momentum per step (e.g. 0.998); validation, early stopping and the saved branch "
-                                    "use the averaged weights; 0 = off", metavar="M")
+                                    "use the averaged weights, with BatchNorm statistics re-estimated for them; "
+                                    "0 = off", metavar="M")
     lr_schedule: str = _param("cosine", "cosine: decay to 0 over the epochs; plateau: halve the rate after 2 "
                                         "epochs without a better validation AUC; none: constant",
                               choices=("none", "cosine", "plateau"))
