@@ -35,7 +35,8 @@ def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
 
     Each batch runs forward in training mode (each layer normalises by its batch's statistics, as
     in training); layer momenta are set so the moving statistics end as the plain average of the
-    batches' statistics (PyTorch's ``momentum=None``), then put back, as are the dropout generators. Returns the number of batches.
+    batches' statistics (PyTorch's ``momentum=None``), then put back, as are the dropout
+    generators. Returns the number of batches.
     """
     layers = batchnorm_layers(model)
     if not layers:

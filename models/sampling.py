@@ -89,8 +89,8 @@ def _shares(total: int, sizes: list[int], alpha: float) -> np.ndarray:
 def describe_source_balance(y: np.ndarray, sources: np.ndarray, sampling: str, alpha: float) -> str:
     """One line saying what ``source_balance`` does to an epoch: each source's draws per class.
 
-    For example ``HAM10000 nevi 4210/5100 (x0.8), melanomas ...``: the draws of each source and
-    class per epoch against the images it has, so a user sees how often a small source repeats.
+    For example ``nevi HAM10000 3700/4691 (x0.8), ...; melanomas ...``: the draws of each source
+    and class per epoch against the images it has, so a user sees how often a small source repeats.
     """
     y, sources = np.asarray(y).astype(int), np.asarray(sources)
     n = np.bincount(y, minlength=2)
