@@ -17,8 +17,9 @@ from models.config import SELECT_ON, BranchConfig  # noqa: F401  (re-exported: t
 def build_branch(config: BranchConfig) -> keras.Model:
     """Build the branch CNN: four conv blocks and one dense output, five weight layers.
 
-    Each conv block is Conv(3×3) → BatchNorm → ReLU → MaxPool(2); then global average
-    pooling, dropout and a sigmoid unit that outputs the melanoma probability.
+    Each conv block is Conv(3×3) → BatchNorm → ReLU → MaxPool(2) (or, with ``block_order``
+    conv-pool-bn-relu, Conv → MaxPool → BatchNorm → ReLU); then global average pooling, dropout
+    and a sigmoid unit that outputs the melanoma probability.
 
     With ``config.seeds`` = N > 1 the model holds N such CNNs side by side (a deep ensemble,
     filled by ``assemble_members`` from N separately trained members): its output is the mean
@@ -59,11 +60,15 @@ def _conv_stack(inputs, config: BranchConfig, prefix: str):
         x = keras.layers.Conv2D(
             config.base_filters * 2**block, 3, padding="same", use_bias=False, name=f"{prefix}conv{block + 1}"
         )(x)
+        pool_first = config.block_order == "conv-pool-bn-relu"
+        if pool_first:
+            x = keras.layers.MaxPooling2D(name=f"{prefix}pool{block + 1}")(x)
         # momentum 0.9 (not Keras' 0.99): with a few hundred steps per run, slower moving
         # statistics lag the weights and make inference-mode predictions poor.
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"{prefix}bn{block + 1}")(x)
         x = keras.layers.ReLU(name=f"{prefix}relu{block + 1}")(x)
-        x = keras.layers.MaxPooling2D(name=f"{prefix}pool{block + 1}")(x)
+        if not pool_first:
+            x = keras.layers.MaxPooling2D(name=f"{prefix}pool{block + 1}")(x)
     return keras.layers.GlobalAveragePooling2D(name=f"{prefix}gap")(x)
 
 

@@ -269,6 +269,7 @@ def save_encoder(out_dir: str | os.PathLike, model: keras.Model, config: BranchC
             np.savez(fh, **encoder_arrays(model))
     write_json_atomic(out / INFO_FILE, {
         **info, "view": config.view, "image_size": config.image_size, "base_filters": config.base_filters,
+        "block_order": config.block_order,
         "color_constancy": config.color_constancy, "encoder": {"file": ENCODER_FILE,
                                                                "sha256": sha256_file(out / ENCODER_FILE)}})
     return out
@@ -312,6 +313,12 @@ def check_init_from(config: BranchConfig, directory: str | os.PathLike) -> tuple
         raise ValueError(f"--init-from {directory}: the encoder was pre-trained for view {info['view']!r} with "
                          f"--base-filters {info['base_filters']}, this branch is {config.view!r} with "
                          f"{config.base_filters}; pre-train one for this view and width")
+    # Encoders written before block_order existed were built in the then only (the default) order.
+    order = info.get("block_order", BranchConfig.block_order)
+    if order != config.block_order:
+        raise ValueError(f"--init-from {directory}: the encoder was pre-trained with --block-order {order}, this "
+                         f"branch uses {config.block_order}; pre-train one with `skinfusion pretrain --block-order "
+                         f"{config.block_order}`")
     return info, arrays
 
 

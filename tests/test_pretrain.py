@@ -102,6 +102,9 @@ def test_a_damaged_or_mismatched_encoder_is_refused_by_name(pretrained, syntheti
     assert "pre-trained for view 'rgb'" in capsys.readouterr().err
     assert train_main(["--view", "rgb", *args, "--base-filters", "8", "--init-from", str(bad)]) == 2
     assert "--base-filters 16" in capsys.readouterr().err
+    assert json.loads((bad / "pretrain.json").read_text())["block_order"] == "conv-bn-relu-pool"
+    assert train_main(["--view", "rgb", *args, "--block-order", "conv-pool-bn-relu", "--init-from", str(bad)]) == 2
+    assert "pre-trained with --block-order conv-bn-relu-pool" in capsys.readouterr().err
     with open(bad / "encoder.npz", "r+b") as fh:
         fh.seek(100)
         fh.write(b"\0\0\0\0")

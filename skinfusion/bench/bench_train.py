@@ -41,10 +41,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batch64": {"batch_size": 64},
     "batch128": {"batch_size": 128},
     "jit+batch128": {"jit": True, "batch_size": 128},
+    "poolfirst": {"block_order": "conv-pool-bn-relu"},
+    "poolfirst+bf16": {"block_order": "conv-pool-bn-relu", "policy": "mixed_bfloat16"},
+    "poolfirst+bf16+memory": {"block_order": "conv-pool-bn-relu", "policy": "mixed_bfloat16", "memory": True},
     "threads1": {"threads": 1},
     "parallel3x1": {"threads": 1, "parallel": True},
 }
-DEFAULT_VARIANTS = ("default", "memory", "jit", "bf16", "batch64", "batch128", "jit+batch128", "parallel3x1")
+DEFAULT_VARIANTS = ("default", "memory", "jit", "bf16", "batch64", "batch128", "jit+batch128", "parallel3x1",
+                    "poolfirst", "poolfirst+bf16")
 VIEWS = DEFAULT_VIEWS
 
 
@@ -105,7 +109,8 @@ def _measure_view(view: str, settings: dict[str, Any], images: np.ndarray, y: np
     from models import BranchConfig, build_branch
     from models.train import class_weights, make_optimizer, training_batches
 
-    config = BranchConfig(view=view, image_size=images.shape[1], batch_size=settings.get("batch_size", 32))
+    config = BranchConfig(view=view, image_size=images.shape[1], batch_size=settings.get("batch_size", 32),
+                          block_order=settings.get("block_order", BranchConfig.block_order))
     bs = config.batch_size
     steps = max(2, math.ceil(n_images / bs))
     keras.utils.set_random_seed(config.seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from colorspaces import CONSTANCY, DEFAULT_VIEWS, VIEWS
 from colorspaces.lesion import LESION_CROPS
-from models.config import BranchConfig
+from models.config import BLOCK_ORDERS, BranchConfig
 from skinfusion.cli.common import (
     add_quiet,
     check_output_dir,
@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"square input side in pixels (default {d.image_size}; fine-tuning may use another)")
     p.add_argument("--base-filters", type=positive_int, default=d.base_filters, metavar="N",
                    help=f"width of the first conv layer; must match the branch's (default {d.base_filters})")
+    p.add_argument("--block-order", choices=list(BLOCK_ORDERS), default=d.block_order,
+                   help=f"layer order in each conv block; must match the branch's (default {d.block_order})")
     p.add_argument("--color-constancy", choices=list(CONSTANCY), default=d.color_constancy,
                    help="preprocessing before the view, as in train (default none)")
     p.add_argument("--lesion-crop", choices=LESION_CROPS, default=d.lesion_crop,
@@ -92,7 +94,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from skinfusion.workflows.pretraining import pretrain_views  # TensorFlow: not for --help
 
     configs = [BranchConfig(view=v, image_size=args.image_size, base_filters=args.base_filters,
-                            color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
+                            block_order=args.block_order, color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
                for v in views]
     jobs = args.jobs if args.jobs is not None else len(configs)
     summaries = pretrain_views(args.data, args.run, configs, outs, jobs=jobs, extra_dirs=args.images,

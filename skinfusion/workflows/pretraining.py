@@ -121,8 +121,9 @@ def _finished_encoder(out: Path, config: BranchConfig, settings: dict[str, Any])
     except (ValueError, FileNotFoundError) as exc:
         logger.warning("[%s] %s; pre-training it again", config.view, exc)
         return None
-    expected = {**settings, "view": config.view, "image_size": config.image_size,
-                "base_filters": config.base_filters, "color_constancy": config.color_constancy}
+    recorded.setdefault("block_order", BranchConfig.block_order)  # written before the field existed
+    expected = {**settings, "view": config.view, "image_size": config.image_size, "base_filters": config.base_filters,
+                "block_order": config.block_order, "color_constancy": config.color_constancy}
     differ = sorted(k for k, v in expected.items() if recorded.get(k) != v)
     if differ:
         logger.warning("[%s] %s was pre-trained with other settings (%s); pre-training it again", config.view, out,

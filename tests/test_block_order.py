@@ -1,0 +1,79 @@
+"""BranchConfig.block_order: pooling before BatchNorm and ReLU (the faster order) and the default order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models import BranchConfig, build_branch
+from models.branch import predict_branch_proba
+
+POOL_FIRST = "conv-pool-bn-relu"
+
+
+def _kinds(model, block: int) -> list[str]:
+    names = [layer.name for layer in model.layers]
+    return [n.rstrip("0123456789") for n in names if n.endswith(str(block)) and not n.startswith("m")]
+
+
+def test_each_block_pools_before_batchnorm_with_the_same_weights():
+    default = build_branch(BranchConfig(view="rgb", image_size=32))
+    pooled = build_branch(BranchConfig(view="rgb", image_size=32, block_order=POOL_FIRST))
+    for block in range(1, 5):
+        assert _kinds(default, block) == ["conv", "bn", "relu", "pool"]
+        assert _kinds(pooled, block) == ["conv", "pool", "bn", "relu"]
+    assert [w.shape for w in default.weights] == [w.shape for w in pooled.weights]
+    assert pooled.get_layer("bn1").output.shape[1:] == (16, 16, 16)  # BatchNorm on the pooled maps
+
+
+def _randomised(model, rng: np.random.Generator, negative_gamma: bool):
+    """Random BatchNorm weights and statistics (the convolutions keep their random initialisation); every
+    BatchNorm scale positive unless ``negative_gamma``."""
+    for layer in model.layers:
+        if layer.name.startswith("bn"):
+            gamma, beta, mean, var = (w.numpy() for w in layer.weights)
+            gamma = rng.uniform(0.5, 2.0, gamma.shape).astype("float32")
+            if negative_gamma and layer.name == "bn2":
+                gamma[0] = -gamma[0]
+            layer.set_weights([gamma, rng.normal(0, 0.3, beta.shape).astype("float32"),
+                               rng.normal(0, 0.3, mean.shape).astype("float32"),
+                               rng.uniform(0.5, 2.0, var.shape).astype("float32")])
+    return model
+
+
+@pytest.mark.parametrize("negative_gamma", [False, True])
+def test_the_orders_compute_the_same_function_when_every_batchnorm_scale_is_positive(negative_gamma):
+    # Max pooling commutes with ReLU and with an increasing affine map (inference-mode BatchNorm
+    # with a positive scale), so the same weights give the same probabilities in both orders;
+    # one negative scale breaks it, which shows the comparison can fail.
+    rng = np.random.default_rng(0)
+    default = _randomised(build_branch(BranchConfig(view="rgb", image_size=32)), rng, negative_gamma)
+    pooled = build_branch(BranchConfig(view="rgb", image_size=32, block_order=POOL_FIRST))
+    pooled.set_weights(default.get_weights())
+    x = rng.uniform(0, 1, (16, 32, 32, 3)).astype("float32")
+    a, b = predict_branch_proba(default, x), predict_branch_proba(pooled, x)
+    assert np.std(a) > 1e-3  # not saturated: the probabilities tell the images apart
+    if negative_gamma:
+        assert np.max(np.abs(a - b)) > 1e-4
+    else:
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_configs_saved_before_the_field_existed_read_as_the_default_order():
+    saved = BranchConfig(view="hsv").to_dict()
+    del saved["block_order"]
+    assert BranchConfig.from_dict(saved).block_order == "conv-bn-relu-pool"
+    assert BranchConfig(view="hsv").matches(saved)
+    assert not BranchConfig(view="hsv", block_order=POOL_FIRST).matches(saved)
+    with pytest.raises(ValueError, match="block_order must be one of"):
+        BranchConfig(view="rgb", block_order="pool-conv")
+
+
+def test_train_flag_refuses_an_unknown_order_in_one_line(tmp_path, capsys):
+    from skinfusion.cli import train_main
+
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--view", "rgb", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--block-order", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--block-order" in err and "Traceback" not in err
