@@ -31,6 +31,10 @@ _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 SELECT_ON = ("all", "histopathology", "not_follow_up")
 #: ``BranchConfig.block_order`` values: the layer order inside each conv block.
 BLOCK_ORDERS = ("conv-bn-relu-pool", "conv-pool-bn-relu")
+#: What a config saved before a field existed was trained with, for fields whose default differs
+#: from that behaviour (``BranchConfig.from_saved``): a saved ``config.json`` is read with these,
+#: a ``--config`` file or the flags with the current defaults.
+SAVED_BEFORE_FIELD = {"block_order": "conv-bn-relu-pool"}
 
 
 @dataclass(frozen=True)
@@ -227,12 +231,17 @@ class BranchConfig:
         return dataclasses.asdict(self)
 
     def matches(self, saved: dict[str, Any]) -> bool:
-        """Whether a saved config dict describes this config.
+        """Whether a saved config dict describes this config (keys it lacks read as ``from_saved`` reads them)."""
+        return type(self).from_saved(saved) == self
 
-        Keys the saved dict lacks take their defaults: a config saved before a field existed
-        was trained with the behaviour that is now that field's default.
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> "BranchConfig":
+        """``from_dict`` for a config a run saved: keys it lacks take the behaviour of the code that saved it.
+
+        That is the field's default, except for the fields of ``SAVED_BEFORE_FIELD``, whose default
+        changed when they were added.
         """
-        return type(self).from_dict(saved) == self
+        return cls.from_dict({**SAVED_BEFORE_FIELD, **values})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BranchConfig":

@@ -36,7 +36,7 @@ from colorspaces.interrupts import deferred_sigint
 from models.augment import augment_batch
 from models.batches import _numpy_batches, view_batches
 from models.branch import build_branch
-from models.config import BranchConfig
+from models.config import SAVED_BEFORE_FIELD, BranchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def check_init_from(config: BranchConfig, directory: str | os.PathLike) -> tuple
                          f"--base-filters {info['base_filters']}, this branch is {config.view!r} with "
                          f"{config.base_filters}; pre-train one for this view and width")
     # Encoders written before block_order existed were built in the then only (the default) order.
-    order = info.get("block_order", BranchConfig.block_order)
+    order = info.get("block_order", SAVED_BEFORE_FIELD["block_order"])
     if order != config.block_order:
         raise ValueError(f"--init-from {directory}: the encoder was pre-trained with --block-order {order}, this "
                          f"branch uses {config.block_order}; pre-train one with `skinfusion pretrain --block-order "

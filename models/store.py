@@ -91,7 +91,7 @@ def read_branch_info(directory: str | os.PathLike, hint: str = "") -> tuple[Bran
     config_file, meta_file = directory / CONFIG_FILE, directory / METADATA_FILE
     values = read_json_object(config_file, hint=hint or _RETRAIN)
     try:
-        config = BranchConfig.from_dict(values)
+        config = BranchConfig.from_saved(values)
     except (KeyError, ValueError, TypeError) as exc:  # unknown key, wrong type or value, missing field
         reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise ValueError(f"{config_file}: damaged, not a valid branch config ({reason}){_tail(hint)}") from None

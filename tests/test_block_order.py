@@ -59,11 +59,12 @@ def test_the_orders_compute_the_same_function_when_every_batchnorm_scale_is_posi
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_configs_saved_before_the_field_existed_read_as_the_default_order():
+def test_configs_saved_before_the_field_existed_read_as_the_order_they_were_trained_in():
+    # Whatever the default is, a config.json without the key was trained in the only order there was.
     saved = BranchConfig(view="hsv").to_dict()
     del saved["block_order"]
-    assert BranchConfig.from_dict(saved).block_order == "conv-bn-relu-pool"
-    assert BranchConfig(view="hsv").matches(saved)
+    assert BranchConfig.from_saved(saved).block_order == "conv-bn-relu-pool"
+    assert BranchConfig(view="hsv", block_order="conv-bn-relu-pool").matches(saved)
     assert not BranchConfig(view="hsv", block_order=POOL_FIRST).matches(saved)
     with pytest.raises(ValueError, match="block_order must be one of"):
         BranchConfig(view="rgb", block_order="pool-conv")

@@ -52,7 +52,7 @@ def _branch_configs(run: Path):
     for view in VIEWS:
         cfg = RunDir(run).branch(view) / "config.json"
         if cfg.is_file():
-            out.append(BranchConfig.from_dict(json.loads(cfg.read_text())))
+            out.append(BranchConfig.from_saved(json.loads(cfg.read_text())))
     if not out:
         raise FileNotFoundError(f"{run}: no trained branches under {RunDir(run).branches}")
     return out

@@ -20,6 +20,7 @@ import numpy as np
 
 from colorspaces.image import IMAGE_SUFFIXES
 from models import BranchConfig
+from models.config import SAVED_BEFORE_FIELD
 from skinfusion.data.cache import cached_images
 from skinfusion.workflows.fusing import held_out_ids
 from skinfusion.workflows.processes import in_processes, threads_per_job
@@ -121,7 +122,7 @@ def _finished_encoder(out: Path, config: BranchConfig, settings: dict[str, Any])
     except (ValueError, FileNotFoundError) as exc:
         logger.warning("[%s] %s; pre-training it again", config.view, exc)
         return None
-    recorded.setdefault("block_order", BranchConfig.block_order)  # written before the field existed
+    recorded.setdefault("block_order", SAVED_BEFORE_FIELD["block_order"])  # written before the field existed
     expected = {**settings, "view": config.view, "image_size": config.image_size, "base_filters": config.base_filters,
                 "block_order": config.block_order, "color_constancy": config.color_constancy}
     differ = sorted(k for k, v in expected.items() if recorded.get(k) != v)
