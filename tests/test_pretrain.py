@@ -102,8 +102,13 @@ def test_a_damaged_or_mismatched_encoder_is_refused_by_name(pretrained, syntheti
     assert "pre-trained for view 'rgb'" in capsys.readouterr().err
     assert train_main(["--view", "rgb", *args, "--base-filters", "8", "--init-from", str(bad)]) == 2
     assert "--base-filters 16" in capsys.readouterr().err
-    assert json.loads((bad / "pretrain.json").read_text())["block_order"] == "conv-bn-relu-pool"
-    assert train_main(["--view", "rgb", *args, "--block-order", "conv-pool-bn-relu", "--init-from", str(bad)]) == 2
+    assert json.loads((bad / "pretrain.json").read_text())["block_order"] == "conv-pool-bn-relu"
+    assert train_main(["--view", "rgb", *args, "--block-order", "conv-bn-relu-pool", "--init-from", str(bad)]) == 2
+    assert "pre-trained with --block-order conv-pool-bn-relu" in capsys.readouterr().err
+    info = json.loads((bad / "pretrain.json").read_text())
+    del info["block_order"]  # an encoder written before the field existed: the old order
+    (bad / "pretrain.json").write_text(json.dumps(info))
+    assert train_main(["--view", "rgb", *args, "--init-from", str(bad)]) == 2
     assert "pre-trained with --block-order conv-bn-relu-pool" in capsys.readouterr().err
     with open(bad / "encoder.npz", "r+b") as fh:
         fh.seek(100)
