@@ -17,9 +17,10 @@ from models.config import SELECT_ON, BranchConfig  # noqa: F401  (re-exported: t
 def build_branch(config: BranchConfig) -> keras.Model:
     """Build the branch CNN: four conv blocks and one dense output, five weight layers.
 
-    Each conv block is Conv(3×3) → BatchNorm → ReLU → MaxPool(2) (or, with ``block_order``
-    conv-pool-bn-relu, Conv → MaxPool → BatchNorm → ReLU); then global average pooling, dropout
-    and a sigmoid unit that outputs the melanoma probability.
+    Each conv block is Conv(3×3) → MaxPool(2) → BatchNorm → ReLU (``block_order``
+    conv-pool-bn-relu, the default; conv-bn-relu-pool pools last, as branches trained before
+    2026-12-07 do); then global average pooling, dropout and a sigmoid unit that outputs the
+    melanoma probability.
 
     With ``config.seeds`` = N > 1 the model holds N such CNNs side by side (a deep ensemble,
     filled by ``assemble_members`` from N separately trained members): its output is the mean
