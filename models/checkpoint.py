@@ -34,13 +34,15 @@ def _seed_generators(model: keras.Model) -> dict[str, Any]:
     return {layer.name: layer.seed_generator for layer in model.layers if getattr(layer, "seed_generator", None) is not None}
 
 
-def _seed_states(model: keras.Model) -> dict[str, list[int]]:
+def seed_states(model: keras.Model) -> dict[str, list[int]]:
+    """The state of every seed generator in ``model`` (its Dropout layers'), by layer name, JSON-ready."""
     # Dropout's random state is not part of a saved model; without it a resumed run would
     # draw different dropout masks from the uninterrupted one.
     return {name: np.asarray(keras.ops.convert_to_numpy(g.state.value)).tolist() for name, g in _seed_generators(model).items()}
 
 
-def _set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
+def set_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
+    """Put back seed generator states from ``seed_states``; generators it does not name keep theirs."""
     for name, g in _seed_generators(model).items():
         if name in states:
             g.state.assign(np.asarray(states[name], dtype=keras.backend.standardize_dtype(g.state.dtype)))
@@ -125,7 +127,7 @@ class _BestKeeper(keras.callbacks.Callback):
             raise ValueError(f"{state_file}: damaged, its mixed_precision is invalid ({exc}); {fresh}") from None
         refuse_other_mixed_precision(self.source, state.get("mixed_precision"), self.mixed_precision, "the checkpoint")
         model = keras.saving.load_model(self.source / "last.keras", compile=True)
-        _set_seed_states(model, state.get("seed_states", {}))
+        set_seed_states(model, state.get("seed_states", {}))
         best_model = self.build(self.config)
         best_model.load_weights(self.source / "best.weights.h5")
         self.best_weights = best_model.get_weights()
@@ -172,7 +174,7 @@ class _BestKeeper(keras.callbacks.Callback):
             "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
             "lr_wait": self.lr_wait, "mixed_precision": self.mixed_precision,
             "stopped": self.stopped, "history": self.history, "config": self.config.to_dict(),
-            "seed_states": _seed_states(self.model),
+            "seed_states": seed_states(self.model),
             "seconds": self.seconds_before + time.perf_counter() - self._t0,
         })
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import keras
 import numpy as np
 
-from models.checkpoint import _seed_states, _set_seed_states
+from models.checkpoint import seed_states, set_seed_states
 from models.sampling import epoch_order
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     momenta = [layer.momentum for layer in layers]
     # Training-mode calls draw dropout masks; put the generators back so the training that
     # follows draws exactly what it would have without the re-estimation.
-    seeds = _seed_states(model)
+    seeds = seed_states(model)
     seen = 0
     try:
         for x in batches:
@@ -57,7 +57,7 @@ def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
-        _set_seed_states(model, seeds)
+        set_seed_states(model, seeds)
     return seen
 
 

@@ -16,11 +16,15 @@ from skinfusion.cli import pretrain_main, train_main
 from skinfusion.data.splits import load_split
 
 pytestmark = pytest.mark.slow
+# Pooling before BatchNorm (the default block order) learns this synthetic task's embedding more
+# slowly than the old order: its k-NN probe passes 0.85 from epoch 4-5 on (0.98 at 6), the old
+# order's from epoch 1. Epochs after the first take about 0.5 s here.
+EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
 def pretrained(synthetic_data, tmp_path_factory):
-    """An rgb encoder pre-trained for 3 epochs at 32 px, with an extra folder that holds two forbidden files."""
+    """An rgb encoder pre-trained for 6 epochs at 32 px, with an extra folder that holds two forbidden files."""
     run = tmp_path_factory.mktemp("pre-run")
     # The split pretrain will reuse, made first so that the test knows the val/test images.
     from skinfusion.workflows.runsplit import prepare_split
@@ -37,7 +41,7 @@ def pretrained(synthetic_data, tmp_path_factory):
         shutil.copy(images / f"{i}.jpg", extra / f"unlabelled_{k}.jpg")
     out = run / "pretrain" / "rgb"
     rc = pretrain_main(["--view", "rgb", "--data", str(synthetic_data), "--run", str(run), "--images", str(extra),
-                        "--image-size", "32", "--epochs", "3", "--batch-size", "32", "-q"])
+                        "--image-size", "32", "--epochs", str(EPOCHS), "--batch-size", "32", "-q"])
     assert rc == 0
     return {"run": run, "out": out, "assign": assign, "extra": extra}
 
@@ -59,7 +63,7 @@ def test_only_training_images_and_allowed_extras_enter_pre_training(pretrained):
 def test_pre_training_learns_a_useful_embedding_without_collapsing(pretrained):
     info = json.loads((pretrained["out"] / "pretrain.json").read_text())
     hist = info["history"]
-    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in hist] == list(range(EPOCHS + 1))
     assert all(0.5 < h["collapse_indicator"] <= 1.5 for h in hist[1:])
     assert hist[-1]["loss"] < hist[1]["loss"]
     # Synthetic melanomas look different: the k-NN probe on the pre-trained embedding finds it.
@@ -143,7 +147,7 @@ def test_pretrain_all_views_in_parallel_processes(synthetic_data, tmp_path, caps
 
     run, out = tmp_path / "r", tmp_path / "enc"
     argv = ["--view", "all", "--jobs", "2", "--data", str(synthetic_data), "--run", str(run),
-            "--out", str(out), "--image-size", "32", "--epochs", "3", "--batch-size", "32"]
+            "--out", str(out), "--image-size", "32", "--epochs", str(EPOCHS), "--batch-size", "32"]
     assert pretrain_main(argv) == 0
     captured = capsys.readouterr()
     printed = captured.out
@@ -156,7 +160,7 @@ def test_pretrain_all_views_in_parallel_processes(synthetic_data, tmp_path, caps
         assert info["view"] == view
         assert sorted((enc / "images.txt").read_text().split()) == train_ids
         hist = info["history"]
-        assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+        assert [h["epoch"] for h in hist] == list(range(EPOCHS + 1))
         assert all(0.5 < h["collapse_indicator"] <= 1.5 for h in hist[1:]), f"{view} collapsed"
         assert f"--init-from {enc}" in printed
     # What it learned: as in the one-view test, the rgb probe finds the synthetic melanomas.
@@ -194,8 +198,8 @@ def test_resume_keeps_only_an_encoder_finished_with_the_same_settings(pretrained
                                      "learning_rate", "seed", "lesion_crop", "extra_dirs")}
     kept = _finished_encoder(out, config, settings)
     assert kept["kept"] and kept["history"] == info["history"]
-    assert _finished_encoder(out, config, {**settings, "epochs": 4}) is None
-    assert "other settings (epochs 3, now 4)" in caplog.text
+    assert _finished_encoder(out, config, {**settings, "epochs": EPOCHS + 1}) is None
+    assert f"other settings (epochs {EPOCHS}, now {EPOCHS + 1})" in caplog.text
     assert _finished_encoder(out, BranchConfig(view="rgb", image_size=48), settings) is None
 
 

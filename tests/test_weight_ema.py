@@ -106,13 +106,13 @@ def test_weight_ema_outside_its_range_is_refused(value):
 def test_batchnorm_statistics_are_re_estimated_as_the_average_of_the_batches():
     from models.ema import reestimate_batchnorm
 
-    from models.checkpoint import _seed_states
+    from models.checkpoint import seed_states
 
     inputs = keras.Input((4, 4, 2))
     bn = keras.layers.BatchNormalization(momentum=0.9)
     pooled = keras.layers.Dropout(0.5)(keras.layers.GlobalAveragePooling2D()(bn(inputs)))
     model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
-    seeds = _seed_states(model)
+    seeds = seed_states(model)
     rng = np.random.default_rng(1)
     batches = [(rng.normal([3.0, -1.0], [2.0, 0.5], size=(8, 4, 4, 2)).astype(np.float32),) for _ in range(3)]
     assert reestimate_batchnorm(model, batches) == 3
@@ -120,7 +120,7 @@ def test_batchnorm_statistics_are_re_estimated_as_the_average_of_the_batches():
     np.testing.assert_allclose(bn.moving_mean.numpy(), values.mean(axis=(0, 1, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), values.var(axis=(1, 2, 3)).mean(axis=0), rtol=1e-4)
     assert bn.momentum == 0.9, "the layer's own momentum is put back"
-    assert _seed_states(model) == seeds, "dropout draws the masks training would have drawn"
+    assert seed_states(model) == seeds, "dropout draws the masks training would have drawn"
 
 
 def test_the_kept_averaged_weights_carry_batchnorm_statistics_of_their_own(data):
