@@ -69,9 +69,14 @@ def test_an_assembled_branch_is_exactly_its_members_mean_and_survives_saving(tmp
 
 def test_a_one_seed_branch_is_the_branch_it_always_was():
     # Old bundles were built by the one-CNN builder: its layer names and weight order must not move.
-    names = [layer.name for layer in build_branch(BranchConfig(image_size=SIZE)).layers]
-    assert names == ["rgb", "conv1", "bn1", "relu1", "pool1", "conv2", "bn2", "relu2", "pool2", "conv3", "bn3",
-                     "relu3", "pool3", "conv4", "bn4", "relu4", "pool4", "gap", "dropout", "melanoma_proba"]
+    old = build_branch(BranchConfig(image_size=SIZE, block_order="conv-bn-relu-pool"))
+    assert [layer.name for layer in old.layers] == [
+        "rgb", "conv1", "bn1", "relu1", "pool1", "conv2", "bn2", "relu2", "pool2", "conv3", "bn3",
+        "relu3", "pool3", "conv4", "bn4", "relu4", "pool4", "gap", "dropout", "melanoma_proba"]
+    # The default (pooling first) keeps the names; only each block's pool moves before its BatchNorm.
+    assert [layer.name for layer in build_branch(BranchConfig(image_size=SIZE)).layers] == [
+        "rgb", "conv1", "pool1", "bn1", "relu1", "conv2", "pool2", "bn2", "relu2", "conv3", "pool3", "bn3",
+        "relu3", "conv4", "pool4", "bn4", "relu4", "gap", "dropout", "melanoma_proba"]
 
 
 def _previous_release_builder(config: BranchConfig) -> keras.Model:
@@ -92,12 +97,14 @@ def _previous_release_builder(config: BranchConfig) -> keras.Model:
 def test_a_one_seed_branch_starts_from_the_same_weights_as_before():
     # Layers draw their seeds from the global generator as they are created: building them in
     # another order changes every seeded training (and every number measured with it).
-    config = BranchConfig(image_size=SIZE)
-    keras.utils.set_random_seed(0)
-    before = _previous_release_builder(config).get_weights()
-    keras.utils.set_random_seed(0)
-    now = build_branch(config).get_weights()
-    assert len(now) == len(before) and all(np.array_equal(a, b) for a, b in zip(now, before))
+    # Pooling holds no weights, so the default block order starts from the same weights too.
+    for order in ("conv-bn-relu-pool", "conv-pool-bn-relu"):
+        config = BranchConfig(image_size=SIZE, block_order=order)
+        keras.utils.set_random_seed(0)
+        before = _previous_release_builder(config).get_weights()
+        keras.utils.set_random_seed(0)
+        now = build_branch(config).get_weights()
+        assert len(now) == len(before) and all(np.array_equal(a, b) for a, b in zip(now, before)), order
 
 
 def test_gradcam_of_a_seeds_branch_is_the_mean_of_its_members_maps():
