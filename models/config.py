@@ -51,7 +51,7 @@ class BranchConfig:
     image_size: int = _param(96, "square input side in pixels")
     base_filters: int = _param(16, "filters of the first conv layer, doubled by each later conv layer")
     # Pooling first (the default since 2026-12-07; before it, conv-bn-relu-pool) runs BatchNorm and
-    # ReLU on a quarter of the activations: 1.5x the training step on CPU (skinfusion bench --train).
+    # ReLU on a quarter of the activations: 1.42x the training images per CPU-second (skinfusion bench --train).
     # Max pooling commutes with ReLU and with BatchNorm's affine map when its scale is positive, so
     # the orders compute nearly the same function; trained, the rgb branch's validation AUC was
     # 0.904 against 0.896 (paired CI +0.000 to +0.016; experiments/RESULTS.md, "Pooling before

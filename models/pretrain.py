@@ -313,7 +313,7 @@ def check_init_from(config: BranchConfig, directory: str | os.PathLike) -> tuple
         raise ValueError(f"--init-from {directory}: the encoder was pre-trained for view {info['view']!r} with "
                          f"--base-filters {info['base_filters']}, this branch is {config.view!r} with "
                          f"{config.base_filters}; pre-train one for this view and width")
-    # Encoders written before block_order existed were built in the then only (the default) order.
+    # Encoders written before block_order existed were built in the only order there was then.
     order = info.get("block_order", SAVED_BEFORE_FIELD["block_order"])
     if order != config.block_order:
         raise ValueError(f"--init-from {directory}: the encoder was pre-trained with --block-order {order}, this "
