@@ -94,7 +94,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from skinfusion.workflows.pretraining import pretrain_views  # TensorFlow: not for --help
 
     configs = [BranchConfig(view=v, image_size=args.image_size, base_filters=args.base_filters,
-                            block_order=args.block_order, color_constancy=args.color_constancy, lesion_crop=args.lesion_crop, seed=args.seed)
+                            block_order=args.block_order, color_constancy=args.color_constancy,
+                            lesion_crop=args.lesion_crop, seed=args.seed)
                for v in views]
     jobs = args.jobs if args.jobs is not None else len(configs)
     summaries = pretrain_views(args.data, args.run, configs, outs, jobs=jobs, extra_dirs=args.images,
