@@ -79,15 +79,30 @@ def averaged_weights(model: keras.Model) -> list:
     return averaged
 
 
+def _checkpoint_files(state_file: Path, state: dict, fresh: str) -> tuple[str, str]:
+    """``(last model, best weights)``: the file names ``state.json`` gives, checked to be plain
+    names that exist beside it. A checkpoint written before ``files`` existed used fixed names."""
+    files = state.get("files", {"last": "last.keras", "best": "best.weights.h5"})
+    names = [files.get(k) if isinstance(files, dict) else None for k in ("last", "best")]
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise ValueError(f"{state_file}: damaged, 'files' must name two files beside it; {fresh}")
+        if not (state_file.parent / name).is_file():
+            raise ValueError(f"{state_file.parent / name}: missing from the checkpoint; {fresh}")
+    return names[0], names[1]
+
+
 class _BestKeeper(keras.callbacks.Callback):
     """Early stopping on validation AUC that keeps the best weights, and (optionally) checkpoints.
 
     It replaces Keras' ``EarlyStopping`` and ``ReduceLROnPlateau`` so that their state (best
     AUC, best weights, epochs without improvement) can be saved with each epoch's checkpoint:
     a resumed run then stops, halves its learning rate and restores exactly as an
-    uninterrupted one would. A checkpoint is ``last.keras`` (the
-    model with its optimizer state), ``best.weights.h5`` and ``state.json``, each written
-    atomically; ``state.json`` is written last, so it only ever names a complete epoch.
+    uninterrupted one would. A checkpoint is ``last-NNNN.keras`` (the model with its optimizer
+    state after epoch NNNN), ``best-MMMM.weights.h5`` (the best epoch's weights) and
+    ``state.json``, which names the two files. Each is written atomically and ``state.json``
+    last, and a file is deleted only once a newer ``state.json`` no longer names it: a kill at
+    any moment leaves a ``state.json`` whose files are those of the epoch it names.
     """
 
     def __init__(self, config: BranchConfig, checkpoint_dir: str | os.PathLike | None,
@@ -101,6 +116,7 @@ class _BestKeeper(keras.callbacks.Callback):
         self.source = Path(resume_dir) if resume_dir else self.dir
         self.best, self.best_epoch, self.wait, self.best_weights = -math.inf, -1, 0, None
         self.lr_wait = 0  # epochs without improvement since the last plateau halving
+        self.best_file = ""  # the checkpoint's best-weights file, as state.json names it
         self.history: dict[str, list[float]] = {}
         self.stopped, self.seconds_before, self._t0 = False, 0.0, time.perf_counter()
 
@@ -126,10 +142,11 @@ class _BestKeeper(keras.callbacks.Callback):
         except ValueError as exc:
             raise ValueError(f"{state_file}: damaged, its mixed_precision is invalid ({exc}); {fresh}") from None
         refuse_other_mixed_precision(self.source, state.get("mixed_precision"), self.mixed_precision, "the checkpoint")
-        model = keras.saving.load_model(self.source / "last.keras", compile=True)
+        last, self.best_file = _checkpoint_files(state_file, state, fresh)
+        model = keras.saving.load_model(self.source / last, compile=True)
         set_seed_states(model, state.get("seed_states", {}))
         best_model = self.build(self.config)
-        best_model.load_weights(self.source / "best.weights.h5")
+        best_model.load_weights(self.source / self.best_file)
         self.best_weights = best_model.get_weights()
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         self.lr_wait = state.get("lr_wait", 0)
@@ -167,16 +184,24 @@ class _BestKeeper(keras.callbacks.Callback):
 
     def _save(self, epochs_done: int, improved: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name, save in (("last.keras", self.model.save),
-                           *((("best.weights.h5", self._save_best_weights),) if improved else ())):
-            save_atomically(save, self.dir / name)
+        # New names each epoch: overwriting last.keras before state.json moved on would pair the
+        # previous epoch's state with this epoch's model if the process died in between.
+        last = f"last-{epochs_done:04d}.keras"
+        save_atomically(self.model.save, self.dir / last)
+        if improved or not self.best_file:
+            self.best_file = f"best-{epochs_done:04d}.weights.h5"
+            save_atomically(self._save_best_weights, self.dir / self.best_file)
         write_json_atomic(self.dir / "state.json", {
+            "files": {"last": last, "best": self.best_file},
             "epoch": epochs_done, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
             "lr_wait": self.lr_wait, "mixed_precision": self.mixed_precision,
             "stopped": self.stopped, "history": self.history, "config": self.config.to_dict(),
             "seed_states": seed_states(self.model),
             "seconds": self.seconds_before + time.perf_counter() - self._t0,
         })
+        for old in (*self.dir.glob("last*.keras"), *self.dir.glob("best*.weights.h5")):
+            if old.name not in (last, self.best_file):
+                old.unlink(missing_ok=True)
 
     def _save_best_weights(self, path: Path) -> None:
         # Called on an improved epoch: the best weights are the model's own, unless averaged (EMA).

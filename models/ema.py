@@ -61,6 +61,34 @@ def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     return seen
 
 
+#: Below this many optimizer steps, validation runs on BatchNorm statistics re-estimated on the
+#: training sample (``BatchNormWarmup``). The moving statistics start at mean 0 and variance 1 and
+#: follow the weights at momentum 0.9: after 50 steps the start weighs 0.9**50 ≈ 0.5%. Earlier,
+#: a model that pools before BatchNorm (whose inputs, maxima, have means far from 0) can score an
+#: inverted validation AUC; a real training's first validation comes after hundreds of steps.
+BN_WARMUP_STEPS = 50
+
+
+class BatchNormWarmup(keras.callbacks.Callback):
+    """Re-estimates BatchNorm statistics before each validation while training is under
+    ``BN_WARMUP_STEPS`` steps (a few epochs of a tiny folder), so early validations, early stopping
+    and a short run's saved branch use statistics of the current weights, not lagging ones.
+
+    The statistics stay in the model, as with ``SwapEMAWithBatchNorm``; training-mode steps
+    normalise by batch statistics, so training itself is unchanged (the dropout draws too).
+    """
+
+    def __init__(self, make_batches, replicas: int = 1):
+        super().__init__()
+        self.make_batches, self.replicas = make_batches, replicas
+
+    def on_test_begin(self, logs=None):
+        # optimizer.iterations counts the steps of this run and of the run a --resume continues.
+        if self.replicas > 1 or int(self.model.optimizer.iterations.numpy()) >= BN_WARMUP_STEPS:
+            return
+        reestimate_batchnorm(self.model, self.make_batches())
+
+
 class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
     """Keras' ``SwapEMAWeights`` plus BatchNorm statistics re-estimated for the averaged weights.
 

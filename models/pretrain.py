@@ -214,16 +214,21 @@ def pretrain_encoder(config: BranchConfig, images, epochs: int = 20, batch_size:
 
 def _save_state(folder: Path, settings: dict[str, Any], variables: list, epoch: int,
                 history: list[dict[str, Any]]) -> None:
-    """Write ``state.npz`` (every variable, in creation order) then ``state.json``, each atomically.
+    """Write ``state-NNNN.npz`` (every variable, in creation order) then ``state.json``, each atomically.
 
-    ``state.json`` holds the npz's SHA-256 and is written last, so it only names a complete epoch.
+    ``state.json`` names the npz and holds its SHA-256, and is written last; the previous epoch's
+    npz is deleted only after it, so a kill at any moment leaves a complete epoch to resume.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "state.npz") as tmp:
+    name = f"state-{epoch:04d}.npz"
+    with atomic_path(folder / name) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, *(np.asarray(keras.ops.convert_to_numpy(v)) for v in variables))
-    write_json_atomic(folder / "state.json", {**settings, "epoch": epoch, "history": history,
-                                              "sha256": sha256_file(folder / "state.npz")})
+    write_json_atomic(folder / "state.json", {**settings, "epoch": epoch, "history": history, "npz": name,
+                                              "sha256": sha256_file(folder / name)})
+    for old in folder.glob("state*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def _restore(folder: Path, settings: dict[str, Any], variables: list) -> dict[str, Any] | None:
@@ -237,7 +242,11 @@ def _restore(folder: Path, settings: dict[str, Any], variables: list) -> dict[st
     if differ:
         raise ValueError(f"{folder}: the interrupted pre-training used other settings ({', '.join(differ)}); run "
                          f"without --resume to start again, or with the settings it used")
-    path = folder / "state.npz"
+    name = saved.get("npz", "state.npz")  # state.npz: a checkpoint written before the name was recorded
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"{folder / 'state.json'}: damaged, 'npz' must name a file beside it; delete {folder} "
+                         "to start again")
+    path = folder / name
     if not path.is_file() or sha256_file(path) != saved["sha256"]:
         raise ValueError(f"{path}: missing or modified since {folder / 'state.json'} was written; delete {folder} "
                          "to start again")

@@ -27,7 +27,7 @@ from models.batches import (  # noqa: F401  (re-exported, as before the pipeline
 )
 from models.branch import BranchConfig, build_branch
 from models.checkpoint import _BestKeeper
-from models.ema import SwapEMAWithBatchNorm, batchnorm_sample
+from models.ema import BatchNormWarmup, SwapEMAWithBatchNorm, batchnorm_sample
 from models.precision import mixed_precision_name
 from models.sampling import class_weights, describe_source_balance, epoch_order  # noqa: F401  (epoch_order: re-exported)
 
@@ -200,7 +200,7 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
                 validation_steps=val_steps,
                 initial_epoch=initial_epoch,
                 epochs=config.epochs,
-                callbacks=[ctrl_c, *_ema_swap(fit), keeper, _EpochLogger(config.view, config.epochs),
+                callbacks=[ctrl_c, _batchnorm_callback(fit), keeper, _EpochLogger(config.view, config.epochs),
                            *opts.callbacks],
                 verbose=0,
             )
@@ -218,20 +218,21 @@ def fit_branch(config: BranchConfig, train_images: np.ndarray, y_train: np.ndarr
     return model, history
 
 
-def _ema_swap(fit: _Fit) -> list[keras.callbacks.Callback]:
-    """With ``weight_ema``: validate on the averaged weights (swapped in for each evaluation, then
-    back), with BatchNorm statistics re-estimated for them on a fixed sample of training images."""
+def _batchnorm_callback(fit: _Fit) -> keras.callbacks.Callback:
+    """BatchNorm statistics for validation, re-estimated on a fixed sample of training images:
+    with ``weight_ema``, for the averaged weights swapped in for each evaluation (then swapped back);
+    otherwise only during the first ``BN_WARMUP_STEPS`` steps, while the moving statistics lag."""
     config = fit.config
-    if not config.weight_ema:
-        return []
-    images = fit.train_images[batchnorm_sample(fit.y_train, config.sampling, config.seed, fit.sources,
-                                               config.source_balance)]
 
     def batches():
+        # Drawn when first needed: a real training without weight_ema never is (its first
+        # validation comes after hundreds of steps), and reads no sample.
+        images = fit.train_images[batchnorm_sample(fit.y_train, config.sampling, config.seed, fit.sources,
+                                                   config.source_balance)]
         return view_batches(images, config.view, config.batch_size, constancy=config.color_constancy,
                             crop=config.image_size)
 
-    return [SwapEMAWithBatchNorm(batches, fit.replicas)]
+    return (SwapEMAWithBatchNorm if config.weight_ema else BatchNormWarmup)(batches, fit.replicas)
 
 
 def _checked(config: BranchConfig, options: FitOptions, train_images, y_train, val_images, y_val) -> _Fit:

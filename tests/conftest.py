@@ -28,12 +28,8 @@ def trained_run(synthetic_data, tmp_path_factory):
     """A run with all three branches trained briefly at 32 px and a mean fusion."""
     run = tmp_path_factory.mktemp("run")
     for view in ("rgb", "hsv", "fft"):
-        # The old block order: the fixture's 6 epochs at 32 px and the thresholds of the tests that
-        # read it (adapt's prior interval, ...) were calibrated with it; the default order's own
-        # training is tested in test_models, test_block_order and on real data (test_realdata).
         rc = train_main(["--view", view, "--data", str(synthetic_data), "--run", str(run),
-                         "--image-size", "32", "--epochs", "6", "--patience", "6",
-                         "--block-order", "conv-bn-relu-pool", "-q"])
+                         "--image-size", "32", "--epochs", "6", "--patience", "6", "-q"])
         assert rc == 0
     # The gate's tests were written for the 95th percentile: with 60 validation images a 99.5th
     # percentile is their maximum, too coarse to check a pass rate against.

@@ -314,6 +314,13 @@ def test_a_damaged_checkpoint_state_names_the_file(tmp_path):
         (tmp_path / "state.json").write_text(json.dumps({**state, "config": config}))
         with pytest.raises(ValueError, match=rf"state\.json: damaged, {reason}.*train without --resume"):
             keeper.restore()
+    config = BranchConfig(view="rgb", image_size=16).to_dict()
+    for files, reason in (({"last": "../x.keras", "best": "b.h5"}, "damaged, 'files' must name two files"),
+                          ([], "damaged, 'files' must name two files"),
+                          ({"last": "last-0001.keras", "best": "b.h5"}, "last-0001.keras: missing from the checkpoint")):
+        (tmp_path / "state.json").write_text(json.dumps({**state, "config": config, "files": files}))
+        with pytest.raises(ValueError, match=rf"{reason}.*train without --resume"):
+            keeper.restore()
 
 
 # ------------------------------------------------------------ run directories (misleading messages)

@@ -235,10 +235,7 @@ def test_bfloat16_mixed_precision_trains_in_bfloat16_and_returns_a_float32_branc
     from models import build_branch
     from models.train import _build_for_training, fit_branch
 
-    # The old block order: this toy task's 2 epochs and AUC threshold were calibrated with it (its
-    # BatchNorm statistics settle in fewer steps); the test is about the precision policy.
-    config = BranchConfig(view="rgb", image_size=16, base_filters=4, batch_size=8, epochs=2, patience=2,
-                          block_order="conv-bn-relu-pool")
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4, batch_size=8, epochs=2, patience=2)
     mixed = _build_for_training(build_branch, config, "bfloat16")
     assert mixed.layers[1].dtype_policy.name == "mixed_bfloat16" and mixed.layers[1].compute_dtype == "bfloat16"
     assert mixed.layers[-1].dtype_policy.name == "float32" and mixed.output.dtype == "float32"

@@ -57,7 +57,12 @@ def test_a_checkpoint_of_other_settings_or_modified_weights_is_refused_by_name(t
         pretrain_encoder(CONFIG, images, epochs=3, batch_size=16, checkpoint=tmp_path, on_epoch=_stop_after_first)
     with pytest.raises(ValueError, match=r"other settings \(batch_size, "):
         pretrain_encoder(CONFIG, images, epochs=3, batch_size=8, checkpoint=tmp_path, resume=True)
-    with open(tmp_path / "state.npz", "ab") as fh:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-0001.npz", "state.json"]  # epoch 0's is gone
+    with open(tmp_path / "state-0001.npz", "ab") as fh:
         fh.write(b"x")
-    with pytest.raises(ValueError, match=r"state\.npz: missing or modified"):
+    with pytest.raises(ValueError, match=r"state-0001\.npz: missing or modified"):
+        pretrain_encoder(CONFIG, images, epochs=3, batch_size=16, checkpoint=tmp_path, resume=True)
+    state = json.loads((tmp_path / "state.json").read_text())
+    (tmp_path / "state.json").write_text(json.dumps({**state, "npz": "../state-0001.npz"}))
+    with pytest.raises(ValueError, match=r"state\.json: damaged, 'npz' must name a file beside it"):
         pretrain_encoder(CONFIG, images, epochs=3, batch_size=16, checkpoint=tmp_path, resume=True)

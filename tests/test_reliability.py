@@ -120,6 +120,39 @@ def _env(tmp_path):
             "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
+def test_a_checkpoint_killed_between_its_files_resumes_the_epoch_its_state_names(tmp_path, monkeypatch):
+    import models.checkpoint as checkpoint
+    from models import BranchConfig, build_branch
+    from models.train import _BestKeeper
+
+    config = BranchConfig(view="rgb", image_size=16, base_filters=4)
+    model = build_branch(config)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    keeper = _BestKeeper(config, tmp_path)
+    keeper.set_model(model)
+    keeper.on_epoch_end(0, {"val_auc": 0.7})
+    after_one = model.get_weights()
+    model.set_weights([w + 1.0 for w in after_one])  # epoch 2 trains on ...
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the model file, before state.json")
+
+    monkeypatch.setattr(checkpoint, "write_json_atomic", die)
+    with pytest.raises(KeyboardInterrupt):
+        keeper.on_epoch_end(1, {"val_auc": 0.9})  # ... and dies while saving it
+    monkeypatch.undo()
+    restored, start = _BestKeeper(config, tmp_path).restore()
+    assert start == 1
+    for got, want in zip(restored.get_weights(), after_one):
+        np.testing.assert_array_equal(got, want)  # epoch 1's model, not the half-saved epoch 2's
+    keeper = _BestKeeper(config, tmp_path)
+    keeper.set_model(restored)
+    keeper.restore()
+    keeper.on_epoch_end(1, {"val_auc": 0.8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-0002.weights.h5", "last-0002.keras", "state.json"]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(synthetic_data, tmp_path):
     env = _env(tmp_path)

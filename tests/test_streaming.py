@@ -205,10 +205,8 @@ def _val_predictions(branch_dir):
 
 @pytest.mark.slow
 def test_train_all_views_in_parallel_processes(synthetic_data, tmp_path):
-    # The old block order: the 2 epochs and the AUC threshold below were calibrated with it; the
-    # test is about parallel processes learning what one process learns.
     common = ["--view", "all", "--data", str(synthetic_data), "--image-size", "24", "--epochs", "2", "--limit", "120",
-              "--block-order", "conv-bn-relu-pool", "-q"]
+              "-q"]
     runs = {jobs: tmp_path / f"jobs{jobs}" for jobs in (3, 1)}
     for jobs, run in runs.items():
         assert train_main([*common, "--jobs", str(jobs), "--run", str(run)]) == 0

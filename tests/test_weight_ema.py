@@ -13,9 +13,6 @@ from models.checkpoint import averaged_weights
 from models.train import fit_branch
 
 
-# The toy tasks' epochs and thresholds were calibrated with the old block order (BatchNorm before
-# pooling); the default order learns them more slowly in 2-3 epochs at 16 px.
-TOY_ORDER = "conv-bn-relu-pool"
 
 
 def _bce(model, x, y) -> float:
@@ -56,11 +53,11 @@ def data():
 
 def test_the_averaged_weights_are_validated_and_kept(data):
     xt, yt, xv, yv = data
-    config = BranchConfig(image_size=16, base_filters=4, block_order=TOY_ORDER, epochs=3, patience=3, batch_size=16,
+    config = BranchConfig(image_size=16, base_filters=4, epochs=5, patience=5, batch_size=16,
                           weight_ema=0.9)
     recorder = _Recorder(apply_view("rgb", xv), yv.astype(np.float64))
     model, history = fit_branch(config, xt, yt, xv, yv, callbacks=[recorder])
-    for epoch in range(3):
+    for epoch in range(config.epochs):
         assert not _same(recorder.raw[epoch], recorder.averaged[epoch]), "the average differs from the weights"
         # Keras' validation loss is the averaged weights' loss, not the training weights'.
         assert recorder.val_loss[epoch] == pytest.approx(recorder.loss_averaged[epoch], rel=1e-4)
@@ -76,7 +73,7 @@ def test_the_averaged_weights_are_validated_and_kept(data):
 
 def test_without_averaging_the_kept_weights_are_the_trained_ones(data):
     xt, yt, xv, yv = data
-    config = BranchConfig(image_size=16, base_filters=4, block_order=TOY_ORDER, epochs=2, patience=2, batch_size=16)
+    config = BranchConfig(image_size=16, base_filters=4, epochs=2, patience=2, batch_size=16)
     recorder = _Recorder(apply_view("rgb", xv), yv.astype(np.float64))
     model, history = fit_branch(config, xt, yt, xv, yv, callbacks=[recorder])
     assert all(_same(r, a) for r, a in zip(recorder.raw, recorder.averaged))
@@ -86,7 +83,7 @@ def test_without_averaging_the_kept_weights_are_the_trained_ones(data):
 def test_a_resumed_averaged_run_ends_where_an_uninterrupted_one_does(data, tmp_path):
     """The averages are optimizer state: saved in the checkpoint and carried on after --resume."""
     xt, yt, xv, yv = data
-    config = BranchConfig(image_size=16, base_filters=4, block_order=TOY_ORDER, epochs=3, patience=3, batch_size=16,
+    config = BranchConfig(image_size=16, base_filters=4, epochs=3, patience=3, batch_size=16,
                           weight_ema=0.9)
     whole, whole_history = fit_branch(config, xt, yt, xv, yv, checkpoint_dir=tmp_path / "whole")
 
@@ -133,7 +130,7 @@ def test_batchnorm_statistics_are_re_estimated_as_the_average_of_the_batches():
 def test_the_kept_averaged_weights_carry_batchnorm_statistics_of_their_own(data):
     """bn1 normalises conv1's output: its statistics must be those of the averaged conv1 on training images."""
     xt, yt, xv, yv = data
-    config = BranchConfig(image_size=16, base_filters=4, block_order=TOY_ORDER, epochs=3, patience=3, batch_size=16,
+    config = BranchConfig(image_size=16, base_filters=4, epochs=3, patience=3, batch_size=16,
                           weight_ema=0.9)
     model, _ = fit_branch(config, xt, yt, xv, yv)
     probe = keras.Model(model.inputs[0], model.get_layer("bn1").input)
