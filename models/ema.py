@@ -9,7 +9,6 @@ every validation, so validation, early stopping and the saved branch all see con
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable
 
 import keras
@@ -17,8 +16,6 @@ import numpy as np
 
 from models.checkpoint import seed_states, set_seed_states
 from models.sampling import epoch_order
-
-logger = logging.getLogger(__name__)
 
 #: Training images whose statistics the averaged weights' BatchNorm layers are re-estimated on
 #: (drawn once per training, fixed): 1,024 keeps the cost near 5% of an epoch of 6,828 images.
@@ -30,14 +27,25 @@ def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization
     return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
 
 
-def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
+def reestimate_batchnorm(model: keras.Model, batches: Iterable[Any],
+                         twin: keras.Model | None = None) -> int:
     """Set every trainable BatchNorm layer's moving mean and variance to their averages over ``batches``.
 
     Each batch runs forward in training mode (each layer normalises by its batch's statistics, as
     in training); layer momenta are set so the moving statistics end as the plain average of the
     batches' statistics (PyTorch's ``momentum=None``), then put back, as are the dropout
     generators. Returns the number of batches.
+
+    ``twin`` is a one-device model of the same architecture, for a model under a distribution
+    strategy: a forward pass in the cross-replica context would not update each replica's own
+    statistics, so they are estimated on the twin (given the model's weights) and all the
+    weights copied back, which assigns every replica.
     """
+    if twin is not None:
+        twin.set_weights(model.get_weights())
+        seen = reestimate_batchnorm(twin, batches)
+        model.set_weights(twin.get_weights())
+        return seen
     layers = batchnorm_layers(model)
     if not layers:
         return 0
@@ -78,15 +86,14 @@ class BatchNormWarmup(keras.callbacks.Callback):
     normalise by batch statistics, so training itself is unchanged (the dropout draws too).
     """
 
-    def __init__(self, make_batches, replicas: int = 1):
+    def __init__(self, make_batches, twin: keras.Model | None = None):
         super().__init__()
-        self.make_batches, self.replicas = make_batches, replicas
+        self.make_batches, self.twin = make_batches, twin
 
     def on_test_begin(self, logs=None):
         # optimizer.iterations counts the steps of this run and of the run a --resume continues.
-        if self.replicas > 1 or int(self.model.optimizer.iterations.numpy()) >= BN_WARMUP_STEPS:
-            return
-        reestimate_batchnorm(self.model, self.make_batches())
+        if int(self.model.optimizer.iterations.numpy()) < BN_WARMUP_STEPS:
+            reestimate_batchnorm(self.model, self.make_batches(), self.twin)
 
 
 class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
@@ -99,21 +106,13 @@ class SwapEMAWithBatchNorm(keras.callbacks.SwapEMAWeights):
     weights never read them.
     """
 
-    def __init__(self, make_batches, replicas: int = 1):
+    def __init__(self, make_batches, twin: keras.Model | None = None):
         super().__init__()
-        self.make_batches, self.replicas, self._warned = make_batches, replicas, False
+        self.make_batches, self.twin = make_batches, twin
 
     def on_test_begin(self, logs=None):
         super().on_test_begin(logs)
-        if self.replicas > 1:
-            # An eager forward pass in the cross-replica context would not update the replicas'
-            # own statistics; under several replicas the averaged weights keep the training ones.
-            if not self._warned:
-                logger.warning("weight_ema: BatchNorm statistics are not re-estimated for the averaged weights "
-                               "under %d replicas (one device only)", self.replicas)
-                self._warned = True
-            return
-        reestimate_batchnorm(self.model, self.make_batches())
+        reestimate_batchnorm(self.model, self.make_batches(), self.twin)
 
 
 def batchnorm_sample(y: np.ndarray, sampling: str, seed: int, sources: np.ndarray | None = None,

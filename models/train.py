@@ -232,7 +232,10 @@ def _batchnorm_callback(fit: _Fit) -> keras.callbacks.Callback:
         return view_batches(images, config.view, config.batch_size, constancy=config.color_constancy,
                             crop=config.image_size)
 
-    return (SwapEMAWithBatchNorm if config.weight_ema else BatchNormWarmup)(batches, fit.replicas)
+    # Under several replicas the statistics are estimated on a one-device twin (reestimate_batchnorm),
+    # built here, outside the strategy's scope, so that its variables are plain ones.
+    twin = fit.options.build(config) if fit.replicas > 1 else None
+    return (SwapEMAWithBatchNorm if config.weight_ema else BatchNormWarmup)(batches, twin)
 
 
 def _checked(config: BranchConfig, options: FitOptions, train_images, y_train, val_images, y_val) -> _Fit:
