@@ -151,6 +151,16 @@ def test_a_checkpoint_killed_between_its_files_resumes_the_epoch_its_state_names
     keeper.restore()
     keeper.on_epoch_end(1, {"val_auc": 0.8})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-0002.weights.h5", "last-0002.keras", "state.json"]
+    # A checkpoint written before the files were named (fixed names, no "files") still resumes.
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["files"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    (tmp_path / "last-0002.keras").rename(tmp_path / "last.keras")
+    (tmp_path / "best-0002.weights.h5").rename(tmp_path / "best.weights.h5")
+    legacy, start = _BestKeeper(config, tmp_path).restore()
+    assert start == 2
+    for got, want in zip(legacy.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.slow
