@@ -223,13 +223,15 @@ def _batchnorm_callback(fit: _Fit) -> keras.callbacks.Callback:
     with ``weight_ema``, for the averaged weights swapped in for each evaluation (then swapped back);
     otherwise only during the first ``BN_WARMUP_STEPS`` steps, while the moving statistics lag."""
     config = fit.config
+    sample: list[np.ndarray] = []
 
     def batches():
-        # Drawn when first needed: a real training without weight_ema never is (its first
-        # validation comes after hundreds of steps), and reads no sample.
-        images = fit.train_images[batchnorm_sample(fit.y_train, config.sampling, config.seed, fit.sources,
-                                                   config.source_balance)]
-        return view_batches(images, config.view, config.batch_size, constancy=config.color_constancy,
+        # Drawn when first needed, then kept: a real training without weight_ema never needs it
+        # (its first validation comes after hundreds of steps) and reads no sample.
+        if not sample:
+            sample.append(fit.train_images[batchnorm_sample(fit.y_train, config.sampling, config.seed, fit.sources,
+                                                            config.source_balance)])
+        return view_batches(sample[0], config.view, config.batch_size, constancy=config.color_constancy,
                             crop=config.image_size)
 
     # Under several replicas the statistics are estimated on a one-device twin (reestimate_batchnorm),
