@@ -29,6 +29,27 @@ def class_weights(y: np.ndarray, mode: str) -> dict[int, float]:
     raise ValueError(f"class_weight mode must be 'balanced' or 'none', got {mode!r}")
 
 
+def class_draws(y: np.ndarray, sampling: str) -> tuple[int, int]:
+    """How many nevi and melanomas one epoch visits under ``sampling`` (one rule for
+    ``epoch_order`` and ``describe_source_balance``).
+
+    "none" visits every image; "undersample" every melanoma and as many nevi (at most all);
+    "oversample" every nevus and as many melanoma draws (with replacement).
+
+    Raises:
+        ValueError: if ``sampling`` is unknown.
+    """
+    y = np.asarray(y).astype(int)
+    n_neg, n_pos = (int(c) for c in np.bincount(y, minlength=2)[:2])
+    if sampling == "none":
+        return n_neg, n_pos
+    if sampling == "undersample":
+        return min(n_pos, n_neg), n_pos
+    if sampling == "oversample":
+        return n_neg, n_neg
+    raise ValueError(f"sampling must be none, undersample or oversample, got {sampling!r}")
+
+
 def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator, sources: np.ndarray | None = None,
                 source_balance: float = 0.0) -> np.ndarray:
     """Indices of the training images to visit in one epoch, shuffled.
@@ -47,14 +68,13 @@ def epoch_order(y: np.ndarray, sampling: str, rng: np.random.Generator, sources:
         source balance (so an epoch keeps its number of steps).
     """
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    n_neg, n_pos = class_draws(y, sampling)
     if sampling == "none":
         idx = np.arange(len(y))
     elif sampling == "undersample":
-        idx = np.concatenate([pos, rng.choice(neg, size=min(len(pos), len(neg)), replace=False)])
-    elif sampling == "oversample":
-        idx = np.concatenate([neg, rng.choice(pos, size=len(neg), replace=True)])
-    else:
-        raise ValueError(f"sampling must be none, undersample or oversample, got {sampling!r}")
+        idx = np.concatenate([pos, rng.choice(neg, size=n_neg, replace=False)])
+    else:  # oversample
+        idx = np.concatenate([neg, rng.choice(pos, size=n_pos, replace=True)])
     if source_balance > 0 and sources is not None and len(set(np.asarray(sources).tolist())) > 1:
         idx = _balance_sources(idx, np.asarray(y), np.asarray(sources), source_balance, rng)
     return rng.permutation(idx)
@@ -93,8 +113,7 @@ def describe_source_balance(y: np.ndarray, sources: np.ndarray, sampling: str, a
     and class per epoch against the images it has, so a user sees how often a small source repeats.
     """
     y, sources = np.asarray(y).astype(int), np.asarray(sources)
-    n = np.bincount(y, minlength=2)
-    totals = {"none": n, "undersample": [min(n)] * 2, "oversample": [n[0]] * 2}[sampling]
+    totals = class_draws(y, sampling)
     names = [s for s in np.unique(sources)]
     parts = []
     for c, label in ((0, "nevi"), (1, "melanomas")):

@@ -180,3 +180,20 @@ def test_the_source_balance_summary_counts_what_an_epoch_draws(two_sources):
     half = describe_source_balance(y, src, "oversample", 0.5)
     assert f"small {cells[('small', 0)]}/40" in half and f"big {cells[('big', 1)]}/80" in half
     assert describe_source_balance(y, src, "none", 0.0).startswith("nevi big 400/400 (x1.0), small 40/40 (x1.0)")
+
+
+@pytest.mark.parametrize("sampling", ["none", "undersample", "oversample"])
+@pytest.mark.parametrize("melanoma_majority", [False, True])
+def test_the_source_balance_summary_and_the_epoch_draw_the_same_numbers(two_sources, sampling, melanoma_majority):
+    # One rule (class_draws) for both: the summary once said undersampling kept as many
+    # melanomas as nevi when melanomas were the majority, while the epoch kept every melanoma.
+    y, src = two_sources
+    if melanoma_majority:
+        y = 1 - y
+    idx = epoch_order(y, sampling, np.random.default_rng(0), src, 0.5)
+    cells = _cells(idx, y, src)
+    line = describe_source_balance(y, src, sampling, 0.5)
+    for s, c in cells:
+        label = "nevi" if c == 0 else "melanomas"
+        part = line.split("; ")[c]
+        assert part.startswith(label) and f"{s} {cells[(s, c)]}/{int(np.sum((y == c) & (src == s)))}" in part
