@@ -128,7 +128,7 @@ def resolve(name: str) -> str:
 def make_strategy(name: str) -> Any:
     """The ``tf.distribute`` strategy for ``--strategy name``, made once per process.
 
-    - ``one-device``: ``OneDeviceStrategy`` on the first GPU, else the CPU.
+    - ``one-device``: TensorFlow's default strategy: the first GPU, else the CPU.
     - ``mirrored``: ``MirroredStrategy`` over every GPU; without GPUs, over the logical CPU
       devices (more than one only when the program split the CPU with
       ``tf.config.set_logical_device_configuration``, as the tests do).
@@ -155,9 +155,15 @@ def make_strategy(name: str) -> Any:
             logger.warning("--strategy mirrored sees one device (%s); it trains as one-device would", devices[0])
         strategy = tf.distribute.MirroredStrategy(devices)
     else:
-        gpus = tf.config.list_logical_devices("GPU")
-        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    logger.info("--strategy %s: %s with %d replica(s)", name, type(strategy).__name__, strategy.num_replicas_in_sync)
+        # No tf.distribute wrapper for one device. Under a OneDeviceStrategy Keras feeds the model
+        # through a multi-device iterator, whose generator dataset makes TensorFlow pin glibc's
+        # mmap threshold at 128 KB (its ApplyPython311MemoryPatch): every step's activations were
+        # then mapped and unmapped, page faults and all, a third of a CPU training's time
+        # (experiments/RESULTS.md, "Where a CPU training's time went"). TensorFlow's default
+        # strategy places ops on the first GPU, else the CPU, as OneDeviceStrategy did.
+        strategy = tf.distribute.get_strategy()
+    kind = "one device" if resolved == "one-device" else type(strategy).__name__
+    logger.info("--strategy %s: %s with %d replica(s)", name, kind, strategy.num_replicas_in_sync)
     _cache[resolved] = strategy
     return strategy
 
