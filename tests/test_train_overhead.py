@@ -50,7 +50,5 @@ def test_a_training_steps_largest_activation_comes_from_the_heap_not_a_fresh_map
     assert activation.nbytes < MMAP_THRESHOLD
     assert _mapped_blocks() == before
     del activation
-    # Above the threshold glibc still maps (and gives back at once): the bound on resident memory.
-    big = np.empty(MMAP_THRESHOLD // 4 + 1024, np.float32)
-    assert _mapped_blocks() == before + 1
-    del big
+    # (Whether a block above the threshold is mapped is not asserted: glibc first looks for a free
+    # chunk in the heap, which earlier tests in the same process may have left; CI saw one.)
